@@ -1,0 +1,36 @@
+# modelkit: `make demo` (the main job) and `make test`. Both create .venv when missing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch is pinned here (not in pyproject) to the local CPU wheel: any other spec pulls a
+# multi-GB CUDA build. Users installing modelkit elsewhere keep their own torch.
+TORCH_SPEC ?= torch==2.13.0
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+STAMP := $(VENV)/.modelkit-installed
+
+.PHONY: install test test-fast demo bench clean-reports browser-deps
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(FIND_LINKS) "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet $(FIND_LINKS) -e '.[dev]'
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest
+
+test-fast: install
+	$(PY) -m pytest -m "not slow"
+
+demo: install
+	$(VENV)/bin/modelkit demo --root demo
+
+bench: install
+	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+browser-deps:
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)

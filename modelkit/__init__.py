@@ -1,0 +1,52 @@
+"""modelkit: see what is in a checkpoint, load it, export it, diff it, benchmark it.
+
+Public API (imported lazily, so ``import modelkit`` stays cheap)::
+
+    open_artifact(ref, base=None)           -> Artifact
+    inspect(ref, base=None, deep=False)     -> InspectionReport
+    load(ref, base=None, dtype=None, ...)   -> LoadResult (model, tokenizer, report)
+    export(ref, out, ...)                   -> ExportResult
+    diff(a, b, ...)                         -> DiffResult
+    compare(base, trained, tasks, ...)      -> CompareResult
+
+Importing ``modelkit`` also registers the ``dylora-moe`` model type with transformers'
+Auto classes, so ``AutoModelForCausalLM.from_pretrained`` opens DyLoRA-MoE folders.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .errors import ModelkitError
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "open_artifact": ("modelkit.artifacts", "open_artifact"),
+    "inspect": ("modelkit.inspect", "inspect"),
+    "InspectionReport": ("modelkit.inspect", "InspectionReport"),
+    "load": ("modelkit.load", "load"),
+    "LoadResult": ("modelkit.load", "LoadResult"),
+    "export": ("modelkit.export", "export"),
+    "ExportResult": ("modelkit.export", "ExportResult"),
+    "diff": ("modelkit.diff", "diff"),
+    "DiffResult": ("modelkit.diff", "DiffResult"),
+    "compare": ("modelkit.compare", "compare"),
+    "CompareResult": ("modelkit.compare", "CompareResult"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'modelkit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_LAZY))
+
+
+__all__ = ["ModelkitError", *_LAZY]

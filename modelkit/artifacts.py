@@ -1,0 +1,32 @@
+"""``open_artifact``: from a reference to an opened, format-aware artifact."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .formats import Artifact, BaseRef, detect
+from .sources import Source, resolve, resolve_base
+
+
+def open_artifact(ref: str | Path | Source, base: str | Path | None = None) -> Artifact:
+    """Resolve ``ref`` (folder, ``wandb:...``, ``hf:...``), detect its format and open it.
+
+    ``base`` overrides where the base model comes from (a folder or ref); otherwise the
+    name the artifact records is looked up locally (path, then the HF cache).
+    Reads configs and file headers only.
+    """
+    source = ref if isinstance(ref, Source) else resolve(ref)
+    fmt, layout = detect(source.folder)
+    artifact = fmt.open(source.folder, layout, source)
+    name = artifact.base_name()
+    if name is not None or base is not None:
+        path, how = resolve_base(name, explicit=base, relative_to=source.folder)
+        artifact.base = BaseRef(name if name is not None else str(base), path,
+                                artifact.base_needs(), how)
+    return artifact
+
+
+def open_base(artifact: Artifact) -> Artifact | None:
+    """The opened base artifact of ``artifact``, or None when it needs none or it is unavailable."""
+    if artifact.base is None or artifact.base.path is None:
+        return None
+    return open_artifact(artifact.base.path)

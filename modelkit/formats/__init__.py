@@ -1,0 +1,48 @@
+"""Format plugins and their registry.
+
+Each format is one module here; importing it registers it. A new format is one new
+module plus one line in ``_BUILTIN``.
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from ..errors import UnknownFormatError
+from .base import Artifact, BaseRef, Format
+
+_REGISTRY: dict[str, Format] = {}
+_BUILTIN = ("dylora", "compressed_moe", "peft_lora", "plain_hf")
+_loaded = False
+
+
+def register(fmt: Format) -> Format:
+    """Add a format plugin to the registry (replacing one of the same name)."""
+    _REGISTRY[fmt.name] = fmt
+    return fmt
+
+
+def formats() -> list[Format]:
+    """Registered formats, in detection order."""
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for mod in _BUILTIN:
+            importlib.import_module(f"{__name__}.{mod}")
+    return sorted(_REGISTRY.values(), key=lambda f: (f.priority, f.name))
+
+
+def detect(folder: Path) -> tuple[Format, str]:
+    """The format and layout of ``folder``; UnknownFormatError lists what was looked for."""
+    folder = Path(folder)
+    for fmt in formats():
+        layout = fmt.detect(folder)
+        if layout is not None:
+            return fmt, layout
+    looked = "\n".join(f"  - {f.name}: {f.looks_for}" for f in formats())
+    present = ", ".join(sorted(p.name for p in folder.iterdir())[:20]) if folder.is_dir() else "nothing"
+    raise UnknownFormatError(
+        f"no known artifact format here. Looked for:\n{looked}\nFound: {present}", folder)
+
+
+__all__ = ["Artifact", "BaseRef", "Format", "detect", "formats", "register"]

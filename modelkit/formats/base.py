@@ -1,0 +1,158 @@
+"""The format plugin protocol and the opened-artifact base class.
+
+A format is one module under ``modelkit/formats/`` that defines a :class:`Format` and
+registers it (``register(MyFormat())``). It answers three questions:
+
+* ``detect(folder)``: is this folder mine, and in which layout?
+* ``open(folder, layout, source)``: an :class:`Artifact` that lists what is stored
+  (metadata only), names its base model, and builds a :class:`~modelkit.views.TensorView`;
+* ``Artifact.check(...)``: findings only this format can make.
+"""
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ..errors import ConfigError, CorruptFileError, ModelkitError, UnsafePickleError
+from ..tensors import StoredTensor, TensorFile, check_inside
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..findings import Finding
+    from ..sources import Source
+    from ..views import TensorView
+
+
+@dataclass
+class BaseRef:
+    """The base model an artifact needs: how it names it and where it was found."""
+
+    name: str | None                 # as written in the artifact (hub id or path)
+    path: Path | None = None         # resolved local folder, None when unavailable
+    needs: str = "weights"           # "weights" (adapter, partial save) or "config"
+    how: str = ""                    # how it was resolved, or why not
+
+    @property
+    def available(self) -> bool:
+        return self.path is not None
+
+
+class Artifact(ABC):
+    """An artifact folder opened by its format. Reads metadata only until asked."""
+
+    format: ClassVar[str] = ""
+
+    def __init__(self, folder: Path, layout: str, source: "Source | None" = None):
+        self.folder = Path(folder)
+        self.layout = layout
+        self.source = source
+        self.base: BaseRef | None = None   # set by open_artifact once resolved
+        self._files: dict[str, TensorFile] = {}
+        self.file_errors: list[ModelkitError] = []  # unreadable files met while listing
+
+    # -- file access, confined to the artifact ---------------------------------------
+    @property
+    def trust_root(self) -> Path:
+        """Files may live anywhere under this folder (an HF cache repo, a W&B root)."""
+        return self.source.trust_root if self.source is not None else self.folder
+
+    def path(self, rel: str | Path) -> Path:
+        """``folder / rel``, refused when it (or a symlink on the way) leaves the artifact."""
+        p = self.folder / rel
+        check_inside(self.trust_root, p)
+        return p
+
+    def file(self, rel: str) -> TensorFile:
+        """The (cached) TensorFile at ``rel`` inside the artifact folder."""
+        if rel not in self._files:
+            self._files[rel] = TensorFile.open(self.path(rel), rel)
+        return self._files[rel]
+
+    def entries_of(self, rel: str, prefix: str = "") -> list[StoredTensor]:
+        """The tensors stored in ``rel`` (metadata). An unreadable file is recorded in
+        ``file_errors`` (inspect reports it as a finding; load and export raise it) and
+        contributes nothing."""
+        try:
+            return self.file(rel).stored(prefix)
+        except (CorruptFileError, UnsafePickleError) as e:
+            if not any(str(x) == str(e) for x in self.file_errors):
+                self.file_errors.append(e)
+            return []
+
+    def raise_file_errors(self) -> None:
+        """Raise the first unreadable-file error met so far (for load and export)."""
+        self.stored()
+        if self.file_errors:
+            raise self.file_errors[0]
+
+    def read_json(self, rel: str) -> dict[str, Any]:
+        p = self.path(rel)
+        try:
+            data = json.loads(p.read_text())
+        except FileNotFoundError:
+            raise ConfigError("file is missing", p) from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"not valid JSON ({e})", p) from None
+        if not isinstance(data, dict):
+            raise ConfigError("expected a JSON object", p)
+        return data
+
+    # -- what every format answers ----------------------------------------------------
+    @abstractmethod
+    def stored(self) -> list[StoredTensor]:
+        """Every tensor the artifact stores (metadata only, no tensor data read)."""
+
+    def base_name(self) -> str | None:
+        """The base model this artifact needs, as it names it (None: self-contained)."""
+        return None
+
+    def base_needs(self) -> str:
+        """What the base supplies: ``"weights"`` or only the ``"config"``."""
+        return "weights"
+
+    @abstractmethod
+    def config(self):
+        """The PretrainedConfig of the standard model this artifact is (or adapts)."""
+
+    @abstractmethod
+    def view(self, base: "Artifact | None" = None, **options) -> "TensorView":
+        """The artifact as on-disk-named lazy tensors of its standard model."""
+
+    def check(self, base: "Artifact | None", deep: bool = False) -> list["Finding"]:
+        """Findings only this format can make (the generic audit does the rest)."""
+        return []
+
+    def describe(self) -> dict[str, Any]:
+        """Format-specific facts worth showing (experts, rank, routing, ...)."""
+        return {}
+
+    def config_sources(self) -> list[Path]:
+        """Config files read, for error messages and fingerprints."""
+        return [p for p in [self.folder / "config.json"] if p.exists()]
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """A content fingerprint of the artifact folder (see sources.fingerprint_folder)."""
+        from ..sources import fingerprint_folder
+
+        return fingerprint_folder(self.folder)
+
+
+class Format(ABC):
+    """A format plugin: detection and opening."""
+
+    name: ClassVar[str]
+    looks_for: ClassVar[str]          # what detect() looks for, for "unknown folder" errors
+    priority: ClassVar[int] = 50      # lower runs first (specific formats before plain HF)
+    layouts: ClassVar[tuple[str, ...]] = ()
+
+    @abstractmethod
+    def detect(self, folder: Path) -> str | None:
+        """The layout name when ``folder`` is in this format, else None. Cheap: no tensors."""
+
+    @abstractmethod
+    def open(self, folder: Path, layout: str, source: "Source | None" = None) -> Artifact:
+        """Open ``folder`` (already detected as ``layout``)."""

@@ -1,0 +1,118 @@
+"""Plain Hugging Face checkpoints: single file, sharded with an index, or legacy ``.bin``."""
+from __future__ import annotations
+
+from collections import Counter
+from functools import cached_property
+from pathlib import Path
+
+from ..errors import ConfigError, UnsafePathError
+from ..findings import Finding, warning
+from ..tensors import FLOAT_DTYPES, StoredTensor, check_inside
+from ..views import TensorView, stored_tensor
+from . import register
+from .base import Artifact, Format
+
+SINGLE = ("model.safetensors", "pytorch_model.bin")
+INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+class PlainHFArtifact(Artifact):
+    format = "hf"
+
+    @cached_property
+    def weight_map(self) -> dict[str, str]:
+        """tensor name -> file (relative), from the index or the single file."""
+        for index in INDEXES:
+            if (self.folder / index).exists():
+                data = self.read_json(index)
+                wm = data.get("weight_map")
+                if not isinstance(wm, dict):
+                    raise ConfigError("index has no `weight_map` object", self.folder / index)
+                for name, rel in wm.items():
+                    if not isinstance(rel, str):
+                        raise ConfigError(f"weight_map[{name!r}] is not a file name", self.folder / index)
+                    try:
+                        check_inside(self.trust_root, self.folder / rel)
+                    except UnsafePathError:
+                        raise UnsafePathError(
+                            f"weight_map sends {name!r} to {rel!r}, outside the artifact folder; refused",
+                            self.folder / index) from None
+                return dict(wm)
+        for single in SINGLE:
+            if (self.folder / single).exists():
+                return {t.name: single for t in self.entries_of(single)}
+        return {}
+
+    def files(self) -> list[str]:
+        return sorted(set(self.weight_map.values()))
+
+    def stored(self) -> list[StoredTensor]:
+        out = []
+        for rel in self.files():
+            if not (self.folder / rel).exists():
+                continue  # reported by check() as missing tensors
+            out += self.entries_of(rel)
+        return out
+
+    def config(self):
+        from ..architectures import load_config
+
+        return load_config(self.folder / "config.json")
+
+    def view(self, base: Artifact | None = None, **options) -> TensorView:
+        tensors = {}
+        for rel in self.files():
+            if (self.folder / rel).exists():
+                f = self.file(rel)
+                for t in self.entries_of(rel):
+                    tensors[t.name] = stored_tensor(f, t)
+        return TensorView(tensors)
+
+    def check(self, base: Artifact | None, deep: bool = False) -> list[Finding]:
+        findings = []
+        absent = sorted({rel for rel in self.files() if not (self.folder / rel).exists()})
+        if absent:
+            names = [n for n, rel in self.weight_map.items() if rel in absent]
+            findings.append(Finding("error", "missing-tensors",
+                                    f"the index names shard(s) that are not in the folder: {', '.join(absent)}",
+                                    names))
+        findings += mixed_dtype_findings(self.stored())
+        return findings
+
+
+def mixed_dtype_findings(stored: list[StoredTensor], what: str = "the checkpoint") -> list[Finding]:
+    """A dtype-mismatch warning when floating tensors of one checkpoint disagree in dtype."""
+    counts = Counter(t.dtype for t in stored if t.dtype in FLOAT_DTYPES)
+    if len(counts) <= 1:
+        return []
+    main = counts.most_common(1)[0][0]
+    odd = [t.name for t in stored if t.dtype in FLOAT_DTYPES and t.dtype != main]
+    return [warning("dtype-mismatch",
+                    f"{what} mixes floating dtypes ({dict(counts)}); {len(odd)} tensor(s) are not "
+                    f"{main}: a loader casts them silently", odd)]
+
+
+class PlainHF(Format):
+    name = "hf"
+    looks_for = ("config.json with a transformers model_type, plus model.safetensors, "
+                 "model-*-of-*.safetensors + model.safetensors.index.json, or pytorch_model.bin")
+    priority = 90
+
+    def detect(self, folder: Path) -> str | None:
+        if not (folder / "config.json").exists():
+            return None
+        if (folder / "model.safetensors.index.json").exists():
+            return "sharded-safetensors"
+        if (folder / "model.safetensors").exists():
+            return "safetensors"
+        if (folder / "pytorch_model.bin.index.json").exists():
+            return "sharded-bin"
+        if (folder / "pytorch_model.bin").exists():
+            return "bin"
+        return None
+
+    def open(self, folder: Path, layout: str, source=None) -> Artifact:
+        return PlainHFArtifact(folder, layout, source)
+
+
+register(PlainHF())

@@ -1,0 +1,321 @@
+"""Lazy, safe access to tensors stored in files: metadata first, data only on request.
+
+Two file kinds cover every layout modelkit knows:
+
+* ``.safetensors``: the header is parsed (shapes, dtypes, offsets are validated by the
+  safetensors library); no tensor data is read until :meth:`TensorFile.read`.
+* torch pickles (``.pt`` / ``.bin``): ``torch.load(weights_only=True, mmap=True)``, so
+  nothing but tensors and plain containers can be unpickled, and tensor storage stays on
+  disk until touched. Nested dicts and lists are flattened to dotted keys
+  (``wrappers.0.U_in``).
+
+Every failure becomes a :class:`~modelkit.errors.CorruptFileError` or
+:class:`~modelkit.errors.UnsafePickleError` naming the file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import struct
+import zipfile
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import CorruptFileError, UnsafePathError, UnsafePickleError
+
+# safetensors dtype tags -> torch dtype names (the names used everywhere in modelkit)
+SAFETENSORS_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+    "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+    "U16": "uint16", "U32": "uint32", "U64": "uint64",
+}
+DTYPE_BYTES = {
+    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4,
+    "int16": 2, "int8": 1, "uint8": 1, "bool": 1, "float8_e4m3fn": 1, "float8_e5m2": 1,
+    "uint16": 2, "uint32": 4, "uint64": 8,
+}
+FLOAT_DTYPES = {"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"}
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
+
+
+def torch_dtype(name: str):
+    """The torch dtype for a dtype name such as ``"bfloat16"``."""
+    import torch
+
+    return getattr(torch, name)
+
+
+def dtype_name(dtype: Any) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``; strings pass through."""
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """One tensor as it lies on disk: metadata only."""
+
+    name: str          # the name the format gives it (a state-dict key, or a dotted path)
+    shape: tuple[int, ...]
+    dtype: str         # torch dtype name, e.g. "bfloat16"
+    file: str          # path relative to the artifact folder
+    key: str           # key inside the file (dotted for nested pickles)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPE_BYTES.get(self.dtype, 4)
+
+
+def check_inside(root: Path, path: Path) -> Path:
+    """``path`` resolved, refused with UnsafePathError when it leaves ``root``."""
+    resolved = path.resolve()
+    root_resolved = root.resolve()
+    if resolved != root_resolved and root_resolved not in resolved.parents:
+        raise UnsafePathError(
+            f"points outside the artifact folder {root_resolved} (to {resolved}); "
+            "modelkit only reads files inside the artifact", path)
+    return resolved
+
+
+class TensorFile:
+    """A weight file: ``entries`` (metadata) now, ``read(key)`` (data) later."""
+
+    def __init__(self, path: Path, rel: str | None = None):
+        self.path = Path(path)
+        self.rel = rel or self.path.name
+
+    @staticmethod
+    def open(path: Path, rel: str | None = None) -> "TensorFile":
+        if Path(path).suffix == ".safetensors":
+            return SafetensorsFile(path, rel)
+        return PickleFile(path, rel)
+
+    @property
+    def entries(self) -> dict[str, StoredTensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def read(self, key: str):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def stored(self, prefix: str = "") -> list[StoredTensor]:
+        """The file's tensors, names prefixed with ``prefix``."""
+        if not prefix:
+            return list(self.entries.values())
+        return [StoredTensor(prefix + t.name, t.shape, t.dtype, t.file, t.key)
+                for t in self.entries.values()]
+
+
+class SafetensorsFile(TensorFile):
+    """A ``.safetensors`` file; header validated before anything else is trusted."""
+
+    def _validate_header(self) -> dict:
+        size = self.path.stat().st_size
+        if size < 8:
+            raise CorruptFileError(f"truncated safetensors file ({size} bytes, no header)", self.path)
+        with open(self.path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > MAX_HEADER_BYTES or n > size - 8:
+                raise CorruptFileError(
+                    f"safetensors header length {n} is impossible for a file of {size} bytes "
+                    "(truncated or not a safetensors file)", self.path)
+            raw = f.read(n)
+        try:
+            header = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CorruptFileError(f"safetensors header is not valid JSON ({e})", self.path) from None
+        if not isinstance(header, dict):
+            raise CorruptFileError("safetensors header is not a JSON object", self.path)
+        data_size = size - 8 - n
+        spans = []
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                dtype = SAFETENSORS_DTYPES[meta["dtype"]]
+                shape = tuple(int(d) for d in meta["shape"])
+                begin, end = (int(o) for o in meta["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise CorruptFileError(f"tensor {name!r} has a malformed header entry {meta!r}",
+                                       self.path) from None
+            numel = 1
+            for d in shape:
+                numel *= d
+            if end > data_size or begin < 0 or end < begin:
+                raise CorruptFileError(
+                    f"tensor {name!r} has offsets [{begin}, {end}) outside the {data_size} data "
+                    "bytes of the file (truncated file?)", self.path)
+            if end - begin != numel * DTYPE_BYTES[dtype]:
+                raise CorruptFileError(
+                    f"tensor {name!r}: offsets hold {end - begin} bytes but shape {list(shape)} "
+                    f"of {dtype} needs {numel * DTYPE_BYTES[dtype]}", self.path)
+            spans.append((begin, end, name))
+        spans.sort()
+        for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+            if b1 < e0:
+                raise CorruptFileError(f"tensors {n0!r} and {n1!r} overlap in the file", self.path)
+        return header
+
+    @cached_property
+    def entries(self) -> dict[str, StoredTensor]:
+        header = self._validate_header()
+        out = {}
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            out[name] = StoredTensor(name, tuple(meta["shape"]),
+                                     SAFETENSORS_DTYPES[meta["dtype"]], self.rel, name)
+        return out
+
+    @cached_property
+    def metadata(self) -> dict[str, str]:
+        self.entries  # validates
+        with open(self.path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            return json.loads(f.read(n)).get("__metadata__") or {}
+
+    @cached_property
+    def _handle(self):
+        from safetensors import safe_open
+
+        self.entries  # validate first: never hand a bad header to the reader
+        try:
+            return safe_open(str(self.path), framework="pt", device="cpu")
+        except Exception as e:  # safetensors raises its own Rust-side error types
+            raise CorruptFileError(f"cannot open safetensors file: {e}", self.path) from None
+
+    def read(self, key: str):
+        if key not in self.entries:
+            raise KeyError(f"{self.path}: no tensor {key!r}")
+        try:
+            return self._handle.get_tensor(key)
+        except Exception as e:
+            raise CorruptFileError(f"cannot read tensor {key!r}: {e}", self.path) from None
+
+
+class PickleFile(TensorFile):
+    """A torch pickle (``.pt`` / ``.bin``), loaded with ``weights_only=True``."""
+
+    @cached_property
+    def obj(self) -> Any:
+        """The unpickled object (tensors memory-mapped where the file allows)."""
+        return load_pickle(self.path)
+
+    @cached_property
+    def entries(self) -> dict[str, StoredTensor]:
+        return {key: StoredTensor(key, tuple(t.shape), dtype_name(t.dtype), self.rel, key)
+                for key, t in flatten_tensors(self.obj)}
+
+    def read(self, key: str):
+        obj = self.obj
+        for part in split_key(obj, key):
+            obj = obj[part]
+        return obj
+
+    def scalars(self) -> dict[str, Any]:
+        """Non-tensor leaves (ints, strings, ...) of the pickle, by dotted key."""
+        return dict(flatten_scalars(self.obj))
+
+
+def load_pickle(path: Path) -> Any:
+    """``torch.load`` with ``weights_only=True`` and errors that name the file."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise CorruptFileError("file does not exist", path)
+    if path.stat().st_size == 0:
+        raise CorruptFileError("file is empty (0 bytes)", path)
+    mmap = zipfile.is_zipfile(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        if "Unsupported global" in text or "weights_only" in text.lower():
+            detail = text.split("Unsupported global:")[-1].split(".")[0:2]
+            culprit = ".".join(s.strip() for s in detail) if "Unsupported global" in text else ""
+            raise UnsafePickleError(
+                "pickle would import non-tensor code" + (f" ({culprit})" if culprit else "")
+                + "; refused (modelkit loads pickles with weights_only=True and never executes "
+                "code from an artifact)", path) from None
+        raise CorruptFileError(f"cannot unpickle: {text.splitlines()[0]}", path) from None
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, zipfile.BadZipFile) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CorruptFileError(f"cannot read torch pickle: {first}", path) from None
+
+
+def _children(obj: Any) -> Iterator[tuple[str, Any]]:
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield str(k), v
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield str(i), v
+
+
+def flatten_tensors(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, tensor) for every tensor inside nested dicts/lists."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+        return
+    for k, v in _children(obj):
+        yield from flatten_tensors(v, f"{prefix}.{k}" if prefix else k)
+
+
+def flatten_scalars(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return
+    if isinstance(obj, (dict, list, tuple)):
+        for k, v in _children(obj):
+            yield from flatten_scalars(v, f"{prefix}.{k}" if prefix else k)
+    else:
+        yield prefix, obj
+
+
+def split_key(obj: Any, key: str) -> list:
+    """Split a dotted key into container indices, honouring dict keys that contain dots."""
+    parts: list = []
+    rest = key
+    while rest:
+        if isinstance(obj, dict):
+            # longest dict key that prefixes the rest (state-dict keys contain dots)
+            match = max((k for k in obj if isinstance(k, str) and
+                         (rest == k or rest.startswith(k + "."))), key=len, default=None)
+            if match is None:
+                raise KeyError(key)
+            parts.append(match)
+            obj = obj[match]
+            rest = rest[len(match) + 1:]
+        elif isinstance(obj, (list, tuple)):
+            head, _, rest = rest.partition(".")
+            parts.append(int(head))
+            obj = obj[int(head)]
+        else:
+            raise KeyError(key)
+    return parts
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """Weight files directly inside ``folder`` (not recursive), sorted."""
+    out = []
+    for p in sorted(folder.iterdir()):
+        if p.suffix in (".safetensors", ".bin", ".pt") and (p.is_file() or p.is_symlink()):
+            out.append(p)
+    return out
+
+
+def file_size(path: Path) -> int:
+    return os.stat(path).st_size

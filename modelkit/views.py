@@ -1,0 +1,58 @@
+"""Tensor views: an artifact seen as lazy on-disk-named tensors.
+
+Whatever its format, an artifact can be seen as the checkpoint of a standard model: a
+mapping from the names a plain Hugging Face checkpoint of its base architecture holds
+(per-expert names for MoE) to *producers* that read or compute one tensor when asked. A
+LoRA merge or a compressed expert is computed only when its producer runs, so export and
+diff stream one tensor at a time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Mapping
+
+from .tensors import StoredTensor, TensorFile
+
+
+@dataclass(frozen=True)
+class LazyTensor:
+    """A tensor that is produced only when :meth:`produce` is called."""
+
+    shape: tuple[int, ...]
+    dtype: str                      # torch dtype name of what ``produce`` returns
+    origin: str                     # where it comes from, for load reports
+    produce: Callable[[], "object"] = field(repr=False, compare=False)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def stored_tensor(file: TensorFile, entry: StoredTensor, origin: str | None = None) -> LazyTensor:
+    """A LazyTensor that reads ``entry`` from ``file``."""
+    return LazyTensor(entry.shape, entry.dtype, origin or f"stored:{entry.file}",
+                      lambda: file.read(entry.key))
+
+
+@dataclass
+class TensorView(Mapping[str, LazyTensor]):
+    """On-disk-named lazy tensors, plus what the artifact stores but the view left out."""
+
+    tensors: dict[str, LazyTensor]
+    unplaced: list[StoredTensor] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def __getitem__(self, name: str) -> LazyTensor:
+        return self.tensors[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def produce(self, name: str):
+        return self.tensors[name].produce()
