@@ -18,13 +18,18 @@ import importlib
 from typing import Any
 
 from .errors import ModelkitError
+from .models import install_auto_registration
 
 __version__ = "0.1.0"
 
+# `dylora-moe` for AutoConfig / AutoModelForCausalLM: now if transformers is imported, else
+# right after it is (never imported from here: `import modelkit` stays cheap)
+install_auto_registration()
+
 _LAZY = {
     "open_artifact": ("modelkit.artifacts", "open_artifact"),
-    "inspect": ("modelkit.inspect", "inspect"),
-    "InspectionReport": ("modelkit.inspect", "InspectionReport"),
+    "inspect": ("modelkit.inspection", "inspect"),
+    "InspectionReport": ("modelkit.inspection", "InspectionReport"),
     "load": ("modelkit.load", "load"),
     "LoadResult": ("modelkit.load", "LoadResult"),
     "export": ("modelkit.export", "export"),

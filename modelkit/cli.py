@@ -14,7 +14,7 @@ from .errors import ModelkitError
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .inspect import inspect
+    from .inspection import inspect
 
     report = inspect(args.ref, base=args.base, deep=args.deep)
     print(report.to_json(indent=1) if args.json else report.summary())

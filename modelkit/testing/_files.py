@@ -62,3 +62,15 @@ def quiet() -> Iterator[None]:
         hf_logging.set_verbosity(level)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run tiny tensor work on one thread: on a busy machine OpenMP's thread handoff makes a
+    16x32 matmul take milliseconds instead of microseconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -1,9 +1,12 @@
 """Tiny configs of the three families the fixtures use: llama, gemma and qwen3_moe."""
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .tokenizer import MAX_LENGTH, SPECIAL_IDS, vocab_size
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 FAMILIES = ("llama", "gemma", "qwen3_moe")
 
@@ -43,7 +46,7 @@ def default_tie(family: str) -> bool:
     return bool(_FAMILY[_check(family)]["tie_word_embeddings"])
 
 
-def tiny_config(family: str, **overrides: Any):
+def tiny_config(family: str, **overrides: Any) -> "PretrainedConfig":
     """A ``PretrainedConfig`` of ``family`` with hidden 32, 2 layers and the tiny vocab."""
     from transformers import AutoConfig
 

@@ -52,7 +52,8 @@ def write_peft_lora(
     base_name: str | None = None,
     bin: bool = False,
 ) -> Path:
-    """Write a LoRA adapter for the model in ``base_dir`` with PEFT's ``save_pretrained``.
+    """Write a LoRA adapter for the model in ``base_dir`` into ``out`` (replaced if it
+    exists) with PEFT's ``save_pretrained``; returns ``out``.
 
     ``trained=False`` keeps PEFT's initialisation (every B zero: the untrained-adapter
     fault). ``base_name`` replaces ``base_model_name_or_path`` (e.g. a hub name that is

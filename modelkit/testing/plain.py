@@ -6,7 +6,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -14,10 +14,13 @@ from ._files import fresh_dir, quiet, seeded, write_json
 from .configs import default_tie, tiny_config
 from .tokenizer import write_tokenizer
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 
 def build_tiny_model(
     family: str = "llama", seed: int = 0, tie: bool | None = None, dtype: torch.dtype = torch.float32, **overrides: Any
-):
+) -> "PreTrainedModel":
     """A fresh tiny ``AutoModelForCausalLM`` built from ``tiny_config`` under ``seed``.
 
     ``tie=False`` on a family that ties by default (gemma) unties the head the way DyLoRA's
@@ -43,7 +46,8 @@ def _cached_model(family: str, seed: int, tie: bool | None, dtype: torch.dtype, 
     return build_tiny_model(family, seed, tie, dtype, **json.loads(overrides))
 
 
-def tiny_model(family: str = "llama", seed: int = 0, tie: bool | None = None, dtype=torch.float32, **overrides):
+def tiny_model(family: str = "llama", seed: int = 0, tie: bool | None = None, dtype: torch.dtype = torch.float32,
+               **overrides: Any) -> "PreTrainedModel":
     """Like ``build_tiny_model`` but shared across calls: treat the result as read-only."""
     return _cached_model(family, seed, tie, dtype, json.dumps(overrides, sort_keys=True))
 
@@ -60,7 +64,8 @@ def write_plain_hf(
     tokenizer: bool = True,
     **overrides: Any,
 ) -> Path:
-    """Write a tiny plain HF checkpoint with ``save_pretrained``; returns ``out``.
+    """Write a tiny plain HF checkpoint with ``save_pretrained`` into ``out`` (replaced if
+    it exists) with the tokenizer beside it; returns ``out``.
 
     ``shards > 1`` writes ``model-0000i-of-0000N.safetensors`` plus the index (via
     ``max_shard_size``); ``bin=True`` rewrites the same tensors, under the same on-disk

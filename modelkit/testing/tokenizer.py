@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 VOCAB_SIZE = 384
 SPECIAL_TOKENS = {"pad": "<pad>", "eos": "<eos>", "bos": "<bos>", "unk": "<unk>"}
@@ -56,7 +60,7 @@ def _trained_json() -> str:
     return tok.to_str()
 
 
-def tiny_tokenizer():
+def tiny_tokenizer() -> "PreTrainedTokenizerFast":
     """A fresh ``PreTrainedTokenizerFast`` around the trained tokenizer."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .artifacts import open_artifact, open_base
-from .errors import BaseModelUnavailableError, ConfigError, ModelkitError, UnsafePickleError
+from .errors import BaseModelUnavailableError, ConfigError, LoadError, ModelkitError, UnsafePickleError
 from .findings import Finding, Severity, error, info, warning
 from .formats import Artifact
 from .tensors import StoredTensor
@@ -219,6 +219,8 @@ def audit(artifact: Artifact, base_art: Artifact | None,
         view = artifact.view(base_art)
     except BaseModelUnavailableError:
         return [], []  # base-unavailable already says completeness is not checked
+    except LoadError:
+        return [], []  # the base does not fit the artifact: the format's check() reports it
     try:
         config = artifact.config()
     except BaseModelUnavailableError:

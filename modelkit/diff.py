@@ -1,0 +1,892 @@
+"""Weight-by-weight diff of two artifacts, in the standard on-disk key space.
+
+Each side is seen through its format's view (:mod:`modelkit.views`), after the merge or
+materialization that view performs, so a DyLoRA-MoE expert, a PEFT adapter or a
+compressed MoE compares directly against its base or its original dense model.
+
+Streaming: one tensor pair is produced at a time and reduced chunk by chunk (``CHUNK``
+elements) in a working precision (float32; float64 for float64 and integer tensors).
+Memory-mapped pages are released after every tensor by closing the files' handles, so
+peak memory stays near one tensor pair, whatever the checkpoint size.
+
+Per tensor (see :data:`COLUMNS`): status, norms of A, B and B-A, relative change
+``||B-A|| / ||A||``, cosine similarity, max abs difference, fraction of elements changed,
+identical flag, non-finite counts, and with ``rank=True`` the effective rank of 2-D
+deltas (:func:`effective_rank`). Non-finite values are counted; every statistic is then
+taken over the positions finite on both sides (a changed NaN/inf still counts as changed).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
+
+from .artifacts import open_artifact, open_base
+from .formats import Artifact
+from .views import TensorView
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+    import torch
+    from matplotlib.figure import Figure
+
+STATUSES = ("compared", "dtype-changed", "shape-changed", "added", "removed", "unreadable")
+COLUMNS = (
+    "name", "status", "role", "layer", "expert", "module", "shape_a", "shape_b", "dtype_a",
+    "dtype_b", "numel", "norm_a", "norm_b", "norm_diff", "rel_change", "cosine", "max_abs_diff",
+    "changed", "frac_changed", "identical", "nonfinite_a", "nonfinite_b", "effective_rank",
+    "numerical_rank", "note",
+)
+CHUNK = 1 << 20                 # elements reduced at a time (4 MiB per float32 buffer)
+RANK_MAX_ELEMENTS = 1 << 24     # larger 2-D deltas get no rank estimate (svd cost and memory)
+RANK_RTOL = 1e-3                # numerical rank: singular values above RANK_RTOL * largest
+ROLE_ORDER = ("embedding", "attention", "mlp", "expert", "router", "norm", "lm_head", "lora", "other")
+OVERLAP_WARNING = 0.5           # key sets sharing less than this fraction: "barely overlap"
+
+
+# --------------------------------------------------------------------------- sides
+
+
+@dataclass
+class _Side:
+    """One side of a diff: its view, and the artifacts whose files it reads."""
+
+    label: str
+    view: TensorView
+    artifacts: list[Artifact]
+    info: dict[str, Any]
+
+
+def _open_side(x: "str | Path | Artifact | TensorView", base: "str | Path | Artifact | None",
+               options: Mapping[str, Any] | None) -> _Side:
+    options = dict(options or {})
+    if isinstance(x, TensorView):
+        return _Side("<view>", x, [], {"label": "<view>", "options": options})
+    base_ref = None if isinstance(base, Artifact) else base
+    art = x if isinstance(x, Artifact) else open_artifact(x, base=base_ref)
+    if isinstance(base, Artifact):
+        base_art = base
+    elif base_ref is not None and isinstance(x, Artifact):
+        base_art = open_artifact(base_ref)
+    else:
+        base_art = open_base(art)
+    view = art.view(base_art, **options)
+    label = str(x) if not isinstance(x, Artifact) else str(art.folder)
+    if options:
+        label += " [" + ", ".join(f"{k}={v}" for k, v in options.items()) + "]"
+    info: dict[str, Any] = {"label": label, "folder": str(art.folder), "format": art.format,
+                            "layout": art.layout, "options": options,
+                            "base": str(base_art.folder) if base_art is not None else None,
+                            "unplaced": [t.name for t in view.unplaced], "notes": list(view.notes)}
+    return _Side(label, view, [a for a in (art, base_art) if a is not None], info)
+
+
+def _model_type(art: Artifact) -> str | None:
+    try:
+        return getattr(art.config(), "model_type", None)
+    except Exception:  # an unreadable or absent config only costs this hint
+        return None
+
+
+def _release(artifacts: Iterable[Artifact]) -> None:
+    """Close every open file handle, unmapping the pages read so far (safetensors and
+    torch pickles are memory-mapped; resident pages count until the mapping goes)."""
+    for art in artifacts:
+        for f in list(getattr(art, "_files", {}).values()):
+            release = getattr(f, "release", None)
+            if callable(release):
+                release()
+            else:
+                f.__dict__.pop("_handle", None)   # SafetensorsFile's safe_open (mmap)
+                f.__dict__.pop("obj", None)       # PickleFile's torch.load(mmap=True)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass
+class _Source:
+    """One side's tensor, ready to be read CHUNK elements at a time: either stored as is
+    in a safetensors file (read with plain file reads: no memory map, no resident pages
+    left behind) or already produced (a merge, a materialized expert, a pickle)."""
+
+    shape: tuple[int, ...]
+    dtype: Any                       # torch dtype
+    tensor: Any = None               # the produced tensor, or None
+    path: str | None = None          # safetensors file holding the raw bytes
+    offset: int = 0                  # absolute byte offset of the first element
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+class _Spans:
+    """Byte offsets of tensors in safetensors files (headers parsed once per file)."""
+
+    def __init__(self) -> None:
+        self._files: dict[str, tuple[int, dict]] = {}
+
+    def source(self, file: Any, key: str) -> _Source:
+        from .tensors import SAFETENSORS_DTYPES, torch_dtype
+
+        file.entries  # validates the header (CorruptFileError naming the file)
+        path = str(file.path)
+        if path not in self._files:
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                self._files[path] = (8 + n, json.loads(f.read(n)))
+        start, header = self._files[path]
+        meta = header[key]
+        return _Source(tuple(meta["shape"]), torch_dtype(SAFETENSORS_DTYPES[meta["dtype"]]),
+                       path=path, offset=start + int(meta["data_offsets"][0]))
+
+
+def _stored_read(lazy: Any) -> tuple[Any, str] | None:
+    """``(SafetensorsFile, key)`` when ``lazy`` reads one stored tensor unchanged (what
+    :func:`modelkit.views.stored_tensor` builds), else None (a computed tensor)."""
+    from .tensors import SafetensorsFile, StoredTensor
+
+    produce = lazy.produce
+    if getattr(produce, "__qualname__", "") != "stored_tensor.<locals>.<lambda>" or \
+            getattr(produce, "__module__", "") != "modelkit.views":
+        return None
+    cells = [c.cell_contents for c in produce.__closure__ or ()]
+    files = [c for c in cells if isinstance(c, SafetensorsFile)]
+    entries = [c for c in cells if isinstance(c, StoredTensor)]
+    if len(files) != 1 or len(entries) != 1:
+        return None
+    return files[0], entries[0].key
+
+
+def _open_source(lazy: Any, spans: _Spans) -> _Source:
+    stored = _stored_read(lazy)
+    if stored is not None:
+        return spans.source(*stored)
+    t = lazy.produce()
+    return _Source(tuple(t.shape), t.dtype, tensor=t)
+
+
+def _stream(sources: list[_Source], scratch: "_Scratch") -> Iterator[list["torch.Tensor"]]:
+    """The sources' elements in lockstep, as lists of 1-D chunks of at most CHUNK elements.
+
+    Produced tensors are sliced; stored ones are read with ``preadv`` into reusable
+    buffers, one step ahead in a background thread (file reads release the GIL), so
+    reading overlaps the arithmetic. A chunk is valid until the next one is taken.
+    """
+    n = sources[0].numel
+    fds = [os.open(src.path, os.O_RDONLY) if src.tensor is None else None for src in sources]
+    flats = [src.tensor.reshape(-1) if src.tensor is not None else None for src in sources]
+
+    def take(i: int, slot: int) -> list:
+        count = min(CHUNK, n - i)
+        out = []
+        for k, src in enumerate(sources):
+            if flats[k] is not None:
+                out.append(flats[k][i:i + count])
+                continue
+            size = src.dtype.itemsize
+            raw, view = scratch.raw(slot, k)
+            _pread_full(fds[k], view[:count * size], src.offset + i * size, src.path)
+            out.append(raw[:count * size].view(src.dtype))
+        return out
+
+    starts = range(0, n, CHUNK)
+    pending = None
+    try:
+        if all(fd is None for fd in fds) or len(starts) == 1:
+            for i in starts:
+                yield take(i, 0)
+            return
+        pending = scratch.pool().submit(take, starts[0], 0)
+        for k in range(len(starts)):
+            current = pending.result()
+            pending = scratch.pool().submit(take, starts[k + 1], (k + 1) % 2) if k + 1 < len(starts) else None
+            yield current
+    finally:
+        if pending is not None:  # never close a file under a read in flight
+            pending.exception()
+        for fd in fds:
+            if fd is not None:
+                os.close(fd)
+
+
+def _pread_full(fd: int, view: memoryview, offset: int, path: str) -> None:
+    from .errors import CorruptFileError
+
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise CorruptFileError(f"file ends before its tensor data (read {done} of {len(view)} bytes)", path)
+        done += n
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+class _Scratch:
+    """Reusable buffers, so chunks never allocate (raw bytes per slot and side, working
+    copies per dtype), and the one reader thread."""
+
+    def __init__(self) -> None:
+        self._raw: dict[tuple[int, int], tuple] = {}
+        self._work: dict[Any, tuple] = {}
+        self._pool = None
+
+    def raw(self, slot: int, side: int) -> tuple["torch.Tensor", memoryview]:
+        import torch
+
+        if (slot, side) not in self._raw:
+            t = torch.empty(CHUNK * 8, dtype=torch.uint8)
+            self._raw[slot, side] = (t, memoryview(t.numpy()))
+        return self._raw[slot, side]
+
+    def work(self, dtype) -> tuple:
+        import torch
+
+        if dtype not in self._work:
+            self._work[dtype] = tuple(torch.empty(CHUNK, dtype=dtype) for _ in range(3))
+        return self._work[dtype]
+
+    def pool(self):
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="modelkit-diff-read")
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+
+def _same_bits(x: "torch.Tensor", y: "torch.Tensor") -> bool:
+    """Bitwise equality of two chunks of one dtype (memcmp speed; stops at the first difference)."""
+    import torch
+
+    if x.dtype != y.dtype:
+        return False
+    x8, y8 = x.view(torch.uint8), y.view(torch.uint8)
+    try:
+        return torch.equal(x8.view(torch.int64), y8.view(torch.int64))
+    except RuntimeError:  # length or offset not a multiple of 8 bytes
+        return torch.equal(x8, y8)
+
+
+@dataclass
+class _Acc:
+    """Running sums over chunks (Python floats: float64 accumulation)."""
+
+    sq_a: float = 0.0
+    sq_b: float = 0.0
+    dot: float = 0.0
+    sq_d: float = 0.0
+    max_abs: float = 0.0
+    changed: int = 0
+    nonfinite_a: int = 0
+    nonfinite_b: int = 0
+
+
+def _work_dtype(*dtypes):
+    import torch
+
+    if any(d == torch.float64 or not d.is_floating_point for d in dtypes):
+        return torch.float64
+    return torch.float32
+
+
+def _as_work(chunk, buf, work):
+    """``chunk`` in the working dtype: itself when it already is, else copied into ``buf``."""
+    if chunk.dtype == work:
+        return chunk
+    out = buf[: chunk.numel()]
+    out.copy_(chunk)
+    return out
+
+
+def _compare(sa: _Source, sb: _Source, scratch: _Scratch) -> _Acc:
+    """Reduce a same-shape pair to running sums, CHUNK elements at a time.
+
+    A chunk equal bit for bit needs only ``A.A``. Otherwise: A in the working dtype,
+    ``D = B - A``, then ``A.A``, ``A.D``, ``D.D``; ``B.B`` and ``A.B`` follow exactly from
+    them unless B is much smaller than A (cancellation), when they are taken directly.
+    Changed elements are counted as ``sign(D).sign(D)`` (exact, cheaper than count_nonzero).
+    """
+    import torch
+
+    work = _work_dtype(sa.dtype, sb.dtype)
+    abuf, bbuf, dbuf = scratch.work(work)
+    acc = _Acc()
+    for ra, rb in _stream([sa, sb], scratch):
+        a = _as_work(ra, abuf, work)
+        if _same_bits(ra, rb):
+            sq = float(torch.dot(a, a))
+            if math.isfinite(sq):
+                acc.sq_a += sq
+                acc.sq_b += sq
+                acc.dot += sq
+                continue
+        d = dbuf[: a.numel()]
+        if rb.dtype == work:
+            torch.sub(rb, a, out=d)
+        else:
+            d.copy_(rb)
+            d.sub_(a)
+        sq_a, ad, sq_d = torch.stack([torch.dot(a, a), torch.dot(a, d), torch.dot(d, d)]).tolist()
+        sq_b, dot = sq_a + 2 * ad + sq_d, sq_a + ad
+        if not (math.isfinite(sq_a) and math.isfinite(ad) and math.isfinite(sq_d)):
+            # non-finite values, or float32 overflow: exact bookkeeping in float64
+            sq_a, sq_b, dot, sq_d, mx, changed, na, nb = _careful_chunk(a, _as_work(rb, bbuf, work))
+            acc.nonfinite_a += na
+            acc.nonfinite_b += nb
+        else:
+            if sq_b < 1e-2 * sq_a:  # B much smaller than A: avoid cancellation
+                b = _as_work(rb, bbuf, work)
+                sq_b, dot = torch.stack([torch.dot(b, b), torch.dot(a, b)]).tolist()
+            if sq_d == 0.0:
+                mx, changed = 0.0, 0
+            else:
+                lo, hi = torch.aminmax(d)
+                sign = torch.sign(d, out=bbuf[: d.numel()])
+                mx, changed = torch.stack([torch.maximum(-lo, hi), torch.dot(sign, sign)]).tolist()
+        acc.sq_a += sq_a
+        acc.sq_b += sq_b
+        acc.dot += dot
+        acc.sq_d += sq_d
+        acc.max_abs = max(acc.max_abs, mx)
+        acc.changed += int(changed)
+    return acc
+
+
+def _careful_chunk(a: "torch.Tensor", b: "torch.Tensor") -> tuple:
+    """Sums over positions finite on both sides (float64), non-finite counts, and changes
+    (a NaN/inf position is unchanged only when both sides hold the same value or NaN)."""
+    import torch
+
+    fa, fb = torch.isfinite(a), torch.isfinite(b)
+    both = fa & fb
+    a64, b64 = a[both].double(), b[both].double()
+    d = b64 - a64
+    mx = float(d.abs().max()) if d.numel() else 0.0
+    changed = int(torch.count_nonzero(d))
+    rest = ~both
+    ar, br = a[rest], b[rest]
+    same = (ar == br) | (torch.isnan(ar) & torch.isnan(br))
+    changed += int((~same).sum())
+    return (float(a64 @ a64), float(b64 @ b64), float(a64 @ b64), float(d @ d), mx, changed,
+            int((~fa).sum()), int((~fb).sum()))
+
+
+def _single(src: _Source, scratch: _Scratch) -> tuple[float, int]:
+    """(norm over finite values, non-finite count) of a one-sided tensor, chunked."""
+    import torch
+
+    work = _work_dtype(src.dtype)
+    buf = scratch.work(work)[0]
+    sq, bad = 0.0, 0
+    for (raw,) in _stream([src], scratch):
+        x = _as_work(raw, buf, work)
+        s = float(torch.dot(x, x))
+        if not math.isfinite(s):
+            ok = torch.isfinite(x)
+            bad += int((~ok).sum())
+            x64 = x[ok].double()
+            s = float(x64 @ x64)
+        sq += s
+    return math.sqrt(sq), bad
+
+
+def effective_rank(delta: "torch.Tensor") -> tuple[float, int]:
+    """``(entropy rank, numerical rank)`` of a 2-D delta, from ``torch.linalg.svdvals`` in float32.
+
+    Entropy (effective) rank, Roy & Vetterli 2007: ``exp(-sum p_i log p_i)`` with
+    ``p_i = s_i / sum(s)``: 1.0 for a rank-1 delta, ``r`` for ``r`` equal singular values,
+    a real number in between otherwise. Numerical rank: the count of singular values above
+    ``RANK_RTOL`` times the largest. Non-finite entries are zeroed first. A zero delta has
+    rank 0. Callers skip deltas above ``RANK_MAX_ELEMENTS`` elements.
+    """
+    import torch
+
+    d = torch.nan_to_num(delta.float(), nan=0.0, posinf=0.0, neginf=0.0)
+    s = torch.linalg.svdvals(d).double()
+    total = float(s.sum())
+    if total == 0.0:
+        return 0.0, 0
+    p = s[s > 0] / total
+    entropy = float(-(p * p.log()).sum())
+    return math.exp(entropy), int((s > RANK_RTOL * s[0]).sum())
+
+
+# --------------------------------------------------------------------------- per tensor
+
+
+def _module(name: str) -> str:
+    """The module a parameter belongs to: ``...experts.3.gate_proj.weight`` -> ``gate_proj``."""
+    parts = name.split(".")
+    for p in reversed(parts[:-1] if len(parts) > 1 else parts):
+        if not p.isdigit():
+            return p
+    return name
+
+
+def _row(name: str) -> dict[str, Any]:
+    from .architectures import classify
+
+    role = classify(name)
+    row = dict.fromkeys(COLUMNS)
+    row.update(name=name, role=role.role, layer=role.layer, expert=role.expert,
+               module=_module(name), identical=False, nonfinite_a=0, nonfinite_b=0, note="")
+    return row
+
+
+def _fill_compared(row: dict, acc: _Acc, numel: int) -> None:
+    na, nb, nd = math.sqrt(acc.sq_a), math.sqrt(acc.sq_b), math.sqrt(acc.sq_d)
+    if na > 0:
+        rel = nd / na
+    else:
+        rel = 0.0 if nd == 0 else math.inf
+    if na > 0 and nb > 0:
+        cos = max(-1.0, min(1.0, acc.dot / (na * nb)))
+    else:
+        cos = 1.0 if na == nb == 0 else None
+    row.update(numel=numel, norm_a=na, norm_b=nb, norm_diff=nd, rel_change=rel, cosine=cos,
+               max_abs_diff=acc.max_abs, changed=acc.changed,
+               frac_changed=acc.changed / numel if numel else 0.0,
+               nonfinite_a=acc.nonfinite_a, nonfinite_b=acc.nonfinite_b)
+    row["identical"] = row["status"] == "compared" and acc.changed == 0
+
+
+def _diff_tensor(name: str, a: Any, b: Any, scratch: _Scratch, spans: _Spans,
+                 rank: bool) -> dict[str, Any]:
+    """One row: ``a``/``b`` are LazyTensors (or None when absent on that side). Whatever
+    fails while producing or reading (corrupt shard, a merge that does not fit) becomes
+    an ``unreadable`` row naming the side and the error."""
+    from .tensors import dtype_name
+
+    row = _row(name)
+    side = "a"
+    try:
+        src = {}
+        for side, lazy in (("a", a), ("b", b)):
+            if lazy is not None:
+                src[side] = _open_source(lazy, spans)
+                row[f"shape_{side}"] = list(src[side].shape)
+                row[f"dtype_{side}"] = dtype_name(src[side].dtype)
+        side = "a and b"
+        _fill_row(row, src, scratch)
+        if rank and row["changed"] and len(src["a"].shape) == 2:
+            if src["a"].numel <= RANK_MAX_ELEMENTS:
+                ta, tb = _full(src["a"], a), _full(src["b"], b)
+                row["effective_rank"], row["numerical_rank"] = effective_rank(tb.float() - ta.float())
+            else:
+                row["note"] = (row["note"] + "; " if row["note"] else "") + \
+                    f"rank skipped: {src['a'].numel:,} elements > RANK_MAX_ELEMENTS"
+    except Exception as e:  # reported in the result, never raised from deep inside torch
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        row.update(status="unreadable", identical=False,
+                   note=f"{side.upper() if len(side) == 1 else side}: {type(e).__name__}: {first}")
+    return row
+
+
+def _fill_row(row: dict[str, Any], src: dict[str, _Source], scratch: _Scratch) -> None:
+    if len(src) == 1:
+        side = next(iter(src))
+        norm, bad = _single(src[side], scratch)
+        row.update(status="added" if side == "b" else "removed", numel=src[side].numel,
+                   **{f"norm_{side}": norm, f"nonfinite_{side}": bad})
+        return
+    sa, sb = src["a"], src["b"]
+    if sa.shape != sb.shape:
+        (na, ba), (nb, bb) = _single(sa, scratch), _single(sb, scratch)
+        row.update(status="shape-changed", norm_a=na, norm_b=nb, nonfinite_a=ba, nonfinite_b=bb,
+                   note=f"{list(sa.shape)} -> {list(sb.shape)}")
+        return
+    row["status"] = "compared" if sa.dtype == sb.dtype else "dtype-changed"
+    if row["status"] == "dtype-changed":
+        row["note"] = f"{row['dtype_a']} -> {row['dtype_b']}"
+    _fill_compared(row, _compare(sa, sb, scratch), sa.numel)
+
+
+def _full(src: _Source, lazy: Any) -> "torch.Tensor":
+    return src.tensor if src.tensor is not None else lazy.produce()
+
+
+# --------------------------------------------------------------------------- the result
+
+
+def _natural_key(name: str) -> list:
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def _aggregate(frame: "pd.DataFrame", keys: list[str]) -> "pd.DataFrame":
+    """Pooled statistics per group: relative change ``sqrt(sum ||B-A||^2) / sqrt(sum ||A||^2)``
+    over the group's compared tensors, their max, and counts of each status."""
+    import numpy as np
+    import pandas as pd
+
+    cols = ["tensors", "compared", "changed", "added", "removed", "shape_changed", "dtype_changed",
+            "unreadable", "numel", "rel_change", "max_rel_change", "cosine", "max_abs_diff",
+            "frac_changed", "nonfinite"]
+    if frame.empty:
+        return pd.DataFrame(columns=cols)
+    rows = []
+    for key, g in frame.groupby(keys, dropna=False, sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        c = g[g.status.isin(["compared", "dtype-changed"])]
+        sq_a = float((c.norm_a.astype(float) ** 2).sum())
+        sq_b = float((c.norm_b.astype(float) ** 2).sum())
+        sq_d = float((c.norm_diff.astype(float) ** 2).sum())
+        dot = float((c.cosine.astype(float).fillna(0.0) * c.norm_a.astype(float)
+                     * c.norm_b.astype(float)).sum())
+        numel = int(c.numel.sum()) if len(c) else 0
+        rel = (math.sqrt(sq_d / sq_a) if sq_a > 0 else (0.0 if sq_d == 0 else math.inf)) if len(c) else np.nan
+        rows.append({
+            **{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in zip(keys, key)},
+            "tensors": len(g), "compared": len(c),
+            "changed": int((~g.identical.astype(bool) & g.status.isin(["compared", "dtype-changed"])).sum()),
+            "added": int((g.status == "added").sum()), "removed": int((g.status == "removed").sum()),
+            "shape_changed": int((g.status == "shape-changed").sum()),
+            "dtype_changed": int((g.status == "dtype-changed").sum()),
+            "unreadable": int((g.status == "unreadable").sum()), "numel": numel,
+            "rel_change": rel,
+            "max_rel_change": float(c.rel_change.astype(float).max()) if len(c) else np.nan,
+            "cosine": dot / math.sqrt(sq_a * sq_b) if sq_a > 0 and sq_b > 0 else np.nan,
+            "max_abs_diff": float(c.max_abs_diff.astype(float).max()) if len(c) else np.nan,
+            "frac_changed": float(c.changed.sum()) / numel if numel else np.nan,
+            "nonfinite": int(g.nonfinite_a.sum() + g.nonfinite_b.sum()),
+        })
+    out = pd.DataFrame(rows, columns=[*keys, *cols])
+    for k in keys:
+        if k in ("layer", "expert"):
+            out[k] = out[k].astype("Int64")
+    return out.set_index(keys)
+
+
+def _json_safe(x: Any) -> Any:
+    """Non-finite floats become None (strict JSON); numpy scalars become Python ones."""
+    if isinstance(x, dict):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    if hasattr(x, "item") and not isinstance(x, (str, bytes)):
+        try:
+            x = x.item()
+        except (ValueError, AttributeError):
+            pass
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    try:
+        import pandas as pd
+
+        if x is pd.NA:
+            return None
+    except ImportError:  # pragma: no cover
+        pass
+    return x
+
+
+def _fmt(x: Any, spec: str = ".3g") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    if isinstance(x, float) and math.isinf(x):
+        return "inf"
+    return format(x, spec)
+
+
+@dataclass
+class DiffResult:
+    """What :func:`diff` found: one row per tensor name in either side (``rows``)."""
+
+    a: dict[str, Any]
+    b: dict[str, Any]
+    rows: list[dict[str, Any]]
+    warnings: list[str] = field(default_factory=list)
+    rank: bool = False
+    seconds: float = 0.0
+    bytes_read: int = 0
+
+    # -- verdict ----------------------------------------------------------------------
+    def count(self, status: str) -> int:
+        return sum(r["status"] == status for r in self.rows)
+
+    @property
+    def changed(self) -> list[str]:
+        """Names whose values differ (compared or dtype-changed with a non-zero change)."""
+        return [r["name"] for r in self.rows
+                if r["status"] in ("compared", "dtype-changed") and r["changed"]]
+
+    @property
+    def identical(self) -> bool:
+        """Same names, shapes, dtypes and values on both sides (NaN equals NaN)."""
+        return all(r["identical"] for r in self.rows)
+
+    @property
+    def verdict(self) -> str:
+        """``identical``, ``different``, or ``incomplete`` (unreadable tensors, no difference seen)."""
+        if self.identical:
+            return "identical"
+        if any(r["status"] == "unreadable" for r in self.rows) and \
+                all(r["identical"] or r["status"] == "unreadable" for r in self.rows):
+            return "incomplete"
+        return "different"
+
+    @property
+    def overall_rel_change(self) -> float:
+        """``sqrt(sum ||B-A||^2) / sqrt(sum ||A||^2)`` over every compared tensor."""
+        agg = _aggregate(self.to_frame().assign(all=""), ["all"])
+        return float(agg.rel_change.iloc[0]) if len(agg) else math.nan
+
+    # -- tables -----------------------------------------------------------------------
+    def to_frame(self) -> "pd.DataFrame":
+        """One row per tensor (columns :data:`COLUMNS`), in natural name order."""
+        import pandas as pd
+
+        frame = pd.DataFrame(self.rows, columns=list(COLUMNS))
+        for col in ("layer", "expert", "numel", "changed", "numerical_rank"):
+            frame[col] = frame[col].astype("Int64")
+        for col in ("norm_a", "norm_b", "norm_diff", "rel_change", "cosine", "max_abs_diff",
+                    "frac_changed", "effective_rank"):
+            frame[col] = frame[col].astype(float)
+        return frame
+
+    def by_layer(self) -> "pd.DataFrame":
+        """Pooled change per decoder layer (``<NA>``: tensors outside the layers)."""
+        return _aggregate(self.to_frame(), ["layer"])
+
+    def by_role(self) -> "pd.DataFrame":
+        """Pooled change per role (embedding, attention, mlp, expert, router, norm, ...)."""
+        return _aggregate(self.to_frame(), ["role"])
+
+    def by_projection(self, role: str | None = "expert") -> "pd.DataFrame":
+        """Pooled change per (layer, module) among ``role`` tensors (all when None).
+
+        For a compressed MoE against its original model this is the reconstruction error
+        of each layer's ``gate_proj`` / ``up_proj`` / ``down_proj`` over its experts:
+        ``sqrt(sum_e ||W_e' - W_e||^2) / sqrt(sum_e ||W_e||^2)``.
+        """
+        frame = self.to_frame()
+        if role is not None:
+            frame = frame[frame.role == role]
+        return _aggregate(frame, ["layer", "module"])
+
+    def layer_role_matrix(self) -> "pd.DataFrame":
+        """Pooled relative change, layers x roles (the heatmap's data); NaN: no such tensors."""
+        import pandas as pd
+
+        agg = _aggregate(self.to_frame(), ["layer", "role"])
+        if agg.empty:
+            return pd.DataFrame()
+        matrix = agg["rel_change"].unstack("role")
+        layers = sorted(matrix.index, key=lambda x: (pd.isna(x), 0 if pd.isna(x) else x))
+        roles = sorted(matrix.columns, key=lambda r: ROLE_ORDER.index(r) if r in ROLE_ORDER else len(ROLE_ORDER))
+        return matrix.loc[layers, roles]
+
+    # -- output -----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        def records(df):
+            return df.reset_index().to_dict(orient="records")
+
+        return _json_safe({
+            "verdict": self.verdict, "identical": self.identical, "a": self.a, "b": self.b,
+            "counts": {s: self.count(s) for s in STATUSES} | {"changed": len(self.changed),
+                                                               "tensors": len(self.rows)},
+            "overall_rel_change": self.overall_rel_change, "warnings": self.warnings,
+            "rank": self.rank, "seconds": self.seconds, "bytes_read": self.bytes_read,
+            "tensors": self.to_frame().to_dict(orient="records"),
+            "by_layer": records(self.by_layer()), "by_role": records(self.by_role()),
+            "by_projection": records(self.by_projection()),
+        })
+
+    def to_json(self, **kw: Any) -> str:
+        return json.dumps(self.to_dict(), allow_nan=False, **kw)
+
+    def summary(self, top: int = 10) -> str:
+        """Readable text, leading with the verdict (what the CLI prints)."""
+        n = len(self.rows)
+        both = [r for r in self.rows if r["status"] in ("compared", "dtype-changed")]
+        lines = []
+        if self.verdict == "identical":
+            lines.append(f"IDENTICAL: all {n} tensors have the same names, shapes, dtypes and values")
+        elif self.verdict == "incomplete":
+            lines.append(f"INCOMPLETE: no difference found, but {self.count('unreadable')} of {n} "
+                         "tensors could not be read")
+        else:
+            parts = [f"{len(self.changed)} of {len(both)} shared tensors changed"]
+            parts += [f"{self.count(s)} {s}" for s in ("added", "removed", "shape-changed",
+                                                       "dtype-changed", "unreadable") if self.count(s)]
+            lines.append("DIFFERENT: " + ", ".join(parts))
+        for tag, side in (("A", self.a), ("B", self.b)):
+            desc = ", ".join(str(x) for x in (side.get("format"), side.get("layout"),
+                                              side.get("model_type")) if x)
+            lines.append(f"  {tag}  {side['label']}" + (f"  ({desc})" if desc else "")
+                         + (f"  on base {side['base']}" if side.get("base") else ""))
+        if both:
+            lines.append(f"  overall relative change ||B-A||/||A|| = {_fmt(self.overall_rel_change)} "
+                         f"over {len(both)} shared tensors ({self.seconds:.1f} s, "
+                         f"{self.bytes_read / 1e9:.2f} GB read)")
+        lines += [f"  WARNING {w}" for w in self.warnings]
+        if self.identical and (self.a.get("base") or self.b.get("base")):
+            which = "B" if self.b.get("base") else "A"
+            side = self.b if which == "B" else self.a
+            lines.append(f"  NOTE {which} is a {side.get('format')} artifact applied to its base, yet its "
+                         "weights equal the other side's: whatever it stores changes nothing "
+                         "(dropped, empty or untrained adapters?)")
+        if not self.identical:
+            lines += self._tables(top)
+        return "\n".join(lines)
+
+    def _tables(self, top: int) -> list[str]:
+        import pandas as pd
+
+        frame = self.to_frame()
+        lines = []
+        role = self.by_role()
+        role = role[(role.changed > 0) | (role.tensors > role.compared)]
+        if len(role):
+            lines += ["", "  by role (pooled ||B-A||/||A|| over compared tensors):",
+                      f"    {'role':<10}{'tensors':>8}{'changed':>8}{'other':>7}{'rel_change':>12}{'cosine':>10}"]
+            for g in role.itertuples():
+                lines.append(f"    {g.Index:<10}{g.tensors:>8}{g.changed:>8}{g.tensors - g.compared:>7}"
+                             f"{_fmt(g.rel_change):>12}{_fmt(g.cosine, '.6f'):>10}")
+        experts = self.by_projection("expert")
+        if len(experts) and (experts.changed > 0).any():
+            pivot = experts["rel_change"].unstack("module")
+            lines += ["", "  experts, relative change per layer and projection "
+                      "(reconstruction error for a compressed MoE):",
+                      "    layer " + "".join(f"{c:>12}" for c in pivot.columns)]
+            for layer, r in pivot.iterrows():
+                lines.append(f"    {'-' if pd.isna(layer) else layer!s:<6}" + "".join(f"{_fmt(v):>12}" for v in r))
+        layers = self.by_layer()
+        layers = layers[layers.changed > 0]
+        if len(layers):
+            lines += ["", "  by layer (changed layers only; '-': outside the layers):",
+                      "    " + "  ".join(f"{'-' if pd.isna(layer) else layer}: {_fmt(g.rel_change)}"
+                                         for layer, g in zip(layers.index, layers.itertuples()))]
+        changed = frame[frame.status.isin(["compared", "dtype-changed"]) & (frame.changed > 0)]
+        if len(changed):
+            changed = changed.sort_values("rel_change", ascending=False).head(top)
+            lines += ["", f"  most changed tensors (top {len(changed)}):",
+                      f"    {'rel_change':>10}{'cosine':>10}{'frac':>7}{'max_abs':>10}"
+                      + ("  rank" if self.rank else "") + "  name"]
+            for _, r in changed.iterrows():
+                rk = f"  {_fmt(r.effective_rank, '.1f'):>4}" if self.rank else ""
+                lines.append(f"    {_fmt(r.rel_change):>10}{_fmt(r.cosine, '.6f'):>10}"
+                             f"{_fmt(r.frac_changed, '.2f'):>7}{_fmt(r.max_abs_diff):>10}{rk}  {r['name']}")
+        for status in ("added", "removed", "shape-changed", "dtype-changed", "unreadable"):
+            names = frame[frame.status == status]
+            if len(names):
+                shown = [f"{r['name']}" + (f" ({r.note})" if r.note else "")
+                         for _, r in names.head(top).iterrows()]
+                more = f" (+{len(names) - top} more)" if len(names) > top else ""
+                lines += ["", f"  {status} ({len(names)}): " + "; ".join(shown) + more]
+        return lines
+
+    def plot(self, path: str | Path | None = None) -> "Figure":
+        """A layer x role heatmap of relative change beside the most-changed tensors;
+        saved to ``path`` when given (format from the suffix)."""
+        from .plots import diff_figure
+
+        frame = self.to_frame()
+        top = frame[frame.status.isin(["compared", "dtype-changed"]) & (frame.changed > 0)]
+        top = top.sort_values("rel_change", ascending=False).head(20)
+        title = f"{self.verdict.upper()}: A = {self.a['label']}  vs  B = {self.b['label']}"
+        fig = diff_figure(self.layer_role_matrix(), top[["name", "rel_change"]], title)
+        if path is not None:
+            fig.savefig(path, dpi=110, bbox_inches="tight")
+        return fig
+
+    def _repr_html_(self) -> str:  # notebooks: the summary, preformatted
+        import html
+
+        return f"<pre>{html.escape(self.summary())}</pre>"
+
+
+# --------------------------------------------------------------------------- diff
+
+
+def diff(a: "str | Path | Artifact | TensorView", b: "str | Path | Artifact | TensorView",
+         base_a: "str | Path | Artifact | None" = None, base_b: "str | Path | Artifact | None" = None,
+         options_a: Mapping[str, Any] | None = None, options_b: Mapping[str, Any] | None = None,
+         rank: bool = False, progress: bool = True) -> DiffResult:
+    """Compare ``a`` and ``b`` weight by weight in the standard on-disk key space.
+
+    ``a``/``b``: refs (folder, ``wandb:``, ``hf:``), opened Artifacts or TensorViews.
+    ``base_*`` override each side's base model; ``options_*`` go to each side's
+    ``view()`` (e.g. ``{"expert": 1}`` for a DyLoRA-MoE expert). ``rank=True`` adds an
+    effective-rank estimate of each changed 2-D delta (see :func:`effective_rank`).
+    Streams one tensor pair at a time; a tensor that cannot be read becomes an
+    ``unreadable`` row, non-finite values are counted, never raised.
+    """
+    from tqdm.auto import tqdm
+
+    side_a = _open_side(a, base_a, options_a)
+    side_b = _open_side(b, base_b, options_b)
+    va, vb = side_a.view, side_b.view
+    names = list(va) + [n for n in vb if n not in va.tensors]
+    warnings = _warnings(side_a, side_b)
+    total = sum(_nbytes(v[n]) for v in (va, vb) for n in v)
+    scratch, spans = _Scratch(), _Spans()
+    rows = []
+    start = time.perf_counter()
+    try:
+        with tqdm(total=total, unit="B", unit_scale=True, desc="diff", disable=not progress,
+                  leave=False) as bar:
+            for name in names:
+                la, lb = va.tensors.get(name), vb.tensors.get(name)
+                bar.set_postfix_str(name[-40:], refresh=False)
+                rows.append(_diff_tensor(name, la, lb, scratch, spans, rank))
+                _release(side_a.artifacts + side_b.artifacts)
+                bar.update(sum(_nbytes(x) for x in (la, lb) if x is not None))
+    finally:
+        scratch.close()
+    seconds = time.perf_counter() - start
+    rows.sort(key=lambda r: _natural_key(r["name"]))
+    bad = [r["name"] for r in rows if r["nonfinite_a"] or r["nonfinite_b"]]
+    if bad:
+        na = sum(r["nonfinite_a"] for r in rows)
+        nb = sum(r["nonfinite_b"] for r in rows)
+        warnings.append(f"non-finite values (NaN/inf): {na:,} in A, {nb:,} in B, in {len(bad)} "
+                        f"tensor(s): {_names(bad)}; statistics use the finite positions")
+    return DiffResult(side_a.info, side_b.info, rows, warnings, rank, seconds, total)
+
+
+def _nbytes(lazy: Any) -> int:
+    from .tensors import DTYPE_BYTES
+
+    return lazy.numel * DTYPE_BYTES.get(lazy.dtype, 4)
+
+
+def _names(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
+
+
+def _warnings(a: _Side, b: _Side) -> list[str]:
+    """Mismatched architectures and tensors a view could not place, before reading data."""
+    out = []
+    na, nb = set(a.view), set(b.view)
+    union = na | nb
+    common = na & nb
+    if union and len(common) < OVERLAP_WARNING * len(union):
+        types = ""
+        for side in (a, b):
+            side.info["model_type"] = _model_type(side.artifacts[0]) if side.artifacts else None
+        ta, tb = a.info["model_type"], b.info["model_type"]
+        if ta and tb and ta != tb:
+            types = f"; A is {ta}, B is {tb}"
+        out.append(f"the key sets barely overlap: {len(common)} of {len(union)} names in common "
+                   f"(A {len(na)}, B {len(nb)}): different architectures?{types}")
+    for tag, side in (("A", a), ("B", b)):
+        unplaced = side.info.get("unplaced") or []
+        if unplaced:
+            out.append(f"{tag} stores {len(unplaced)} tensor(s) its view cannot place (a loader "
+                       f"drops them, so they change nothing): {_names(unplaced)}")
+        out += [f"{tag}: {note}" for note in side.info.get("notes") or []]
+    return out

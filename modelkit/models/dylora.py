@@ -1,0 +1,733 @@
+"""DyLoRA-MoE as a real transformers model: base causal LM + PEFT LoRA experts + router.
+
+``DyLoRAMoEForCausalLM`` holds the base causal LM wrapped by PEFT with one LoRA adapter
+``expert_{k}`` per expert (``foundation_model``, a ``PeftModelForCausalLM``) and the
+router ``router.gate = nn.Linear(hidden, E, bias=True)``; its parameter names are those of
+the DyLoRA-MoE training wrapper (layout a). Routing is decided once per sequence
+(docs/dylora-routing.md has the exact definition):
+
+* ``"router"``: the router reads the base model's last-layer hidden state (after the final
+  norm, adapters off); its inference-mode weights (top-k softmax per token, one-hot for
+  top-1) are averaged over the sequence's real tokens; the argmax expert runs the sequence;
+* ``"expert:K"``: expert K runs every sequence (equal to the dense merge of expert K);
+* ``"mean"``: every expert runs, weighted by the sequence-mean of the training-mode router
+  weights ``softmax(logits / temperature)``.
+
+One-hot routes go through PEFT's mixed-batch inference (``adapter_names=``, one adapter per
+sequence); the weighted mixture adds ``sum_i w_i * scaling_i * B_i A_i x`` to each adapted
+layer with forward hooks on PEFT's own LoRA layers.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.configuration_utils import SubConfigSpec
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from ..errors import BaseModelUnavailableError, ConfigError, LoadError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..formats.base import Artifact
+    from ..tensors import StoredTensor
+
+MODEL_TYPE = "dylora-moe"
+TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+ROUTINGS = ("router", "mean", "expert:K")
+_ROUTING = re.compile(r"^(router|mean|expert:(\d+))$")
+# DyLoRA-MoE's own field names in config.json -> this config's fields
+_DYLORA_FIELDS = {"_dylora_num_experts": "num_experts", "_dylora_lora_r": "lora_r",
+                  "_dylora_lora_alpha": "lora_alpha", "_dylora_lora_dropout": "lora_dropout"}
+# fields of DyLoRA's tiny / checkpoint configs that never belong to the base architecture
+_DYLORA_EXTRAS = {"saved_at", "checkpoint_type", "_note", "auto_map", "model_type"}
+ROUTING_NOTES = {
+    "router": "the trained router picks one expert per sequence: argmax of its inference-mode "
+              "weights averaged over the real tokens (base model, adapters off, last hidden state)",
+    "mean": "every expert runs, weighted per sequence by the mean over real tokens of "
+            "softmax(router logits / temperature)",
+    "expert": "expert {k} runs every sequence (the dense merge of expert {k})",
+}
+
+
+def expert_name(k: int) -> str:
+    """The PEFT adapter name of expert ``k``."""
+    return f"expert_{k}"
+
+
+def parse_routing(routing: str) -> tuple[str, int | None]:
+    """``"router"`` / ``"mean"`` / ``"expert:K"`` -> (kind, K); ValueError otherwise."""
+    m = _ROUTING.match(str(routing).strip())
+    if m is None:
+        raise ValueError(f"unknown routing {routing!r}; use one of {', '.join(ROUTINGS)}")
+    return ("expert", int(m.group(2))) if m.group(2) is not None else (m.group(1), None)
+
+
+def describe_routing(routing: str) -> str:
+    """One sentence saying what ``routing`` does (for load reports)."""
+    kind, k = parse_routing(routing)
+    return ROUTING_NOTES[kind].format(k=k)
+
+
+# --------------------------------------------------------------------------- config
+
+
+class DyLoRAMoEConfig(PretrainedConfig):
+    """The ``dylora-moe`` config: the base model's config (``text_config``) plus DyLoRA fields.
+
+    Reads every form DyLoRA-MoE wrote: a tiny config (``base_model_name_or_path``,
+    ``num_experts``, ``lora_r``, ``lora_alpha``: no architecture, ``text_config`` stays
+    None), or a full base config whose ``model_type`` was overwritten, with ``_dylora_*``
+    fields (the base architecture is recovered from ``architectures``). ``auto_map`` is
+    dropped: no remote code.
+    """
+
+    model_type = MODEL_TYPE
+    sub_configs_defaults = {"text_config": SubConfigSpec(AutoConfig, model_type="gemma", optional=True)}
+
+    text_config: PretrainedConfig | dict | None = None
+    num_experts: int = 4
+    lora_r: int | None = 16
+    lora_alpha: int | float | None = 32
+    lora_dropout: int | float = 0.05
+    target_modules: list[str] | None = None
+    expert_configs: list[dict] | None = None      # LoraConfig kwargs per expert, when known
+    router_temperature: int | float = 2.0
+    router_top_k: int = 1
+    router_dense: bool = False                    # an immature expert: the router stays dense at inference
+    routing: str = "router"
+    base_model_name_or_path: str | None = None
+
+    def __post_init__(self, **kwargs):
+        for old, new in _DYLORA_FIELDS.items():
+            if old in kwargs:
+                setattr(self, new, kwargs.pop(old))
+        kwargs.pop("auto_map", None)
+        if self.text_config is None and "hidden_size" in kwargs:
+            base_type = _base_type(self.architectures)
+            if base_type is not None:
+                fields = {k: v for k, v in kwargs.items()
+                          if not k.startswith("_dylora_") and k not in _DYLORA_EXTRAS}
+                for k in fields:
+                    kwargs.pop(k)
+                fields.update(architectures=self.architectures, dtype=self.dtype)
+                self.text_config = AutoConfig.for_model(base_type, **fields)
+        if self.target_modules is None:
+            self.target_modules = list(TARGET_MODULES)
+        parse_routing(self.routing)
+        if isinstance(self.text_config, PretrainedConfig):  # keep the base's attention / experts kernels
+            for key in ("attn_implementation", "experts_implementation"):
+                kwargs.setdefault(key, getattr(self.text_config, f"_{key}", None))
+        super().__post_init__(**kwargs)
+
+    def lora_kwargs(self, k: int) -> dict[str, Any]:
+        """``peft.LoraConfig`` keyword arguments of expert ``k``."""
+        if self.expert_configs is not None:
+            return dict(self.expert_configs[k])
+        if self.lora_r is None or self.lora_alpha is None:
+            raise ConfigError("the config records no lora_r / lora_alpha; open the artifact with "
+                              "modelkit.load, which reads them from the stored experts")
+        return {"r": int(self.lora_r), "lora_alpha": self.lora_alpha,
+                "target_modules": list(self.target_modules)}
+
+
+def _base_type(architectures: Sequence[str] | None) -> str | None:
+    """``["GemmaForCausalLM"]`` -> ``"gemma"`` (transformers' own causal-LM table)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    by_class = {cls: t for t, cls in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items() if isinstance(cls, str)}
+    return next((by_class[a] for a in architectures or () if a in by_class), None)
+
+
+# --------------------------------------------------------------------------- module
+
+
+class DyLoRARouter(nn.Module):
+    """DyLoRA-MoE's router: one linear gate over the last hidden state."""
+
+    def __init__(self, hidden_size: int, num_experts: int):
+        super().__init__()
+        self.gate = nn.Linear(hidden_size, num_experts, bias=True)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Router logits ``[..., E]`` computed in the gate's dtype."""
+        return self.gate(hidden.to(self.gate.weight.dtype))
+
+
+@dataclass
+class Routing:
+    """A routing decision for a batch: ``weights[b, i]`` is expert i's LoRA weight for sequence b."""
+
+    weights: torch.Tensor                    # [B, E]: one-hot ("router", "expert:K") or a mixture ("mean")
+    router_weights: torch.Tensor | None = None  # [B, E]: sequence-mean router weights the choice came from
+    mask: torch.Tensor | None = None         # [B, T]: the tokens averaged over
+
+    @property
+    def experts(self) -> list[int]:
+        """The expert with the largest weight, per sequence."""
+        return self.weights.argmax(-1).tolist()
+
+
+@dataclass
+class DyLoRAMoECausalLMOutput(CausalLMOutputWithPast):
+    """``CausalLMOutputWithPast`` plus the routing that produced it."""
+
+    routing_weights: torch.FloatTensor | None = None   # [B, E] as applied
+    router_weights: torch.FloatTensor | None = None    # [B, E] sequence-mean router weights
+
+
+class DyLoRAMoEForCausalLM(PreTrainedModel, GenerationMixin):
+    """Base causal LM + ``num_experts`` PEFT LoRA experts on q/k/v/o_proj + router.
+
+    ``forward`` routes each sequence (see the module docstring; ``routing_weights=`` [B, E]
+    overrides); ``generate`` decides the routing once from the prompt and keeps it for
+    every generated token. Inference only (PEFT's mixed-batch path refuses training mode).
+    """
+
+    config_class = DyLoRAMoEConfig
+    base_model_prefix = "foundation_model"
+    main_input_name = "input_ids"
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _keep_in_fp32_modules = ["router"]
+
+    def __init__(self, config: DyLoRAMoEConfig, base_model: PreTrainedModel | None = None):
+        from peft import LoraConfig, get_peft_model
+
+        if base_model is None:
+            if config.text_config is None:
+                raise ConfigError("this dylora-moe config names no base architecture (a tiny config); "
+                                  "open the artifact with modelkit.load or from_pretrained(folder)")
+            base_model = AutoModelForCausalLM.from_config(config.text_config)
+        config.text_config = base_model.config
+        super().__init__(config)
+
+        def lora(k: int):
+            return LoraConfig(**{"lora_dropout": config.lora_dropout, **config.lora_kwargs(k),
+                                 "task_type": "CAUSAL_LM", "inference_mode": True})
+
+        with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+            self.foundation_model = get_peft_model(base_model, lora(0), adapter_name=expert_name(0))
+        for k in range(1, config.num_experts):
+            self.foundation_model.add_adapter(expert_name(k), lora(k))
+        self.router = DyLoRARouter(base_model.config.get_text_config().hidden_size, config.num_experts)
+        self.router_loaded = False        # set by load_router; "router" / "mean" need it
+        self.origins: dict[str, str] = {}  # parameter -> where it came from (build_dylora_model)
+        self.post_init()
+
+    # -- parts ------------------------------------------------------------------------------
+    @property
+    def lm(self) -> PreTrainedModel:
+        """The base causal LM with PEFT's LoRA layers injected."""
+        return self.foundation_model.get_base_model()
+
+    @property
+    def expert_names(self) -> list[str]:
+        return [expert_name(k) for k in range(self.config.num_experts)]
+
+    @property
+    def routing(self) -> str:
+        return self.config.routing
+
+    def set_routing(self, routing: str) -> None:
+        """Switch between ``"router"``, ``"mean"`` and ``"expert:K"``."""
+        kind, k = parse_routing(routing)
+        if kind == "expert" and not 0 <= k < self.config.num_experts:
+            raise ValueError(f"no expert {k}: this model has {self.config.num_experts}")
+        if kind != "expert" and not self.router_loaded:
+            raise LoadError(f"routing={routing!r} needs the trained router, which this model "
+                            "does not have; use routing='expert:K'")
+        self.config.routing = routing
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.lm.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.lm.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.lm.get_output_embeddings()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Nothing to initialise: every weight is loaded (build_dylora_model)."""
+
+    # -- filling ----------------------------------------------------------------------------
+    def load_expert(self, k: int, tensors: Mapping[str, Any]) -> None:
+        """Fill expert ``k`` from PEFT-file-named tensors (``base_model.model.M.lora_A.weight``,
+        no adapter name; tensors or zero-argument producers / LazyTensors). LoadError unless
+        every tensor lands and every LoRA weight of the expert is given."""
+        from peft import set_peft_model_state_dict
+
+        name = expert_name(k)
+        state = {n: _tensor(v) for n, v in tensors.items()}
+        try:
+            result = set_peft_model_state_dict(self.foundation_model, state, adapter_name=name)
+        except RuntimeError as e:  # size mismatch
+            raise LoadError(f"{name} does not fit the model: {str(e).strip().splitlines()[-1]}") from None
+        own = f".{name}."
+        missing = [m for m in result.missing_keys if ".lora_" in m and own in m]
+        unexpected = list(result.unexpected_keys)
+        if missing or unexpected:
+            raise LoadError(f"{name} does not fit the model: " + "; ".join(p for p in (
+                f"{len(unexpected)} tensor(s) have no place: {_few(unexpected)}" if unexpected else "",
+                f"{len(missing)} LoRA weight(s) not provided: {_few(missing)}" if missing else "") if p))
+
+    def load_router(self, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float = 2.0,
+                    top_k: int = 1, dense: bool = False) -> None:
+        """Fill the router gate and its settings; LoadError when the shapes do not fit."""
+        gate = self.router.gate
+        if tuple(weight.shape) != tuple(gate.weight.shape) or (
+                bias is not None and tuple(bias.shape) != tuple(gate.bias.shape)):
+            raise LoadError(f"router gate weight {list(weight.shape)}"
+                            + (f", bias {list(bias.shape)}" if bias is not None else "")
+                            + f" does not fit {self.config.num_experts} experts x hidden {gate.in_features}")
+        if not 1 <= int(top_k) <= self.config.num_experts:
+            raise LoadError(f"router top_k={top_k} is not between 1 and {self.config.num_experts}")
+        with torch.no_grad():
+            gate.weight.copy_(weight)
+            gate.bias.copy_(bias) if bias is not None else gate.bias.zero_()
+        self.config.router_temperature = float(temperature)
+        self.config.router_top_k = int(top_k)
+        self.config.router_dense = bool(dense)
+        self.router_loaded = True
+
+    # -- routing ----------------------------------------------------------------------------
+    def route(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+              position_ids: torch.LongTensor | None = None, inputs_embeds: torch.Tensor | None = None,
+              routing: str | None = None) -> Routing:
+        """The routing of a batch of whole sequences under ``routing`` (default: the model's)."""
+        kind, k = parse_routing(routing or self.routing)
+        ref = input_ids if input_ids is not None else inputs_embeds
+        if ref is None:
+            raise ValueError("route() needs input_ids or inputs_embeds")
+        batch, device = ref.shape[0], ref.device
+        if kind == "expert":
+            if not 0 <= k < self.config.num_experts:
+                raise ValueError(f"no expert {k}: this model has {self.config.num_experts}")
+            return Routing(F.one_hot(torch.full((batch,), k, device=device), self.config.num_experts).float())
+        if not self.router_loaded:
+            raise LoadError(f"routing={kind!r} needs the trained router, which this model does not have")
+        mask = real_tokens(input_ids, attention_mask, self._pad_id(), ref.shape[:2], device)
+        with self.foundation_model.disable_adapter():
+            hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                        position_ids=position_ids, inputs_embeds=inputs_embeds,
+                                        use_cache=False).last_hidden_state
+        logits = self.router(hidden).float()                                      # [B, T, E]
+        dense = kind == "mean" or self.config.router_dense
+        per_token = (F.softmax(logits / self.config.router_temperature, dim=-1) if dense
+                     else _top_k_weights(logits, self.config.router_top_k))
+        m = mask.to(per_token.dtype).unsqueeze(-1)
+        seq = (per_token * m).sum(1) / m.sum(1).clamp(min=1.0)                    # [B, E]
+        if kind == "mean":
+            return Routing(seq, seq, mask)
+        choice = seq.argmax(-1)                                                    # first index on ties
+        return Routing(F.one_hot(choice, self.config.num_experts).to(seq.dtype), seq, mask)
+
+    def _pad_id(self) -> int:
+        pad = self.config.get_text_config().pad_token_id
+        return int(pad) if isinstance(pad, int) else 0
+
+    # -- forward / generate -----------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Any = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        routing_weights: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> DyLoRAMoECausalLMOutput:
+        """The base LM's forward with each sequence's experts applied.
+
+        Without ``routing_weights`` the routing is computed from these inputs, which must
+        then be whole sequences (a forward continuing a cache needs the prompt's routing:
+        ``generate`` passes it; pass ``routing_weights=previous_output.routing_weights``).
+        """
+        ref = input_ids if input_ids is not None else inputs_embeds
+        router_weights = None
+        if routing_weights is None:
+            if _cache_length(past_key_values) > 0 and parse_routing(self.routing)[0] != "expert":
+                raise ValueError("this forward continues a cache, so it does not see the whole sequence "
+                                 "the router must read: pass routing_weights= from the forward (or "
+                                 "route()) of the prompt; generate() does this itself")
+            r = self.route(input_ids, attention_mask, position_ids, inputs_embeds)
+            routing_weights, router_weights = r.weights, r.router_weights
+        weights = _expand(routing_weights.to(ref.device), ref.shape[0])
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
+                      use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+        if _is_one_hot(weights):
+            names = [self.expert_names[i] for i in weights.argmax(-1).tolist()]
+            out = self.foundation_model(adapter_names=names, **inputs)   # PEFT mixed-batch inference
+        else:
+            with self.foundation_model.disable_adapter(), _mixture(self.lm, self.expert_names, weights):
+                out = self.lm(**inputs)
+        return DyLoRAMoECausalLMOutput(
+            loss=out.loss, logits=out.logits, past_key_values=out.past_key_values,
+            hidden_states=out.hidden_states, attentions=out.attentions,
+            routing_weights=weights, router_weights=router_weights)
+
+    def generate(self, inputs: torch.Tensor | None = None, generation_config: Any = None, **kwargs: Any):
+        """``GenerationMixin.generate`` with the routing decided once, from the prompt."""
+        if kwargs.get("routing_weights") is None:
+            ids = inputs if inputs is not None else kwargs.get("input_ids")
+            embeds = kwargs.get("inputs_embeds")
+            if ids is None and embeds is None:
+                raise ValueError("DyLoRA-MoE routing reads the prompt: pass input_ids (or inputs_embeds)")
+            if ids is not None and ids.dtype.is_floating_point:
+                ids, embeds = None, ids
+            mask = kwargs.get("attention_mask")
+            positions = kwargs.get("position_ids")
+            if positions is None and mask is not None and mask.dim() == 2:
+                positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as generate() does
+            with torch.no_grad():
+                kwargs["routing_weights"] = self.route(ids, mask, positions, embeds).weights
+        return super().generate(inputs, generation_config, **kwargs)
+
+    # -- loading ----------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *model_args: Any,
+                        config: Any = None, **kwargs: Any) -> "DyLoRAMoEForCausalLM":
+        """Open a DyLoRA-MoE artifact (any layout) with modelkit: what
+        ``AutoModelForCausalLM.from_pretrained(folder)`` calls for ``model_type: "dylora-moe"``.
+
+        Keywords: ``routing`` (else ``config.routing``), ``base`` (a base model folder when
+        the artifact's recorded one is not found), ``dtype`` / ``torch_dtype``,
+        ``device_map`` (one device), ``allow_untrained``. Never runs remote code.
+        """
+        from ..load import load
+
+        routing = kwargs.pop("routing", None) or getattr(config, "routing", None) or "router"
+        dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
+        if dtype == "auto":
+            dtype = None
+        device = kwargs.pop("device_map", None)
+        if isinstance(device, dict):
+            devices = set(device.values())
+            device = devices.pop() if len(devices) == 1 else _refuse(f"device_map={device} (one device only)")
+        if device == "auto":
+            device = None
+        unknown = sorted(k for k in kwargs if k not in _IGNORED_LOAD_KWARGS)
+        if model_args or unknown:
+            raise LoadError(f"a DyLoRA-MoE folder is opened by modelkit, which does not take "
+                            f"{', '.join(unknown) or 'positional model arguments'}", pretrained_model_name_or_path)
+        result = load(str(pretrained_model_name_or_path), base=kwargs.pop("base", None), dtype=dtype,
+                      device=device, routing=routing, allow_untrained=kwargs.pop("allow_untrained", False))
+        model = result.model
+        model.load_report = result.report
+        return model
+
+
+# hub and Auto-class bookkeeping from_pretrained receives and has no use for (trust_remote_code
+# included: the module is modelkit's own, nothing from the folder is ever imported)
+_IGNORED_LOAD_KWARGS = {"cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder",
+                        "token", "_from_auto", "_from_pipeline", "trust_remote_code", "adapter_kwargs",
+                        "code_revision", "low_cpu_mem_usage", "use_safetensors"}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def real_tokens(input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, pad_id: int,
+                shape: Sequence[int], device: torch.device) -> torch.Tensor:
+    """``[B, T]`` bool: the tokens routing averages over.
+
+    A 2-D ``attention_mask`` decides. Without one (lm-eval's HFLM right-pads with 0 and
+    passes no mask), a trailing run of ``pad_id`` is padding; the first token always counts.
+    """
+    if attention_mask is not None and attention_mask.dim() == 2:
+        return attention_mask.to(device).bool()
+    if input_ids is None:
+        return torch.ones(tuple(shape), dtype=torch.bool, device=device)
+    trailing = (input_ids == pad_id).flip(-1).long().cumprod(-1).flip(-1).bool()
+    mask = ~trailing
+    mask[:, 0] = True
+    return mask
+
+
+def _top_k_weights(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """DyLoRA's inference-mode router output: softmax over the top-k logits, zero elsewhere."""
+    values, index = torch.topk(logits, k, dim=-1)
+    return torch.zeros_like(logits).scatter(-1, index, F.softmax(values, dim=-1))
+
+
+def _is_one_hot(w: torch.Tensor) -> bool:
+    return bool(((w == 0) | (w == 1)).all() and (w.sum(-1) == 1).all())
+
+
+def _expand(weights: torch.Tensor, batch: int) -> torch.Tensor:
+    """``[B, E]`` -> ``[batch, E]`` when generate() repeats each sequence (beams, samples)."""
+    if weights.dim() != 2:
+        raise ValueError(f"routing_weights must be [batch, num_experts], got {list(weights.shape)}")
+    n = weights.shape[0]
+    if n == batch:
+        return weights
+    if n and batch % n == 0:
+        return weights.repeat_interleave(batch // n, dim=0)
+    raise ValueError(f"routing_weights has {n} rows for a batch of {batch}")
+
+
+def _cache_length(cache: Any) -> int:
+    if cache is None:
+        return 0
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    try:
+        return int(cache[0][0].shape[-2])
+    except (TypeError, IndexError, AttributeError):
+        return 0
+
+
+@contextlib.contextmanager
+def _mixture(lm: nn.Module, names: list[str], weights: torch.Tensor) -> Iterator[None]:
+    """While active, every PEFT LoRA layer of ``lm`` adds ``sum_i w[b, i] * scaling_i * B_i A_i x``
+    to its (adapters-off) output, using its own lora_A / lora_B / scaling / dropout."""
+    from peft.tuners.lora import LoraLayer
+
+    def hook(module, args, output):
+        x = args[0]
+        shape = (-1,) + (1,) * (output.dim() - 1)
+        for i, name in enumerate(names):
+            if name not in module.lora_A:
+                continue
+            a, b = module.lora_A[name], module.lora_B[name]
+            delta = b(a(module.lora_dropout[name](x.to(a.weight.dtype)))) * module.scaling[name]
+            output = output + weights[:, i].to(output.dtype).view(shape) * delta.to(output.dtype)
+        return output
+
+    handles = [m.register_forward_hook(hook) for m in lm.modules() if isinstance(m, LoraLayer)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _tensor(value: Any) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    produce = getattr(value, "produce", None)
+    return produce() if produce is not None else value()
+
+
+def _few(items: Sequence[str], n: int = 4) -> str:
+    items = list(items)
+    return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
+
+
+def _refuse(message: str):
+    raise LoadError(message)
+
+
+# --------------------------------------------------------------------------- build
+
+
+def build_dylora_model(artifact: "Artifact", base_artifact: "Artifact | None" = None, routing: str = "router",
+                       dtype: "torch.dtype | str | None" = None, *,
+                       allow_empty_experts: bool = False) -> DyLoRAMoEForCausalLM:
+    """The routed module filled from a DyLoRA-MoE artifact (``formats.dylora``).
+
+    Base weights come from the artifact's view (the artifact itself in layout a, else
+    ``base_artifact``), experts from ``artifact.experts()``, the router from
+    ``artifact.router()``. Raises LoadError when routing needs the router and it is
+    missing, when anything does not fit, and when a stored tensor is not consumed (a second
+    copy of the router is consumed by checking that it equals the one loaded). An expert
+    with no stored tensors at all is refused unless ``allow_empty_experts`` (it then
+    stays zero: the base model).
+    """
+    from ..architectures import disk_to_model
+    from ..tensors import torch_dtype
+
+    kind, k = _checked_routing(routing, artifact)
+    artifact.raise_file_errors()
+    experts = sorted(artifact.experts(), key=lambda e: e.index)
+    if not experts:
+        raise LoadError("the artifact holds no experts", artifact.folder)
+    if [e.index for e in experts] != list(range(len(experts))):
+        raise LoadError(f"experts {[e.index for e in experts]} are not numbered 0..{len(experts) - 1}",
+                        artifact.folder)
+    if kind == "expert" and k >= len(experts):
+        raise LoadError(f"routing={routing!r}: there is no expert {k} (experts 0..{len(experts) - 1})",
+                        artifact.folder)
+    router = artifact.router()
+    if router is None and kind != "expert":
+        raise LoadError(f"routing={routing!r} needs the trained router, which the artifact does not "
+                        "hold (missing-router); only routing='expert:K' can load it", artifact.folder)
+
+    # 1. the base model, through transformers' own loading path
+    view = artifact.view(base_artifact)
+    if view.unplaced:
+        names = [f"{t.file}:{t.key}" for t in view.unplaced]
+        raise LoadError(f"{len(names)} stored tensor(s) have no place in the model and would be dropped: "
+                        f"{_few(names)}", artifact.folder)
+    config = artifact.config()
+    if "lm_head.weight" in view.tensors and getattr(config, "tie_word_embeddings", False):
+        config.tie_word_embeddings = False  # DyLoRA-MoE unties the head (a stored copy of embed_tokens)
+    if isinstance(dtype, str):
+        dtype = torch_dtype(dtype.removeprefix("torch."))
+    dtype = dtype or config.dtype or torch.float32
+    producers = {n: t.produce for n, t in view.tensors.items()}
+    base_model, info = disk_to_model(config, producers, dtype, shapes={n: t.shape for n, t in view.tensors.items()})
+    if not info.ok:
+        raise LoadError(f"the base model did not load completely: {info.summary()} "
+                        f"(missing: {_few(info.missing)}; unexpected: {_few(info.unexpected)})", artifact.folder)
+
+    # 2. the module, experts and router
+    lora = [_lora_kwargs(e, experts, artifact) for e in experts]
+    dcfg = DyLoRAMoEConfig(
+        text_config=base_model.config, num_experts=len(experts), lora_r=lora[0]["r"],
+        lora_alpha=lora[0]["lora_alpha"], lora_dropout=_declared_dropout(artifact),
+        target_modules=list(lora[0]["target_modules"]), expert_configs=lora, routing="expert:0",
+        base_model_name_or_path=artifact.base_name())
+    model = DyLoRAMoEForCausalLM(dcfg, base_model)
+    consumed: set[tuple[str, str]] = set()
+    for e in experts:
+        if not e.modules:
+            if not allow_empty_experts:
+                raise LoadError(f"{e.name} has no stored tensors (empty or missing expert files): it would "
+                                "be the base model; pass allow_empty_experts=True to load it anyway",
+                                artifact.folder)
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if f".lora_B.{e.name}." in n:
+                        p.zero_()
+            continue
+        model.load_expert(e.index, e.tensors())
+        consumed |= {(t.file, t.key) for m in e.modules.values() for t in m.stored}
+    if router is not None:
+        dense = _router_dense(artifact, consumed)
+        model.load_router(router["weight"], router.get("bias"), router.get("temperature", 2.0),
+                          router.get("top_k", 1), dense)
+        consumed |= _router_copies(artifact, model)
+    consumed |= _base_entries(artifact, view)
+    left = [t for t in artifact.stored() if (t.file, t.key) not in consumed]
+    if left:
+        raise LoadError(f"{len(left)} stored tensor(s) are not used by the model and would be dropped: "
+                        f"{_few([f'{t.file}:{t.key}' for t in left])}", artifact.folder)
+    model.origins = _origins(model, view, experts, router)
+    model.config.routing = routing
+    model.foundation_model.to(dtype)
+    return model.eval()
+
+
+def _checked_routing(routing: str, artifact: "Artifact") -> tuple[str, int | None]:
+    try:
+        return parse_routing(routing)
+    except ValueError as e:
+        raise LoadError(str(e), artifact.folder) from None
+
+
+def _declared_dropout(artifact: "Artifact") -> float:
+    """The recorded lora_dropout (inactive at inference; kept for the record)."""
+    cfg = getattr(artifact, "cfg", None) or {}
+    value = cfg.get("lora_dropout", cfg.get("_dylora_lora_dropout"))
+    return float(value) if isinstance(value, (int, float)) else 0.0
+
+
+def _origins(model: DyLoRAMoEForCausalLM, view: Any, experts: Sequence[Any],
+             router: Mapping[str, Any] | None) -> dict[str, str]:
+    """Parameter name -> where its values came from (the view's origins, expert files, router file)."""
+    from ..formats.lora import base_layer_name
+
+    sources = {e.name: f"stored:{e.source}" if e.modules else "zero (empty expert)" for e in experts}
+    prefix = "foundation_model.base_model.model."
+    out = {}
+    for name, _ in model.named_parameters():
+        if name.startswith("router."):
+            out[name] = f"stored:{router.get('source')}" if router is not None else "absent (no router)"
+            continue
+        inner = name[len(prefix):] if name.startswith(prefix) else name
+        lora = re.search(r"\.lora_[AB]\.(expert_\d+)\.", inner)
+        if lora:
+            out[name] = sources.get(lora.group(1), "?")
+        else:
+            t = view.tensors.get(base_layer_name(inner))
+            out[name] = t.origin if t is not None else "tied"
+    return out
+
+
+def _lora_kwargs(e: Any, experts: Sequence[Any], artifact: "Artifact") -> dict[str, Any]:
+    """``peft.LoraConfig`` kwargs of expert ``e`` (an empty expert borrows the others' targets)."""
+    cfg = e.peft_config()
+    if cfg.get("use_dora"):
+        raise LoadError(f"{e.name} is a DoRA adapter; PEFT's per-sequence routing does not support DoRA",
+                        artifact.folder)
+    if "lora_alpha" not in cfg:
+        raise LoadError(f"{e.name}: lora_alpha is recorded nowhere, so its scale alpha/r is unknown",
+                        artifact.folder)
+    if not cfg.get("target_modules"):
+        others = sorted({t for x in experts for t in x.targets})
+        cfg["target_modules"] = others or list(TARGET_MODULES)
+    if isinstance(cfg["target_modules"], (set, tuple)):
+        cfg["target_modules"] = sorted(cfg["target_modules"])
+    return cfg
+
+
+def _router_dense(artifact: "Artifact", consumed: set[tuple[str, str]]) -> bool:
+    """Older DyLoRA routers store ``expert_maturity``: with an immature (0) expert the router
+    stays dense (softmax) at inference. Consumes the stored maturity vector."""
+    dense = False
+    for t in artifact.stored():
+        if t.key.endswith("expert_maturity"):
+            maturity = artifact.file(t.file).read(t.key)
+            dense = dense or bool((maturity == 0).any())
+            consumed.add((t.file, t.key))
+    return dense
+
+
+_ROUTER_KEYS = {"router.gate.weight": "weight", "router.gate.bias": "bias", "gate.weight": "weight",
+                "gate.bias": "bias", "gate_state_dict.weight": "weight", "gate_state_dict.bias": "bias"}
+
+
+def _router_copies(artifact: "Artifact", model: DyLoRAMoEForCausalLM) -> set[tuple[str, str]]:
+    """Every stored router tensor, checked equal to the router loaded (layout a stores two copies)."""
+    out = set()
+    gate = model.router.gate
+    for t in artifact.stored():
+        part = _ROUTER_KEYS.get(t.key)
+        if part is None:
+            continue
+        stored = artifact.file(t.file).read(t.key)
+        loaded = getattr(gate, part).detach()
+        if tuple(stored.shape) != tuple(loaded.shape) or not torch.equal(stored.to(loaded.dtype), loaded):
+            raise LoadError(f"two copies of the router disagree: {t.file}:{t.key} differs from the "
+                            "router loaded; which one was trained is unknown", artifact.folder)
+        out.add((t.file, t.key))
+    return out
+
+
+def _base_entries(artifact: "Artifact", view: Any) -> set[tuple[str, str]]:
+    """Stored tensors the base part of the view reads (layout a keeps the base inside)."""
+    from ..formats.lora import PEFT_PREFIX, base_layer_name, parse_lora_key, strip_prefix
+
+    wrapper = "foundation_model."
+    out = set()
+    for t in artifact.stored():
+        if not t.key.startswith(wrapper) or parse_lora_key(t.key) is not None:
+            continue
+        if base_layer_name(strip_prefix(t.key, wrapper, PEFT_PREFIX)) in view.tensors:
+            out.add((t.file, t.key))
+    return out
+
+
+def _register() -> None:
+    from . import register_auto
+
+    register_auto()
+
+
+_register()  # importing this module (from anywhere) teaches transformers' Auto classes the type

@@ -1,0 +1,130 @@
+"""Verification of an exported folder: stock transformers vs modelkit's load of the source.
+
+The exported folder is reloaded with plain ``AutoModelForCausalLM.from_pretrained`` (no
+modelkit code on its path) and its logits on fixed prompts are compared with
+:func:`modelkit.load` of the source (a DyLoRA expert K through the routed module with
+``routing="expert:K"``; a PEFT adapter unmerged, through PEFT's own forward). Both sides
+compute in float32, so the difference measures what the export changed.
+
+Tolerance on the max absolute logit difference:
+
+* float32 export: ``1e-5`` absolute. The weights are the same numbers; only the order of
+  floating-point operations differs (a merged ``W + s·BA`` against ``Wx + s·B(Ax)``).
+* bfloat16 / float16 export: every weight is rounded to an 8-bit (bf16) or 11-bit (fp16)
+  significand, a relative error of up to ``u = 2^-8`` (bf16) / ``2^-11`` (fp16) per weight.
+  Those errors add up through the layers, so the bound is relative to the logits' scale:
+  ``tol = 2^5·u · max(1, max|logits|)`` = ``0.125·max|logits|`` for bf16 and
+  ``0.0156·max|logits|`` for fp16. That still flags what matters: a dropped tensor, a
+  wrong merge, a swapped expert or a lost router move logits by O(max|logits|).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+PROMPTS = (
+    "def add(a, b):\n    return a + b",
+    "the router picks one expert per token and the model loads tensor from disk",
+    "import torch\nclass layer(self):\n    weight = torch.zeros(3)",
+    "for i in range(9): print(sum(map(len, zip(a, b))))",
+)
+UNIT_ROUNDOFF = {"float32": 0.0, "bfloat16": 2.0 ** -8, "float16": 2.0 ** -11}
+FP32_TOLERANCE = 1e-5
+GROWTH = 2.0 ** 5
+
+
+@dataclass
+class Verification:
+    """The outcome of comparing an export with its source."""
+
+    ok: bool
+    max_abs_diff: float
+    tolerance: float
+    rule: str                  # how the tolerance was chosen
+    dtype: str                 # the exported dtype
+    reference: str             # how the source side was loaded
+    prompts: int
+    tokens: int
+    argmax_agreement: float    # fraction of positions whose top token agrees
+    max_abs_logit: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def line(self) -> str:
+        verdict = "OK" if self.ok else "FAILED"
+        return (f"verify {verdict}: max |logit diff| {self.max_abs_diff:.3g} "
+                f"(tolerance {self.tolerance:.3g}, {self.rule}) over {self.tokens} tokens of "
+                f"{self.prompts} prompts; top-1 agreement {self.argmax_agreement:.1%}; "
+                f"reference: {self.reference}")
+
+
+def tolerance_for(dtype: str, max_abs_logit: float) -> tuple[float, str]:
+    """(tolerance, rule) for an export stored in ``dtype`` (see the module docstring)."""
+    u = UNIT_ROUNDOFF.get(dtype)
+    if u is None:
+        raise ValueError(f"no verification tolerance for dtype {dtype!r}")
+    if u == 0.0:
+        return FP32_TOLERANCE, "float32: 1e-5 absolute"
+    scale = max(1.0, max_abs_logit)
+    return GROWTH * u * scale, f"{dtype}: 2^5 x unit roundoff {u:.3g} x max(1, max|logit|)"
+
+
+def prompt_ids(tokenizer, vocab_size: int) -> list:
+    """Token ids of the fixed prompts (fixed ids when there is no tokenizer)."""
+    import torch
+
+    if tokenizer is None:
+        g = torch.Generator().manual_seed(0)
+        return [torch.randint(0, vocab_size, (1, 12 + 3 * i), generator=g) for i in range(len(PROMPTS))]
+    out = []
+    for p in PROMPTS:
+        ids = tokenizer(p, return_tensors="pt")["input_ids"]
+        out.append(ids.clamp(max=vocab_size - 1))
+    return out
+
+
+def verify_folder(folder: Path, reference_model, *, dtype: str, reference: str,
+                  tolerance: float | None = None) -> Verification:
+    """Compare ``folder`` (loaded by stock transformers) with ``reference_model``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # the loading report is checked below, not printed
+    hf_logging.disable_progress_bar()
+    try:
+        exported, info = AutoModelForCausalLM.from_pretrained(
+            str(folder), dtype=torch.float32, trust_remote_code=False, output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+    exported.eval()
+    reference_model = reference_model.float().eval()
+    problems = {k: v for k, v in info.items() if v and k != "error_msgs"}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    except Exception:  # no tokenizer exported: fall back to fixed ids
+        tokenizer = None
+    ids = prompt_ids(tokenizer, exported.config.get_text_config().vocab_size)
+    max_diff, max_logit, agree, tokens = 0.0, 0.0, 0, 0
+    with torch.no_grad():
+        for x in ids:
+            a = reference_model(input_ids=x).logits.float()
+            b = exported(input_ids=x).logits.float()
+            max_diff = max(max_diff, (a - b).abs().max().item())
+            max_logit = max(max_logit, a.abs().max().item())
+            agree += (a.argmax(-1) == b.argmax(-1)).sum().item()
+            tokens += x.shape[-1]
+    tol, rule = tolerance_for(dtype, max_logit)
+    if tolerance is not None:
+        tol, rule = tolerance, "given by the caller"
+    ok = max_diff <= tol and not problems and max_diff == max_diff  # NaN fails
+    if problems:
+        rule += f"; stock loading reported {problems}"
+    return Verification(ok, max_diff, tol, rule, dtype, reference, len(ids), tokens,
+                        agree / max(tokens, 1), max_logit)

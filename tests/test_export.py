@@ -1,0 +1,597 @@
+"""``modelkit.export``: standard folders stock transformers loads, streamed, atomic, verified."""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import modelkit
+from modelkit.errors import (BaseModelUnavailableError, CorruptFileError, ExportError, LoadError,
+                             ModelkitError, OutputExistsError)
+
+PROMPT = "def add(a, b):\n    return a + b"
+
+# every catalog entry that is a faithful model, with the export options it needs
+EXPORTABLE = {
+    "plain-llama": {},
+    "base-gemma": {},
+    "original-qwen3-moe": {},
+    "plain-sharded": {},
+    "plain-bin": {},
+    "plain-bin-sharded": {},
+    "plain-gemma-tied": {},
+    "plain-qwen3-moe-sharded": {},
+    "peft-lora": {},
+    "peft-lora-rslora": {},
+    "peft-lora-bin": {},
+    "dylora-a-tiny": {"expert": 0},
+    "dylora-a-full": {"expert": 1},
+    "dylora-b": {"expert": 1},
+    "dylora-c": {"expert": 0},
+    "dylora-d": {"expert": 1},
+    "dylora-missing-router": {"expert": 0},   # one expert needs no router
+    "dylora-remote-code": {"expert": 0},      # auto_map ignored, never imported
+    "compressed-checkpoint-N": {},
+    "compressed-checkpoint-0": {},
+    "compressed-documented": {},
+    "compressed-dtype-mismatch": {},
+    "compressed-duplicated-buffers": {},      # per-expert core copies: redundant, checked
+}
+
+# every catalog entry that must be refused, and how
+REFUSED = {
+    "peft-lora-untrained": LoadError,
+    "peft-lora-base-unavailable": BaseModelUnavailableError,
+    "dylora-adapter-name-twice": LoadError,
+    "dylora-empty-expert": LoadError,
+    "dylora-inconsistent-config": LoadError,
+    "dylora-untrained": LoadError,
+    "dylora-config-rewritten": LoadError,
+    "compressed-no-non-moe": LoadError,
+    "compressed-missing-projection": LoadError,
+    "compressed-base-unavailable": BaseModelUnavailableError,
+    "bad-truncated": CorruptFileError,
+    "bad-absurd-header": CorruptFileError,
+    "bad-offsets-outside": CorruptFileError,
+    "bad-overlapping-offsets": CorruptFileError,
+    "bad-malformed-config": ModelkitError,
+    "bad-evil-pickle": ModelkitError,
+    "bad-escaping-symlink": ModelkitError,
+    "bad-index-outside": ModelkitError,
+}
+
+
+def tree_hash(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder`` (by relative path)."""
+    out = {}
+    for p in sorted(Path(folder).rglob("*")):
+        if p.is_file():
+            out[str(p.relative_to(folder))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def leftovers(out: Path) -> list[str]:
+    return [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+
+
+def logits(model, tokenizer, text: str = PROMPT) -> torch.Tensor:
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        return model.float()(input_ids=ids).logits
+
+
+def stock_load(folder: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    return model.eval(), AutoTokenizer.from_pretrained(str(folder))
+
+
+def source_reference(ref: Path, options: dict):
+    """The source as modelkit loads it (a DyLoRA expert through the routed module)."""
+    opts = dict(options)
+    if "expert" in opts:
+        opts = {"routing": f"expert:{opts.pop('expert')}"}
+    model, tok, _ = modelkit.load(ref, dtype=torch.float32, **opts)
+    return model, tok
+
+
+# --------------------------------------------------------------------------- round trips
+
+
+@pytest.mark.parametrize("name", sorted(EXPORTABLE))
+def test_round_trip(catalog, tmp_path, name):
+    src = catalog[name]
+    before = tree_hash(src.parent if name.startswith("dylora-a") else src)
+    out = tmp_path / "out"
+    result = modelkit.export(src, out, verify=True, progress=False, **EXPORTABLE[name])
+    assert result.ok and result.written, result.summary()
+    v = result.verification
+    assert v["ok"] and v["max_abs_diff"] <= 1e-5
+    assert v["tolerance"] == 1e-5 or v["dtype"] != "float32"
+
+    # the folder is what transformers 5 writes: on-disk names, index, clean config
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] != "dylora-moe" and "auto_map" not in config
+    assert not [k for k in config if k.startswith("_dylora")]
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert all(s.startswith("model-") and "-of-" in s for s in shards)
+    from modelkit.architectures import expected_tensors
+
+    assert set(index["weight_map"]) == set(expected_tensors(out / "config.json"))
+    record = json.loads((out / "modelkit_export.json").read_text())
+    assert record["source"]["fingerprint"] == result.source_fingerprint
+    assert record["verification"]["ok"] is True
+    assert record["modelkit_version"] == modelkit.__version__
+    assert not leftovers(out)
+    assert not list(src.rglob("REMOTE_CODE_EXECUTED"))
+
+    # independent check: stock loading == modelkit.load of the source
+    exported, tok = stock_load(out)
+    reference, _ = source_reference(src, EXPORTABLE[name])
+    diff = (logits(exported, tok) - logits(reference, tok)).abs().max().item()
+    assert diff <= 1e-5, diff
+    assert tree_hash(src.parent if name.startswith("dylora-a") else src) == before
+
+
+def test_moe_export_uses_per_expert_names(catalog, tmp_path):
+    out = tmp_path / "moe"
+    modelkit.export(catalog["compressed-checkpoint-N"], out, progress=False)
+    names = set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"])
+    assert "model.layers.0.mlp.experts.3.down_proj.weight" in names
+    assert "model.layers.0.mlp.gate.weight" in names
+    assert not any("gate_up_proj" in n or "shared_core" in n for n in names)
+
+
+def test_compressed_export_keeps_trained_router(catalog, tmp_path):
+    from safetensors import safe_open
+
+    from modelkit.tensors import load_pickle
+
+    src = catalog["compressed-checkpoint-N"]
+    out = tmp_path / "moe"
+    modelkit.export(src, out, progress=False)
+    router = load_pickle(src / "non_moe_weights.pt")["model.layers.1.mlp.gate.weight"]
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    name = "model.layers.1.mlp.gate.weight"
+    with safe_open(str(out / index[name]), "pt") as f:
+        assert torch.equal(f.get_tensor(name), router)
+
+
+def test_dylora_expert_export_is_the_exact_merge(catalog, tmp_path):
+    """Expert K's folder holds W + (alpha/r) B_K A_K for every adapted projection."""
+    from safetensors import safe_open
+
+    src = catalog["dylora-b"]
+    out = tmp_path / "e1"
+    modelkit.export(src, out, expert=1, progress=False)
+    experts = torch.load(src / "peft_adapters" / "expert_1.pt", weights_only=True)
+    base = catalog["base-gemma"]
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    name = "model.layers.0.self_attn.v_proj.weight"
+    prefix = "base_model.model.model.layers.0.self_attn.v_proj"
+    a = experts[f"{prefix}.lora_A.expert_1.weight"]
+    b = experts[f"{prefix}.lora_B.expert_1.weight"]
+    with safe_open(str(base / "model.safetensors"), "pt") as f:
+        w = f.get_tensor(name)
+    with safe_open(str(out / index[name]), "pt") as f:
+        got = f.get_tensor(name)
+    torch.testing.assert_close(got, w + (8 / 4) * b @ a, rtol=0, atol=1e-6)
+
+
+def test_dylora_without_expert_is_refused(catalog, tmp_path):
+    out = tmp_path / "mix"
+    with pytest.raises(ExportError, match="routed mixture is not one dense model"):
+        modelkit.export(catalog["dylora-b"], out, progress=False)
+    with pytest.raises(ExportError, match="does not exist"):
+        modelkit.export(catalog["dylora-b"], out, expert=7, progress=False)
+    assert not out.exists() and not leftovers(out)
+
+
+def test_dylora_expert_all(catalog, tmp_path):
+    out = tmp_path / "all"
+    result = modelkit.export(catalog["dylora-c"], out, expert="all", verify=True, progress=False)
+    assert result.ok and [Path(e.out).name for e in result.experts] == ["expert_0", "expert_1"]
+    assert all(e.verification["ok"] for e in result.experts)
+    record = json.loads((out / "modelkit_export.json").read_text())
+    assert set(record["experts"]) == {"expert_0", "expert_1"}
+    m0, tok = stock_load(out / "expert_0")
+    m1, _ = stock_load(out / "expert_1")
+    assert not torch.allclose(logits(m0, tok), logits(m1, tok))  # different experts, different models
+    assert json.loads((out / "expert_1" / "modelkit_export.json").read_text())["expert"] == 1
+
+
+def test_non_dylora_refuses_expert(catalog, tmp_path):
+    with pytest.raises(ExportError, match="DyLoRA-MoE artifacts only"):
+        modelkit.export(catalog["plain-llama"], tmp_path / "x", expert=0, progress=False)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_dtype_cast_with_looser_tolerance(catalog, tmp_path, dtype):
+    from safetensors import safe_open
+
+    out = tmp_path / dtype
+    result = modelkit.export(catalog["peft-lora"], out, dtype=dtype, verify=True, progress=False)
+    assert result.ok, result.summary()
+    v = result.verification
+    assert v["dtype"] == dtype and v["tolerance"] > 1e-5 and v["max_abs_diff"] <= v["tolerance"]
+    assert json.loads((out / "config.json").read_text())["dtype"] == dtype
+    with safe_open(str(next(out.glob("model-*.safetensors"))), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {getattr(torch, dtype)}
+
+
+def test_failed_verification_writes_nothing(catalog, tmp_path):
+    out = tmp_path / "strict"
+    result = modelkit.export(catalog["peft-lora"], out, dtype="bfloat16", verify=True,
+                             tolerance=1e-12, progress=False)
+    assert not result.ok and not result.written
+    assert "FAILED" in result.summary()
+    assert not out.exists() and not leftovers(out)
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+def test_streams_one_shard_at_a_time(catalog, tmp_path, monkeypatch):
+    """Tensors are produced shard by shard: when a shard is written, only its own tensors
+    have been produced since the previous one, and nothing bigger than a shard is held."""
+    import modelkit.export as ex
+
+    produced, shards = [], []
+    real_produce, real_save = ex.produce, ex.save_file
+
+    def produce(name, lt, dtype):
+        produced.append(name)
+        return real_produce(name, lt, dtype)
+
+    def save_file(tensors, filename, metadata=None):
+        shards.append((list(tensors), len(produced), sum(t.numel() * t.element_size() for t in tensors.values())))
+        real_save(tensors, filename, metadata)
+
+    monkeypatch.setattr(ex, "produce", produce)
+    monkeypatch.setattr(ex, "save_file", save_file)
+    out = tmp_path / "sharded"
+    result = modelkit.export(catalog["compressed-checkpoint-N"], out, max_shard_size="40KB", progress=False)
+    assert len(shards) == len(result.shards) > 2
+    done = 0
+    for names, n_produced, nbytes in shards:
+        done += len(names)
+        assert n_produced == done            # nothing produced ahead of its shard
+        assert nbytes <= 40_000 or len(names) == 1
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    n = len(result.shards)
+    assert sorted(set(index["weight_map"].values())) == [f"model-{i:05d}-of-{n:05d}.safetensors"
+                                                         for i in range(1, n + 1)]
+    assert index["metadata"]["total_size"] == result.bytes
+
+
+# --------------------------------------------------------------------------- no modelkit import
+
+_STOCK_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    prompt = json.loads(sys.argv[2])
+    out = {}
+    for folder in sys.argv[3:]:
+        tok = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        ids = tok(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out[folder] = model(input_ids=ids).logits.tolist()
+            model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert not [m for m in sys.modules if m.split(".")[0] == "modelkit"], "modelkit was imported"
+    json.dump(out, open(sys.argv[1], "w"))
+""")
+
+
+@pytest.mark.slow
+def test_exported_folders_load_without_modelkit(catalog, tmp_path):
+    cases = {"peft": ("peft-lora", {}), "dylora": ("dylora-b", {"expert": 0}),
+             "moe": ("compressed-checkpoint-N", {}), "tied": ("plain-gemma-tied", {})}
+    for key, (name, opts) in cases.items():
+        modelkit.export(catalog[name], tmp_path / key, progress=False, **opts)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result_file = tmp_path / "logits.json"
+    proc = subprocess.run([sys.executable, "-c", _STOCK_SCRIPT, str(result_file), json.dumps(PROMPT),
+                           *[str(tmp_path / k) for k in cases]],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(result_file.read_text())
+    for key, (name, opts) in cases.items():
+        reference, tok = source_reference(catalog[name], opts)
+        diff = (torch.tensor(got[str(tmp_path / key)]) - logits(reference, tok)).abs().max().item()
+        assert diff <= 1e-5, (key, diff)
+
+
+# --------------------------------------------------------------------------- lm-eval CLI
+
+_TASK = """\
+task: modelkit_export_tiny
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{prompt}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+def write_tiny_task(folder: Path) -> Path:
+    """A local multiple-choice lm-eval task read with ``dataset_path: json``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{"prompt": f"def f_{i}(x):\n    return x *", "choices": [" 1", " 2", " 3"], "label": i % 3}
+            for i in range(6)]
+    data = folder / "tiny.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "modelkit_export_tiny.yaml").write_text(_TASK.format(data=data))
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,opts", [("dylora-b", {"expert": 1}), ("compressed-checkpoint-N", {})])
+def test_lm_eval_cli_runs_on_export(catalog, tmp_path, name, opts):
+    out = tmp_path / "exported"
+    modelkit.export(catalog[name], out, progress=False, **opts)
+    tasks = write_tiny_task(tmp_path / "tasks")
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_CACHE": str(tmp_path / "datasets")}
+    env.pop("PYTHONPATH", None)
+    cmd = [sys.executable, "-m", "lm_eval", "--model", "hf",
+           "--model_args", f"pretrained={out},dtype=float32", "--tasks", "modelkit_export_tiny",
+           "--include_path", str(tasks), "--limit", "4", "--device", "cpu",
+           "--output_path", str(tmp_path / "results")]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+    results = list((tmp_path / "results").rglob("results*.json"))
+    assert results, proc.stdout[-2000:]
+    data = json.loads(results[0].read_text())
+    assert "acc,none" in data["results"]["modelkit_export_tiny"]
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_refused_entries_leave_nothing(catalog, tmp_path, name):
+    src = catalog[name]
+    before = tree_hash(src)
+    out = tmp_path / "out"
+    opts = {"expert": 0} if name.startswith("dylora") else {}
+    with pytest.raises(REFUSED[name]) as info:
+        modelkit.export(src, out, progress=False, **opts)
+    assert str(info.value)  # names the problem
+    assert not out.exists() and not leftovers(out)
+    assert tree_hash(src) == before
+    assert not list(src.parent.rglob("PWNED")) and not list(src.rglob("REMOTE_CODE_EXECUTED"))
+
+
+def test_untrained_adapter_exports_when_allowed(catalog, tmp_path):
+    with pytest.raises(LoadError, match="allow_untrained"):
+        modelkit.export(catalog["peft-lora-untrained"], tmp_path / "u", progress=False)
+    result = modelkit.export(catalog["peft-lora-untrained"], tmp_path / "u", allow_untrained=True,
+                             progress=False)
+    assert result.written
+
+
+def test_missing_base(catalog, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(BaseModelUnavailableError, match="base"):
+        modelkit.export(catalog["peft-lora-base-unavailable"], out, progress=False)
+    assert not out.exists() and not leftovers(out)
+
+
+def test_base_with_mismatching_shapes(catalog, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(LoadError, match="shape"):
+        modelkit.export(catalog["peft-lora"], out, base=catalog["plain-gemma-tied"], progress=False)
+    assert not out.exists() and not leftovers(out)
+
+
+def test_truncated_shard(catalog, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(catalog["plain-sharded"], src)
+    shard = sorted(src.glob("model-*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    out = tmp_path / "out"
+    with pytest.raises(CorruptFileError, match=shard.name):
+        modelkit.export(src, out, progress=False)
+    assert not out.exists() and not leftovers(out)
+
+
+def test_full_disk_leaves_nothing(catalog, tmp_path, monkeypatch):
+    import modelkit.export as ex
+
+    calls = []
+
+    def full(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) == 2:  # the second shard hits a full disk
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filename))
+        return real(tensors, filename, metadata)
+
+    real = ex.save_file
+    monkeypatch.setattr(ex, "save_file", full)
+    out = tmp_path / "out"
+    with pytest.raises(ExportError, match="no space left"):
+        modelkit.export(catalog["plain-sharded"], out, max_shard_size="60KB", progress=False)
+    assert len(calls) == 2
+    assert not out.exists() and not leftovers(out)
+
+
+def test_out_inside_source_is_refused(catalog, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(catalog["plain-llama"], src)
+    before = tree_hash(src)
+    for out in (src / "exported", src):
+        with pytest.raises(ExportError, match="inside the source"):
+            modelkit.export(src, out, force=True, progress=False)
+    with pytest.raises(ExportError, match="contains the source"):
+        modelkit.export(src, tmp_path, force=True, progress=False)
+    assert tree_hash(src) == before
+
+
+def test_out_inside_base_is_refused(catalog, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(catalog["plain-llama"], base)
+    with pytest.raises(ExportError, match="inside the source"):
+        modelkit.export(catalog["peft-lora"], base / "merged", base=base, progress=False)
+    assert not (base / "merged").exists()
+
+
+def test_existing_out_needs_force(catalog, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="force"):
+        modelkit.export(catalog["plain-llama"], out, progress=False)
+    assert (out / "keep.txt").read_text() == "mine" and not leftovers(out)
+    result = modelkit.export(catalog["plain-llama"], out, force=True, progress=False)
+    assert result.written and not (out / "keep.txt").exists() and (out / "config.json").exists()
+    assert not leftovers(out)
+
+
+def test_stale_partial_folders_are_swept(catalog, tmp_path):
+    out = tmp_path / "out"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".out.partial-{dead.pid}-abc"
+    stale.mkdir()
+    (stale / "model-00001-of-00002.safetensors").write_bytes(b"half")
+    modelkit.export(catalog["plain-llama"], out, progress=False)
+    assert not stale.exists() and (out / "config.json").exists()
+
+
+# --------------------------------------------------------------------------- killed exports
+
+_KILL_CHILD = textwrap.dedent('''
+    import sys, time
+    import modelkit.atomic as at
+    import modelkit.export as ex
+
+    src, out, point, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    counts = {"produce": 0, "shard": 0}
+
+    def pause():
+        print("PAUSED", flush=True)
+        time.sleep(600)
+
+    real_produce, real_save, real_publish = ex.produce, ex.save_file, at._publish
+
+    def produce(*a, **k):
+        t = real_produce(*a, **k)
+        counts["produce"] += 1
+        if point == "produce" and counts["produce"] == n:
+            pause()
+        return t
+
+    def save_file(*a, **k):
+        real_save(*a, **k)
+        counts["shard"] += 1
+        if point == "shard" and counts["shard"] == n:
+            pause()
+
+    def publish(*a, **k):
+        if point == "publish":
+            pause()
+        real_publish(*a, **k)
+        if point == "published":
+            pause()
+
+    ex.produce, ex.save_file, at._publish = produce, save_file, publish
+    ex.export(src, out, max_shard_size="40KB", progress=False)
+    print("DONE", flush=True)
+    if point == "done":
+        pause()
+''')
+
+
+def assert_absent_or_complete(out: Path, complete_expected: bool | None = None) -> bool:
+    """OUT is absent, or complete: record, index, every shard, loadable by transformers."""
+    if not out.exists():
+        assert complete_expected in (None, False)
+        return False
+    assert complete_expected in (None, True)
+    assert (out / "modelkit_export.json").is_file()
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    for shard in set(index["weight_map"].values()):
+        assert (out / shard).is_file()
+    stock_load(out)
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point,n,complete", [
+    ("produce", 3, False),     # mid-way through the first shard
+    ("shard", 2, False),       # two shards on disk
+    ("publish", 0, False),     # everything written and fsynced, not yet renamed
+    ("published", 0, True),    # renamed, process not yet returned
+    ("done", 0, True),
+])
+def test_sigkill_leaves_no_out_or_a_complete_one(catalog, tmp_path, point, n, complete):
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.Popen([sys.executable, "-c", _KILL_CHILD, str(catalog["compressed-checkpoint-N"]),
+                             str(out), point, str(n)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        line = ""
+        while line.strip() not in ("PAUSED", "DONE"):
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                pytest.fail(f"export child ended early: {proc.stderr.read()[-3000:]}")
+        if point == "done":
+            while line.strip() != "PAUSED":
+                line = proc.stdout.readline()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert_absent_or_complete(out, complete)
+    # a later export cleans up after the dead one, and works
+    result = modelkit.export(catalog["compressed-checkpoint-N"], out, force=True, progress=False)
+    assert result.written and not leftovers(out)
+    assert_absent_or_complete(out, True)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_export(catalog, tmp_path, capsys):
+    from modelkit.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["export", str(catalog["dylora-b"]), str(out), "--expert", "0", "--verify", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["ok"] and data["verification"]["max_abs_diff"] <= 1e-5
+    assert main(["export", str(catalog["dylora-b"]), str(out), "--expert", "0"]) == 2
+    assert "OutputExistsError" in capsys.readouterr().err
+    assert main(["export", str(catalog["dylora-b"]), str(tmp_path / "mix")]) == 2
+    assert "routed mixture" in capsys.readouterr().err
+    assert main(["export", str(catalog["peft-lora"]), str(tmp_path / "bf16"), "--dtype", "bfloat16",
+                 "--max-shard-size", "50KB", "--verify"]) == 0
+    text = capsys.readouterr().out
+    assert "max |logit diff|" in text and "verify OK" in text

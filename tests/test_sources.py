@@ -1,0 +1,142 @@
+"""Resolving references: local folders, W&B artifacts (at the wandb.Api boundary), the HF cache."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+import modelkit
+from modelkit.errors import RefNotFoundError
+from modelkit.sources import COMPLETE_MARKER, resolve, resolve_base
+from modelkit.testing import write_plain_hf
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory) -> Path:
+    return write_plain_hf(tmp_path_factory.mktemp("src") / "tiny-llama")
+
+
+def _artifact_root(dest: Path, best: Path) -> None:
+    """What `wandb artifact download` leaves: best_model/ plus checkpoint-*/ beside it."""
+    shutil.copytree(best, dest / "best_model")
+    for step in (200, 1000):
+        shutil.copytree(best, dest / f"checkpoint-{step}")
+
+
+class FakeWandbArtifact:
+    def __init__(self, source: Path, fail_after_copy: bool = False):
+        self.source, self.fail = source, fail_after_copy
+        self.version, self.digest = "v3", "abc123"
+        self.downloads = 0
+
+    def download(self, root: str) -> str:
+        self.downloads += 1
+        _artifact_root(Path(root), self.source)
+        if self.fail:
+            raise ConnectionError("connection reset while downloading")
+        return root
+
+
+def _install_fake_api(monkeypatch, artifact: FakeWandbArtifact, calls: list):
+    import wandb
+
+    class FakeApi:
+        def __init__(self, *a, **k):
+            calls.append("Api()")
+
+        def artifact(self, name: str):
+            calls.append(name)
+            return artifact
+
+    monkeypatch.setattr(wandb, "Api", FakeApi)
+
+
+def test_local_folder_resolves_in_place(plain):
+    src = resolve(str(plain))
+    assert src.kind == "local" and src.folder == plain.resolve()
+    assert src.checkpoints == []
+
+
+def test_artifact_root_prefers_best_model_and_lists_checkpoints(tmp_path, plain):
+    _artifact_root(tmp_path, plain)
+    src = resolve(tmp_path)
+    assert src.folder == tmp_path.resolve() / "best_model"
+    assert [p.name for p in src.checkpoints] == ["checkpoint-200", "checkpoint-1000"]
+
+
+def test_wandb_ref_downloads_once_then_reuses_the_complete_download(monkeypatch, plain):
+    calls: list = []
+    art = FakeWandbArtifact(plain)
+    _install_fake_api(monkeypatch, art, calls)
+    src = resolve("wandb:team/proj/best-dylora-model-full:v3")
+    assert calls == ["Api()", "team/proj/best-dylora-model-full:v3"]
+    assert src.kind == "wandb" and src.folder.name == "best_model"
+    assert (src.root / COMPLETE_MARKER).exists()
+    assert len(src.checkpoints) == 2
+    # second time: no network at all (the fake would record a call)
+    calls.clear()
+    again = resolve("team/proj/best-dylora-model-full:v3")  # bare form
+    assert calls == [] and again.folder == src.folder and "reused" in again.note
+    assert modelkit.inspect(again).format == "hf"
+
+
+def test_interrupted_wandb_download_leaves_nothing_that_looks_complete(monkeypatch, plain):
+    calls: list = []
+    _install_fake_api(monkeypatch, FakeWandbArtifact(plain, fail_after_copy=True), calls)
+    with pytest.raises(RefNotFoundError, match="download failed"):
+        resolve("wandb:team/proj/broken:v1")
+    cache = Path(os.environ["MODELKIT_CACHE"]) / "wandb" / "team" / "proj"
+    assert not (cache / "broken:v1").exists()
+    assert not any(p.name.startswith(".broken") for p in cache.iterdir())
+
+
+def test_wandb_without_network_explains_how_to_provide_the_artifact(monkeypatch):
+    import wandb
+
+    class NoNetworkApi:
+        def __init__(self, *a, **k):
+            raise ConnectionError("Max retries exceeded with url: /graphql")
+
+    monkeypatch.setattr(wandb, "Api", NoNetworkApi)
+    with pytest.raises(RefNotFoundError) as e:
+        resolve("wandb:team/proj/model:latest")
+    assert "wandb:team/proj/model:latest" in str(e.value) and "wandb login" in str(e.value)
+
+
+def _cache_snapshot(hub: Path, repo: str, src: Path) -> Path:
+    """Lay out a model the way huggingface_hub caches it: blobs + symlinked snapshot."""
+    repo_dir = hub / ("models--" + repo.replace("/", "--"))
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    snap = repo_dir / "snapshots" / rev
+    (repo_dir / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(rev)
+    for i, f in enumerate(sorted(src.iterdir())):
+        blob = repo_dir / "blobs" / f"blob{i}"
+        shutil.copy(f, blob)
+        os.symlink(os.path.relpath(blob, snap), snap / f.name)
+    return snap
+
+
+def test_hf_ref_and_base_names_resolve_from_the_local_cache_only(plain):
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    snap = _cache_snapshot(Path(HF_HUB_CACHE), "tiny-org/tiny-llama", plain)
+    src = resolve("hf:tiny-org/tiny-llama")
+    assert src.kind == "hf" and src.folder == snap.resolve()
+    report = modelkit.inspect("hf:tiny-org/tiny-llama")  # symlinks into blobs/ are allowed
+    assert report.format == "hf" and not report.errors
+    path, how = resolve_base("tiny-org/tiny-llama")
+    assert path == snap and "cache" in how
+
+
+def test_unknown_refs_say_how_to_provide_them():
+    with pytest.raises(RefNotFoundError, match="hf:nobody/nothing.*local cache"):
+        resolve("hf:nobody/nothing")
+    with pytest.raises(RefNotFoundError, match="no such folder"):
+        resolve("/no/such/folder")
+    path, how = resolve_base("google/codegemma-2b")
+    assert path is None and "--base" in how
