@@ -25,7 +25,7 @@ import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 
 from .artifacts import open_artifact, open_base
 from .formats import Artifact
@@ -44,6 +44,7 @@ COLUMNS = (
     "numerical_rank", "note",
 )
 CHUNK = 1 << 20                 # elements reduced at a time (4 MiB per float32 buffer)
+MAX_THREADS = 8                 # reduction threads; beyond this memory bandwidth is the limit
 RANK_MAX_ELEMENTS = 1 << 24     # larger 2-D deltas get no rank estimate (svd cost and memory)
 RANK_RTOL = 1e-3                # numerical rank: singular values above RANK_RTOL * largest
 ROLE_ORDER = ("embedding", "attention", "mlp", "expert", "router", "norm", "lm_head", "lora", "other")
@@ -173,45 +174,27 @@ def _open_source(lazy: Any, spans: _Spans) -> _Source:
     return _Source(tuple(t.shape), t.dtype, tensor=t)
 
 
-def _stream(sources: list[_Source], scratch: "_Scratch") -> Iterator[list["torch.Tensor"]]:
-    """The sources' elements in lockstep, as lists of 1-D chunks of at most CHUNK elements.
-
-    Produced tensors are sliced; stored ones are read with ``preadv`` into reusable
-    buffers, one step ahead in a background thread (file reads release the GIL), so
-    reading overlaps the arithmetic. A chunk is valid until the next one is taken.
-    """
+def _stream(sources: list[_Source], starts: Sequence[int], bufs: "_Buffers") -> Iterator[list["torch.Tensor"]]:
+    """The sources' chunks beginning at ``starts``, in lockstep, as 1-D tensors of at most
+    CHUNK elements. Produced tensors are sliced; stored ones are read with ``preadv`` into
+    ``bufs`` (valid until the next chunk is taken)."""
     n = sources[0].numel
     fds = [os.open(src.path, os.O_RDONLY) if src.tensor is None else None for src in sources]
     flats = [src.tensor.reshape(-1) if src.tensor is not None else None for src in sources]
-
-    def take(i: int, slot: int) -> list:
-        count = min(CHUNK, n - i)
-        out = []
-        for k, src in enumerate(sources):
-            if flats[k] is not None:
-                out.append(flats[k][i:i + count])
-                continue
-            size = src.dtype.itemsize
-            raw, view = scratch.raw(slot, k)
-            _pread_full(fds[k], view[:count * size], src.offset + i * size, src.path)
-            out.append(raw[:count * size].view(src.dtype))
-        return out
-
-    starts = range(0, n, CHUNK)
-    pending = None
     try:
-        if all(fd is None for fd in fds) or len(starts) == 1:
-            for i in starts:
-                yield take(i, 0)
-            return
-        pending = scratch.pool().submit(take, starts[0], 0)
-        for k in range(len(starts)):
-            current = pending.result()
-            pending = scratch.pool().submit(take, starts[k + 1], (k + 1) % 2) if k + 1 < len(starts) else None
-            yield current
+        for i in starts:
+            count = min(CHUNK, n - i)
+            out = []
+            for k, src in enumerate(sources):
+                if flats[k] is not None:
+                    out.append(flats[k][i:i + count])
+                    continue
+                size = src.dtype.itemsize
+                raw, view = bufs.raw(k)
+                _pread_full(fds[k], view[:count * size], src.offset + i * size, src.path)
+                out.append(raw[:count * size].view(src.dtype))
+            yield out
     finally:
-        if pending is not None:  # never close a file under a read in flight
-            pending.exception()
         for fd in fds:
             if fd is not None:
                 os.close(fd)
@@ -231,22 +214,20 @@ def _pread_full(fd: int, view: memoryview, offset: int, path: str) -> None:
 # --------------------------------------------------------------------------- statistics
 
 
-class _Scratch:
-    """Reusable buffers, so chunks never allocate (raw bytes per slot and side, working
-    copies per dtype), and the one reader thread."""
+class _Buffers:
+    """One worker's reusable buffers: raw bytes per side, working copies per dtype."""
 
     def __init__(self) -> None:
-        self._raw: dict[tuple[int, int], tuple] = {}
+        self._raw: dict[int, tuple] = {}
         self._work: dict[Any, tuple] = {}
-        self._pool = None
 
-    def raw(self, slot: int, side: int) -> tuple["torch.Tensor", memoryview]:
+    def raw(self, side: int) -> tuple["torch.Tensor", memoryview]:
         import torch
 
-        if (slot, side) not in self._raw:
+        if side not in self._raw:
             t = torch.empty(CHUNK * 8, dtype=torch.uint8)
-            self._raw[slot, side] = (t, memoryview(t.numpy()))
-        return self._raw[slot, side]
+            self._raw[side] = (t, memoryview(t.numpy()))
+        return self._raw[side]
 
     def work(self, dtype) -> tuple:
         import torch
@@ -255,12 +236,36 @@ class _Scratch:
             self._work[dtype] = tuple(torch.empty(CHUNK, dtype=dtype) for _ in range(3))
         return self._work[dtype]
 
-    def pool(self):
-        if self._pool is None:
-            from concurrent.futures import ThreadPoolExecutor
 
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="modelkit-diff-read")
-        return self._pool
+class _Workers:
+    """Chunk reduction split over ``n`` threads (torch kernels and file reads release the
+    GIL), each with its own buffers. Torch's own intra-op threads are held at 1 meanwhile,
+    so the two kinds of threads never oversubscribe the cores."""
+
+    def __init__(self, n: int) -> None:
+        self.n = max(1, n)
+        self.buffers = [_Buffers() for _ in range(self.n)]
+        self._pool = None
+
+    def map(self, fn, sources: list[_Source]) -> list:
+        """``fn(sources, starts, buffers)`` for every worker's share of the chunks."""
+        import torch
+
+        starts = range(0, sources[0].numel, CHUNK)
+        n = min(self.n, len(starts)) or 1
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            if n == 1:
+                return [fn(sources, starts, self.buffers[0])]
+            if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._pool = ThreadPoolExecutor(self.n, thread_name_prefix="modelkit-diff")
+            futures = [self._pool.submit(fn, sources, starts[k::n], self.buffers[k]) for k in range(n)]
+            return [f.result() for f in futures]
+        finally:
+            torch.set_num_threads(threads)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -294,6 +299,24 @@ class _Acc:
     nonfinite_a: int = 0
     nonfinite_b: int = 0
 
+    def add(self, sq_a: float, sq_b: float, dot: float, sq_d: float, max_abs: float, changed: float,
+            nonfinite_a: int = 0, nonfinite_b: int = 0) -> None:
+        self.sq_a += sq_a
+        self.sq_b += sq_b
+        self.dot += dot
+        self.sq_d += sq_d
+        self.max_abs = max(self.max_abs, max_abs)
+        self.changed += int(changed)
+        self.nonfinite_a += nonfinite_a
+        self.nonfinite_b += nonfinite_b
+
+    @staticmethod
+    def merge(parts: list["_Acc"]) -> "_Acc":
+        out = _Acc()
+        for p in parts:
+            out.add(p.sq_a, p.sq_b, p.dot, p.sq_d, p.max_abs, p.changed, p.nonfinite_a, p.nonfinite_b)
+        return out
+
 
 def _work_dtype(*dtypes):
     import torch
@@ -312,8 +335,8 @@ def _as_work(chunk, buf, work):
     return out
 
 
-def _compare(sa: _Source, sb: _Source, scratch: _Scratch) -> _Acc:
-    """Reduce a same-shape pair to running sums, CHUNK elements at a time.
+def _compare_chunks(sources: list[_Source], starts: Sequence[int], bufs: _Buffers) -> _Acc:
+    """Running sums of a same-shape pair over the chunks at ``starts``.
 
     A chunk equal bit for bit needs only ``A.A``. Otherwise: A in the working dtype,
     ``D = B - A``, then ``A.A``, ``A.D``, ``D.D``; ``B.B`` and ``A.B`` follow exactly from
@@ -322,17 +345,15 @@ def _compare(sa: _Source, sb: _Source, scratch: _Scratch) -> _Acc:
     """
     import torch
 
-    work = _work_dtype(sa.dtype, sb.dtype)
-    abuf, bbuf, dbuf = scratch.work(work)
+    work = _work_dtype(sources[0].dtype, sources[1].dtype)
+    abuf, bbuf, dbuf = bufs.work(work)
     acc = _Acc()
-    for ra, rb in _stream([sa, sb], scratch):
+    for ra, rb in _stream(sources, starts, bufs):
         a = _as_work(ra, abuf, work)
         if _same_bits(ra, rb):
             sq = float(torch.dot(a, a))
             if math.isfinite(sq):
-                acc.sq_a += sq
-                acc.sq_b += sq
-                acc.dot += sq
+                acc.add(sq, sq, sq, 0.0, 0.0, 0)
                 continue
         d = dbuf[: a.numel()]
         if rb.dtype == work:
@@ -341,34 +362,27 @@ def _compare(sa: _Source, sb: _Source, scratch: _Scratch) -> _Acc:
             d.copy_(rb)
             d.sub_(a)
         sq_a, ad, sq_d = torch.stack([torch.dot(a, a), torch.dot(a, d), torch.dot(d, d)]).tolist()
-        sq_b, dot = sq_a + 2 * ad + sq_d, sq_a + ad
         if not (math.isfinite(sq_a) and math.isfinite(ad) and math.isfinite(sq_d)):
             # non-finite values, or float32 overflow: exact bookkeeping in float64
-            sq_a, sq_b, dot, sq_d, mx, changed, na, nb = _careful_chunk(a, _as_work(rb, bbuf, work))
-            acc.nonfinite_a += na
-            acc.nonfinite_b += nb
-        else:
-            if sq_b < 1e-2 * sq_a:  # B much smaller than A: avoid cancellation
-                b = _as_work(rb, bbuf, work)
-                sq_b, dot = torch.stack([torch.dot(b, b), torch.dot(a, b)]).tolist()
-            if sq_d == 0.0:
-                mx, changed = 0.0, 0
-            else:
-                lo, hi = torch.aminmax(d)
-                sign = torch.sign(d, out=bbuf[: d.numel()])
-                mx, changed = torch.stack([torch.maximum(-lo, hi), torch.dot(sign, sign)]).tolist()
-        acc.sq_a += sq_a
-        acc.sq_b += sq_b
-        acc.dot += dot
-        acc.sq_d += sq_d
-        acc.max_abs = max(acc.max_abs, mx)
-        acc.changed += int(changed)
+            acc.add(*_careful_chunk(a, _as_work(rb, bbuf, work)))
+            continue
+        sq_b, dot = sq_a + 2 * ad + sq_d, sq_a + ad
+        if sq_b < 1e-2 * sq_a:  # B much smaller than A: avoid cancellation
+            b = _as_work(rb, bbuf, work)
+            sq_b, dot = torch.stack([torch.dot(b, b), torch.dot(a, b)]).tolist()
+        if sq_d == 0.0:
+            acc.add(sq_a, sq_b, dot, 0.0, 0.0, 0)
+            continue
+        lo, hi = torch.aminmax(d)
+        sign = torch.sign(d, out=bbuf[: d.numel()])
+        mx, changed = torch.stack([torch.maximum(-lo, hi), torch.dot(sign, sign)]).tolist()
+        acc.add(sq_a, sq_b, dot, sq_d, mx, changed)
     return acc
 
 
 def _careful_chunk(a: "torch.Tensor", b: "torch.Tensor") -> tuple:
-    """Sums over positions finite on both sides (float64), non-finite counts, and changes
-    (a NaN/inf position is unchanged only when both sides hold the same value or NaN)."""
+    """Sums over positions finite on both sides (float64), changes (a NaN/inf position is
+    unchanged only when both sides hold the same value or NaN), non-finite counts."""
     import torch
 
     fa, fb = torch.isfinite(a), torch.isfinite(b)
@@ -385,14 +399,14 @@ def _careful_chunk(a: "torch.Tensor", b: "torch.Tensor") -> tuple:
             int((~fa).sum()), int((~fb).sum()))
 
 
-def _single(src: _Source, scratch: _Scratch) -> tuple[float, int]:
-    """(norm over finite values, non-finite count) of a one-sided tensor, chunked."""
+def _norm_chunks(sources: list[_Source], starts: Sequence[int], bufs: _Buffers) -> tuple[float, int]:
+    """(sum of squares over finite values, non-finite count) of one tensor's chunks."""
     import torch
 
-    work = _work_dtype(src.dtype)
-    buf = scratch.work(work)[0]
+    work = _work_dtype(sources[0].dtype)
+    buf = bufs.work(work)[0]
     sq, bad = 0.0, 0
-    for (raw,) in _stream([src], scratch):
+    for (raw,) in _stream(sources, starts, bufs):
         x = _as_work(raw, buf, work)
         s = float(torch.dot(x, x))
         if not math.isfinite(s):
@@ -401,7 +415,17 @@ def _single(src: _Source, scratch: _Scratch) -> tuple[float, int]:
             x64 = x[ok].double()
             s = float(x64 @ x64)
         sq += s
-    return math.sqrt(sq), bad
+    return sq, bad
+
+
+def _single(src: _Source, workers: _Workers) -> tuple[float, int]:
+    """(norm over finite values, non-finite count) of a one-sided tensor."""
+    parts = workers.map(_norm_chunks, [src])
+    return math.sqrt(sum(p[0] for p in parts)), sum(p[1] for p in parts)
+
+
+def _compare(sa: _Source, sb: _Source, workers: _Workers) -> _Acc:
+    return _Acc.merge(workers.map(_compare_chunks, [sa, sb]))
 
 
 def effective_rank(delta: "torch.Tensor") -> tuple[float, int]:
@@ -464,7 +488,7 @@ def _fill_compared(row: dict, acc: _Acc, numel: int) -> None:
     row["identical"] = row["status"] == "compared" and acc.changed == 0
 
 
-def _diff_tensor(name: str, a: Any, b: Any, scratch: _Scratch, spans: _Spans,
+def _diff_tensor(name: str, a: Any, b: Any, workers: _Workers, spans: _Spans,
                  rank: bool) -> dict[str, Any]:
     """One row: ``a``/``b`` are LazyTensors (or None when absent on that side). Whatever
     fails while producing or reading (corrupt shard, a merge that does not fit) becomes
@@ -481,7 +505,7 @@ def _diff_tensor(name: str, a: Any, b: Any, scratch: _Scratch, spans: _Spans,
                 row[f"shape_{side}"] = list(src[side].shape)
                 row[f"dtype_{side}"] = dtype_name(src[side].dtype)
         side = "a and b"
-        _fill_row(row, src, scratch)
+        _fill_row(row, src, workers)
         if rank and row["changed"] and len(src["a"].shape) == 2:
             if src["a"].numel <= RANK_MAX_ELEMENTS:
                 ta, tb = _full(src["a"], a), _full(src["b"], b)
@@ -496,23 +520,23 @@ def _diff_tensor(name: str, a: Any, b: Any, scratch: _Scratch, spans: _Spans,
     return row
 
 
-def _fill_row(row: dict[str, Any], src: dict[str, _Source], scratch: _Scratch) -> None:
+def _fill_row(row: dict[str, Any], src: dict[str, _Source], workers: _Workers) -> None:
     if len(src) == 1:
         side = next(iter(src))
-        norm, bad = _single(src[side], scratch)
+        norm, bad = _single(src[side], workers)
         row.update(status="added" if side == "b" else "removed", numel=src[side].numel,
                    **{f"norm_{side}": norm, f"nonfinite_{side}": bad})
         return
     sa, sb = src["a"], src["b"]
     if sa.shape != sb.shape:
-        (na, ba), (nb, bb) = _single(sa, scratch), _single(sb, scratch)
+        (na, ba), (nb, bb) = _single(sa, workers), _single(sb, workers)
         row.update(status="shape-changed", norm_a=na, norm_b=nb, nonfinite_a=ba, nonfinite_b=bb,
                    note=f"{list(sa.shape)} -> {list(sb.shape)}")
         return
     row["status"] = "compared" if sa.dtype == sb.dtype else "dtype-changed"
     if row["status"] == "dtype-changed":
         row["note"] = f"{row['dtype_a']} -> {row['dtype_b']}"
-    _fill_compared(row, _compare(sa, sb, scratch), sa.numel)
+    _fill_compared(row, _compare(sa, sb, workers), sa.numel)
 
 
 def _full(src: _Source, lazy: Any) -> "torch.Tensor":
@@ -815,13 +839,15 @@ class DiffResult:
 def diff(a: "str | Path | Artifact | TensorView", b: "str | Path | Artifact | TensorView",
          base_a: "str | Path | Artifact | None" = None, base_b: "str | Path | Artifact | None" = None,
          options_a: Mapping[str, Any] | None = None, options_b: Mapping[str, Any] | None = None,
-         rank: bool = False, progress: bool = True) -> DiffResult:
+         rank: bool = False, progress: bool = True, threads: int | None = None) -> DiffResult:
     """Compare ``a`` and ``b`` weight by weight in the standard on-disk key space.
 
     ``a``/``b``: refs (folder, ``wandb:``, ``hf:``), opened Artifacts or TensorViews.
     ``base_*`` override each side's base model; ``options_*`` go to each side's
     ``view()`` (e.g. ``{"expert": 1}`` for a DyLoRA-MoE expert). ``rank=True`` adds an
     effective-rank estimate of each changed 2-D delta (see :func:`effective_rank`).
+    ``threads``: reduction threads (default: torch's intra-op thread count, at most
+    ``MAX_THREADS``).
     Streams one tensor pair at a time; a tensor that cannot be read becomes an
     ``unreadable`` row, non-finite values are counted, never raised.
     """
@@ -833,7 +859,7 @@ def diff(a: "str | Path | Artifact | TensorView", b: "str | Path | Artifact | Te
     names = list(va) + [n for n in vb if n not in va.tensors]
     warnings = _warnings(side_a, side_b)
     total = sum(_nbytes(v[n]) for v in (va, vb) for n in v)
-    scratch, spans = _Scratch(), _Spans()
+    workers, spans = _Workers(_default_workers() if threads is None else threads), _Spans()
     rows = []
     start = time.perf_counter()
     try:
@@ -842,11 +868,11 @@ def diff(a: "str | Path | Artifact | TensorView", b: "str | Path | Artifact | Te
             for name in names:
                 la, lb = va.tensors.get(name), vb.tensors.get(name)
                 bar.set_postfix_str(name[-40:], refresh=False)
-                rows.append(_diff_tensor(name, la, lb, scratch, spans, rank))
+                rows.append(_diff_tensor(name, la, lb, workers, spans, rank))
                 _release(side_a.artifacts + side_b.artifacts)
                 bar.update(sum(_nbytes(x) for x in (la, lb) if x is not None))
     finally:
-        scratch.close()
+        workers.close()
     seconds = time.perf_counter() - start
     rows.sort(key=lambda r: _natural_key(r["name"]))
     bad = [r["name"] for r in rows if r["nonfinite_a"] or r["nonfinite_b"]]
@@ -856,6 +882,12 @@ def diff(a: "str | Path | Artifact | TensorView", b: "str | Path | Artifact | Te
         warnings.append(f"non-finite values (NaN/inf): {na:,} in A, {nb:,} in B, in {len(bad)} "
                         f"tensor(s): {_names(bad)}; statistics use the finite positions")
     return DiffResult(side_a.info, side_b.info, rows, warnings, rank, seconds, total)
+
+
+def _default_workers() -> int:
+    import torch
+
+    return min(torch.get_num_threads(), MAX_THREADS)
 
 
 def _nbytes(lazy: Any) -> int:

@@ -46,3 +46,10 @@ def catalog(tmp_path_factory) -> dict[str, Path]:
     from modelkit.testing import write_catalog
 
     return write_catalog(tmp_path_factory.mktemp("catalog"))
+
+
+# Tiny models on a 2-core machine: one thread avoids oversubscription (15 ms vs 5 us
+# for a tiny matmul under load).
+import torch  # noqa: E402
+
+torch.set_num_threads(1)

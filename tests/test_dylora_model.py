@@ -217,6 +217,9 @@ def test_mean_routing_is_the_router_weighted_mixture(fx, ref):
         with torch.no_grad():
             want = ref.merged(weights[b].tolist())(ids[b:b + 1, :n]).logits[0]
         torch.testing.assert_close(out.logits[b, :n], want, atol=1e-5, rtol=0)
+    prompt = ids[:1, :int(mask[0].sum())]          # generate keeps the prompt's mixture
+    want = ref.merged(weights[0].tolist()).generate(prompt, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert model.generate(prompt, max_new_tokens=5, do_sample=False, pad_token_id=0).tolist() == want.tolist()
 
 
 # --------------------------------------------------------------------------- generate, lm-eval
@@ -313,6 +316,17 @@ def test_all_layouts_build_the_same_module(fx, model_b):
     assert model_b.origins["router.gate.weight"] == "stored:dylo_moe_state/router.pt"
 
 
+def test_dtype_applies_to_base_and_experts_while_the_router_stays_fp32(fx, model_b):
+    art = open_artifact(fx.layout("b"))
+    model = build_dylora_model(art, open_base(art), dtype="bfloat16")
+    assert model.lm.dtype == torch.bfloat16 and model.router.gate.weight.dtype == torch.float32
+    ids, mask = batch(PROMPTS)
+    out = model(input_ids=ids, attention_mask=mask)
+    assert out.logits.dtype == torch.bfloat16
+    assert out.routing_weights.argmax(-1).tolist() == \
+        model_b(input_ids=ids, attention_mask=mask).routing_weights.argmax(-1).tolist()
+
+
 # --------------------------------------------------------------------------- Auto classes
 
 
@@ -360,6 +374,17 @@ def test_auto_model_never_runs_remote_code(fx):
     assert not (best / "REMOTE_CODE_EXECUTED").exists()
 
 
+def test_save_pretrained_reloads_as_the_same_routed_model(fx, model_b, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model_b.save_pretrained(tmp_path / "saved")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    ids, mask = batch(PROMPTS[:3])
+    torch.testing.assert_close(again(input_ids=ids, attention_mask=mask).logits,
+                               model_b(input_ids=ids, attention_mask=mask).logits, atol=0, rtol=0)
+    assert again.config.router_top_k == model_b.config.router_top_k and again.routing == "router"
+
+
 _ORDER_SCRIPT = """
 import sys
 {first}
@@ -367,7 +392,7 @@ assert "torch" not in sys.modules or "transformers" in sys.modules, "import mode
 {second}
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained({folder!r})
-print(type(model).__name__, float(model(input_ids=__import__("torch").tensor([[2, 10, 20]])).logits.sum()))
+print(type(model).__name__, float(model(input_ids=__import__("torch").tensor([[2, 10, 20]])).logits.detach().sum()))
 """
 
 
@@ -382,5 +407,6 @@ def test_registration_works_in_either_import_order(fx, model_b, order):
     assert done.returncode == 0, done.stderr[-3000:]
     name, total = done.stdout.split()
     assert name == "DyLoRAMoEForCausalLM"
-    assert float(total) == pytest.approx(float(model_b(input_ids=torch.tensor([[2, 10, 20]])).logits.sum()),
-                                         abs=1e-3)
+    with torch.no_grad():
+        want = float(model_b(input_ids=torch.tensor([[2, 10, 20]])).logits.sum())
+    assert float(total) == pytest.approx(want, abs=1e-3)

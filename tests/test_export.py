@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -246,7 +247,7 @@ def test_failed_verification_writes_nothing(catalog, tmp_path):
 def test_streams_one_shard_at_a_time(catalog, tmp_path, monkeypatch):
     """Tensors are produced shard by shard: when a shard is written, only its own tensors
     have been produced since the previous one, and nothing bigger than a shard is held."""
-    import modelkit.export as ex
+    ex = importlib.import_module("modelkit.export")  # the module, not the lazy function
 
     produced, shards = [], []
     real_produce, real_save = ex.produce, ex.save_file
@@ -420,7 +421,7 @@ def test_truncated_shard(catalog, tmp_path):
 
 
 def test_full_disk_leaves_nothing(catalog, tmp_path, monkeypatch):
-    import modelkit.export as ex
+    ex = importlib.import_module("modelkit.export")  # the module, not the lazy function
 
     calls = []
 
@@ -485,9 +486,9 @@ def test_stale_partial_folders_are_swept(catalog, tmp_path):
 # --------------------------------------------------------------------------- killed exports
 
 _KILL_CHILD = textwrap.dedent('''
-    import sys, time
-    import modelkit.atomic as at
-    import modelkit.export as ex
+    import importlib, sys, time
+    at = importlib.import_module("modelkit.atomic")
+    ex = importlib.import_module("modelkit.export")  # the module, not the lazy function
 
     src, out, point, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     counts = {"produce": 0, "shard": 0}

@@ -24,6 +24,15 @@ LAYOUTS = ("checkpoint-N", "checkpoint-0", "documented")
 ROUTER = "model.layers.0.mlp.gate.weight"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matmuls are far faster on one thread when the machine is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def original(tmp_path_factory) -> Path:
     """The tiny qwen3_moe every compressed fixture was compressed from."""
@@ -314,6 +323,16 @@ def test_fp32_compressed_tensors_beside_bf16_weights(made):
     view = open_artifact(ckpt).view()
     expert = "model.layers.0.mlp.experts.0.up_proj.weight"
     assert view[expert].dtype == "bfloat16" and view.produce(expert).dtype == torch.bfloat16
+
+
+def test_fp32_zero_shot_compression_of_a_bf16_original(tmp_path):
+    original = write_plain_hf(tmp_path / "original-bf16", family="qwen3_moe", dtype=torch.bfloat16)
+    ckpt = write_compressed_moe(tmp_path / "experiment", "checkpoint-0", original)   # fp32 tensors
+    report = inspect(ckpt)
+    assert [f.code for f in report.warnings] == ["dtype-mismatch"]
+    assert "original model's non-expert tensors are bfloat16" in report.warnings[0].message
+    art = open_artifact(ckpt)
+    assert art.view(open_base(art))["model.layers.1.mlp.experts.0.down_proj.weight"].dtype == "bfloat16"
 
 
 def test_metadata_that_contradicts_the_tensors(made, tmp_path):

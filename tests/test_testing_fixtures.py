@@ -559,7 +559,7 @@ def test_catalog_is_idempotent_and_incremental(tmp_path):
     stamp = (tmp_path / "bad-truncated" / "model" / "model.safetensors").stat().st_mtime_ns
     started = time.perf_counter()
     assert write_catalog(tmp_path, families=("bad",)) == first
-    assert time.perf_counter() - started < 1.0
+    assert time.perf_counter() - started < 2.0
     assert (tmp_path / "bad-truncated" / "model" / "model.safetensors").stat().st_mtime_ns == stamp
     more = write_catalog(tmp_path, families=("peft",))
     assert "plain-llama" in more and "peft-lora" in more

@@ -270,34 +270,31 @@ class CompressedMoEArtifact(Artifact):
         return not self.has_non_moe and self.layout == "checkpoint-0"
 
     # -- settings ----------------------------------------------------------------------
-    def _find(self, candidates) -> tuple[Path, str] | None:
+    def _find(self, candidates) -> Path | None:
+        """The first candidate file present inside the artifact's trust root."""
         for name, where in candidates:
-            rel = name if where == "." else f"{where}/{name}"
             p = (self.folder if where == "." else self.folder.parent.parent) / name
             if p.is_file():
                 try:
-                    self.path(rel)
+                    self.path(name if where == "." else f"{where}/{name}")
                 except ModelkitError:
                     continue
-                return p, rel
+                return p
         return None
 
     def _read_settings(self, candidates) -> tuple[dict[str, Any], Path | None, str | None]:
-        """(content, file, problem) of the first settings file found."""
-        found = self._find(candidates)
-        if found is None:
+        """(content, file, problem) of the first settings file found (JSON or safe YAML)."""
+        import yaml
+
+        p = self._find(candidates)
+        if p is None:
             return {}, None, None
-        p, _ = found
         try:
             text = p.read_text()
-            if p.suffix == ".json":
-                data = json.loads(text)
-            else:
-                import yaml
-
-                data = yaml.safe_load(text)
-        except Exception as e:  # json / yaml raise several types; any of them: unreadable
-            return {}, p, f"cannot parse {p.name} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+        except (OSError, ValueError, yaml.YAMLError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            return {}, p, f"cannot parse {p.name} ({first})"
         if not isinstance(data, dict):
             return {}, p, f"{p.name} is not a mapping"
         return data, p, None
@@ -540,7 +537,8 @@ class CompressedMoEArtifact(Artifact):
         if base_view is not None:
             tensors.update({n: base_view[n] for n in uncompressed if n in base_view})
             if uncompressed:
-                notes.append(f"{len(uncompressed)} expert tensor(s) of never-compressed layers come from the original model")
+                notes.append(f"{len(uncompressed)} expert tensor(s) of never-compressed layers come from "
+                             "the original model")
 
         dtype = self._model_dtype(tensors, config)
         for (layer, proj), g in self.compressed_layers().items():
@@ -549,13 +547,15 @@ class CompressedMoEArtifact(Artifact):
                 if name is None or g.expert_problem(e):
                     unplaced += g.expert_parts(e)
                     continue
-                tensors[name] = LazyTensor(tuple(g.core.shape), dtype, f"compressed:{g.file or NON_MOE}[expert {e}]",
+                tensors[name] = LazyTensor(tuple(g.core.shape), dtype,
+                                           f"compressed:{g.file or NON_MOE}[expert {e}]",
                                            self._expert_producer(g, e, dtype))
                 if e in g.biases or g.bias_matrix is not None:
                     bias_name = slots.get((layer, proj, e, "bias"))
                     if bias_name is None:
                         continue  # reported below, once per stored bias tensor
-                    tensors[bias_name] = LazyTensor((g.core.shape[0],), dtype, f"compressed:{g.file or NON_MOE}[bias {e}]",
+                    tensors[bias_name] = LazyTensor((g.core.shape[0],), dtype,
+                                                    f"compressed:{g.file or NON_MOE}[bias {e}]",
                                                     self._bias_producer(g, e, dtype))
             if not any((layer, proj, e, "bias") in slots for e in g.wrappers):
                 unplaced += list(g.biases.values()) + ([g.bias_matrix] if g.bias_matrix is not None else [])
@@ -657,7 +657,8 @@ class CompressedMoEArtifact(Artifact):
                            key=_natural)
             if slots is not None and not names:
                 continue  # the model has no such experts: the stored ones are reported as misplaced
-            listed = "compressed_metadata.json lists it" if why == METADATA else f"the other projections of layer_{layer}/ are stored"
+            listed = (f"{METADATA} lists it" if why == METADATA
+                      else f"the other projections of layer_{layer}/ are stored")
             rel = f"layer_{layer}/{proj}.pt"
             absent = "holds no shared core" if (layer, proj) in self.layer_files else "is missing"
             out.append(error(
@@ -684,9 +685,10 @@ class CompressedMoEArtifact(Artifact):
                         "model used is ambiguous" if differ else "; every copy equals its shared core")
             out.append(warning("duplicated-buffers", msg, [t.name for _, t in copies]))
         if dups:
+            wasted = _human(sum(t.nbytes for t in dups))
             out.append(warning("duplicated-buffers",
-                               f"{len(dups)} compressed tensor(s) are stored twice (a layer file and "
-                               f"in-memory names in {NON_MOE}); the layer file's are used, {_human(sum(t.nbytes for t in dups))} wasted",
+                               f"{len(dups)} compressed tensor(s) are stored twice (a layer file and in-memory "
+                               f"names in {NON_MOE}); the layer file's are used, {wasted} wasted",
                                [t.name for t in dups]))
         return out
 
@@ -740,7 +742,8 @@ class CompressedMoEArtifact(Artifact):
         if meta:
             n = meta.get("num_compressed_layers")
             if isinstance(n, int) and n != len(listed):
-                warn.append((f"{METADATA}: num_compressed_layers is {n} but compressed_layer_indices lists {len(listed)}", []))
+                warn.append((f"{METADATA}: num_compressed_layers is {n} but compressed_layer_indices "
+                             f"lists {len(listed)}", []))
             total = meta.get("total_layers")
             layers = getattr(config, "num_hidden_layers", None) if config is not None else None
             if isinstance(total, int) and layers is not None and total != layers:
@@ -769,7 +772,8 @@ class CompressedMoEArtifact(Artifact):
             for key, actual in facts.items():
                 claimed = sidecar.get(key)
                 if claimed is not None and actual is not None and claimed != actual:
-                    warn.append((f"layer_{layer}/{proj}_metadata.json says {key} = {claimed}, the tensors have {actual}", []))
+                    warn.append((f"layer_{layer}/{proj}_metadata.json says {key} = {claimed}, "
+                                 f"the tensors have {actual}", []))
             if isinstance(rank, int) and g.rank is not None and g.rank != rank:
                 warn.append((f"{where}: wrappers have rank {g.rank}, the compression settings say {rank}", []))
             if num_experts is not None and g.num_experts != num_experts:
@@ -786,7 +790,8 @@ class CompressedMoEArtifact(Artifact):
             if extracted is not None and g.shape is not None:
                 shapes = {tuple(t.shape) for t in self.entries_of(extracted) if t.key.startswith("expert_weights.")}
                 if shapes and shapes != {g.shape}:
-                    warn.append((f"{extracted}: original experts of shape {sorted(map(list, shapes))}, the core is {list(g.shape)}", []))
+                    warn.append((f"{extracted}: original experts of shape {sorted(map(list, shapes))}, "
+                                 f"the core is {list(g.shape)}", []))
         if warn:
             out.append(warning("inconsistent-config", "; ".join(m for m, _ in warn),
                                [t for _, ts in warn for t in ts]))

@@ -33,11 +33,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, Pret
 from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..errors import BaseModelUnavailableError, ConfigError, LoadError
+from ..errors import ConfigError, LoadError
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..formats.base import Artifact
-    from ..tensors import StoredTensor
 
 MODEL_TYPE = "dylora-moe"
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -295,7 +294,10 @@ class DyLoRAMoEForCausalLM(PreTrainedModel, GenerationMixin):
             raise LoadError(f"router top_k={top_k} is not between 1 and {self.config.num_experts}")
         with torch.no_grad():
             gate.weight.copy_(weight)
-            gate.bias.copy_(bias) if bias is not None else gate.bias.zero_()
+            if bias is not None:
+                gate.bias.copy_(bias)
+            else:
+                gate.bias.zero_()
         self.config.router_temperature = float(temperature)
         self.config.router_top_k = int(top_k)
         self.config.router_dense = bool(dense)
@@ -358,6 +360,7 @@ class DyLoRAMoEForCausalLM(PreTrainedModel, GenerationMixin):
         ``generate`` passes it; pass ``routing_weights=previous_output.routing_weights``).
         """
         ref = input_ids if input_ids is not None else inputs_embeds
+        return_dict = kwargs.pop("return_dict", None)
         router_weights = None
         if routing_weights is None:
             if _cache_length(past_key_values) > 0 and parse_routing(self.routing)[0] != "expert":
@@ -376,10 +379,11 @@ class DyLoRAMoEForCausalLM(PreTrainedModel, GenerationMixin):
         else:
             with self.foundation_model.disable_adapter(), _mixture(self.lm, self.expert_names, weights):
                 out = self.lm(**inputs)
-        return DyLoRAMoECausalLMOutput(
+        output = DyLoRAMoECausalLMOutput(
             loss=out.loss, logits=out.logits, past_key_values=out.past_key_values,
             hidden_states=out.hidden_states, attentions=out.attentions,
             routing_weights=weights, router_weights=router_weights)
+        return output.to_tuple() if return_dict is False else output
 
     def generate(self, inputs: torch.Tensor | None = None, generation_config: Any = None, **kwargs: Any):
         """``GenerationMixin.generate`` with the routing decided once, from the prompt."""
@@ -591,7 +595,7 @@ def build_dylora_model(artifact: "Artifact", base_artifact: "Artifact | None" = 
     dcfg = DyLoRAMoEConfig(
         text_config=base_model.config, num_experts=len(experts), lora_r=lora[0]["r"],
         lora_alpha=lora[0]["lora_alpha"], lora_dropout=_declared_dropout(artifact),
-        target_modules=list(lora[0]["target_modules"]), expert_configs=lora, routing="expert:0",
+        target_modules=list(lora[0]["target_modules"]), expert_configs=lora, routing=routing,
         base_model_name_or_path=artifact.base_name())
     model = DyLoRAMoEForCausalLM(dcfg, base_model)
     consumed: set[tuple[str, str]] = set()
@@ -610,8 +614,9 @@ def build_dylora_model(artifact: "Artifact", base_artifact: "Artifact | None" = 
         consumed |= {(t.file, t.key) for m in e.modules.values() for t in m.stored}
     if router is not None:
         dense = _router_dense(artifact, consumed)
-        model.load_router(router["weight"], router.get("bias"), router.get("temperature", 2.0),
-                          router.get("top_k", 1), dense)
+        settings = _router_settings(artifact, router)
+        model.load_router(router["weight"], router.get("bias"), settings["temperature"], settings["top_k"],
+                          dense or settings["dense"])
         consumed |= _router_copies(artifact, model)
     consumed |= _base_entries(artifact, view)
     left = [t for t in artifact.stored() if (t.file, t.key) not in consumed]
@@ -619,7 +624,6 @@ def build_dylora_model(artifact: "Artifact", base_artifact: "Artifact | None" = 
         raise LoadError(f"{len(left)} stored tensor(s) are not used by the model and would be dropped: "
                         f"{_few([f'{t.file}:{t.key}' for t in left])}", artifact.folder)
     model.origins = _origins(model, view, experts, router)
-    model.config.routing = routing
     model.foundation_model.to(dtype)
     return model.eval()
 
@@ -675,6 +679,19 @@ def _lora_kwargs(e: Any, experts: Sequence[Any], artifact: "Artifact") -> dict[s
     if isinstance(cfg["target_modules"], (set, tuple)):
         cfg["target_modules"] = sorted(cfg["target_modules"])
     return cfg
+
+
+def _router_settings(artifact: "Artifact", router: Mapping[str, Any]) -> dict[str, Any]:
+    """Temperature and top-k from the router state; where it stores none, from the config's
+    ``router_*`` fields (written by ``DyLoRAMoEForCausalLM.save_pretrained``), else DyLoRA's defaults."""
+    cfg = getattr(artifact, "cfg", None) or {}
+    assumed = set(router.get("assumed", ()))
+    out = {"temperature": router.get("temperature", 2.0), "top_k": router.get("top_k", 1),
+           "dense": bool(cfg.get("router_dense", False))}
+    for key in ("temperature", "top_k"):
+        if key in assumed and isinstance(cfg.get(f"router_{key}"), (int, float)):
+            out[key] = cfg[f"router_{key}"]
+    return out
 
 
 def _router_dense(artifact: "Artifact", consumed: set[tuple[str, str]]) -> bool:

@@ -24,11 +24,10 @@ DATA_DIR = Path(__file__).parent / "data"
 
 
 def sentence(rng: random.Random) -> tuple[str, str]:
-    """One sentence and the kind of the single thing it names."""
+    """One sentence (filler words, then one thing) and the kind of that thing."""
     kind = rng.choice(LABELS)
-    words = [rng.choice(FILLERS) for _ in range(rng.randint(2, 5))]
-    words.insert(rng.randint(0, len(words)), rng.choice(KINDS[kind]))
-    return " ".join(words), kind
+    words = [rng.choice(FILLERS) for _ in range(rng.randint(1, 4))]
+    return " ".join([*words, rng.choice(KINDS[kind])]), kind
 
 
 def count_line(rng: random.Random) -> tuple[str, int]:
