@@ -71,9 +71,9 @@ def config_from_dict(d: Mapping[str, Any], source: str, *, model_type: str | Non
                      strip_unknown: bool = True) -> "PretrainedConfig":
     """A transformers config from a dict assembled in memory; ``source`` names it in errors.
 
-    ``model_type`` overrides ``d["model_type"]``. With ``strip_unknown`` (default), fields
-    the config class does not know (``_dylora_*``, ``saved_at``, ...) are dropped; see
-    :func:`split_config_dict` to learn which.
+    ``model_type`` overrides ``d["model_type"]``. With ``strip_unknown`` (default), custom
+    fields (``_dylora_*``, ``saved_at``, ...: declared nowhere, read by no modeling code)
+    are dropped; :func:`split_config_dict` tells which.
     """
     known, _ = split_config_dict(d, source, model_type=model_type, strip_unknown=strip_unknown)
     cls = _config_class(known, source)
@@ -141,14 +141,16 @@ def _config_class(d: Mapping[str, Any], source: str):
     # transformers' own AutoConfig rule: a mistral config with layer_types is ministral
     if mt == "mistral" and "layer_types" in d:
         mt = "ministral"
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING, CONFIG_MAPPING_NAMES
+    # CONFIG_MAPPING: transformers' own types plus any registered in-process with
+    # AutoConfig.register (by this program, never by an artifact)
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    if mt not in CONFIG_MAPPING_NAMES:
+    if mt not in CONFIG_MAPPING:
         import difflib
 
         import transformers
 
-        close = difflib.get_close_matches(mt, list(CONFIG_MAPPING_NAMES), n=5, cutoff=0.5)
+        close = difflib.get_close_matches(mt, list(CONFIG_MAPPING.keys()), n=5, cutoff=0.5)
         hint = f"; close matches: {', '.join(close)}" if close else ""
         raise ConfigError(
             f"model_type {mt!r} is unknown to transformers {transformers.__version__}{hint} "
@@ -170,7 +172,9 @@ def _build_config(cls, d: Mapping[str, Any], source: str):
 
 
 def _unknown_fields(cls, d: Mapping[str, Any], source: str) -> list[str]:
-    """Keys of ``d`` that ``cls`` only stores as free attributes (custom fields)."""
+    """Keys of ``d`` that are custom fields: neither declared, nor consumed by ``cls``, nor
+    read by its modeling code (which may ``getattr`` undeclared fields such as qwen3_moe's
+    ``head_dim``). Underscore keys (``_dylora_*``) count as custom whatever the code says."""
     import dataclasses
 
     known = {"model_type"} | set(getattr(cls, "attribute_map", {}) or {})
@@ -178,9 +182,32 @@ def _unknown_fields(cls, d: Mapping[str, Any], source: str) -> list[str]:
         known |= {f.name for f in dataclasses.fields(cls)}
     known |= set(vars(_default_config(cls)))
     built = vars(_build_config(cls, d, source))
-    # a key neither declared nor consumed by the config (e.g. torch_dtype, rope_theta are
-    # consumed) ends up as a plain attribute: that is a custom field
-    return [k for k in d if k not in known and k in built]
+    # a key neither declared nor consumed (torch_dtype, rope_theta are consumed) ends up
+    # as a plain attribute
+    free = [k for k in d if k not in known and k in built]
+    source_text = _modeling_source(cls)
+    return [k for k in free if k.startswith("_") or (
+        source_text is not None and re.search(rf"\b{re.escape(k)}\b", source_text) is None)]
+
+
+_MODELING_SOURCES: dict[type, str | None] = {}
+
+
+def _modeling_source(cls) -> str | None:
+    """Text of the modeling module that goes with config class ``cls`` (not imported)."""
+    if cls not in _MODELING_SOURCES:
+        import importlib.util
+
+        text = None
+        name = cls.__module__.replace(".configuration_", ".modeling_")
+        try:
+            spec = importlib.util.find_spec(name)
+            if spec is not None and spec.origin and name != cls.__module__:
+                text = Path(spec.origin).read_text(encoding="utf-8")
+        except (ImportError, OSError, ValueError):
+            text = None
+        _MODELING_SOURCES[cls] = text
+    return _MODELING_SOURCES[cls]
 
 
 _DEFAULT_CONFIGS: dict[type, Any] = {}

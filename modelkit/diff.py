@@ -22,7 +22,9 @@ import math
 import os
 import re
 import struct
+import sys
 import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
@@ -477,7 +479,9 @@ def _fill_compared(row: dict, acc: _Acc, numel: int) -> None:
         rel = nd / na
     else:
         rel = 0.0 if nd == 0 else math.inf
-    if na > 0 and nb > 0:
+    if acc.sq_d == 0.0:
+        cos = 1.0  # equal values (not 1 - epsilon from rounding)
+    elif na > 0 and nb > 0:
         cos = max(-1.0, min(1.0, acc.dot / (na * nb)))
     else:
         cos = 1.0 if na == nb == 0 else None
@@ -632,7 +636,7 @@ class DiffResult:
     a: dict[str, Any]
     b: dict[str, Any]
     rows: list[dict[str, Any]]
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)   # what may make the comparison misleading
     rank: bool = False
     seconds: float = 0.0
     bytes_read: int = 0
@@ -757,6 +761,8 @@ class DiffResult:
                          f"over {len(both)} shared tensors ({self.seconds:.1f} s, "
                          f"{self.bytes_read / 1e9:.2f} GB read)")
         lines += [f"  WARNING {w}" for w in self.warnings]
+        lines += [f"  NOTE {tag}: {note}" for tag, side in (("A", self.a), ("B", self.b))
+                  for note in side.get("notes") or []]
         if self.identical and (self.a.get("base") or self.b.get("base")):
             which = "B" if self.b.get("base") else "A"
             side = self.b if which == "B" else self.a
@@ -776,9 +782,9 @@ class DiffResult:
         role = role[(role.changed > 0) | (role.tensors > role.compared)]
         if len(role):
             lines += ["", "  by role (pooled ||B-A||/||A|| over compared tensors):",
-                      f"    {'role':<10}{'tensors':>8}{'changed':>8}{'other':>7}{'rel_change':>12}{'cosine':>10}"]
+                      f"    {'role':<10}{'tensors':>8}{'changed':>8}{'uncompared':>11}{'rel_change':>12}{'cosine':>10}"]
             for g in role.itertuples():
-                lines.append(f"    {g.Index:<10}{g.tensors:>8}{g.changed:>8}{g.tensors - g.compared:>7}"
+                lines.append(f"    {g.Index:<10}{g.tensors:>8}{g.changed:>8}{g.tensors - g.compared:>11}"
                              f"{_fmt(g.rel_change):>12}{_fmt(g.cosine, '.6f'):>10}")
         experts = self.by_projection("expert")
         if len(experts) and (experts.changed > 0).any():
@@ -912,13 +918,27 @@ def _warnings(a: _Side, b: _Side) -> list[str]:
             side.info["model_type"] = _model_type(side.artifacts[0]) if side.artifacts else None
         ta, tb = a.info["model_type"], b.info["model_type"]
         if ta and tb and ta != tb:
-            types = f"; A is {ta}, B is {tb}"
+            types = f" (A is {ta}, B is {tb})"
         out.append(f"the key sets barely overlap: {len(common)} of {len(union)} names in common "
-                   f"(A {len(na)}, B {len(nb)}): different architectures?{types}")
+                   f"(A {len(na)}, B {len(nb)}): different architectures{types}?")
     for tag, side in (("A", a), ("B", b)):
         unplaced = side.info.get("unplaced") or []
         if unplaced:
             out.append(f"{tag} stores {len(unplaced)} tensor(s) its view cannot place (a loader "
                        f"drops them, so they change nothing): {_names(unplaced)}")
-        out += [f"{tag}: {note}" for note in side.info.get("notes") or []]
+        for art in side.artifacts:
+            out += [f"{tag}: unreadable file {e}; its tensors are missing from the view"
+                    for e in art.file_errors]
     return out
+
+
+class _CallableModule(types.ModuleType):
+    """``modelkit.diff(a, b)`` must work even when this module was imported first: the
+    import system then binds the package attribute ``modelkit.diff`` to the module, not
+    to the function, so the module forwards calls to :func:`diff`."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> DiffResult:
+        return diff(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

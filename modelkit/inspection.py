@@ -252,7 +252,12 @@ def audit(artifact: Artifact, base_art: Artifact | None,
     for t in view.unplaced:
         unexpected.append(t.name)
         groups[classify(t.name).role]["unexpected"] += 1
-    if missing:
+    if missing and artifact.file_errors:
+        unreadable = ", ".join(Path(e.path).name for e in artifact.file_errors if e.path)
+        findings.append(info("not-checked",
+                             f"{len(missing)} of {len(expected)} tensors the model needs were not found "
+                             f"in the readable files; the unreadable {unreadable} may hold them", missing))
+    elif missing:
         findings.append(error("missing-tensors",
                               f"{len(missing)} of {len(expected)} tensors the model needs are not "
                               "provided by the artifact" + (" or its base" if base_art else "")

@@ -157,6 +157,19 @@ def test_hub_style_mixtral_and_llama_rope_scaling(saved):
     assert expected_tensors(config) == expected_tensors(load_config(saved["llama"]))
 
 
+def test_undeclared_fields_the_model_reads_are_kept():
+    # Qwen3MoeConfig declares no head_dim, but the attention reads it with getattr: like
+    # Qwen3-30B-A3B (hidden 2048, 32 heads, head_dim 128) it must not fall back to 16 / 4
+    d = {**hub_style_qwen3_moe(), "head_dim": 8, "_dylora_format": "x", "saved_at": "today"}
+    known, dropped = arch.split_config_dict(d)
+    assert known["head_dim"] == 8 and "head_dim" not in dropped
+    # custom fields go, and so does max_window_layers, which qwen3_moe's code never reads
+    assert set(dropped) == {"_dylora_format", "saved_at", "max_window_layers"}
+    expected = expected_tensors(d)
+    assert expected["model.layers.0.self_attn.q_proj.weight"].shape == (32, 16)
+    assert expected["model.layers.0.self_attn.k_norm.weight"].shape == (8,)
+
+
 def test_expected_tensors_are_cached_on_disk(private_cache, monkeypatch):
     raw = hub_style_qwen3_moe()
     first = expected_tensors(raw)
@@ -224,8 +237,8 @@ def test_dylora_config_assembled_in_memory():
     gemma = tiny_configs()["gemma"].to_dict()
     d = {**gemma, "model_type": "dylora-moe", "_dylora_num_experts": 4, "_dylora_lora_r": 16,
          "_dylora_lora_alpha": 32, "_dylora_format": "peft_separated", "saved_at": "2024-05-01"}
-    with pytest.raises(ConfigError, match="'dylora-moe' is unknown"):
-        config_from_dict(d, "best_model/config.json")
+    with pytest.raises(ConfigError, match="'dylora-moe-v0' is unknown .*pass model_type="):
+        config_from_dict({**d, "model_type": "dylora-moe-v0"}, "best_model/config.json")
     config = config_from_dict(d, "best_model/config.json", model_type="gemma")
     assert type(config) is GemmaConfig and config.head_dim == 8
     assert not hasattr(config, "_dylora_num_experts") and not hasattr(config, "saved_at")

@@ -79,7 +79,7 @@ def test_wandb_ref_downloads_once_then_reuses_the_complete_download(monkeypatch,
     calls.clear()
     again = resolve("team/proj/best-dylora-model-full:v3")  # bare form
     assert calls == [] and again.folder == src.folder and "reused" in again.note
-    assert modelkit.inspect(again).format == "hf"
+    assert modelkit.inspect(again).format == "plain-hf"
 
 
 def test_interrupted_wandb_download_leaves_nothing_that_looks_complete(monkeypatch, plain):
@@ -128,7 +128,7 @@ def test_hf_ref_and_base_names_resolve_from_the_local_cache_only(plain):
     src = resolve("hf:tiny-org/tiny-llama")
     assert src.kind == "hf" and src.folder == snap.resolve()
     report = modelkit.inspect("hf:tiny-org/tiny-llama")  # symlinks into blobs/ are allowed
-    assert report.format == "hf" and not report.errors
+    assert report.format == "plain-hf" and not report.errors
     path, how = resolve_base("tiny-org/tiny-llama")
     assert path == snap and "cache" in how
 

@@ -17,7 +17,7 @@ INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
 class PlainHFArtifact(Artifact):
-    format = "hf"
+    format = "plain-hf"
 
     @cached_property
     def weight_map(self) -> dict[str, str]:
@@ -93,7 +93,7 @@ def mixed_dtype_findings(stored: list[StoredTensor], what: str = "the checkpoint
 
 
 class PlainHF(Format):
-    name = "hf"
+    name = "plain-hf"
     looks_for = ("config.json with a transformers model_type, plus model.safetensors, "
                  "model-*-of-*.safetensors + model.safetensors.index.json, or pytorch_model.bin")
     priority = 90

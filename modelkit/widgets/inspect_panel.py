@@ -1,0 +1,58 @@
+"""Inspect panel: pick an artifact, click, see its findings, groups and tensors."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import ipywidgets as widgets
+
+import modelkit
+
+from ._base import RunButton, optional, show, tabs
+from .picker import ArtifactPicker
+
+
+class InspectPanel(widgets.VBox):
+    """:func:`modelkit.inspect` as a widget; the last report is ``result``."""
+
+    def __init__(self, root: str | Path | None = None, ref: str | Path | None = None,
+                 base: str | Path | None = None, deep: bool = False):
+        self.picker = ArtifactPicker(root, ref)
+        self.base = widgets.Text(value=str(base or ""), description="base",
+                                 placeholder="optional: base model folder or ref (overrides the recorded one)",
+                                 layout=widgets.Layout(width="60%"))
+        self.deep = widgets.Checkbox(value=deep, description="deep (also read tensor data)")
+        self.summary = widgets.Output()
+        self.findings = widgets.Output()
+        self.findings.add_class("mk-findings")
+        self.groups = widgets.Output()
+        self.tensors = widgets.Output()
+        self.runner = RunButton("Inspect", self._inspect, self._show, icon="search",
+                                tooltip="inspect the picked artifact (headers only unless deep)")
+        super().__init__([self.picker, self.base, self.deep, self.runner, self.summary,
+                          tabs(findings=self.findings, groups=self.groups, tensors=self.tensors)])
+
+    @property
+    def button(self) -> widgets.Button:
+        return self.runner.button
+
+    @property
+    def result(self) -> "modelkit.InspectionReport | None":
+        return self.runner.result
+
+    def run(self) -> "modelkit.InspectionReport | None":
+        """What a click does: inspect and display (errors shown in the panel)."""
+        return self.runner.run()
+
+    def _inspect(self) -> "modelkit.InspectionReport":
+        for out in (self.summary, self.findings, self.groups, self.tensors):
+            out.outputs = ()
+        ref = self.picker.value
+        if ref is None:
+            raise ValueError("pick an artifact from the list or type a ref")
+        return modelkit.inspect(ref, base=optional(self.base.value), deep=self.deep.value)
+
+    def _show(self, report: "modelkit.InspectionReport") -> None:
+        show(self.summary, report.summary())
+        show(self.findings, report.findings_frame())
+        show(self.groups, report.groups_frame())
+        show(self.tensors, report.to_frame())
