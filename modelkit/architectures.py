@@ -359,11 +359,16 @@ def _cache_key(config, model_type: str | None):
 
 
 def _canonical_config(config) -> dict[str, Any]:
+    """The config's fields, less bookkeeping that does not change any tensor."""
     d = config.to_dict()
     return {k: v for k, v in d.items() if not k.startswith("_") and k != "transformers_version"}
 
 
+_TF_VERSION: str | None = None
+
+
 def _transformers_version() -> str:
+    """transformers' version, without importing it when it is not imported yet."""
     global _TF_VERSION
     if _TF_VERSION is None:
         import sys
@@ -375,9 +380,6 @@ def _transformers_version() -> str:
 
             _TF_VERSION = version("transformers")
     return _TF_VERSION
-
-
-_TF_VERSION: str | None = None
 
 
 def _cache_dir() -> Path | None:
@@ -456,9 +458,15 @@ def meta_model(config: "PretrainedConfig | Mapping[str, Any] | Path | str") -> "
     from transformers import AutoModelForCausalLM
 
     config = _plain_config(_as_config(config))
-    _causal_lm_class(config)  # a clear ConfigError for configs with no causal-LM class
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    cls = _causal_lm_class(config)  # a clear ConfigError for configs with no causal-LM class
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    except Exception as e:  # a config that validates but describes no buildable model
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{cls.__name__} cannot be built from this config: "
+                          f"{type(e).__name__}: {first}",
+                          getattr(config, "_name_or_path", None) or None) from e
 
 
 def _savable_state(model, state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -602,6 +610,7 @@ class LoadInfo:
                     or self.conversion_errors or self.error_msgs)
 
     def summary(self) -> str:
+        """One line: how many tensors of each kind of trouble."""
         parts = [f"{len(v)} {k}" for k, v in (
             ("missing", self.missing), ("unexpected", self.unexpected),
             ("mismatched", self.mismatched), ("skipped", self.skipped),
@@ -641,7 +650,8 @@ def disk_to_model(config: "PretrainedConfig | Mapping[str, Any] | Path | str",
 
     ``tensors`` maps on-disk names to tensors, zero-argument producers, or anything
     sliceable with ``[...]``; a non-dict Mapping is read one key at a time while
-    transformers loads. Loading is transformers' own ``from_pretrained`` path (its
+    transformers loads. Given tensors already in the target dtype and device become the
+    parameters themselves (shared storage, as with ``from_pretrained(state_dict=...)``). Loading is transformers' own ``from_pretrained`` path (its
     conversion mapping fuses experts). A fused group with a missing or mis-shaped member
     is not loaded (its given members are listed as ``skipped``). ``shapes`` gives cheap
     shapes for lazy mappings, whose mis-shaped experts otherwise make transformers fail

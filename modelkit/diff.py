@@ -45,7 +45,7 @@ COLUMNS = (
     "changed", "frac_changed", "identical", "nonfinite_a", "nonfinite_b", "effective_rank",
     "numerical_rank", "note",
 )
-CHUNK = 1 << 20                 # elements reduced at a time (4 MiB per float32 buffer)
+CHUNK = 1 << 19                 # elements reduced at a time (2 MiB per float32 buffer: cache-sized)
 MAX_THREADS = 8                 # reduction threads; beyond this memory bandwidth is the limit
 RANK_MAX_ELEMENTS = 1 << 24     # larger 2-D deltas get no rank estimate (svd cost and memory)
 RANK_RTOL = 1e-3                # numerical rank: singular values above RANK_RTOL * largest

@@ -49,14 +49,11 @@ def _heatmap(fig, ax, matrix: "pd.DataFrame") -> None:
         return
     values = matrix.to_numpy(dtype=float)
     finite = values[np.isfinite(values) & (values > 0)]
-    cmap = colormaps["viridis"].copy()
-    cmap.set_bad("#dddddd")      # no tensors of that role in that layer
-    cmap.set_under("white")      # unchanged
-    cmap.set_over("red")         # infinite (A was all zeros)
+    # grey: no tensors of that role in that layer; white: unchanged; red: infinite (A all zeros)
+    cmap = colormaps["viridis"].with_extremes(bad="#dddddd", under="white", over="red")
     if finite.size:
-        vmin, vmax = float(finite.min()), float(finite.max())
-        if vmax <= vmin:
-            vmin, vmax = vmin / 10, vmax * 10
+        vmax = float(finite.max())
+        vmin = min(float(finite.min()), vmax / 100)   # at least two decades: similar looks similar
         norm = LogNorm(vmin=vmin, vmax=vmax)
         shown = np.where(values == 0, vmin / 10, np.where(np.isinf(values), vmax * 10, values))
     else:

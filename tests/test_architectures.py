@@ -224,6 +224,9 @@ def test_load_config_errors_name_the_file_and_the_problem(tmp_path):
         load_config(write(tmp_path, '{"model_type": "llama", "num_hidden_layers": "two"}'))
     err = pytest.raises(ConfigError, load_config, write(tmp_path, "{")).value
     assert err.path == str(tmp_path / "config.json")
+    # valid field by field, but no model can be built from it
+    with pytest.raises(ConfigError, match="LlamaForCausalLM cannot be built from this config"):
+        expected_tensors(LlamaConfig(**TINY, intermediate_size=24, pad_token_id=100))
 
 
 def test_auto_map_is_never_honoured(tmp_path):

@@ -118,6 +118,13 @@ def detect_kind(folder: Path) -> str | None:
     return "a"
 
 
+def _expert_of(t: StoredTensor) -> int | None:
+    """The expert a wrapper LoRA key names first (``lora_A.expert_2...`` -> 2), else None."""
+    lk = parse_lora_key(t.key)
+    m = _EXPERT.match(lk.adapters[0]) if lk is not None and lk.adapters else None
+    return int(m.group(1)) if m else None
+
+
 def _step(p: Path) -> int:
     m = _CHECKPOINT.match(p.name)
     return int(m.group(1)) if m else -1
@@ -185,7 +192,7 @@ class DyLoRAArtifact(Artifact):
         for key in ("base_model_name_or_path", "_dylora_base_model_name_or_path", "_dylora_base_model"):
             if self.cfg.get(key):
                 return str(self.cfg[key])
-        for cfg in self._adapter_configs().values():
+        for cfg in self.adapter_configs.values():
             if cfg.get("base_model_name_or_path"):
                 return str(cfg["base_model_name_or_path"])
         return self.cfg.get("_name_or_path") or None
@@ -271,7 +278,8 @@ class DyLoRAArtifact(Artifact):
         """Layout c names each expert's tensors by its folder, so the inventory shows which."""
         return rel.rsplit("/", 1)[0] + "/" if self.kind == "c" else ""
 
-    def _adapter_configs(self) -> dict[int, dict[str, Any]]:
+    @cached_property
+    def adapter_configs(self) -> dict[int, dict[str, Any]]:
         """Layout c: each expert's adapter_config.json (when present)."""
         out = {}
         for k, rel in self.expert_sources.items():
@@ -349,16 +357,15 @@ class DyLoRAArtifact(Artifact):
         if self.kind == "a":
             groups: dict[int, list[StoredTensor]] = {}
             for t in self._wrapper["lora"]:
-                m = _EXPERT.match(parse_lora_key(t.key).adapters[0]) if parse_lora_key(t.key).adapters else None
-                if m is None:
-                    continue  # no expert name: left unplaced (see _stray_lora)
-                groups.setdefault(int(m.group(1)), []).append(t)
+                k = _expert_of(t)
+                if k is not None:  # without an expert name it stays unplaced (see _stray_lora)
+                    groups.setdefault(k, []).append(t)
             for k, entries in sorted(groups.items()):
                 name = f"expert_{k}"
                 out[k] = collect_adapter(entries, name, self._read, adapters=(name,), index=k,
                                          source=self.wrapper_files[0], **settings)
             return out
-        configs = self._adapter_configs()
+        configs = self.adapter_configs
         for k, rel in self.expert_sources.items():
             name = f"expert_{k}"
             entries = self.entries_of(rel, self._prefix(rel)) if rel is not None else []
@@ -376,8 +383,7 @@ class DyLoRAArtifact(Artifact):
     @property
     def _stray_lora(self) -> list[StoredTensor]:
         """Layout a: LoRA tensors in the wrapper that name no expert."""
-        return [t for t in self._wrapper["lora"] if not parse_lora_key(t.key).adapters
-                or not _EXPERT.match(parse_lora_key(t.key).adapters[0])]
+        return [t for t in self._wrapper["lora"] if _expert_of(t) is None]
 
     # -- router ---------------------------------------------------------------------------
     @cached_property
@@ -491,7 +497,7 @@ class DyLoRAArtifact(Artifact):
             if len(set(claims.values())) > 1:
                 findings.append(error("inconsistent-config", f"{label} is given twice, differently: "
                                       + ", ".join(f"{k}={v}" for k, v in claims.items())))
-        for k, ac in self._adapter_configs().items():
+        for k, ac in self.adapter_configs.items():
             for field, mine in (("r", self.declared_r), ("lora_alpha", self.declared_alpha)):
                 if mine is not None and ac.get(field) is not None and ac[field] != mine:
                     findings.append(error(

@@ -20,6 +20,10 @@ import ipywidgets as widgets
 from ..errors import ModelkitError
 
 
+class InvalidInput(ModelkitError):
+    """A panel's fields cannot be turned into a call (shown without a traceback)."""
+
+
 def mime_bundle(obj: Any) -> dict[str, Any]:
     """A display_data output for ``obj``: DataFrames as HTML tables, matplotlib Figures as
     PNG, anything with ``_repr_html_`` as HTML, the rest as text."""
@@ -138,7 +142,7 @@ def parse_options(text: str) -> dict[str, Any]:
             continue
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"view option {item.strip()!r} is not KEY=VALUE")
+            raise InvalidInput(f"view option {item.strip()!r} is not KEY=VALUE")
         try:
             out[key.strip()] = json.loads(value.strip())
         except ValueError:

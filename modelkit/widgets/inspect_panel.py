@@ -7,7 +7,7 @@ import ipywidgets as widgets
 
 import modelkit
 
-from ._base import RunButton, optional, show, tabs
+from ._base import InvalidInput, RunButton, optional, show, tabs
 from .picker import ArtifactPicker
 
 
@@ -48,7 +48,7 @@ class InspectPanel(widgets.VBox):
             out.outputs = ()
         ref = self.picker.value
         if ref is None:
-            raise ValueError("pick an artifact from the list or type a ref")
+            raise InvalidInput("pick an artifact from the list or type a ref")
         return modelkit.inspect(ref, base=optional(self.base.value), deep=self.deep.value)
 
     def _show(self, report: "modelkit.InspectionReport") -> None:

@@ -1,0 +1,311 @@
+"""Export speed and memory, each against its baseline in the same run.
+
+1. A compressed MoE of ``--moe-gb`` materialized: ``modelkit.export`` vs the seed note's
+   approach (load the whole compressed model, build a second full model, fill it,
+   ``save_pretrained``). Targets: peak memory <= 1/3, wall time <= 1/2.
+2. A LoRA merge onto a base of ``--lora-gb``: ``modelkit.export`` vs PEFT
+   ``merge_and_unload()`` + ``save_pretrained``. Targets: peak memory <= 1/2, wall time no worse.
+3. Export throughput as a fraction of this machine's raw write speed (``os.write`` of the
+   same byte count + fsync), measured in the same run.
+
+Every side runs in its own fresh subprocess; peak memory is that child's ``ru_maxrss``
+(from ``os.wait4``), wall time is the child's whole life (interpreter start and imports
+included, the same for both sides). Both sides fsync their output (a durable export is
+the job), so neither is credited for leaving dirty pages behind. An ``idle`` child (the
+same imports, no work) shows the fixed floor every side pays.
+
+    python benchmarks/bench_export.py                       # defaults of the issue (>= 1 GB)
+    python benchmarks/bench_export.py --moe-gb 0.02 --lora-gb 0.02 --moe-hidden 256 --lora-hidden 256
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+IMPORTS = "import torch, transformers, peft, safetensors, modelkit, modelkit.export, modelkit.load"
+
+
+# --------------------------------------------------------------------------- children
+
+
+def _fsync_tree(folder: Path) -> None:
+    for p in sorted(Path(folder).rglob("*")):
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+
+
+def child_setup_moe(work: Path, gb: float, hidden: int, experts: int, rank: int) -> dict:
+    """An original qwen3_moe of about ``gb`` GB of experts, and its compressed checkpoint."""
+    from modelkit.testing import write_compressed_moe, write_plain_hf
+
+    inter = hidden // 2
+    per_layer = 3 * experts * hidden * inter * 4
+    layers = max(1, math.ceil(gb * 1e9 / per_layer))
+    original = write_plain_hf(work / "original-moe", "qwen3_moe", hidden_size=hidden,
+                              moe_intermediate_size=inter, intermediate_size=inter * 2,
+                              num_experts=experts, num_experts_per_tok=2, num_hidden_layers=layers,
+                              num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 128),
+                              head_dim=64 if hidden >= 64 else 8)
+    ckpt = write_compressed_moe(work / "compressed", "checkpoint-N", original, rank=rank)
+    return {"ckpt": str(ckpt), "layers": layers, "materialized_bytes": layers * per_layer}
+
+
+def child_setup_lora(work: Path, gb: float, hidden: int, r: int) -> dict:
+    """A llama base of about ``gb`` GB and a trained LoRA adapter (r, alpha 2r) on q/k/v/o."""
+    from modelkit.testing import write_peft_lora, write_plain_hf
+
+    inter = int(hidden * 2.75) // 64 * 64 or 64
+    per_layer = (4 * hidden * hidden + 3 * hidden * inter) * 4
+    layers = max(1, math.ceil(gb * 1e9 / per_layer))
+    heads = max(1, hidden // 64)
+    base = write_plain_hf(work / "base-llama", "llama", hidden_size=hidden, intermediate_size=inter,
+                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                          head_dim=hidden // heads)
+    adapter = write_peft_lora(work / "adapter", base, r=r, alpha=2 * r,
+                              target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
+    return {"base": str(base), "adapter": str(adapter), "layers": layers}
+
+
+def child_ours(ref: str, out: str, base: str | None, shard: str) -> dict:
+    import modelkit
+
+    t = time.perf_counter()
+    result = modelkit.export(ref, out, base=base, max_shard_size=shard, progress=False)
+    return {"export_s": time.perf_counter() - t, "bytes": result.bytes, "shards": len(result.shards)}
+
+
+def child_baseline_moe(ckpt: str, out: str) -> dict:
+    """The seed note's ``export_to_hf_format``: whole compressed model in memory, a second
+    full model built and filled, ``save_pretrained``. The experts use the same low-rank
+    expression as modelkit (not d x d identities), so only the pipeline is compared."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    t = time.perf_counter()
+    ckpt_p = Path(ckpt)
+    non_moe = torch.load(ckpt_p / "non_moe_weights.pt", weights_only=True)
+    layers = {}
+    for f in sorted(ckpt_p.glob("layer_*/*.pt")):
+        data = torch.load(f, weights_only=True)
+        layers[(data["layer_idx"], data["projection"])] = data
+    config = AutoConfig.from_pretrained(ckpt)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    inter = config.moe_intermediate_size
+    with torch.no_grad():
+        for (layer, proj), data in layers.items():
+            experts = model.model.layers[layer].mlp.experts
+            c = data["core"].float()
+            for e, w in enumerate(data["wrappers"]):
+                u_in, v_in, u_out, v_out = (w[k].float() for k in ("U_in", "V_in", "U_out", "V_out"))
+                vc = v_out.T @ c
+                weight = c + u_out @ vc + (c @ u_in) @ v_in.T + u_out @ ((vc @ u_in) @ v_in.T)
+                if proj == "down_proj":
+                    experts.down_proj[e].copy_(weight)
+                elif proj == "gate_proj":
+                    experts.gate_up_proj[e, :inter].copy_(weight)
+                else:
+                    experts.gate_up_proj[e, inter:].copy_(weight)
+        model.load_state_dict(non_moe, strict=False)
+    model.save_pretrained(out)
+    _fsync_tree(Path(out))
+    return {"export_s": time.perf_counter() - t}
+
+
+def child_baseline_lora(base: str, adapter: str, out: str) -> dict:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    t = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    model.save_pretrained(out)
+    _fsync_tree(Path(out))
+    return {"export_s": time.perf_counter() - t}
+
+
+def child_idle() -> dict:
+    return {}
+
+
+CHILDREN = {"setup_moe": child_setup_moe, "setup_lora": child_setup_lora, "ours": child_ours,
+            "baseline_moe": child_baseline_moe, "baseline_lora": child_baseline_lora, "idle": child_idle}
+
+
+def _child_main(role: str, args: str) -> None:
+    exec(IMPORTS)  # the same imports for every measured side
+    kwargs = json.loads(args)
+    for k in ("work",):
+        if k in kwargs:
+            kwargs[k] = Path(kwargs[k])
+    out = CHILDREN[role](**kwargs)
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+# --------------------------------------------------------------------------- parent
+
+
+def run_child(role: str, **kwargs) -> dict:
+    """Run one side in a fresh interpreter; its result plus wall seconds and peak RSS."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    t = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, str(HERE), "_child", role, json.dumps(kwargs, default=str)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t
+    stdout, stderr = proc.stdout.read(), proc.stderr.read()
+    proc.stdout.close()
+    proc.stderr.close()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{role} failed ({proc.returncode}):\n{stderr[-4000:]}")
+    line = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    return {**json.loads(line[7:]), "wall_s": wall, "peak_mb": usage.ru_maxrss / 1024}
+
+
+def raw_write_seconds(folder: Path, nbytes: int, chunk: int = 8 << 20) -> float:
+    """Seconds to ``os.write`` ``nbytes`` to a new file and fsync it."""
+    buf = os.urandom(chunk)
+    path = folder / "raw-write.bin"
+    t = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        left = nbytes
+        while left > 0:
+            left -= os.write(fd, buf[:min(chunk, left)])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    seconds = time.perf_counter() - t
+    path.unlink()
+    return seconds
+
+
+def same_tensors(a: Path, b: Path, samples: int = 4) -> float:
+    """Max |a - b| over a few tensors present in both exports (a spot check)."""
+    import torch
+    from safetensors import safe_open
+
+    def index(folder: Path) -> dict[str, Path]:
+        idx = folder / "model.safetensors.index.json"
+        if idx.exists():
+            return {k: folder / v for k, v in json.loads(idx.read_text())["weight_map"].items()}
+        with safe_open(str(folder / "model.safetensors"), "pt") as f:
+            return {k: folder / "model.safetensors" for k in f.keys()}
+
+    ia, ib = index(a), index(b)
+    names = sorted(set(ia) & set(ib))
+    picks = [n for n in names if "experts" in n or "proj" in n][:: max(1, len(names) // samples)][:samples]
+    worst = 0.0
+    for n in picks:
+        with safe_open(str(ia[n]), "pt") as fa, safe_open(str(ib[n]), "pt") as fb:
+            worst = max(worst, (fa.get_tensor(n).float() - fb.get_tensor(n).float()).abs().max().item())
+    return worst
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--moe-gb", type=float, default=1.0, help="materialized expert size of the compressed MoE")
+    p.add_argument("--moe-hidden", type=int, default=1024)
+    p.add_argument("--moe-experts", type=int, default=16)
+    p.add_argument("--rank", type=int, default=64, help="compressed wrapper rank")
+    p.add_argument("--lora-gb", type=float, default=1.0, help="size of the LoRA base model")
+    p.add_argument("--lora-hidden", type=int, default=2048)
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--max-shard-size", default="256MB", help="modelkit's shard size (its memory bound)")
+    p.add_argument("--workdir", help="where artifacts and exports go (default: a temp folder)")
+    p.add_argument("--keep", action="store_true", help="keep the work folder")
+    p.add_argument("--only", choices=("moe", "lora"), help="run one scenario")
+    p.add_argument("--json", help="also write the rows to this JSON file")
+    args = p.parse_args(argv)
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="modelkit-bench-")).absolute()
+    work.mkdir(parents=True, exist_ok=True)
+    rows, notes = [], []
+    try:
+        idle = run_child("idle")
+        rows.append(("floor", "idle: interpreter + imports", idle, None, None))
+        if args.only in (None, "moe"):
+            setup = run_child("setup_moe", work=work, gb=args.moe_gb, hidden=args.moe_hidden,
+                              experts=args.moe_experts, rank=args.rank)
+            ours = run_child("ours", ref=setup["ckpt"], out=str(work / "moe-ours"), base=None,
+                             shard=args.max_shard_size)
+            base = run_child("baseline_moe", ckpt=setup["ckpt"], out=str(work / "moe-baseline"))
+            diff = same_tensors(work / "moe-ours", work / "moe-baseline")
+            raw = raw_write_seconds(work, ours["bytes"])
+            notes.append(f"compressed MoE: {setup['layers']} layers x {args.moe_experts} experts, hidden "
+                         f"{args.moe_hidden}, rank {args.rank}; export {ours['bytes'] / 1e9:.3f} GB in "
+                         f"{ours['shards']} shard(s); outputs agree to {diff:.2g}")
+            rows.append(("moe", "baseline (seed note)", base, None, None))
+            rows.append(("moe", "modelkit export", ours, (1 / 3, 1 / 2), base))
+            rows.append(("moe", "raw write (os.write+fsync)", {"export_s": raw, "bytes": ours["bytes"]}, None, None))
+            notes.append(f"compressed MoE throughput: {ours['bytes'] / ours['export_s'] / 1e6:.0f} MB/s = "
+                         f"{raw / ours['export_s']:.0%} of raw write {ours['bytes'] / raw / 1e6:.0f} MB/s")
+            for d in ("moe-ours", "moe-baseline", "original-moe", "compressed"):
+                shutil.rmtree(work / d, ignore_errors=True)
+        if args.only in (None, "lora"):
+            setup = run_child("setup_lora", work=work, gb=args.lora_gb, hidden=args.lora_hidden, r=args.lora_r)
+            ours = run_child("ours", ref=setup["adapter"], out=str(work / "lora-ours"), base=setup["base"],
+                             shard=args.max_shard_size)
+            base = run_child("baseline_lora", base=setup["base"], adapter=setup["adapter"],
+                             out=str(work / "lora-baseline"))
+            diff = same_tensors(work / "lora-ours", work / "lora-baseline")
+            raw = raw_write_seconds(work, ours["bytes"])
+            notes.append(f"LoRA merge: llama {setup['layers']} layers, hidden {args.lora_hidden}, r {args.lora_r} "
+                         f"on q/k/v/o; export {ours['bytes'] / 1e9:.3f} GB in {ours['shards']} shard(s); "
+                         f"outputs agree to {diff:.2g}")
+            rows.append(("lora", "baseline (PEFT merge_and_unload + save_pretrained)", base, None, None))
+            rows.append(("lora", "modelkit export", ours, (1 / 2, 1.0), base))
+            rows.append(("lora", "raw write (os.write+fsync)", {"export_s": raw, "bytes": ours["bytes"]}, None, None))
+            notes.append(f"LoRA merge throughput: {ours['bytes'] / ours['export_s'] / 1e6:.0f} MB/s = "
+                         f"{raw / ours['export_s']:.0%} of raw write {ours['bytes'] / raw / 1e6:.0f} MB/s")
+            for d in ("lora-ours", "lora-baseline", "base-llama", "adapter"):
+                shutil.rmtree(work / d, ignore_errors=True)
+    finally:
+        if not args.keep and not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+    print(table(rows, args.max_shard_size))
+    for n in notes:
+        print(f"- {n}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": [
+            {"scenario": s, "side": side, **m} for s, side, m, _, _ in rows], "notes": notes}, indent=1))
+    return 0
+
+
+def table(rows, shard: str) -> str:
+    head = (f"| scenario | side | wall s | work s | peak RSS MB | memory vs baseline | time vs baseline |\n"
+            f"|---|---|---:|---:|---:|---:|---:|")
+    lines = [head]
+    for scenario, side, m, targets, base in rows:
+        wall = f"{m['wall_s']:.1f}" if "wall_s" in m else ""
+        work = f"{m['export_s']:.1f}" if "export_s" in m else ""
+        peak = f"{m['peak_mb']:.0f}" if "peak_mb" in m else ""
+        mem = tim = ""
+        if targets and base:
+            rm, rt = m["peak_mb"] / base["peak_mb"], m["wall_s"] / base["wall_s"]
+            mem = f"{rm:.2f} (target <= {targets[0]:.2f}) {'met' if rm <= targets[0] else 'MISSED'}"
+            tim = f"{rt:.2f} (target <= {targets[1]:.2f}) {'met' if rt <= targets[1] else 'MISSED'}"
+        lines.append(f"| {scenario} | {side} | {wall} | {work} | {peak} | {mem} | {tim} |")
+    lines.append(f"\nmodelkit --max-shard-size {shard}; wall = whole child process (imports included); "
+                 "work = the export call itself; both sides fsync their output.")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_child":
+        _child_main(sys.argv[2], sys.argv[3])
+    else:
+        sys.exit(main())

@@ -1,0 +1,16 @@
+"""ipywidgets views over the public API, for JupyterLab.
+
+Each panel is a thin view: controls -> one call of a top-level function
+(``modelkit.inspect`` / ``export`` / ``diff`` / ``compare``) -> its tables, text and plot
+in ``Output`` areas. A click runs ``panel.run()``; the last result is ``panel.result``;
+errors are shown in the panel (``panel.runner.error``) and kept in ``panel.runner.exception``.
+"""
+from ._base import RunButton, mime_bundle, output_text, show
+from .compare_panel import ComparePanel
+from .diff_panel import DiffPanel
+from .export_panel import ExportPanel
+from .inspect_panel import InspectPanel
+from .picker import ArtifactPicker, discover, is_artifact
+
+__all__ = ["ArtifactPicker", "ComparePanel", "DiffPanel", "ExportPanel", "InspectPanel", "RunButton",
+           "discover", "is_artifact", "mime_bundle", "output_text", "show"]

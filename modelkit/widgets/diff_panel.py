@@ -1,0 +1,78 @@
+"""Diff panel: pick A and B, click, see the verdict, tables by role and layer, and the plot."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import ipywidgets as widgets
+
+import modelkit
+
+from ._base import InvalidInput, RunButton, optional, parse_options, show, tabs
+from .picker import ArtifactPicker
+
+
+def _options_text(options: Mapping[str, Any] | None) -> str:
+    return ", ".join(f"{k}={v}" for k, v in (options or {}).items())
+
+
+class DiffPanel(widgets.VBox):
+    """:func:`modelkit.diff` as a widget; the last DiffResult is ``result``."""
+
+    def __init__(self, root: str | Path | None = None, a: str | Path | None = None,
+                 b: str | Path | None = None, base_a: str | Path | None = None,
+                 base_b: str | Path | None = None, options_a: Mapping[str, Any] | None = None,
+                 options_b: Mapping[str, Any] | None = None, rank: bool = False):
+        wide = widgets.Layout(width="60%")
+        self.picker_a = ArtifactPicker(root, a, description="A")
+        self.picker_b = ArtifactPicker(value=b, description="B", root_from=self.picker_a)
+        self.base_a = widgets.Text(value=str(base_a or ""), description="base A", layout=wide,
+                                   placeholder="optional: base model of A")
+        self.base_b = widgets.Text(value=str(base_b or ""), description="base B", layout=wide,
+                                   placeholder="optional: base model of B")
+        self.options_a = widgets.Text(value=_options_text(options_a), description="options A",
+                                      placeholder="e.g. expert=0")
+        self.options_b = widgets.Text(value=_options_text(options_b), description="options B",
+                                      placeholder="e.g. expert=0")
+        self.rank = widgets.Checkbox(value=rank, description="effective rank of 2-D deltas")
+        self.summary = widgets.Output()
+        self.summary.add_class("mk-summary")
+        self.plot = widgets.Output()
+        self.by_role = widgets.Output()
+        self.by_layer = widgets.Output()
+        self.tensors = widgets.Output()
+        self.runner = RunButton("Diff", self._diff, self._show, icon="exchange",
+                                tooltip="compare A and B weight by weight")
+        super().__init__([self.picker_a, self.base_a, self.options_a, self.picker_b, self.base_b,
+                          self.options_b, self.rank, self.runner, self.summary,
+                          tabs(plot=self.plot, by_role=self.by_role, by_layer=self.by_layer,
+                               tensors=self.tensors)])
+
+    @property
+    def button(self) -> widgets.Button:
+        return self.runner.button
+
+    @property
+    def result(self) -> "modelkit.DiffResult | None":
+        return self.runner.result
+
+    def run(self) -> "modelkit.DiffResult | None":
+        """What a click does: diff and display (errors shown in the panel)."""
+        return self.runner.run()
+
+    def _diff(self) -> "modelkit.DiffResult":
+        for out in (self.summary, self.plot, self.by_role, self.by_layer, self.tensors):
+            out.outputs = ()
+        a, b = self.picker_a.value, self.picker_b.value
+        if a is None or b is None:
+            raise InvalidInput("pick both A and B")
+        return modelkit.diff(a, b, base_a=optional(self.base_a.value), base_b=optional(self.base_b.value),
+                             options_a=parse_options(self.options_a.value),
+                             options_b=parse_options(self.options_b.value), rank=self.rank.value)
+
+    def _show(self, result: "modelkit.DiffResult") -> None:
+        show(self.summary, result.summary())
+        show(self.by_role, result.by_role())
+        show(self.by_layer, result.by_layer())
+        show(self.tensors, result.to_frame())
+        show(self.plot, result.plot())
