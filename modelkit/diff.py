@@ -4,10 +4,13 @@ Each side is seen through its format's view (:mod:`modelkit.views`), after the m
 materialization that view performs, so a DyLoRA-MoE expert, a PEFT adapter or a
 compressed MoE compares directly against its base or its original dense model.
 
-Streaming: one tensor pair is produced at a time and reduced chunk by chunk (``CHUNK``
-elements) in a working precision (float32; float64 for float64 and integer tensors).
-Memory-mapped pages are released after every tensor by closing the files' handles, so
-peak memory stays near one tensor pair, whatever the checkpoint size.
+Streaming: one tensor pair at a time, reduced chunk by chunk (``CHUNK`` elements) in a
+working precision (float32; float64 for float64 and integer tensors), the chunks shared
+out to a few threads. A tensor stored as is in a safetensors file is read with plain
+file reads into reusable buffers (no memory map, so no resident pages pile up); a
+computed one (LoRA merge, compressed expert) comes from its view's producer, and the
+files the producer memory-mapped are closed after every tensor. Peak memory is one
+produced pair plus a few chunk buffers, whatever the checkpoint size.
 
 Per tensor (see :data:`COLUMNS`): status, norms of A, B and B-A, relative change
 ``||B-A|| / ||A||``, cosine similarity, max abs difference, fraction of elements changed,
@@ -58,9 +61,8 @@ OVERLAP_WARNING = 0.5           # key sets sharing less than this fraction: "bar
 
 @dataclass
 class _Side:
-    """One side of a diff: its view, and the artifacts whose files it reads."""
+    """One side of a diff: its view, the artifacts whose files it reads, facts to report."""
 
-    label: str
     view: TensorView
     artifacts: list[Artifact]
     info: dict[str, Any]
@@ -70,7 +72,8 @@ def _open_side(x: "str | Path | Artifact | TensorView", base: "str | Path | Arti
                options: Mapping[str, Any] | None) -> _Side:
     options = dict(options or {})
     if isinstance(x, TensorView):
-        return _Side("<view>", x, [], {"label": "<view>", "options": options})
+        return _Side(x, [], {"label": "<view>", "options": options,
+                             "unplaced": [t.name for t in x.unplaced], "notes": list(x.notes)})
     base_ref = None if isinstance(base, Artifact) else base
     art = x if isinstance(x, Artifact) else open_artifact(x, base=base_ref)
     if isinstance(base, Artifact):
@@ -86,8 +89,10 @@ def _open_side(x: "str | Path | Artifact | TensorView", base: "str | Path | Arti
     info: dict[str, Any] = {"label": label, "folder": str(art.folder), "format": art.format,
                             "layout": art.layout, "options": options,
                             "base": str(base_art.folder) if base_art is not None else None,
-                            "unplaced": [t.name for t in view.unplaced], "notes": list(view.notes)}
-    return _Side(label, view, [a for a in (art, base_art) if a is not None], info)
+                            "unplaced": [t.name for t in view.unplaced], "notes": list(view.notes),
+                            "unreadable_files": [str(e) for a in (art, base_art) if a is not None
+                                                 for e in a.file_errors]}
+    return _Side(view, [a for a in (art, base_art) if a is not None], info)
 
 
 def _model_type(art: Artifact) -> str | None:
@@ -169,7 +174,7 @@ def _stored_read(lazy: Any) -> tuple[Any, str] | None:
 
 
 def _open_source(lazy: Any, spans: _Spans) -> _Source:
-    stored = _stored_read(lazy)
+    stored = _stored_read(lazy) if sys.byteorder == "little" else None  # safetensors is little-endian
     if stored is not None:
         return spans.source(*stored)
     t = lazy.produce()
@@ -510,17 +515,13 @@ def _diff_tensor(name: str, a: Any, b: Any, workers: _Workers, spans: _Spans,
                 row[f"dtype_{side}"] = dtype_name(src[side].dtype)
         side = "a and b"
         _fill_row(row, src, workers)
-        if rank and row["changed"] and len(src["a"].shape) == 2:
-            if src["a"].numel <= RANK_MAX_ELEMENTS:
-                ta, tb = _full(src["a"], a), _full(src["b"], b)
-                row["effective_rank"], row["numerical_rank"] = effective_rank(tb.float() - ta.float())
-            else:
-                row["note"] = (row["note"] + "; " if row["note"] else "") + \
-                    f"rank skipped: {src['a'].numel:,} elements > RANK_MAX_ELEMENTS"
     except Exception as e:  # reported in the result, never raised from deep inside torch
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         row.update(status="unreadable", identical=False,
                    note=f"{side.upper() if len(side) == 1 else side}: {type(e).__name__}: {first}")
+        return row
+    if rank and row["changed"] and len(src["a"].shape) == 2:
+        _add_rank(row, src, a, b)
     return row
 
 
@@ -543,8 +544,20 @@ def _fill_row(row: dict[str, Any], src: dict[str, _Source], workers: _Workers) -
     _fill_compared(row, _compare(sa, sb, workers), sa.numel)
 
 
-def _full(src: _Source, lazy: Any) -> "torch.Tensor":
-    return src.tensor if src.tensor is not None else lazy.produce()
+def _add_rank(row: dict[str, Any], src: dict[str, _Source], a: Any, b: Any) -> None:
+    """The delta's effective rank (whole tensors in memory: only up to RANK_MAX_ELEMENTS)."""
+    numel = src["a"].numel
+    if numel > RANK_MAX_ELEMENTS:
+        note = f"rank skipped: {numel:,} elements > RANK_MAX_ELEMENTS"
+    else:
+        try:
+            ta, tb = (s.tensor if s.tensor is not None else lazy.produce()
+                      for s, lazy in ((src["a"], a), (src["b"], b)))
+            row["effective_rank"], row["numerical_rank"] = effective_rank(tb.float() - ta.float())
+            return
+        except Exception as e:  # e.g. an SVD that does not converge: the other numbers stand
+            note = f"rank not estimated: {type(e).__name__}: {e}"
+    row["note"] = f"{row['note']}; {note}" if row["note"] else note
 
 
 # --------------------------------------------------------------------------- the result
@@ -564,7 +577,7 @@ def _aggregate(frame: "pd.DataFrame", keys: list[str]) -> "pd.DataFrame":
             "unreadable", "numel", "rel_change", "max_rel_change", "cosine", "max_abs_diff",
             "frac_changed", "nonfinite"]
     if frame.empty:
-        return pd.DataFrame(columns=cols)
+        return pd.DataFrame(columns=[*keys, *cols]).set_index(keys)
     rows = []
     for key, g in frame.groupby(keys, dropna=False, sort=True):
         key = key if isinstance(key, tuple) else (key,)
@@ -579,7 +592,7 @@ def _aggregate(frame: "pd.DataFrame", keys: list[str]) -> "pd.DataFrame":
         rows.append({
             **{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in zip(keys, key)},
             "tensors": len(g), "compared": len(c),
-            "changed": int((~g.identical.astype(bool) & g.status.isin(["compared", "dtype-changed"])).sum()),
+            "changed": int((c.changed.fillna(0) > 0).sum()),   # values differ (as DiffResult.changed)
             "added": int((g.status == "added").sum()), "removed": int((g.status == "removed").sum()),
             "shape_changed": int((g.status == "shape-changed").sum()),
             "dtype_changed": int((g.status == "dtype-changed").sum()),
@@ -652,17 +665,23 @@ class DiffResult:
                 if r["status"] in ("compared", "dtype-changed") and r["changed"]]
 
     @property
+    def unreadable(self) -> int:
+        """Tensors and files that could not be read (either side)."""
+        return self.count("unreadable") + sum(len(s.get("unreadable_files") or []) for s in (self.a, self.b))
+
+    @property
     def identical(self) -> bool:
-        """Same names, shapes, dtypes and values on both sides (NaN equals NaN)."""
-        return all(r["identical"] for r in self.rows)
+        """Same names, shapes, dtypes and values on both sides (NaN equals NaN), every file
+        read, and something compared."""
+        return bool(self.rows) and not self.unreadable and all(r["identical"] for r in self.rows)
 
     @property
     def verdict(self) -> str:
-        """``identical``, ``different``, or ``incomplete`` (unreadable tensors, no difference seen)."""
+        """``identical``, ``different``, or ``incomplete`` (no difference seen, but nothing
+        compared or something unreadable)."""
         if self.identical:
             return "identical"
-        if any(r["status"] == "unreadable" for r in self.rows) and \
-                all(r["identical"] or r["status"] == "unreadable" for r in self.rows):
+        if all(r["identical"] or r["status"] == "unreadable" for r in self.rows):
             return "incomplete"
         return "different"
 
@@ -744,8 +763,9 @@ class DiffResult:
         if self.verdict == "identical":
             lines.append(f"IDENTICAL: all {n} tensors have the same names, shapes, dtypes and values")
         elif self.verdict == "incomplete":
-            lines.append(f"INCOMPLETE: no difference found, but {self.count('unreadable')} of {n} "
-                         "tensors could not be read")
+            lines.append(f"INCOMPLETE: no difference found in {n} tensors, but "
+                         + (f"{self.unreadable} tensor(s) or file(s) could not be read"
+                            if self.unreadable else "there was nothing to compare"))
         else:
             parts = [f"{len(self.changed)} of {len(both)} shared tensors changed"]
             parts += [f"{self.count(s)} {s}" for s in ("added", "removed", "shape-changed",
@@ -797,9 +817,10 @@ class DiffResult:
         layers = self.by_layer()
         layers = layers[layers.changed > 0]
         if len(layers):
-            lines += ["", "  by layer (changed layers only; '-': outside the layers):",
-                      "    " + "  ".join(f"{'-' if pd.isna(layer) else layer}: {_fmt(g.rel_change)}"
-                                         for layer, g in zip(layers.index, layers.itertuples()))]
+            cells = [f"{'-' if pd.isna(layer) else layer}: {_fmt(g.rel_change)}"
+                     for layer, g in zip(layers.index, layers.itertuples())]
+            lines += ["", "  by layer, pooled relative change (changed layers; '-': outside the layers):"]
+            lines += ["    " + "  ".join(cells[i:i + 8]) for i in range(0, len(cells), 8)]
         changed = frame[frame.status.isin(["compared", "dtype-changed"]) & (frame.changed > 0)]
         if len(changed):
             changed = changed.sort_values("rel_change", ascending=False).head(top)
@@ -926,9 +947,8 @@ def _warnings(a: _Side, b: _Side) -> list[str]:
         if unplaced:
             out.append(f"{tag} stores {len(unplaced)} tensor(s) its view cannot place (a loader "
                        f"drops them, so they change nothing): {_names(unplaced)}")
-        for art in side.artifacts:
-            out += [f"{tag}: unreadable file {e}; its tensors are missing from the view"
-                    for e in art.file_errors]
+        out += [f"{tag}: unreadable file {e}; its tensors are missing from the view"
+                for e in side.info.get("unreadable_files") or []]
     return out
 
 

@@ -158,6 +158,9 @@ def test_an_unreadable_shard_is_reported(llama, tmp_path):
 
     assert not result.identical and result.count("removed") > 0
     assert f"B: unreadable file {shard}" in result.summary()
+    itself = modelkit.diff(b, b, progress=False)   # no difference seen, but not all was read
+    assert itself.verdict == "incomplete" and not itself.identical
+    assert itself.summary().startswith("INCOMPLETE: no difference found in")
 
 
 def test_chunked_and_threaded_reduction_match_one_pass(llama, tmp_path, monkeypatch):

@@ -87,6 +87,15 @@ def test_checkpoints_and_roots_are_detected(clean):
     assert detect(clean["a-tiny-config"].parent)[1] == "d"
 
 
+def test_root_without_best_model_opens_the_newest_checkpoint(clean, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(clean["d"], root)
+    shutil.rmtree(root / "best_model")
+    art = open_artifact(root)
+    assert (detect(root)[1], art.layout, art.kind, art.folder.name) == ("d", "d", "c", "checkpoint-100")
+    assert not codes(inspect(root), "error", "warning")
+
+
 @pytest.mark.parametrize("layout", ["a-tiny-config", "a-full-config", "b"])
 def test_detected_when_a_loader_rewrote_the_config_to_the_base(clean, base, tmp_path, layout):
     folder = copy_of(clean[layout], tmp_path / "x")
@@ -98,9 +107,10 @@ def test_detected_when_a_loader_rewrote_the_config_to_the_base(clean, base, tmp_
 
 def test_dylora_has_priority_over_peft_and_plain_hf():
     from modelkit.formats import formats
+    from modelkit.formats.plain_hf import PlainHF
 
     order = [f.name for f in formats()]
-    assert order.index("dylora-moe") < order.index("peft-lora") < order.index("hf")
+    assert order.index("dylora-moe") < order.index("peft-lora") < order.index(PlainHF.name)
 
 
 # -- inventory -----------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from modelkit.artifacts import open_artifact, open_base
 from modelkit.cli import main
 from modelkit.errors import BaseModelUnavailableError, LoadError
 from modelkit.formats import detect
+from modelkit.formats.plain_hf import PlainHF
 from modelkit.inspection import inspect
 from modelkit.testing import write_peft_lora, write_plain_hf
 from modelkit.testing._files import quiet
@@ -66,7 +67,7 @@ def test_detects_adapter_folders_and_leaves_the_base_to_plain_hf(tiny, tmp_path)
     fmt, layout = detect(tiny["adapter"])
     assert (fmt.name, layout) == ("peft-lora", "safetensors")
     assert detect(write_peft_lora(tmp_path / "bin", tiny["base"], bin=True))[1] == "bin"
-    assert detect(tiny["base"])[0].name == "hf"
+    assert detect(tiny["base"])[0].name == PlainHF.name
 
 
 def test_stored_lists_lora_tensors_as_named_in_the_file(tiny):

@@ -133,15 +133,17 @@ def adapter_findings(adapter: LoraAdapter, label: str, deep: bool,
         lk = parse_lora_key(t.key)
         (named if lk is not None and lk.adapters != expected_names else odd).append(t)
     if named:
-        twice = expected_names and parse_lora_key(named[0].key).adapters[:1] == expected_names
+        names = parse_lora_key(named[0].key).adapters
+        twice = len(names) >= 2 and len(set(names)) == 1
         example = "lora_" + named[0].key.split("lora_", 1)[-1]
         dropped_all = not adapter.modules
         findings.append(error(
             "unexpected-tensors",
             f"{len(named)} tensor(s) of {label} carry the adapter name "
             f"{'twice' if twice else 'where the layout has none' if not expected_names else 'wrongly'} "
-            f"(`{example}`): the loader, which inserts the adapter name itself, finds no parameter "
-            "of that name and drops them, so those modules keep their untrained weights"
+            f"(`{example}`): the model's parameter is `lora_A.{adapter.name}.weight` (PEFT's loader "
+            "inserts the name itself), so a loader finds no parameter of that name and drops them; "
+            "those modules keep their untrained weights"
             + ("" if not dropped_all else ": the 'trained' model is the base model" if alone
                else f": {label} stays at B = 0 and changes nothing (with every expert saved so, the "
                     "'trained' model is the base model)"),

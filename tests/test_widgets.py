@@ -1,0 +1,134 @@
+"""What a click computes and displays, without a browser: each panel's button is clicked
+(``button.click()`` runs the same handler the browser triggers) and its Output areas are
+read back. Errors must be shown in the panel, never lost in a callback."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import modelkit
+from modelkit.widgets import (ArtifactPicker, DiffPanel, ExportPanel, InspectPanel, discover,
+                              mime_bundle, output_text)
+
+
+@pytest.fixture(scope="module")
+def root(catalog):
+    return catalog["plain-llama"].parent
+
+
+def test_discover_lists_every_artifact_under_the_root_and_nothing_else(root, catalog):
+    found = discover(root)
+    # each catalog artifact is listed once, by the folder a user would point at (a run
+    # folder whose best_model/ or checkpoint the format opens, or the artifact itself)
+    for name, path in catalog.items():
+        holders = [k for k, v in found.items() if path == Path(v) or Path(v) in path.parents]
+        assert len(holders) == 1, (name, holders)
+    assert len(found) == len(catalog)
+    assert found["dylora-missing-router"] == str(root / "dylora-missing-router")
+    assert found["bad-truncated/model"] == str(catalog["bad-truncated"])
+    # a folder a format claims but cannot read is offered: inspecting it says what is wrong
+    assert "bad-malformed-config/model" in found
+    # a W&B artifact root is one artifact; the checkpoints beside best_model/ are not listed
+    assert not any("/checkpoint" in k or k.endswith("best_model") for k in found)
+
+
+def test_picker_value_is_the_typed_ref_else_the_listed_choice(root, catalog):
+    assert ArtifactPicker(root).value is None               # nothing picked until asked
+    picker = ArtifactPicker(root, value=root / "dylora-b")
+    assert picker.dropdown.value == str(root / "dylora-b") and picker.ref.value == ""
+    # a folder that is not listed as such (best_model/ inside a listed run) goes to the ref field
+    picker.value = catalog["dylora-b"]
+    assert picker.ref.value == str(catalog["dylora-b"]) == picker.value
+    picker.value = "wandb:me/proj/model:v3"
+    assert picker.value == "wandb:me/proj/model:v3"       # typed refs win over the list
+    picker.select("plain-llama")
+    assert picker.value == str(catalog["plain-llama"])
+    other = ArtifactPicker(value="hf:org/model", root_from=picker)
+    assert other.choices == picker.choices and other.value == "hf:org/model"
+
+
+def test_inspect_click_shows_the_findings_table_with_the_error_code(root):
+    panel = InspectPanel(root=root)
+    panel.picker.select("dylora-missing-router")
+    panel.button.click()
+    assert panel.runner.exception is None, panel.runner.error.value
+    findings = output_text(panel.findings)
+    assert "<table" in findings and "missing-router" in findings and "error" in findings
+    assert panel.result.format == "dylora-moe" and "missing-router" in panel.result.codes
+    assert "dylora-moe" in output_text(panel.summary)
+    assert "<table" in output_text(panel.groups) and "<table" in output_text(panel.tensors)
+    assert panel.runner.status.value.startswith("done") and not panel.button.disabled
+
+
+def test_inspect_error_is_shown_in_the_panel_and_clears_the_old_result(root):
+    panel = InspectPanel(root=root)
+    panel.picker.select("compressed-no-non-moe")
+    panel.run()
+    assert "missing-tensors" in output_text(panel.findings)
+    panel.picker.select("bad-malformed-config/model")
+    panel.button.click()
+    assert isinstance(panel.runner.exception, modelkit.errors.ConfigError)
+    assert "ConfigError" in panel.runner.error.value and "config.json" in panel.runner.error.value
+    assert "Traceback" not in panel.runner.error.value      # a ModelkitError says it all
+    assert panel.result is None and panel.findings.outputs == ()
+    assert "failed" in panel.runner.status.value and not panel.button.disabled
+    panel.picker.value = "hf:nobody/not-in-the-cache"
+    panel.run()
+    assert "RefNotFoundError" in panel.runner.error.value
+
+
+def test_unexpected_exceptions_are_shown_with_their_traceback(root, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("bug inside inspect")
+
+    monkeypatch.setattr(modelkit, "inspect", broken)
+    panel = InspectPanel(root=root, ref=root / "plain-llama")
+    panel.button.click()
+    assert "RuntimeError" in panel.runner.error.value and "Traceback" in panel.runner.error.value
+    assert "bug inside inspect" in panel.runner.error.value
+
+
+def test_export_click_writes_the_folder_and_shows_the_summary(root, tmp_path):
+    out = tmp_path / "expert0"
+    panel = ExportPanel(root=root, ref=root / "dylora-b", out=out, expert=0, verify=True)
+    panel.button.click()
+    assert panel.runner.exception is None, panel.runner.error.value
+    summary = output_text(panel.summary)
+    assert "exported:" in summary and "verify OK" in summary
+    assert (out / "config.json").exists() and panel.result.written
+    panel.button.click()                                   # out exists, 'replace' is off
+    assert "OutputExistsError" in panel.runner.error.value and panel.summary.outputs == ()
+    panel.expert.value = "first"
+    panel.button.click()
+    assert "expert must be blank, an integer or 'all'" in panel.runner.error.value
+
+
+def test_diff_click_shows_verdict_tables_and_plot(root):
+    panel = DiffPanel(root=root, a=root / "original-qwen3-moe", b=root / "compressed-checkpoint-N")
+    panel.button.click()
+    assert panel.runner.exception is None, panel.runner.error.value
+    assert output_text(panel.summary).startswith("DIFFERENT")
+    assert "expert" in output_text(panel.by_role) and "<table" in output_text(panel.by_layer)
+    assert "image/png" in panel.plot.outputs[0]["data"]
+    panel.options_b.value = "expert"
+    panel.button.click()
+    assert "not KEY=VALUE" in panel.runner.error.value
+
+
+def test_diff_panel_passes_view_options(root):
+    panel = DiffPanel(root=root, a=root / "base-gemma", b=root / "dylora-b", options_b={"expert": 1})
+    assert panel.options_b.value == "expert=1"
+    result = panel.run()
+    assert result is not None, panel.runner.error.value
+    assert "expert=1" in result.b["label"]
+
+
+def test_mime_bundle_renders_tables_and_figures():
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+    assert "<table" in mime_bundle(pd.DataFrame({"code": ["x"]}))["data"]["text/html"]
+    fig = Figure()
+    fig.subplots().plot([0, 1])
+    assert mime_bundle(fig)["data"]["image/png"]
