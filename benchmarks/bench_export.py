@@ -135,9 +135,10 @@ def child_baseline_lora(base: str, adapter: str, out: str) -> dict:
 
 
 def child_idle() -> dict:
-    """The floor: an interpreter with torch and transformers imported, doing nothing."""
+    """The floor: an interpreter with torch and transformers' modeling code imported, idle."""
     import torch  # noqa: F401
-    import transformers  # noqa: F401
+    from transformers import AutoModelForCausalLM  # noqa: F401
+    from transformers.modeling_utils import PreTrainedModel  # noqa: F401
 
     return {}
 

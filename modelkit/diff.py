@@ -4,11 +4,10 @@ Each side is seen through its format's view (:mod:`modelkit.views`), after the m
 materialization that view performs, so a DyLoRA-MoE expert, a PEFT adapter or a
 compressed MoE compares directly against its base or its original dense model.
 
-Streaming: one tensor pair at a time, reduced chunk by chunk (``CHUNK`` elements) in a
-working precision (float32; float64 for float64 and integer tensors), the chunks shared
-out to a few threads. A tensor stored as is in a safetensors file is read with plain
-file reads into reusable buffers (no memory map, so no resident pages pile up); a
-computed one (LoRA merge, compressed expert) comes from its view's producer, and the
+Streaming: one tensor pair at a time, reduced chunk by chunk in a working precision
+(float32; float64 for float64 and integer tensors) by :mod:`modelkit.pairstats`. A
+tensor stored as is in a safetensors file is read with plain file reads (no memory map);
+a computed one (LoRA merge, compressed expert) comes from its view's producer, and the
 files the producer memory-mapped are closed after every tensor. Peak memory is one
 produced pair plus a few chunk buffers, whatever the checkpoint size.
 
@@ -22,18 +21,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import struct
 import sys
 import time
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from .artifacts import open_artifact, open_base
 from .formats import Artifact
+from .pairstats import (RANK_MAX_ELEMENTS, PairSums, Source, Spans, Workers, compare_pair,
+                        effective_rank, open_source, single_norm)
 from .views import TensorView
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -48,10 +47,6 @@ COLUMNS = (
     "changed", "frac_changed", "identical", "nonfinite_a", "nonfinite_b", "effective_rank",
     "numerical_rank", "note",
 )
-CHUNK = 1 << 19                 # elements reduced at a time (2 MiB per float32 buffer: cache-sized)
-MAX_THREADS = 8                 # reduction threads; beyond this memory bandwidth is the limit
-RANK_MAX_ELEMENTS = 1 << 24     # larger 2-D deltas get no rank estimate (svd cost and memory)
-RANK_RTOL = 1e-3                # numerical rank: singular values above RANK_RTOL * largest
 ROLE_ORDER = ("embedding", "attention", "mlp", "expert", "router", "norm", "lm_head", "lora", "other")
 OVERLAP_WARNING = 0.5           # key sets sharing less than this fraction: "barely overlap"
 
@@ -115,347 +110,6 @@ def _release(artifacts: Iterable[Artifact]) -> None:
                 f.__dict__.pop("obj", None)       # PickleFile's torch.load(mmap=True)
 
 
-# --------------------------------------------------------------------------- reading
-
-
-@dataclass
-class _Source:
-    """One side's tensor, ready to be read CHUNK elements at a time: either stored as is
-    in a safetensors file (read with plain file reads: no memory map, no resident pages
-    left behind) or already produced (a merge, a materialized expert, a pickle)."""
-
-    shape: tuple[int, ...]
-    dtype: Any                       # torch dtype
-    tensor: Any = None               # the produced tensor, or None
-    path: str | None = None          # safetensors file holding the raw bytes
-    offset: int = 0                  # absolute byte offset of the first element
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-
-class _Spans:
-    """Byte offsets of tensors in safetensors files (headers parsed once per file)."""
-
-    def __init__(self) -> None:
-        self._files: dict[str, tuple[int, dict]] = {}
-
-    def source(self, file: Any, key: str) -> _Source:
-        from .tensors import SAFETENSORS_DTYPES, torch_dtype
-
-        file.entries  # validates the header (CorruptFileError naming the file)
-        path = str(file.path)
-        if path not in self._files:
-            with open(path, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                self._files[path] = (8 + n, json.loads(f.read(n)))
-        start, header = self._files[path]
-        meta = header[key]
-        return _Source(tuple(meta["shape"]), torch_dtype(SAFETENSORS_DTYPES[meta["dtype"]]),
-                       path=path, offset=start + int(meta["data_offsets"][0]))
-
-
-def _stored_read(lazy: Any) -> tuple[Any, str] | None:
-    """``(SafetensorsFile, key)`` when ``lazy`` reads one stored tensor unchanged (what
-    :func:`modelkit.views.stored_tensor` builds), else None (a computed tensor)."""
-    from .tensors import SafetensorsFile, StoredTensor
-
-    produce = lazy.produce
-    if getattr(produce, "__qualname__", "") != "stored_tensor.<locals>.<lambda>" or \
-            getattr(produce, "__module__", "") != "modelkit.views":
-        return None
-    cells = [c.cell_contents for c in produce.__closure__ or ()]
-    files = [c for c in cells if isinstance(c, SafetensorsFile)]
-    entries = [c for c in cells if isinstance(c, StoredTensor)]
-    if len(files) != 1 or len(entries) != 1:
-        return None
-    return files[0], entries[0].key
-
-
-def _open_source(lazy: Any, spans: _Spans) -> _Source:
-    stored = _stored_read(lazy) if sys.byteorder == "little" else None  # safetensors is little-endian
-    if stored is not None:
-        return spans.source(*stored)
-    t = lazy.produce()
-    return _Source(tuple(t.shape), t.dtype, tensor=t)
-
-
-def _stream(sources: list[_Source], starts: Sequence[int], bufs: "_Buffers") -> Iterator[list["torch.Tensor"]]:
-    """The sources' chunks beginning at ``starts``, in lockstep, as 1-D tensors of at most
-    CHUNK elements. Produced tensors are sliced; stored ones are read with ``preadv`` into
-    ``bufs`` (valid until the next chunk is taken)."""
-    n = sources[0].numel
-    fds = [os.open(src.path, os.O_RDONLY) if src.tensor is None else None for src in sources]
-    flats = [src.tensor.reshape(-1) if src.tensor is not None else None for src in sources]
-    try:
-        for i in starts:
-            count = min(CHUNK, n - i)
-            out = []
-            for k, src in enumerate(sources):
-                if flats[k] is not None:
-                    out.append(flats[k][i:i + count])
-                    continue
-                size = src.dtype.itemsize
-                raw, view = bufs.raw(k)
-                _pread_full(fds[k], view[:count * size], src.offset + i * size, src.path)
-                out.append(raw[:count * size].view(src.dtype))
-            yield out
-    finally:
-        for fd in fds:
-            if fd is not None:
-                os.close(fd)
-
-
-def _pread_full(fd: int, view: memoryview, offset: int, path: str) -> None:
-    from .errors import CorruptFileError
-
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n <= 0:
-            raise CorruptFileError(f"file ends before its tensor data (read {done} of {len(view)} bytes)", path)
-        done += n
-
-
-# --------------------------------------------------------------------------- statistics
-
-
-class _Buffers:
-    """One worker's reusable buffers: raw bytes per side, working copies per dtype."""
-
-    def __init__(self) -> None:
-        self._raw: dict[int, tuple] = {}
-        self._work: dict[Any, tuple] = {}
-
-    def raw(self, side: int) -> tuple["torch.Tensor", memoryview]:
-        import torch
-
-        if side not in self._raw:
-            t = torch.empty(CHUNK * 8, dtype=torch.uint8)
-            self._raw[side] = (t, memoryview(t.numpy()))
-        return self._raw[side]
-
-    def work(self, dtype) -> tuple:
-        import torch
-
-        if dtype not in self._work:
-            self._work[dtype] = tuple(torch.empty(CHUNK, dtype=dtype) for _ in range(3))
-        return self._work[dtype]
-
-
-class _Workers:
-    """Chunk reduction split over ``n`` threads (torch kernels and file reads release the
-    GIL), each with its own buffers. Torch's own intra-op threads are held at 1 meanwhile,
-    so the two kinds of threads never oversubscribe the cores."""
-
-    def __init__(self, n: int) -> None:
-        self.n = max(1, n)
-        self.buffers = [_Buffers() for _ in range(self.n)]
-        self._pool = None
-
-    def map(self, fn, sources: list[_Source]) -> list:
-        """``fn(sources, starts, buffers)`` for every worker's share of the chunks."""
-        import torch
-
-        starts = range(0, sources[0].numel, CHUNK)
-        n = min(self.n, len(starts)) or 1
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            if n == 1:
-                return [fn(sources, starts, self.buffers[0])]
-            if self._pool is None:
-                from concurrent.futures import ThreadPoolExecutor
-
-                self._pool = ThreadPoolExecutor(self.n, thread_name_prefix="modelkit-diff")
-            futures = [self._pool.submit(fn, sources, starts[k::n], self.buffers[k]) for k in range(n)]
-            return [f.result() for f in futures]
-        finally:
-            torch.set_num_threads(threads)
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
-
-
-def _same_bits(x: "torch.Tensor", y: "torch.Tensor") -> bool:
-    """Bitwise equality of two chunks of one dtype (memcmp speed; stops at the first difference)."""
-    import torch
-
-    if x.dtype != y.dtype:
-        return False
-    x8, y8 = x.view(torch.uint8), y.view(torch.uint8)
-    try:
-        return torch.equal(x8.view(torch.int64), y8.view(torch.int64))
-    except RuntimeError:  # length or offset not a multiple of 8 bytes
-        return torch.equal(x8, y8)
-
-
-@dataclass
-class _Acc:
-    """Running sums over chunks (Python floats: float64 accumulation)."""
-
-    sq_a: float = 0.0
-    sq_b: float = 0.0
-    dot: float = 0.0
-    sq_d: float = 0.0
-    max_abs: float = 0.0
-    changed: int = 0
-    nonfinite_a: int = 0
-    nonfinite_b: int = 0
-
-    def add(self, sq_a: float, sq_b: float, dot: float, sq_d: float, max_abs: float, changed: float,
-            nonfinite_a: int = 0, nonfinite_b: int = 0) -> None:
-        self.sq_a += sq_a
-        self.sq_b += sq_b
-        self.dot += dot
-        self.sq_d += sq_d
-        self.max_abs = max(self.max_abs, max_abs)
-        self.changed += int(changed)
-        self.nonfinite_a += nonfinite_a
-        self.nonfinite_b += nonfinite_b
-
-    @staticmethod
-    def merge(parts: list["_Acc"]) -> "_Acc":
-        out = _Acc()
-        for p in parts:
-            out.add(p.sq_a, p.sq_b, p.dot, p.sq_d, p.max_abs, p.changed, p.nonfinite_a, p.nonfinite_b)
-        return out
-
-
-def _work_dtype(*dtypes):
-    import torch
-
-    if any(d == torch.float64 or not d.is_floating_point for d in dtypes):
-        return torch.float64
-    return torch.float32
-
-
-def _as_work(chunk, buf, work):
-    """``chunk`` in the working dtype: itself when it already is, else copied into ``buf``."""
-    if chunk.dtype == work:
-        return chunk
-    out = buf[: chunk.numel()]
-    out.copy_(chunk)
-    return out
-
-
-def _compare_chunks(sources: list[_Source], starts: Sequence[int], bufs: _Buffers) -> _Acc:
-    """Running sums of a same-shape pair over the chunks at ``starts``.
-
-    A chunk equal bit for bit needs only ``A.A``. Otherwise: A in the working dtype,
-    ``D = B - A``, then ``A.A``, ``A.D``, ``D.D``; ``B.B`` and ``A.B`` follow exactly from
-    them unless B is much smaller than A (cancellation), when they are taken directly.
-    Changed elements are counted as ``sign(D).sign(D)`` (exact, cheaper than count_nonzero).
-    """
-    import torch
-
-    work = _work_dtype(sources[0].dtype, sources[1].dtype)
-    abuf, bbuf, dbuf = bufs.work(work)
-    acc = _Acc()
-    for ra, rb in _stream(sources, starts, bufs):
-        a = _as_work(ra, abuf, work)
-        if _same_bits(ra, rb):
-            sq = float(torch.dot(a, a))
-            if math.isfinite(sq):
-                acc.add(sq, sq, sq, 0.0, 0.0, 0)
-                continue
-        d = dbuf[: a.numel()]
-        if rb.dtype == work:
-            torch.sub(rb, a, out=d)
-        else:
-            d.copy_(rb)
-            d.sub_(a)
-        sq_a, ad, sq_d = torch.stack([torch.dot(a, a), torch.dot(a, d), torch.dot(d, d)]).tolist()
-        if not (math.isfinite(sq_a) and math.isfinite(ad) and math.isfinite(sq_d)):
-            # non-finite values, or float32 overflow: exact bookkeeping in float64
-            acc.add(*_careful_chunk(a, _as_work(rb, bbuf, work)))
-            continue
-        sq_b, dot = sq_a + 2 * ad + sq_d, sq_a + ad
-        if sq_b < 1e-2 * sq_a:  # B much smaller than A: avoid cancellation
-            b = _as_work(rb, bbuf, work)
-            sq_b, dot = torch.stack([torch.dot(b, b), torch.dot(a, b)]).tolist()
-        if sq_d == 0.0:
-            acc.add(sq_a, sq_b, dot, 0.0, 0.0, 0)
-            continue
-        lo, hi = torch.aminmax(d)
-        sign = torch.sign(d, out=bbuf[: d.numel()])
-        mx, changed = torch.stack([torch.maximum(-lo, hi), torch.dot(sign, sign)]).tolist()
-        acc.add(sq_a, sq_b, dot, sq_d, mx, changed)
-    return acc
-
-
-def _careful_chunk(a: "torch.Tensor", b: "torch.Tensor") -> tuple:
-    """Sums over positions finite on both sides (float64), changes (a NaN/inf position is
-    unchanged only when both sides hold the same value or NaN), non-finite counts."""
-    import torch
-
-    fa, fb = torch.isfinite(a), torch.isfinite(b)
-    both = fa & fb
-    a64, b64 = a[both].double(), b[both].double()
-    d = b64 - a64
-    mx = float(d.abs().max()) if d.numel() else 0.0
-    changed = int(torch.count_nonzero(d))
-    rest = ~both
-    ar, br = a[rest], b[rest]
-    same = (ar == br) | (torch.isnan(ar) & torch.isnan(br))
-    changed += int((~same).sum())
-    return (float(a64 @ a64), float(b64 @ b64), float(a64 @ b64), float(d @ d), mx, changed,
-            int((~fa).sum()), int((~fb).sum()))
-
-
-def _norm_chunks(sources: list[_Source], starts: Sequence[int], bufs: _Buffers) -> tuple[float, int]:
-    """(sum of squares over finite values, non-finite count) of one tensor's chunks."""
-    import torch
-
-    work = _work_dtype(sources[0].dtype)
-    buf = bufs.work(work)[0]
-    sq, bad = 0.0, 0
-    for (raw,) in _stream(sources, starts, bufs):
-        x = _as_work(raw, buf, work)
-        s = float(torch.dot(x, x))
-        if not math.isfinite(s):
-            ok = torch.isfinite(x)
-            bad += int((~ok).sum())
-            x64 = x[ok].double()
-            s = float(x64 @ x64)
-        sq += s
-    return sq, bad
-
-
-def _single(src: _Source, workers: _Workers) -> tuple[float, int]:
-    """(norm over finite values, non-finite count) of a one-sided tensor."""
-    parts = workers.map(_norm_chunks, [src])
-    return math.sqrt(sum(p[0] for p in parts)), sum(p[1] for p in parts)
-
-
-def _compare(sa: _Source, sb: _Source, workers: _Workers) -> _Acc:
-    return _Acc.merge(workers.map(_compare_chunks, [sa, sb]))
-
-
-def effective_rank(delta: "torch.Tensor") -> tuple[float, int]:
-    """``(entropy rank, numerical rank)`` of a 2-D delta, from ``torch.linalg.svdvals`` in float32.
-
-    Entropy (effective) rank, Roy & Vetterli 2007: ``exp(-sum p_i log p_i)`` with
-    ``p_i = s_i / sum(s)``: 1.0 for a rank-1 delta, ``r`` for ``r`` equal singular values,
-    a real number in between otherwise. Numerical rank: the count of singular values above
-    ``RANK_RTOL`` times the largest. Non-finite entries are zeroed first. A zero delta has
-    rank 0. Callers skip deltas above ``RANK_MAX_ELEMENTS`` elements.
-    """
-    import torch
-
-    d = torch.nan_to_num(delta.float(), nan=0.0, posinf=0.0, neginf=0.0)
-    s = torch.linalg.svdvals(d).double()
-    total = float(s.sum())
-    if total == 0.0:
-        return 0.0, 0
-    p = s[s > 0] / total
-    entropy = float(-(p * p.log()).sum())
-    return math.exp(entropy), int((s > RANK_RTOL * s[0]).sum())
-
-
 # --------------------------------------------------------------------------- per tensor
 
 
@@ -478,7 +132,7 @@ def _row(name: str) -> dict[str, Any]:
     return row
 
 
-def _fill_compared(row: dict, acc: _Acc, numel: int) -> None:
+def _fill_compared(row: dict, acc: PairSums, numel: int) -> None:
     na, nb, nd = math.sqrt(acc.sq_a), math.sqrt(acc.sq_b), math.sqrt(acc.sq_d)
     if na > 0:
         rel = nd / na
@@ -497,7 +151,7 @@ def _fill_compared(row: dict, acc: _Acc, numel: int) -> None:
     row["identical"] = row["status"] == "compared" and acc.changed == 0
 
 
-def _diff_tensor(name: str, a: Any, b: Any, workers: _Workers, spans: _Spans,
+def _diff_tensor(name: str, a: Any, b: Any, workers: Workers, spans: Spans,
                  rank: bool) -> dict[str, Any]:
     """One row: ``a``/``b`` are LazyTensors (or None when absent on that side). Whatever
     fails while producing or reading (corrupt shard, a merge that does not fit) becomes
@@ -510,7 +164,7 @@ def _diff_tensor(name: str, a: Any, b: Any, workers: _Workers, spans: _Spans,
         src = {}
         for side, lazy in (("a", a), ("b", b)):
             if lazy is not None:
-                src[side] = _open_source(lazy, spans)
+                src[side] = open_source(lazy, spans)
                 row[f"shape_{side}"] = list(src[side].shape)
                 row[f"dtype_{side}"] = dtype_name(src[side].dtype)
         side = "a and b"
@@ -525,26 +179,26 @@ def _diff_tensor(name: str, a: Any, b: Any, workers: _Workers, spans: _Spans,
     return row
 
 
-def _fill_row(row: dict[str, Any], src: dict[str, _Source], workers: _Workers) -> None:
+def _fill_row(row: dict[str, Any], src: dict[str, Source], workers: Workers) -> None:
     if len(src) == 1:
         side = next(iter(src))
-        norm, bad = _single(src[side], workers)
+        norm, bad = single_norm(src[side], workers)
         row.update(status="added" if side == "b" else "removed", numel=src[side].numel,
                    **{f"norm_{side}": norm, f"nonfinite_{side}": bad})
         return
     sa, sb = src["a"], src["b"]
     if sa.shape != sb.shape:
-        (na, ba), (nb, bb) = _single(sa, workers), _single(sb, workers)
+        (na, ba), (nb, bb) = single_norm(sa, workers), single_norm(sb, workers)
         row.update(status="shape-changed", norm_a=na, norm_b=nb, nonfinite_a=ba, nonfinite_b=bb,
                    note=f"{list(sa.shape)} -> {list(sb.shape)}")
         return
     row["status"] = "compared" if sa.dtype == sb.dtype else "dtype-changed"
     if row["status"] == "dtype-changed":
         row["note"] = f"{row['dtype_a']} -> {row['dtype_b']}"
-    _fill_compared(row, _compare(sa, sb, workers), sa.numel)
+    _fill_compared(row, compare_pair(sa, sb, workers), sa.numel)
 
 
-def _add_rank(row: dict[str, Any], src: dict[str, _Source], a: Any, b: Any) -> None:
+def _add_rank(row: dict[str, Any], src: dict[str, Source], a: Any, b: Any) -> None:
     """The delta's effective rank (whole tensors in memory: only up to RANK_MAX_ELEMENTS)."""
     numel = src["a"].numel
     if numel > RANK_MAX_ELEMENTS:
@@ -874,7 +528,7 @@ def diff(a: "str | Path | Artifact | TensorView", b: "str | Path | Artifact | Te
     ``view()`` (e.g. ``{"expert": 1}`` for a DyLoRA-MoE expert). ``rank=True`` adds an
     effective-rank estimate of each changed 2-D delta (see :func:`effective_rank`).
     ``threads``: reduction threads (default: torch's intra-op thread count, at most
-    ``MAX_THREADS``).
+    ``pairstats.MAX_THREADS``).
     Streams one tensor pair at a time; a tensor that cannot be read becomes an
     ``unreadable`` row, non-finite values are counted, never raised.
     """
@@ -886,7 +540,7 @@ def diff(a: "str | Path | Artifact | TensorView", b: "str | Path | Artifact | Te
     names = list(va) + [n for n in vb if n not in va.tensors]
     warnings = _warnings(side_a, side_b)
     total = sum(_nbytes(v[n]) for v in (va, vb) for n in v)
-    workers, spans = _Workers(_default_workers() if threads is None else threads), _Spans()
+    workers, spans = Workers(threads), Spans()
     rows = []
     start = time.perf_counter()
     try:
@@ -909,12 +563,6 @@ def diff(a: "str | Path | Artifact | TensorView", b: "str | Path | Artifact | Te
         warnings.append(f"non-finite values (NaN/inf): {na:,} in A, {nb:,} in B, in {len(bad)} "
                         f"tensor(s): {_names(bad)}; statistics use the finite positions")
     return DiffResult(side_a.info, side_b.info, rows, warnings, rank, seconds, total)
-
-
-def _default_workers() -> int:
-    import torch
-
-    return min(torch.get_num_threads(), MAX_THREADS)
 
 
 def _nbytes(lazy: Any) -> int:

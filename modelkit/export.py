@@ -31,6 +31,7 @@ from .errors import ExportError, ModelkitError
 from .formats import Artifact
 from .load import (check_artifact, dense_view, is_dylora, is_peft, load, open_for_load,
                    tokenizer_folder, torch_dtype_of)
+from .tensors import release_all
 from .views import LazyTensor
 
 RECORD = "modelkit_export.json"
@@ -333,6 +334,7 @@ def write_weights(folder: Path, tensors: dict[str, LazyTensor], out_dtype, max_s
             save_file(shard, folder / filename, metadata={"format": "pt"})
             del shard
             fsync_file(folder / filename)
+            release_all()  # unmap the source pages this shard consumed
     index = {"metadata": {"total_parameters": params, "total_size": total}, "weight_map": weight_map}
     (folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return {"files": list(files), "total_size": total, "cast": dict(cast)}

@@ -18,6 +18,7 @@ import json
 import os
 import pickle
 import struct
+import weakref
 import zipfile
 from dataclasses import dataclass
 from functools import cached_property
@@ -87,12 +88,30 @@ def check_inside(root: Path, path: Path) -> Path:
     return resolved
 
 
+_OPEN: "weakref.WeakSet[TensorFile]" = weakref.WeakSet()
+
+
+def release_all() -> None:
+    """Release every open :class:`TensorFile`. A streaming writer calls this between
+    shards: pages of memory-mapped source files it has consumed count in its resident
+    memory for as long as the maps live, and would otherwise add up to the whole source."""
+    for f in list(_OPEN):
+        f.release()
+
+
 class TensorFile:
     """A weight file: ``entries`` (metadata) now, ``read(key)`` (data) later."""
 
     def __init__(self, path: Path, rel: str | None = None):
         self.path = Path(path)
         self.rel = rel or self.path.name
+        _OPEN.add(self)
+
+    def release(self) -> None:
+        """Drop the open handle or unpickled object (and its memory map); the metadata stays
+        and the data reopens on the next read. Tensors already returned stay valid."""
+        for attr in ("_handle", "obj"):
+            self.__dict__.pop(attr, None)
 
     @staticmethod
     def open(path: Path, rel: str | None = None) -> "TensorFile":

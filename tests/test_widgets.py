@@ -3,6 +3,7 @@
 read back. Errors must be shown in the panel, never lost in a callback."""
 from __future__ import annotations
 
+import html
 from pathlib import Path
 
 import pytest
@@ -101,7 +102,7 @@ def test_export_click_writes_the_folder_and_shows_the_summary(root, tmp_path):
     assert "OutputExistsError" in panel.runner.error.value and panel.summary.outputs == ()
     panel.expert.value = "first"
     panel.button.click()
-    assert "expert must be blank, an integer or 'all'" in panel.runner.error.value
+    assert "expert must be blank, an integer or 'all'" in html.unescape(panel.runner.error.value)
 
 
 def test_diff_click_shows_verdict_tables_and_plot(root):

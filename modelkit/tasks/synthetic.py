@@ -43,13 +43,18 @@ def topic_prompt(text: str) -> str:
 
 
 def pretraining_text(n: int, seed: int = 1) -> list[str]:
-    """Lines the demo base model is trained on: sentences and full counting lines."""
+    """Lines the demo base model is trained on: counting lines, sentences, and sentences
+    naming two things of the same kind (so things of one kind look alike to the model)."""
     rng = random.Random(seed)
     out = []
     for i in range(n):
         if i % 2:
             prompt, nxt = count_line(rng)
             out.append(f"{prompt} {nxt}")
+        elif i % 4 == 0:
+            a, b = rng.sample(KINDS[rng.choice(LABELS)], 2)
+            fillers = " ".join(rng.choice(FILLERS) for _ in range(rng.randint(1, 3)))
+            out.append(f"{fillers} {a} and {b}.")
         else:
             out.append(". ".join(sentence(rng)[0] for _ in range(rng.randint(1, 3))) + ".")
     return out

@@ -1,0 +1,192 @@
+"""The notebooks as products: papermill runs each one unattended on the demo artifacts and
+the results it records are checked; nbval runs the committed notebooks as they are; the
+committed files carry no volatile output. The kernel is this interpreter, through a
+``python3`` kernelspec installed under a temp prefix first on ``$JUPYTER_PATH``; every other
+Jupyter/IPython directory is a temp one already (tests/conftest.py).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from modelkit.cli import main as cli
+from modelkit.demo import main as demo_main
+from modelkit.demo import notebook_parameters, write_demo
+from modelkit.report import CHECK_OUTPUT, strip_volatile
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]-*.ipynb"))
+NAMES = [p.stem for p in NOTEBOOKS]
+slow = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory) -> str:
+    """``python3`` resolved to this interpreter, whatever kernelspecs the machine has:
+    installed under a temp prefix put first on the Jupyter path (``$JUPYTER_PATH``)."""
+    from ipykernel.kernelspec import install
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    prefix = tmp_path_factory.mktemp("kernel")
+    install(prefix=str(prefix))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JUPYTER_PATH", str(prefix / "share" / "jupyter"))
+        assert KernelSpecManager().get_kernel_spec("python3").argv[0] == sys.executable
+        yield "python3"
+
+
+@pytest.fixture(scope="module")
+def demo_root(catalog) -> Path:
+    root = catalog["plain-llama"].parent
+    write_demo(root)          # the catalog is already there: only what the demo adds
+    return root
+
+
+def _outputs_text(cell) -> str:
+    parts = []
+    for o in cell.get("outputs", []):
+        parts.append(o.get("text", "") if o.output_type == "stream" else o.get("data", {}).get("text/plain", ""))
+    return "".join(parts)
+
+
+def _checked_text(nb) -> str:
+    return "".join(_outputs_text(c) for c in nb.cells if c.cell_type == "code" and CHECK_OUTPUT in c.source)
+
+
+def _widget_models(nb) -> list[dict]:
+    state = nb.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    return [m["state"] for m in state.values()]
+
+
+def test_there_is_a_notebook_per_operation():
+    assert NAMES[:3] == ["01-inspect", "02-export", "03-diff"]
+    assert set(NAMES) == set(notebook_parameters("demo"))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=NAMES)
+def test_committed_notebooks_carry_no_volatile_output(path):
+    nb = nbformat.read(path, as_version=4)
+    assert nb == strip_volatile(path, write=False), "run modelkit.report.strip_volatile on it"
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert "parameters" in code[0].metadata.get("tags", []), "first code cell must be tagged parameters"
+    assert "output_dir" in code[0].source
+    for cell in code:
+        assert cell.execution_count is None
+        if CHECK_OUTPUT in cell.source:   # nbval compares these: they hold the expected text
+            assert cell.outputs and all(o.output_type == "stream" for o in cell.outputs)
+            assert "/" not in _outputs_text(cell), "no paths in checked output"
+    assert max(len(c.source.splitlines()) for c in code) <= 12, "cells stay short: logic lives in modelkit"
+    assert nb.metadata.kernelspec.name == "python3"
+
+
+def test_demo_prints_one_line_per_artifact(demo_root, capsys):
+    assert demo_main(demo_root, notebooks=False) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert "error missing-router" in lines["dylora-missing-router"]
+    assert "dylora-moe" in lines["dylora-missing-router"]
+    assert lines["plain-llama"].rstrip().endswith("ok")
+    assert "cannot be opened: UnsafePathError" in lines["bad-escaping-symlink"]
+
+
+# -- papermill: every notebook on the demo parameters, results checked ----------------------
+
+def _check_01_inspect(out: Path, nb) -> None:
+    rec = json.loads((out / "01-inspect.json").read_text())
+    assert rec["format"] == "compressed-moe"
+    assert {"severity": "error", "code": "missing-tensors"}.items() <= \
+        next(f for f in rec["findings"] if f["code"] == "missing-tensors").items()
+    assert "errors: ['missing-tensors']" in _checked_text(nb)
+    # the picker was built over the demo root: its options were saved with the widget state
+    pickers = [m for m in _widget_models(nb) if "mk-picker" in m.get("_dom_classes", [])]
+    assert pickers and "dylora-missing-router" in pickers[0]["_options_labels"]
+
+
+def _check_02_export(out: Path, nb) -> None:
+    rec = json.loads((out / "02-export.json").read_text())
+    assert rec["written"] and rec["ok"] and rec["verification"]["ok"]
+    assert rec["options"]["expert"] == 0 and rec["origins"].get("lora-merge", 0) > 0
+    folder = Path(rec["out"])
+    assert (folder / "config.json").exists() and list(folder.glob("*.safetensors"))
+    assert "written: True | verified: True" in _checked_text(nb)
+    loaded = "".join(_outputs_text(c) for c in nb.cells if "from_pretrained" in c.source)
+    assert "ForCausalLM" in loaded        # stock transformers loaded the export
+
+
+def _check_03_diff(out: Path, nb) -> None:
+    rec = json.loads((out / "03-diff.json").read_text())
+    assert rec["verdict"] == "different"
+    changed = [t for t in rec["tensors"] if t["changed"]]
+    # compression rebuilds the experts (and keeps a distilled router); nothing else moves
+    assert changed and {t["role"] for t in changed} == {"expert", "router"}
+    assert all(0 < p["rel_change"] < 2 for p in rec["by_projection"])
+    assert (out / "03-diff.png").stat().st_size > 10_000
+    assert "verdict: different" in _checked_text(nb)
+
+
+CHECKS = {"01-inspect": _check_01_inspect, "02-export": _check_02_export, "03-diff": _check_03_diff}
+
+
+@slow
+@pytest.mark.parametrize("name", NAMES)
+def test_papermill_runs_the_notebook_and_records_its_results(name, demo_root, kernel, tmp_path):
+    from modelkit.report import run_notebook
+
+    params = notebook_parameters(demo_root, tmp_path)[name]
+    paths = run_notebook(ROOT / "notebooks" / f"{name}.ipynb", parameters=params,
+                         output_dir=tmp_path, kernel=kernel)
+    assert [p.name for p in paths] == [f"{name}.ipynb", f"{name}.html"]
+    nb = nbformat.read(paths[0], as_version=4)
+    assert _widget_models(nb), "widget state saved in the executed notebook"
+    assert not [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
+    assert "jupyter-widgets" in paths[1].read_text()          # HTML renders the saved widgets
+    CHECKS[name](tmp_path, nb)
+
+
+@slow
+def test_report_cli_takes_parameters_relative_to_the_current_folder(demo_root, kernel, tmp_path,
+                                                                    monkeypatch, capsys):
+    monkeypatch.chdir(demo_root)
+    code = cli(["report", str(ROOT / "notebooks" / "01-inspect.ipynb"), "-p", "artifact",
+                "dylora-missing-router", "-p", "deep", "true", "--output-dir", str(tmp_path)])
+    assert code == 0
+    assert capsys.readouterr().out.split() == [str(tmp_path / "01-inspect.ipynb"), str(tmp_path / "01-inspect.html")]
+    rec = json.loads((tmp_path / "01-inspect.json").read_text())
+    assert rec["folder"].startswith(str(demo_root / "dylora-missing-router"))
+    assert "missing-router" in {f["code"] for f in rec["findings"]}
+
+
+@slow
+def test_a_failing_notebook_is_reported_with_its_cell_and_kept(demo_root, kernel, tmp_path, capsys):
+    code = cli(["report", str(ROOT / "notebooks" / "01-inspect.ipynb"), "-p", "artifact",
+                str(demo_root / "no-such-artifact"), "--output-dir", str(tmp_path)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "NotebookError" in err and "RefNotFoundError" in err
+    assert (tmp_path / "01-inspect.ipynb").exists() and (tmp_path / "01-inspect.html").exists()
+
+
+# -- nbval: the committed notebooks, as committed ---------------------------------------------
+
+@slow
+def test_nbval_runs_the_committed_notebooks(demo_root, kernel, tmp_path):
+    # the repository layout the defaults expect (../demo, ../reports), with the test's demo
+    (tmp_path / "notebooks").mkdir()
+    for p in NOTEBOOKS:
+        shutil.copy(p, tmp_path / "notebooks" / p.name)
+    (tmp_path / "demo").symlink_to(demo_root, target_is_directory=True)
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "--nbval-lax", "--nbval-kernel-name", kernel, "-p", "no:cacheprovider",
+         "-q", "-c", str(tmp_path / "pytest.ini"), "--rootdir", str(tmp_path), "notebooks"],
+        cwd=tmp_path, env=os.environ.copy(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    cells = sum(len([c for c in nbformat.read(p, as_version=4).cells if c.cell_type == "code"]) for p in NOTEBOOKS)
+    assert f"{cells} passed" in proc.stdout
+    assert (tmp_path / "reports" / "01-inspect.json").exists()
