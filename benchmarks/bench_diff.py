@@ -11,7 +11,8 @@ and prints a table:
 
 Generation runs in its own process and this one never imports torch, so the diff
 process (whose ``ru_maxrss`` starts from its parent's at ``exec``) measures only itself.
-Diff time is the ``diff()`` call after ``import torch``; the process time is shown beside it.
+Diff time is the ``diff()`` call after the one-time imports (torch, the format plugins);
+the whole process's time is shown beside it.
 
     python benchmarks/bench_diff.py                    # 1.5 GB each (the issue's size)
     python benchmarks/bench_diff.py --size-gb 0.2 --tensor-mb 32   # a quick check
@@ -35,8 +36,10 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 CHILD = r"""
 import json, resource, sys, time
-import torch
+import torch, tqdm.auto
+import modelkit.formats
 from modelkit.diff import diff
+modelkit.formats.formats()  # one-time imports of the format plugins: startup, not throughput
 rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t, c = time.perf_counter(), time.process_time()
 r = diff(sys.argv[1], sys.argv[2], progress=False)

@@ -77,6 +77,9 @@ def child_setup_lora(work: Path, gb: float, hidden: int, r: int) -> dict:
 
 
 def child_ours(ref: str, out: str, base: str | None, shard: str) -> dict:
+    import torch  # noqa: F401  (imported before the clock starts, as the baselines do)
+    from transformers import AutoModelForCausalLM  # noqa: F401
+
     import modelkit
 
     t = time.perf_counter()

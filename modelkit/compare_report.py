@@ -122,13 +122,25 @@ def log_to_wandb(result: "CompareResult", project: str = "modelkit-compare", run
     dis = result.disagreements()
     run.log({"compare/table": wandb.Table(dataframe=_plain(frame)),
              "compare/disagreements": wandb.Table(dataframe=_plain(dis)),
-             "compare/plot": wandb.Image(fig)})
+             "compare/plot": wandb.Image(_png(fig))})
     for r in frame.itertuples(index=False):
         run.summary[f"{r.model}/{r.task}/{r.metric}/delta"] = None if _nan(r.delta) else float(r.delta)
     folder = str(getattr(run, "dir", "") or "")
     if own:
         run.finish()
     return os.path.dirname(folder) if folder.endswith("files") else folder
+
+
+def _png(fig):
+    """The figure as a PIL image (wandb.Image of a Figure would import pyplot)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    buf.seek(0)
+    return Image.open(buf)
 
 
 def _plain(frame):

@@ -1,9 +1,11 @@
 """``modelkit demo``: write the demo artifacts, inspect each one, run every notebook.
 
 ``make demo`` runs ``modelkit demo --root demo``: the fixture catalog (one tiny artifact of
-every layout and fault, :func:`modelkit.testing.write_catalog`) goes to ``demo/``, one
-line per artifact is printed, then each ``notebooks/NN-*.ipynb`` is executed with
-papermill on the demo parameters into ``reports/`` (executed notebook + HTML).
+every layout and fault, :func:`modelkit.testing.write_catalog`) and the compare pair (a
+tiny base model and a LoRA fine-tune that learned ``mk_topic``,
+:func:`modelkit.demo_pair.write_demo_pair`, in ``demo/pair/``) are written, one line per
+artifact is printed, then each ``notebooks/NN-*.ipynb`` is executed with papermill on the
+demo parameters into ``reports/`` (executed notebook + HTML).
 """
 from __future__ import annotations
 
@@ -18,10 +20,14 @@ NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
 
 def write_demo(root: str | Path) -> dict[str, Path]:
-    """Write the demo artifacts under ``root`` (idempotent); ``{name: folder}``."""
+    """Write the demo artifacts under ``root`` (idempotent: what exists is reused);
+    ``{name: folder}``, the pair as ``pair/base`` and ``pair/lora``."""
+    from .demo_pair import write_demo_pair
     from .testing import write_catalog
 
-    return write_catalog(Path(root))
+    paths = write_catalog(Path(root))
+    pair = write_demo_pair(Path(root) / "pair")
+    return {**paths, "pair/base": pair["base"], "pair/lora": pair["trained"]}
 
 
 def notebook_parameters(root: str | Path, output_dir: str | Path = "reports") -> dict[str, dict[str, Any]]:
@@ -32,6 +38,8 @@ def notebook_parameters(root: str | Path, output_dir: str | Path = "reports") ->
         "01-inspect": {**base, "artifact": str(root / "compressed-no-non-moe")},
         "02-export": {**base, "artifact": str(root / "dylora-b"), "expert": 0},
         "03-diff": {**base, "a": str(root / "original-qwen3-moe"), "b": str(root / "compressed-checkpoint-N")},
+        "04-compare": {**base, "base": str(root / "pair" / "base"), "trained": str(root / "pair" / "lora"),
+                       "tasks": ["mk_topic", "mk_count"], "limit": 20},
     }
 
 

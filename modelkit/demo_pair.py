@@ -20,11 +20,12 @@ import json
 import random
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Iterator
 
 RECIPE = {
-    "version": 1,
+    "version": 2,
     "model": {"family": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16},
     "base": {"lines": 4000, "steps": 300, "lr": 3e-3, "batch": 16, "seed": 0},
@@ -96,7 +97,9 @@ def _build(base_out: Path, lora_out: Path, *, final_base: Path, progress: bool) 
     replay = corpus[: int(len(texts) * lo["replay"])]
     _train(peft_model, tok, texts + replay, prompts + [""] * len(replay), lo, "lora", progress)
     peft_model.peft_config["default"].base_model_name_or_path = str(final_base)
-    peft_model.save_pretrained(lora_out)
+    with warnings.catch_warnings():   # PEFT looks for the base's config, not moved in place yet
+        warnings.simplefilter("ignore", UserWarning)
+        peft_model.save_pretrained(lora_out)
 
 
 def _train(model, tok, texts: list[str], prompts: list[str], hp: dict, name: str, progress: bool) -> None:

@@ -309,13 +309,21 @@ def produce(name: str, lt: LazyTensor, out_dtype):
 
 def write_weights(folder: Path, tensors: dict[str, LazyTensor], out_dtype, max_shard_size: int | str,
                   progress: bool = True, desc: str = "export") -> dict[str, Any]:
-    """Stream ``tensors`` into shards in ``folder``; returns the index plus a cast tally."""
+    """Stream ``tensors`` into shards in ``folder``; returns the index plus a cast tally.
+
+    One shard's tensors are produced, written with ``save_file`` and released before the
+    next shard starts; each written shard is fsynced by a background thread while the
+    next one is computed (``os.fsync`` releases the GIL), and every fsync has finished,
+    its errors raised, before this returns."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm.auto import tqdm
 
     files, total = plan_shards(tensors, out_dtype, max_shard_size)
     weight_map, cast, params = {}, Counter(), 0
-    with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress,
-              leave=False) as bar:
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="modelkit-fsync") as syncer, \
+            tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress, leave=False) as bar:
+        pending = []
         for filename, names in files.items():
             shard, storages = {}, set()
             for name in names:
@@ -333,8 +341,13 @@ def write_weights(folder: Path, tensors: dict[str, LazyTensor], out_dtype, max_s
                 bar.update(t.numel() * t.element_size())
             save_file(shard, folder / filename, metadata={"format": "pt"})
             del shard
-            fsync_file(folder / filename)
             release_all()  # unmap the source pages this shard consumed
+            for f in [f for f in pending if f.done()]:
+                f.result()  # an fsync error surfaces at the next shard
+                pending.remove(f)
+            pending.append(syncer.submit(fsync_file, folder / filename))
+        for f in pending:
+            f.result()  # raises the first fsync error (EIO, ENOSPC on some filesystems)
     index = {"metadata": {"total_parameters": params, "total_size": total}, "weight_map": weight_map}
     (folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return {"files": list(files), "total_size": total, "cast": dict(cast)}

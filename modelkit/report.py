@@ -68,26 +68,30 @@ def to_html(executed: str | Path) -> Path:
     return out
 
 
-def strip_volatile(notebook: str | Path, write: bool = True) -> "Any":
-    """Clear what changes from run to run: outputs (except those of cells marked
-    ``# NBVAL_CHECK_OUTPUT``, which nbval compares), execution counts, widget state and
-    papermill metadata. Returns the notebook node; writes it back when ``write``."""
+def strip_volatile(notebook: str | Path, write: bool = True) -> Any:
+    """Clear what changes from run to run: outputs and execution counts, widget state and
+    papermill metadata. Cells marked ``# NBVAL_CHECK_OUTPUT`` keep their (stable) outputs,
+    which nbval compares, and the execution count of a top-to-bottom run, without which
+    nbval treats them as never run. Returns the notebook node; writes it back when ``write``."""
     import nbformat
 
     nb = nbformat.read(notebook, as_version=4)
     nb.metadata.pop("widgets", None)
     nb.metadata.pop("papermill", None)
+    count = 0
     for cell in nb.cells:
         cell.metadata.pop("papermill", None)
         cell.metadata.pop("execution", None)
         if cell.cell_type != "code":
             continue
-        cell.execution_count = None
-        if CHECK_OUTPUT in cell.source:
+        count += 1
+        if CHECK_OUTPUT in cell.source and cell.outputs:
+            cell.execution_count = count
             for out in cell.outputs:
                 if out.get("output_type") == "execute_result":
-                    out["execution_count"] = None
+                    out["execution_count"] = count
         else:
+            cell.execution_count = None
             cell.outputs = []
     if write:
         nbformat.write(nb, notebook)

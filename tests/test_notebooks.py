@@ -66,7 +66,7 @@ def _widget_models(nb) -> list[dict]:
 
 
 def test_there_is_a_notebook_per_operation():
-    assert NAMES[:3] == ["01-inspect", "02-export", "03-diff"]
+    assert NAMES == ["01-inspect", "02-export", "03-diff", "04-compare"]
     assert set(NAMES) == set(notebook_parameters("demo"))
 
 
@@ -77,11 +77,13 @@ def test_committed_notebooks_carry_no_volatile_output(path):
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert "parameters" in code[0].metadata.get("tags", []), "first code cell must be tagged parameters"
     assert "output_dir" in code[0].source
-    for cell in code:
-        assert cell.execution_count is None
+    for i, cell in enumerate(code, 1):
         if CHECK_OUTPUT in cell.source:   # nbval compares these: they hold the expected text
             assert cell.outputs and all(o.output_type == "stream" for o in cell.outputs)
             assert "/" not in _outputs_text(cell), "no paths in checked output"
+            assert cell.execution_count == i
+        else:
+            assert cell.execution_count is None and cell.outputs == []
     assert max(len(c.source.splitlines()) for c in code) <= 12, "cells stay short: logic lives in modelkit"
     assert nb.metadata.kernelspec.name == "python3"
 
@@ -93,6 +95,7 @@ def test_demo_prints_one_line_per_artifact(demo_root, capsys):
     assert "dylora-moe" in lines["dylora-missing-router"]
     assert lines["plain-llama"].rstrip().endswith("ok")
     assert "cannot be opened: UnsafePathError" in lines["bad-escaping-symlink"]
+    assert "peft-lora" in lines["pair/lora"] and lines["pair/base"].rstrip().endswith("ok")
 
 
 # -- papermill: every notebook on the demo parameters, results checked ----------------------
@@ -130,7 +133,21 @@ def _check_03_diff(out: Path, nb) -> None:
     assert "verdict: different" in _checked_text(nb)
 
 
-CHECKS = {"01-inspect": _check_01_inspect, "02-export": _check_02_export, "03-diff": _check_03_diff}
+def _check_04_compare(out: Path, nb) -> None:
+    rec = json.loads((out / "04-compare.json").read_text())
+    assert rec["tasks"] == ["mk_topic", "mk_count"] and rec["settings"]["limit"] == 20
+    rows = {(r["task"], r["metric"]): r for r in rec["table"]}
+    topic, count = rows[("mk_topic", "acc")], rows[("mk_count", "acc")]
+    # the fine-tune learned the topic task (paired test), and left the control task alone
+    assert topic["verdict"] == "better" and topic["delta"] > 0.3 and topic["p_mcnemar"] < 0.01
+    assert topic["n"] == 20 and count["verdict"] == "no significant change"
+    assert rec["n_disagreements"] > 0
+    assert (out / "04-compare.png").stat().st_size > 10_000
+    assert "mk_topic   acc       n=20   better" in _checked_text(nb)
+
+
+CHECKS = {"01-inspect": _check_01_inspect, "02-export": _check_02_export, "03-diff": _check_03_diff,
+          "04-compare": _check_04_compare}
 
 
 @slow

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import modelkit
-from modelkit.widgets import (ArtifactPicker, DiffPanel, ExportPanel, InspectPanel, discover,
+from modelkit.widgets import (ArtifactPicker, ComparePanel, DiffPanel, ExportPanel, InspectPanel, discover,
                               mime_bundle, output_text)
 
 
@@ -123,6 +123,25 @@ def test_diff_panel_passes_view_options(root):
     result = panel.run()
     assert result is not None, panel.runner.error.value
     assert "expert=1" in result.b["label"]
+
+
+def test_compare_click_shows_the_table_disagreements_and_plot(root):
+    from modelkit.demo_pair import write_demo_pair
+
+    pair = write_demo_pair(root / "pair")
+    panel = ComparePanel(root=root, base=pair["base"], trained=pair["trained"], tasks="mk_topic", limit=8)
+    assert panel.picker_base.dropdown.label == "pair/base" and panel.picker_trained.dropdown.label == "pair/lora"
+    panel.button.click()
+    assert panel.runner.exception is None, panel.runner.error.value
+    assert "mk_topic" in output_text(panel.table) and "<table" in output_text(panel.disagreements)
+    assert "modelkit compare" in output_text(panel.summary)
+    assert "image/png" in panel.plot.outputs[0]["data"]
+    panel.tasks.value = " "
+    panel.button.click()
+    assert "name at least one task" in panel.runner.error.value and panel.table.outputs == ()
+    panel.tasks.value = "no_such_task"
+    panel.button.click()
+    assert isinstance(panel.runner.exception, modelkit.ModelkitError), panel.runner.error.value
 
 
 def test_mime_bundle_renders_tables_and_figures():

@@ -43,8 +43,9 @@ def topic_prompt(text: str) -> str:
 
 
 def pretraining_text(n: int, seed: int = 1) -> list[str]:
-    """Lines the demo base model is trained on: counting lines, sentences, and sentences
-    naming two things of the same kind (so things of one kind look alike to the model)."""
+    """Lines the demo base model is trained on: counting lines, sentences, sentences naming
+    two things of the same kind (so things of one kind look alike to the model), and
+    sentences using the kind words themselves (vocabulary only, never next to a thing)."""
     rng = random.Random(seed)
     out = []
     for i in range(n):
@@ -55,6 +56,9 @@ def pretraining_text(n: int, seed: int = 1) -> list[str]:
             a, b = rng.sample(KINDS[rng.choice(LABELS)], 2)
             fillers = " ".join(rng.choice(FILLERS) for _ in range(rng.randint(1, 3)))
             out.append(f"{fillers} {a} and {b}.")
+        elif i % 8 == 2:
+            kinds = rng.sample(LABELS, 2)
+            out.append(" ".join(f"{rng.choice(FILLERS)} {k}." for k in kinds))
         else:
             out.append(". ".join(sentence(rng)[0] for _ in range(rng.randint(1, 3))) + ".")
     return out

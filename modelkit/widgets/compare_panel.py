@@ -34,11 +34,12 @@ class ComparePanel(widgets.VBox):
         self.table = widgets.Output()
         self.disagreements = widgets.Output()
         self.plot = widgets.Output()
-        self.runner = RunButton("Compare", self._compare, self._show, icon="balance-scale",
+        self.runner = RunButton("Compare", self._evaluate, self._show, icon="balance-scale",
                                 tooltip="evaluate base and trained on the tasks")
         super().__init__([self.picker_base, self.picker_trained, self.tasks,
                           widgets.HBox([self.limit]), self.include_path, self.runner, self.summary,
                           tabs(results=self.table, plot=self.plot, disagreements=self.disagreements)])
+        self.add_class("mk-compare")
 
     @property
     def button(self) -> widgets.Button:
@@ -52,7 +53,7 @@ class ComparePanel(widgets.VBox):
         """What a click does: evaluate both and display (errors shown in the panel)."""
         return self.runner.run()
 
-    def _compare(self) -> "modelkit.CompareResult":
+    def _evaluate(self) -> "modelkit.CompareResult":
         for out in (self.summary, self.table, self.disagreements, self.plot):
             out.outputs = ()
         base, trained = self.picker_base.value, self.picker_trained.value

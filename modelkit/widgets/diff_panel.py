@@ -47,6 +47,7 @@ class DiffPanel(widgets.VBox):
                           self.options_b, self.rank, self.runner, self.summary,
                           tabs(plot=self.plot, by_role=self.by_role, by_layer=self.by_layer,
                                tensors=self.tensors)])
+        self.add_class("mk-diff")
 
     @property
     def button(self) -> widgets.Button:

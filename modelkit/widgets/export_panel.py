@@ -51,6 +51,7 @@ class ExportPanel(widgets.VBox):
         super().__init__([self.picker, self.out, self.base,
                           widgets.HBox([self.dtype, self.expert]),
                           widgets.HBox([self.verify, self.force]), self.runner, self.summary])
+        self.add_class("mk-export")
 
     @property
     def button(self) -> widgets.Button:

@@ -30,6 +30,7 @@ class InspectPanel(widgets.VBox):
                                 tooltip="inspect the picked artifact (headers only unless deep)")
         super().__init__([self.picker, self.base, self.deep, self.runner, self.summary,
                           tabs(findings=self.findings, groups=self.groups, tensors=self.tensors)])
+        self.add_class("mk-inspect")
 
     @property
     def button(self) -> widgets.Button:
