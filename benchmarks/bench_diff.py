@@ -38,7 +38,7 @@ CHILD = r"""
 import json, resource, sys, time
 import torch, tqdm.auto
 import modelkit.formats
-from modelkit.diff import diff
+from modelkit.diffing import diff
 modelkit.formats.formats()  # one-time imports of the format plugins: startup, not throughput
 rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t, c = time.perf_counter(), time.process_time()

@@ -34,8 +34,8 @@ _LAZY = {
     "LoadResult": ("modelkit.load", "LoadResult"),
     "export": ("modelkit.export", "export"),
     "ExportResult": ("modelkit.export", "ExportResult"),
-    "diff": ("modelkit.diff", "diff"),
-    "DiffResult": ("modelkit.diff", "DiffResult"),
+    "diff": ("modelkit.diffing", "diff"),
+    "DiffResult": ("modelkit.diffing", "DiffResult"),
     "compare": ("modelkit.compare", "compare"),
     "CompareResult": ("modelkit.compare", "CompareResult"),
 }

@@ -35,7 +35,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _diff(args: argparse.Namespace) -> int:
-    from .diff import diff
+    from .diffing import diff
 
     result = diff(args.a, args.b, base_a=args.base_a, base_b=args.base_b,
                   options_a=_options(args.option_a), options_b=_options(args.option_b),

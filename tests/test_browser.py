@@ -95,19 +95,19 @@ def _group_alive(pgid: int) -> bool:
 @pytest.fixture
 def lab(catalog, tmp_path):
     """A running JupyterLab over a copy of notebooks/ beside the demo artifacts; yields its URL and token."""
-    from ipykernel.kernelspec import install
+    from ipykernel.kernelspec import write_kernel_spec
 
     work = tmp_path / "work"
     (work / "notebooks").mkdir(parents=True)
     shutil.copy(ROOT / "notebooks" / "01-inspect.ipynb", work / "notebooks")
     (work / "demo").symlink_to(catalog["plain-llama"].parent, target_is_directory=True)
     home = tmp_path / "jupyter"
-    install(prefix=str(home / "kernel"))          # python3 -> this interpreter
+    write_kernel_spec(home / "kernels" / "kernels" / "python3")   # python3 -> this interpreter
     _settings(home / "settings")
     env = {**os.environ,
            "JUPYTER_CONFIG_DIR": str(home / "config"), "JUPYTER_DATA_DIR": str(home / "data"),
            "JUPYTER_RUNTIME_DIR": str(home / "runtime"), "IPYTHONDIR": str(home / "ipython"),
-           "JUPYTER_PATH": str(home / "kernel" / "share" / "jupyter"),
+           "JUPYTER_PATH": str(home / "kernels"),
            "JUPYTERLAB_SETTINGS_DIR": str(home / "settings"),
            "JUPYTERLAB_WORKSPACES_DIR": str(home / "workspaces"), "JUPYTER_PLATFORM_DIRS": "1"}
     port, token = _free_port(), secrets.token_hex(16)
@@ -118,7 +118,8 @@ def lab(catalog, tmp_path):
             [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1",
              f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
              f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={work}",
-             "--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
+             "--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+             *(["--allow-root"] if os.geteuid() == 0 else [])],
             cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_for_server(f"{base}/api/status?token={token}", proc, log)

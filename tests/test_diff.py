@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import modelkit
-import modelkit.diff  # noqa: F401  (imported first on purpose: modelkit.diff must stay callable)
+import modelkit.diffing  # noqa: F401  (imported first on purpose: modelkit.diff must stay callable)
 import modelkit.pairstats as pairstats
 from modelkit.cli import main
 from modelkit.testing import reconstruct_expert, write_compressed_moe, write_dylora, write_peft_lora, write_plain_hf

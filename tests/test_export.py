@@ -440,6 +440,20 @@ def test_full_disk_leaves_nothing(catalog, tmp_path, monkeypatch):
     assert not out.exists() and not leftovers(out)
 
 
+def test_failed_fsync_leaves_nothing(catalog, tmp_path, monkeypatch):
+    """Shards are fsynced in the background; an I/O error there still fails the export."""
+    ex = importlib.import_module("modelkit.export")
+
+    def broken(path):
+        raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+
+    monkeypatch.setattr(ex, "fsync_file", broken)
+    out = tmp_path / "out"
+    with pytest.raises(ExportError, match="cannot write the export"):
+        modelkit.export(catalog["plain-sharded"], out, max_shard_size="60KB", progress=False)
+    assert not out.exists() and not leftovers(out)
+
+
 def test_out_inside_source_is_refused(catalog, tmp_path):
     src = tmp_path / "src"
     shutil.copytree(catalog["plain-llama"], src)

@@ -1,7 +1,7 @@
 """The notebooks as products: papermill runs each one unattended on the demo artifacts and
 the results it records are checked; nbval runs the committed notebooks as they are; the
 committed files carry no volatile output. The kernel is this interpreter, through a
-``python3`` kernelspec installed under a temp prefix first on ``$JUPYTER_PATH``; every other
+``python3`` kernelspec written into a temp folder put first on ``$JUPYTER_PATH``; every other
 Jupyter/IPython directory is a temp one already (tests/conftest.py).
 """
 from __future__ import annotations
@@ -31,13 +31,13 @@ slow = pytest.mark.slow
 def kernel(tmp_path_factory) -> str:
     """``python3`` resolved to this interpreter, whatever kernelspecs the machine has:
     installed under a temp prefix put first on the Jupyter path (``$JUPYTER_PATH``)."""
-    from ipykernel.kernelspec import install
+    from ipykernel.kernelspec import write_kernel_spec
     from jupyter_client.kernelspec import KernelSpecManager
 
-    prefix = tmp_path_factory.mktemp("kernel")
-    install(prefix=str(prefix))
+    path = tmp_path_factory.mktemp("jupyter-path")
+    write_kernel_spec(path / "kernels" / "python3")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("JUPYTER_PATH", str(prefix / "share" / "jupyter"))
+        mp.setenv("JUPYTER_PATH", str(path))
         assert KernelSpecManager().get_kernel_spec("python3").argv[0] == sys.executable
         yield "python3"
 

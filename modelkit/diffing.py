@@ -22,9 +22,7 @@ from __future__ import annotations
 import json
 import math
 import re
-import sys
 import time
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
@@ -598,15 +596,3 @@ def _warnings(a: _Side, b: _Side) -> list[str]:
         out += [f"{tag}: unreadable file {e}; its tensors are missing from the view"
                 for e in side.info.get("unreadable_files") or []]
     return out
-
-
-class _CallableModule(types.ModuleType):
-    """``modelkit.diff(a, b)`` must work even when this module was imported first: the
-    import system then binds the package attribute ``modelkit.diff`` to the module, not
-    to the function, so the module forwards calls to :func:`diff`."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> DiffResult:
-        return diff(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
