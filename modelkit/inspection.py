@@ -222,7 +222,7 @@ def audit(artifact: Artifact, base_art: Artifact | None,
     except LoadError:
         return [], []  # the base does not fit the artifact: the format's check() reports it
     try:
-        config = artifact.config()
+        config = artifact.architecture()
     except BaseModelUnavailableError:
         config = None
     if config is None:

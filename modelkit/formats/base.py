@@ -117,6 +117,11 @@ class Artifact(ABC):
     def config(self):
         """The PretrainedConfig of the standard model this artifact is (or adapts)."""
 
+    def architecture(self):
+        """What ``architectures.expected_tensors`` needs: the config, or the path of a
+        standard ``config.json`` (which lets a cached audit skip importing transformers)."""
+        return self.config()
+
     @abstractmethod
     def view(self, base: "Artifact | None" = None, **options) -> "TensorView":
         """The artifact as on-disk-named lazy tensors of its standard model."""

@@ -59,6 +59,11 @@ class PlainHFArtifact(Artifact):
 
         return load_config(self.folder / "config.json")
 
+    def architecture(self):
+        # JSON is validated here; expected_tensors validates the rest on a cache miss
+        self.read_json("config.json")
+        return self.folder / "config.json"
+
     def view(self, base: Artifact | None = None, **options) -> TensorView:
         tensors = {}
         for rel in self.files():
