@@ -87,10 +87,12 @@ def child_ours(ref: str, out: str, base: str | None, shard: str) -> dict:
     return {"export_s": time.perf_counter() - t, "bytes": result.bytes, "shards": len(result.shards)}
 
 
-def child_baseline_moe(ckpt: str, out: str) -> dict:
+def child_baseline_moe(ckpt: str, out: str, math: str = "seed") -> dict:
     """The seed note's ``export_to_hf_format``: whole compressed model in memory, a second
-    full model built and filled, ``save_pretrained``. The experts use the same low-rank
-    expression as modelkit (not d x d identities), so only the pipeline is compared."""
+    full model built and filled, ``save_pretrained``. ``math="seed"`` reconstructs each
+    expert as the note writes it, ``(I + U_out V_out^T) · core · (I + U_in V_in^T)`` with the
+    identity-plus-low-rank matrices formed; ``math="lowrank"`` uses modelkit's expression
+    instead, so that only the pipelines are compared."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -110,8 +112,13 @@ def child_baseline_moe(ckpt: str, out: str) -> dict:
             c = data["core"].float()
             for e, w in enumerate(data["wrappers"]):
                 u_in, v_in, u_out, v_out = (w[k].float() for k in ("U_in", "V_in", "U_out", "V_out"))
-                vc = v_out.T @ c
-                weight = c + u_out @ vc + (c @ u_in) @ v_in.T + u_out @ ((vc @ u_in) @ v_in.T)
+                if math == "seed":
+                    left = torch.eye(c.shape[0]) + u_out @ v_out.T
+                    right = torch.eye(c.shape[1]) + u_in @ v_in.T
+                    weight = left @ c @ right
+                else:
+                    vc = v_out.T @ c
+                    weight = c + u_out @ vc + (c @ u_in) @ v_in.T + u_out @ ((vc @ u_in) @ v_in.T)
                 if proj == "down_proj":
                     experts.down_proj[e].copy_(weight)
                 elif proj == "gate_proj":
@@ -226,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--moe-hidden", type=int, default=1024)
     p.add_argument("--moe-experts", type=int, default=16)
     p.add_argument("--rank", type=int, default=64, help="compressed wrapper rank")
+    p.add_argument("--baseline-math", choices=("seed", "lowrank"), default="seed",
+                   help="seed: the note's (I + UV^T) C (I + UV^T) with the matrices formed; "
+                        "lowrank: modelkit's expression (compares the pipelines only)")
     p.add_argument("--lora-gb", type=float, default=1.0, help="size of the LoRA base model")
     p.add_argument("--lora-hidden", type=int, default=2048)
     p.add_argument("--lora-r", type=int, default=16)
@@ -247,13 +257,14 @@ def main(argv: list[str] | None = None) -> int:
                               experts=args.moe_experts, rank=args.rank)
             ours = run_child("ours", ref=setup["ckpt"], out=str(work / "moe-ours"), base=None,
                              shard=args.max_shard_size)
-            base = run_child("baseline_moe", ckpt=setup["ckpt"], out=str(work / "moe-baseline"))
+            base = run_child("baseline_moe", ckpt=setup["ckpt"], out=str(work / "moe-baseline"),
+                             math=args.baseline_math)
             diff = same_tensors(work / "moe-ours", work / "moe-baseline")
             raw = raw_write_seconds(work, ours["bytes"])
             notes.append(f"compressed MoE: {setup['layers']} layers x {args.moe_experts} experts, hidden "
                          f"{args.moe_hidden}, rank {args.rank}; export {ours['bytes'] / 1e9:.3f} GB in "
                          f"{ours['shards']} shard(s); outputs agree to {diff:.2g}")
-            rows.append(("moe", "baseline (seed note)", base, None, None))
+            rows.append(("moe", f"baseline (seed note, {args.baseline_math} math)", base, None, None))
             rows.append(("moe", "modelkit export", ours, (1 / 3, 1 / 2), base))
             rows.append(("moe", "raw write (os.write+fsync)", {"export_s": raw, "bytes": ours["bytes"]}, None, None))
             notes.append(f"compressed MoE throughput: {ours['bytes'] / ours['export_s'] / 1e6:.0f} MB/s = "

@@ -8,8 +8,8 @@ version, task config hash).
 
 Per-model results are cached under ``cache_dir()/compare/<key>.json``, the key being the
 model's fingerprint (with its base's), load options, task name and config hash, limit,
-few-shot and lm-eval version: a re-run with nothing new loads no model at all. lm-eval's
-own response cache is never used, so no cache is ever shared between models.
+few-shot, lm-eval and modelkit versions: a re-run with nothing new loads no model at all.
+lm-eval's own response cache is never used, so no cache is ever shared between models.
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 CACHE_VERSION = 1
 NOT_IDENTITY = ("base", "device")   # load options that do not change what the model is
+GC_ABOVE_BYTES = 1 << 30             # gc.collect() (~0.25 s) only after models this large
 
 
 @dataclass
@@ -74,8 +75,9 @@ def compare(base: str | Path, *trained: str | Path, tasks: str | Sequence[str],
     ``*_options`` go to :func:`modelkit.load` (``dtype``, ``base``, ``routing``, ``expert``,
     ``merge``, ``device``). Bad input (no trained model, limit 0, unknown task, missing
     data, an unopenable artifact, a model compared with itself) is refused before any
-    model is loaded. ``log_to_wandb`` logs the table, disagreements and plot to a W&B run
-    (offline unless logged in).
+    model is loaded. ``use_cache=False`` evaluates again (and refreshes the cache).
+    ``log_to_wandb`` logs the table, disagreements and plot to a W&B run (offline unless
+    logged in; ``wandb sync`` uploads later).
     """
     names = _task_names(tasks)
     _check_settings(trained, limit, num_fewshot, batch_size)
@@ -199,8 +201,11 @@ def _assign_labels(models: list[ModelInfo]) -> None:
 
 def cache_key(m: ModelInfo, task: str, task_hash: str, limit: Any, num_fewshot: Any, version: str) -> str:
     """Key of one model's results on one task (see module docstring)."""
+    from . import __version__
+
     fields = {"v": CACHE_VERSION, "fingerprint": m.fingerprint, "options": m.identity_options, "task": task,
-              "task_hash": task_hash, "limit": limit, "num_fewshot": num_fewshot, "lm_eval": version}
+              "task_hash": task_hash, "limit": limit, "num_fewshot": num_fewshot, "lm_eval": version,
+              "modelkit": __version__}
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
@@ -251,8 +256,10 @@ def _evaluate_missing(models: list[ModelInfo], todo: dict[str, list[str]], runs:
                                              "model": {"dtype": m.dtype, "load": m.load,
                                                        "fingerprint": m.fingerprint},
                                              "seconds": m.eval_seconds, "created": time.time(), "run": run})
+        big = sum(p.numel() * p.element_size() for p in model.parameters()) > GC_ABOVE_BYTES
         del model, tokenizer
-        gc.collect()
+        if big:             # free a large model's reference cycles before loading the next
+            gc.collect()
 
 
 def _load_model(m: ModelInfo):

@@ -90,7 +90,9 @@ def _build(base_out: Path, lora_out: Path, *, final_base: Path, progress: bool) 
     torch.manual_seed(lo["seed"])
     config = LoraConfig(r=lo["r"], lora_alpha=lo["alpha"], lora_dropout=0.0, target_modules=lo["target_modules"],
                         task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, config)
+    with warnings.catch_warnings():   # transformers deprecations raised inside PEFT
+        warnings.simplefilter("ignore", FutureWarning)
+        peft_model = get_peft_model(model, config)
     docs = [json.loads(line) for line in (synthetic.DATA_DIR / "topic_train.jsonl").read_text().splitlines() if line]
     prompts = [synthetic.topic_prompt(d["text"]) for d in docs]
     texts = [f"{p} {d['answer']}\n" for p, d in zip(prompts, docs)]

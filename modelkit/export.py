@@ -30,7 +30,7 @@ from .atomic import atomic_folder, fsync_file
 from .errors import ExportError, ModelkitError
 from .formats import Artifact
 from .load import (check_artifact, dense_view, is_dylora, is_peft, load, open_for_load,
-                   tokenizer_folder, torch_dtype_of)
+                   recording_reads, split_consumed, tokenizer_folder, torch_dtype_of)
 from .tensors import release_all
 from .views import LazyTensor
 
@@ -76,6 +76,8 @@ class ExportResult:
     verification: dict[str, Any] | None = None
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    consumed: list[str] = field(default_factory=list)      # stored tensors read ("file:key")
+    left_out: list[str] = field(default_factory=list)      # stored tensors not read (see notes)
     experts: list["ExportResult"] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -95,7 +97,8 @@ class ExportResult:
             prefix = f"  [{Path(r.out).name}] " if self.experts else "  "
             origins = ", ".join(f"{n} {k}" for k, n in sorted(r.origins.items()))
             lines.append(f"{prefix}{r.tensors} tensors ({origins}), {_human(r.bytes)} as {r.dtype} "
-                         f"in {len(r.shards)} shard(s)")
+                         f"in {len(r.shards)} shard(s); read {len(r.consumed)} stored tensor(s)"
+                         + (f", left out {len(r.left_out)} (see notes)" if r.left_out else ""))
             if r.cast:
                 lines.append(f"{prefix}cast: " + ", ".join(f"{n} {k}" for k, n in r.cast.items()))
             if r.verification:
@@ -106,10 +109,9 @@ class ExportResult:
 
 
 def _verification_line(v: dict[str, Any]) -> str:
-    verdict = "OK" if v["ok"] else "FAILED"
-    return (f"verify {verdict}: max |logit diff| {v['max_abs_diff']:.3g} (tolerance "
-            f"{v['tolerance']:.3g}; {v['rule']}); top-1 agreement {v['argmax_agreement']:.1%}; "
-            f"reference {v['reference']}")
+    from .verify import Verification
+
+    return Verification(**v).line()
 
 
 def _human(n: float) -> str:
@@ -147,6 +149,7 @@ def export(ref: Any, out: str | Path, base: Any = None, dtype: Any = None,
     if expert is not None:
         format_options = {**format_options, "expert": expert}
     out_dtype = torch_dtype_of(dtype)
+    _check_size(max_shard_size)
     protect = [artifact.folder, artifact.trust_root] + ([base_art.folder] if base_art else [])
     result.source_fingerprint = artifact.fingerprint
     result.options = {"base": str(base) if base is not None else None,
@@ -199,6 +202,18 @@ def export(ref: Any, out: str | Path, base: Any = None, dtype: Any = None,
     return result
 
 
+def _check_size(size: int | str) -> None:
+    """ExportError for a shard size huggingface_hub's splitter would not accept."""
+    from huggingface_hub.serialization._base import parse_size_to_int  # the splitter's own parser
+
+    try:
+        value = parse_size_to_int(size) if isinstance(size, str) else int(size)
+    except (TypeError, ValueError):
+        value = 0
+    if value <= 0:
+        raise ExportError(f"max_shard_size {size!r} is not a size; use e.g. '2GB', '500MB' or a byte count")
+
+
 class _VerificationFailed(Exception):
     """Internal: abort the atomic folder (nothing written) but still return a result."""
 
@@ -211,7 +226,8 @@ def _os_error(e: OSError, out: Any) -> ExportError:
 
 
 def _adopt(result: ExportResult, part: ExportResult) -> None:
-    for name in ("ok", "dtype", "tensors", "bytes", "shards", "origins", "cast", "verification"):
+    for name in ("ok", "dtype", "tensors", "bytes", "shards", "origins", "cast", "verification",
+                 "consumed", "left_out"):
         setattr(result, name, getattr(part, name))
     result.notes += part.notes
 
@@ -357,8 +373,10 @@ def _write_folder(folder: Path, artifact: Artifact, base_art: Artifact | None, d
                   max_shard_size, part: ExportResult, progress: bool) -> None:
     tensors = dict(dv.tensors)
     dtype = out_dtype or default_dtype(tensors)
-    written = write_weights(folder, tensors, dtype, max_shard_size, progress,
-                            desc=f"export {folder.name}")
+    with recording_reads() as seen:
+        written = write_weights(folder, tensors, dtype, max_shard_size, progress,
+                                desc=f"export {folder.name}")
+    part.consumed, part.left_out = split_consumed(artifact, seen)
     part.dtype = str(dtype).removeprefix("torch.")
     part.tensors = len(tensors)
     part.bytes = written["total_size"]
@@ -439,25 +457,35 @@ def _copy_tokenizer(folder: Path, artifact: Artifact, base_art: Artifact | None,
 def _verify(folder: Path, ref: Any, base: Any, expert: int | None, artifact: Artifact,
             part: ExportResult, tolerance: float | None, allow_untrained: bool,
             format_options: dict[str, Any]) -> None:
+    """Compare the written folder with the source (see :mod:`modelkit.verify`)."""
     import torch
 
     from .verify import verify_folder
 
     opts = {k: v for k, v in format_options.items() if k != "expert"}
+    common = {"base": base, "allow_untrained": allow_untrained, **opts}
     if expert is not None:
         reference = f"modelkit.load(routing='expert:{expert}')"
-        src = load(ref, base=base, dtype=torch.float32, routing=f"expert:{expert}",
-                   allow_untrained=allow_untrained, **opts)
+        src = load(ref, dtype=torch.float32, routing=f"expert:{expert}", **common)
     elif is_peft(artifact):
         reference = "modelkit.load(merge=False): PEFT's own forward on the base"
-        src = load(ref, base=base, dtype=torch.float32, merge=False, allow_untrained=allow_untrained, **opts)
+        src = load(ref, dtype=torch.float32, merge=False, **common)
     else:
         reference = "modelkit.load()"
-        src = load(ref, base=base, dtype=torch.float32, allow_untrained=allow_untrained, **opts)
+        src = load(ref, dtype=torch.float32, **common)
+    rounded = None
+    if part.dtype != "float32":  # the source's weights rounded the same way: must agree exactly
+        dense = {"expert": expert} if expert is not None else {}
+        rounded = load(ref, dtype=torch.float32, **common, **dense).model
+        low = torch_dtype_of(part.dtype)
+        with torch.no_grad():
+            for p in rounded.parameters():
+                p.copy_(p.to(low).to(p.dtype))
     try:
-        v = verify_folder(folder, src.model, dtype=part.dtype, reference=reference, tolerance=tolerance)
+        v = verify_folder(folder, src.model, dtype=part.dtype, reference=reference,
+                          rounded_model=rounded, tolerance=tolerance)
     finally:
-        del src
+        del src, rounded
     part.verification = v.to_dict()
     part.ok = v.ok
 
@@ -480,6 +508,8 @@ def _write_record(folder: Path, part: ExportResult, artifact: Artifact, expert: 
         "shards": part.shards,
         "produced": part.origins,
         "cast": part.cast,
+        "consumed": len(part.consumed),
+        "left_out": part.left_out,
         "merged": _what_was_done(artifact, part, expert),
         "notes": part.notes,
         "verification": part.verification,

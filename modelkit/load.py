@@ -12,7 +12,9 @@ nothing (unless ``allow_untrained=True``) is a :class:`~modelkit.errors.LoadErro
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,7 +47,8 @@ class LoadReport:
     base: dict[str, Any] | None = None
     options: dict[str, Any] = field(default_factory=dict)
     origins: dict[str, str] = field(default_factory=dict)     # model tensor -> origin
-    consumed: list[str] = field(default_factory=list)         # stored tensors used ("file:key")
+    consumed: list[str] = field(default_factory=list)         # stored tensors read into the model ("file:key")
+    unused: list[str] = field(default_factory=list)           # stored tensors the format leaves out (see notes)
     tied: list[str] = field(default_factory=list)             # stored tied duplicates (not loaded)
     tokenizer_from: str | None = None
     notes: list[str] = field(default_factory=list)
@@ -74,7 +77,8 @@ class LoadReport:
         if self.options:
             lines.append(f"  options {self.options}")
         counts = ", ".join(f"{n} {k}" for k, n in sorted(self.origin_counts().items()))
-        lines.append(f"  tensors {len(self.origins)} ({counts}); consumed {len(self.consumed)} stored tensor(s)")
+        lines.append(f"  tensors {len(self.origins)} ({counts}); consumed {len(self.consumed)} stored tensor(s)"
+                     + (f", {len(self.unused)} left out (see notes): {_few(self.unused, 3)}" if self.unused else ""))
         if self.tied:
             lines.append(f"  tied    {len(self.tied)} stored duplicate(s) replaced by their source: {', '.join(self.tied)}")
         lines.append(f"  tokenizer from {self.tokenizer_from or 'nowhere (none found)'}")
@@ -203,23 +207,36 @@ def _few(items: list[str], n: int = 4) -> str:
     return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
 
 
-def consumed_of(artifact: Artifact, expert: int | None = None) -> tuple[list[str], list[str]]:
-    """(stored tensors the load uses, those it leaves out by design) as ``file:key``.
+@contextlib.contextmanager
+def recording_reads() -> Iterator[set[tuple[str, str]]]:
+    """Record every stored tensor read (``(file path, key)``) while the block runs: what a
+    load consumed is what it read, whatever the format's producers do."""
+    from .tensors import PickleFile, SafetensorsFile
 
-    A checked view leaves nothing out, except a DyLoRA ``expert=K`` view, which by
-    definition ignores the other experts and the router."""
-    stored = [f"{t.file}:{t.key}" for t in artifact.stored()]
-    if expert is None or not is_dylora(artifact):
-        return stored, []
-    from .architectures import classify
+    seen: set[tuple[str, str]] = set()
+    originals = {cls: cls.read for cls in (SafetensorsFile, PickleFile)}
 
-    mine = {f"{t.file}:{t.key}" for m in artifact.expert(int(expert)).modules.values() for t in m.stored}
-    others = {f"{t.file}:{t.key}" for e in artifact.experts() if e.index != int(expert)
-              for m in e.modules.values() for t in m.stored}
-    router = {f"{t.file}:{t.key}" for t in artifact.stored()
-              if classify(t.name).role == "router" or t.key.endswith("expert_maturity")}
-    unused = (others | router) - mine
-    return [s for s in stored if s not in unused], [s for s in stored if s in unused]
+    def recorder(fn):
+        def read(self, key):
+            seen.add((str(self.path), key))
+            return fn(self, key)
+        return read
+
+    for cls, fn in originals.items():
+        cls.read = recorder(fn)
+    try:
+        yield seen
+    finally:
+        for cls, fn in originals.items():
+            cls.read = fn
+
+
+def split_consumed(artifact: Artifact, seen: set[tuple[str, str]]) -> tuple[list[str], list[str]]:
+    """(stored tensors of ``artifact`` that were read, those that were not) as ``file:key``."""
+    used, unused = [], []
+    for t in artifact.stored():
+        (used if (str(artifact.folder / t.file), t.key) in seen else unused).append(f"{t.file}:{t.key}")
+    return used, unused
 
 
 def torch_dtype_of(dtype: Any):
@@ -262,13 +279,17 @@ def load(ref: Any, base: Any = None, dtype: Any = None, device: str | None = Non
     if routing is not None and not is_dylora(artifact):
         raise LoadError(f"routing= applies to DyLoRA-MoE artifacts only (this is {artifact.format})",
                         artifact.folder)
+    if routing is not None and "expert" in format_options:
+        raise LoadError("give routing='expert:K' (the routed module) or expert=K (the dense merge), "
+                        "not both", artifact.folder)
+    if not merge and not is_peft(artifact):
+        raise LoadError(f"merge=False applies to PEFT adapters only (this is {artifact.format})",
+                        artifact.folder)
     if is_dylora(artifact) and "expert" not in format_options:
         model, report = _load_routed(artifact, base_art, tdtype, routing or "router", allow_untrained)
-    elif is_peft(artifact) and not merge:
+    elif not merge:
         model, report = _load_peft_unmerged(artifact, base_art, tdtype, allow_untrained)
     else:
-        if not merge:
-            raise LoadError("merge=False applies to PEFT adapters only", artifact.folder)
         model, report = _load_dense(artifact, base_art, tdtype, allow_untrained, **format_options)
     report.ref = str(ref)
     if device is not None:
@@ -318,13 +339,14 @@ def _load_dense(artifact: Artifact, base_art: Artifact | None, dtype, allow_untr
     dv = dense_view(artifact, base_art, **options)
     if dtype is None:
         dtype = torch_dtype_of(getattr(dv.config, "dtype", None) or "float32")
-    model = load_dense_model(dv, dtype)
+    with recording_reads() as seen:
+        model = load_dense_model(dv, dtype)
     report = _new_report(artifact, "dense", dtype, options, findings)
     report.origins = {n: t.origin for n, t in dv.tensors.items()}
-    report.consumed, unused = consumed_of(artifact, options.get("expert"))
-    if unused:
-        report.notes.append(f"{len(unused)} stored tensor(s) of other experts and the router are not part "
-                            "of this one-expert dense model")
+    report.consumed, report.unused = split_consumed(artifact, seen)
+    if report.unused and is_dylora(artifact):
+        report.notes.append(f"{len(report.unused)} stored tensor(s) of the other experts and the router "
+                            "are not part of this one-expert dense model")
     report.tied = dv.tied
     report.notes += dv.notes
     return model, report
@@ -336,16 +358,16 @@ def _load_routed(artifact: Artifact, base_art: Artifact | None, dtype, routing: 
 
     findings = check_artifact(artifact, base_art, allow_untrained=allow_untrained,
                               need_router=routing == "router")
-    model = build_dylora_model(artifact, base_art, routing=routing, dtype=dtype,
-                               allow_empty_experts=allow_untrained)
+    with recording_reads() as seen:
+        model = build_dylora_model(artifact, base_art, routing=routing, dtype=dtype,
+                                   allow_empty_experts=allow_untrained)
     report = _new_report(artifact, "routed", dtype or getattr(model, "dtype", "float32"),
                          {"routing": routing}, findings)
     report.origins = _routed_origins(artifact, base_art, model)
-    report.consumed = consumed_of(artifact)[0]
-    report.notes.append(f"routing={routing}: " + {
-        "router": "the trained router picks one expert per sequence (top-1, as at evaluation)",
-        "mean": "every expert's LoRA output averaged with equal weights",
-    }.get(routing, f"expert {routing.partition(':')[2]} runs every sequence"))
+    report.consumed, report.unused = split_consumed(artifact, seen)
+    from .models.dylora import describe_routing
+
+    report.notes.append(f"routing={routing}: {describe_routing(routing)}")
     return model, report
 
 
@@ -375,9 +397,12 @@ def _load_peft_unmerged(artifact: Artifact, base_art: Artifact | None, dtype,
     base_model = load_dense_model(dv, dtype)
     config = PeftConfig.from_pretrained(str(artifact.folder))
     config.inference_mode = True
-    model = PeftModel(base_model, config, adapter_name="default")
+    with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
+        warnings.simplefilter("ignore", FutureWarning)
+        model = PeftModel(base_model, config, adapter_name="default")
     stored = artifact.stored()
-    weights = {t.name: artifact.file(t.file).read(t.key) for t in stored}
+    with recording_reads() as seen:
+        weights = {t.name: artifact.file(t.file).read(t.key) for t in stored}
     result = set_peft_model_state_dict(model, weights, adapter_name="default")
     unexpected = list(result.unexpected_keys)
     missing = [k for k in result.missing_keys if ".lora_" in k and ".default" in k]
@@ -392,7 +417,7 @@ def _load_peft_unmerged(artifact: Artifact, base_art: Artifact | None, dtype,
     report.origins = {f"base_model.model.{n}": t.origin for n, t in dv.tensors.items()}
     for t in stored:
         report.origins[t.name] = f"stored:{t.file}"
-    report.consumed = consumed_of(artifact)[0]
+    report.consumed, report.unused = split_consumed(artifact, seen)
     report.tied = dv.tied
     return model, report
 

@@ -3,8 +3,10 @@
 * :func:`paired_bootstrap`: a percentile confidence interval of ``stat(trained) -
   stat(base)``, resampling documents (the same resampled documents for both models),
   under a fixed seed, so the interval is reproducible.
-* :func:`mcnemar_exact`: McNemar's exact test on 0/1 scores: a two-sided binomial test of
-  the discordant pairs (``scipy.stats.binomtest``).
+* :func:`mcnemar_exact`: McNemar's exact test on 0/1 scores: the two-sided binomial test
+  of the discordant pairs at 1/2, the value ``scipy.stats.binomtest(c, b + c).pvalue``
+  gives, computed in exact integer arithmetic (importing ``scipy.stats`` costs more than
+  a cached re-run's whole budget).
 
 ``stat`` is an lm-eval aggregation name: ``mean`` / ``nanmean`` over per-sample numbers,
 ``perplexity`` (``exp(-mean(loglikelihood))``), ``weighted_perplexity`` and
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from fractions import Fraction
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
 
@@ -68,8 +71,6 @@ def is_binary(values: Sequence[Any]) -> bool:
 
 def mcnemar_exact(base: Sequence[float], trained: Sequence[float]) -> McNemar:
     """McNemar's exact test on paired 0/1 scores (same documents, same order)."""
-    from scipy.stats import binomtest
-
     b = np.asarray(base, dtype=float)
     t = np.asarray(trained, dtype=float)
     if b.shape != t.shape:
@@ -78,9 +79,16 @@ def mcnemar_exact(base: Sequence[float], trained: Sequence[float]) -> McNemar:
         raise ValueError("McNemar's test needs 0/1 scores")
     base_only = int(np.sum((b == 1) & (t == 0)))
     trained_only = int(np.sum((b == 0) & (t == 1)))
-    n = base_only + trained_only
-    p = 1.0 if n == 0 else float(binomtest(trained_only, n, 0.5, alternative="two-sided").pvalue)
-    return McNemar(base_only, trained_only, p)
+    return McNemar(base_only, trained_only, binomial_two_sided_half(trained_only, base_only + trained_only))
+
+
+def binomial_two_sided_half(k: int, n: int) -> float:
+    """Exact two-sided p-value of ``k`` successes in ``n`` fair trials: the probability of
+    an outcome at most as likely as ``k`` (symmetric, so twice the smaller tail)."""
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(k, n - k) + 1))
+    return min(1.0, float(Fraction(2 * tail, 2**n)))
 
 
 def aggregate(values: Sequence[Any], stat: str | Callable = "mean") -> float:

@@ -213,9 +213,14 @@ def test_dylora_expert_all(catalog, tmp_path):
     assert json.loads((out / "expert_1" / "modelkit_export.json").read_text())["expert"] == 1
 
 
-def test_non_dylora_refuses_expert(catalog, tmp_path):
+def test_bad_options_are_refused_before_writing(catalog, tmp_path):
     with pytest.raises(ExportError, match="DyLoRA-MoE artifacts only"):
         modelkit.export(catalog["plain-llama"], tmp_path / "x", expert=0, progress=False)
+    with pytest.raises(ExportError, match="not a size"):
+        modelkit.export(catalog["plain-llama"], tmp_path / "x", max_shard_size="lots", progress=False)
+    with pytest.raises(LoadError, match="unknown floating dtype"):
+        modelkit.export(catalog["plain-llama"], tmp_path / "x", dtype="int8", progress=False)
+    assert not (tmp_path / "x").exists() and not leftovers(tmp_path / "x")
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -227,9 +232,32 @@ def test_dtype_cast_with_looser_tolerance(catalog, tmp_path, dtype):
     assert result.ok, result.summary()
     v = result.verification
     assert v["dtype"] == dtype and v["tolerance"] > 1e-5 and v["max_abs_diff"] <= v["tolerance"]
+    assert v["rounded_max_abs_diff"] <= 1e-5  # the same rounding of the same numbers
     assert json.loads((out / "config.json").read_text())["dtype"] == dtype
     with safe_open(str(next(out.glob("model-*.safetensors"))), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {getattr(torch, dtype)}
+
+
+def test_low_precision_verify_catches_a_dropped_merge(catalog, tmp_path, monkeypatch):
+    """A bf16 export that silently skips one LoRA merge hides under the loose bound, but
+    not under the comparison with the source rounded the same way."""
+    from safetensors import safe_open
+
+    ex = importlib.import_module("modelkit.export")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    with safe_open(str(catalog["plain-llama"] / "model.safetensors"), "pt") as f:
+        unmerged = f.get_tensor(name)
+    real = ex.produce
+
+    def produce(n, lt, dtype):
+        return unmerged.to(dtype) if n == name else real(n, lt, dtype)
+
+    monkeypatch.setattr(ex, "produce", produce)
+    out = tmp_path / "bad"
+    result = ex.export(catalog["peft-lora"], out, dtype="bfloat16", verify=True, progress=False)
+    v = result.verification
+    assert not result.ok and not out.exists()
+    assert v["rounded_max_abs_diff"] > 1e-5
 
 
 def test_failed_verification_writes_nothing(catalog, tmp_path):

@@ -81,6 +81,15 @@ def test_wrong_options_are_refused(catalog):
         modelkit.load(catalog["plain-llama"], routing="router")
     with pytest.raises(LoadError, match="merge=False"):
         modelkit.load(catalog["plain-llama"], merge=False)
+    with pytest.raises(LoadError, match="not both"):
+        modelkit.load(catalog["dylora-b"], routing="expert:0", expert=0)
+
+
+def test_load_is_callable_whatever_was_imported_first():
+    import importlib
+
+    module = importlib.import_module("modelkit.load")  # Python may bind modelkit.load to it
+    assert callable(module) and module.LoadResult is modelkit.LoadResult
 
 
 # --------------------------------------------------------------------------- PEFT

@@ -30,7 +30,7 @@ slow = pytest.mark.slow
 @pytest.fixture(scope="module")
 def kernel(tmp_path_factory) -> str:
     """``python3`` resolved to this interpreter, whatever kernelspecs the machine has:
-    installed under a temp prefix put first on the Jupyter path (``$JUPYTER_PATH``)."""
+    written into a temp folder put first on the Jupyter path (``$JUPYTER_PATH``)."""
     from ipykernel.kernelspec import write_kernel_spec
     from jupyter_client.kernelspec import KernelSpecManager
 

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from modelkit.stats import aggregate, is_binary, mcnemar_exact, paired_bootstrap
+from modelkit.stats import aggregate, binomial_two_sided_half, is_binary, mcnemar_exact, paired_bootstrap
 
 
 def test_mcnemar_exact_p_matches_the_binomial_tail_by_hand():
@@ -22,6 +22,13 @@ def test_mcnemar_exact_p_matches_the_binomial_tail_by_hand():
     # balanced discordance, or none at all: no evidence of a difference
     assert mcnemar_exact([1, 0, 1, 0], [0, 1, 0, 1]).p_value == pytest.approx(1.0)
     assert mcnemar_exact([1, 0, 1], [1, 0, 1]).p_value == 1.0
+
+
+@pytest.mark.parametrize("k,n", [(0, 1), (3, 7), (4, 8), (0, 40), (17, 60), (250, 600), (9, 9)])
+def test_exact_p_is_scipy_binomtest(k, n):
+    from scipy.stats import binomtest
+
+    assert binomial_two_sided_half(k, n) == pytest.approx(binomtest(k, n, 0.5).pvalue, rel=1e-12, abs=1e-300)
 
 
 def test_mcnemar_refuses_non_binary_or_unpaired_scores():

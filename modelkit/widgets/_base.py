@@ -19,6 +19,8 @@ import ipywidgets as widgets
 
 from ..errors import ModelkitError
 
+TEXT_WIDTH = 300   # characters of a table cell shown before "..."
+
 
 class InvalidInput(ModelkitError):
     """A panel's fields cannot be turned into a call (shown without a traceback)."""
@@ -27,6 +29,7 @@ class InvalidInput(ModelkitError):
 def mime_bundle(obj: Any) -> dict[str, Any]:
     """A display_data output for ``obj``: DataFrames as HTML tables, matplotlib Figures as
     PNG, anything with ``_repr_html_`` as HTML, the rest as text."""
+    import pandas as pd
     from matplotlib.figure import Figure
 
     if isinstance(obj, Figure):
@@ -34,6 +37,9 @@ def mime_bundle(obj: Any) -> dict[str, Any]:
         obj.savefig(buf, format="png", dpi=90, bbox_inches="tight")
         data = {"image/png": base64.b64encode(buf.getvalue()).decode("ascii"),
                 "text/plain": f"<Figure {obj.get_figwidth():g}x{obj.get_figheight():g} in>"}
+    elif isinstance(obj, pd.DataFrame):
+        with pd.option_context("display.max_colwidth", TEXT_WIDTH):   # findings' messages in full
+            data = {"text/html": obj._repr_html_(), "text/plain": repr(obj)}
     elif hasattr(obj, "_repr_html_") and obj._repr_html_() is not None:
         data = {"text/html": obj._repr_html_(), "text/plain": repr(obj)}
     else:

@@ -37,8 +37,9 @@ class ComparePanel(widgets.VBox):
         self.runner = RunButton("Compare", self._evaluate, self._show, icon="balance-scale",
                                 tooltip="evaluate base and trained on the tasks")
         super().__init__([self.picker_base, self.picker_trained, self.tasks,
-                          widgets.HBox([self.limit]), self.include_path, self.runner, self.summary,
-                          tabs(results=self.table, plot=self.plot, disagreements=self.disagreements)])
+                          self.limit, self.include_path, self.runner,
+                          tabs(results=self.table, plot=self.plot, disagreements=self.disagreements,
+                               summary=self.summary)])
         self.add_class("mk-compare")
 
     @property

@@ -44,9 +44,9 @@ class DiffPanel(widgets.VBox):
         self.runner = RunButton("Diff", self._diff, self._show, icon="exchange",
                                 tooltip="compare A and B weight by weight")
         super().__init__([self.picker_a, self.base_a, self.options_a, self.picker_b, self.base_b,
-                          self.options_b, self.rank, self.runner, self.summary,
-                          tabs(plot=self.plot, by_role=self.by_role, by_layer=self.by_layer,
-                               tensors=self.tensors)])
+                          self.options_b, self.rank, self.runner,
+                          tabs(summary=self.summary, plot=self.plot, by_role=self.by_role,
+                               by_layer=self.by_layer, tensors=self.tensors)])
         self.add_class("mk-diff")
 
     @property

@@ -22,14 +22,16 @@ class InspectPanel(widgets.VBox):
                                  layout=widgets.Layout(width="60%"))
         self.deep = widgets.Checkbox(value=deep, description="deep (also read tensor data)")
         self.summary = widgets.Output()
+        self.summary.add_class("mk-summary")
         self.findings = widgets.Output()
         self.findings.add_class("mk-findings")
         self.groups = widgets.Output()
         self.tensors = widgets.Output()
         self.runner = RunButton("Inspect", self._inspect, self._show, icon="search",
                                 tooltip="inspect the picked artifact (headers only unless deep)")
-        super().__init__([self.picker, self.base, self.deep, self.runner, self.summary,
-                          tabs(findings=self.findings, groups=self.groups, tensors=self.tensors)])
+        super().__init__([self.picker, self.base, self.deep, self.runner,
+                          tabs(findings=self.findings, summary=self.summary, groups=self.groups,
+                               tensors=self.tensors)])
         self.add_class("mk-inspect")
 
     @property

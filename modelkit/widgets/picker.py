@@ -36,7 +36,7 @@ def discover(root: str | Path, depth: int = 3) -> dict[str, str]:
     Walks at most ``depth`` levels, never into hidden folders or into an artifact (the
     ``checkpoint-*/`` beside a ``best_model/`` are reported by inspect, not listed here).
     """
-    root = Path(root).expanduser().absolute()
+    root = Path(os.path.abspath(Path(root).expanduser()))
     found: dict[str, str] = {}
     seen: set[Path] = set()
 
