@@ -22,7 +22,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .export import export
+    from .exporting import export
 
     expert = args.expert
     if expert is not None and expert != "all":

@@ -143,7 +143,7 @@ def _check_settings(trained: tuple, limit: Any, num_fewshot: Any, batch_size: An
 
 def _identify(role: str, ref: str | Path, options: dict | None) -> ModelInfo:
     """Open the artifact (and its base) and fingerprint it; no weights are read."""
-    from .load import open_for_load
+    from .loading import open_for_load
 
     opts = dict(options or {})
     try:
@@ -263,7 +263,7 @@ def _evaluate_missing(models: list[ModelInfo], todo: dict[str, list[str]], runs:
 
 
 def _load_model(m: ModelInfo):
-    loading = importlib.import_module("modelkit.load")
+    loading = importlib.import_module("modelkit.loading")
     try:
         result = loading.load(m.ref, **m.options)
     except ModelkitError as e:

@@ -45,7 +45,7 @@ def no_model_load(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(importlib.import_module("modelkit.load"), "load", boom)
+    monkeypatch.setattr(importlib.import_module("modelkit.loading"), "load", boom)
 
 
 def row(frame, task, metric, model=None):

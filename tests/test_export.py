@@ -243,7 +243,7 @@ def test_low_precision_verify_catches_a_dropped_merge(catalog, tmp_path, monkeyp
     not under the comparison with the source rounded the same way."""
     from safetensors import safe_open
 
-    ex = importlib.import_module("modelkit.export")
+    ex = importlib.import_module("modelkit.exporting")
     name = "model.layers.0.self_attn.q_proj.weight"
     with safe_open(str(catalog["plain-llama"] / "model.safetensors"), "pt") as f:
         unmerged = f.get_tensor(name)
@@ -275,7 +275,7 @@ def test_failed_verification_writes_nothing(catalog, tmp_path):
 def test_streams_one_shard_at_a_time(catalog, tmp_path, monkeypatch):
     """Tensors are produced shard by shard: when a shard is written, only its own tensors
     have been produced since the previous one, and nothing bigger than a shard is held."""
-    ex = importlib.import_module("modelkit.export")  # the module, not the lazy function
+    ex = importlib.import_module("modelkit.exporting")  # the module, not the lazy function
 
     produced, shards = [], []
     real_produce, real_save = ex.produce, ex.save_file
@@ -449,7 +449,7 @@ def test_truncated_shard(catalog, tmp_path):
 
 
 def test_full_disk_leaves_nothing(catalog, tmp_path, monkeypatch):
-    ex = importlib.import_module("modelkit.export")  # the module, not the lazy function
+    ex = importlib.import_module("modelkit.exporting")  # the module, not the lazy function
 
     calls = []
 
@@ -470,7 +470,7 @@ def test_full_disk_leaves_nothing(catalog, tmp_path, monkeypatch):
 
 def test_failed_fsync_leaves_nothing(catalog, tmp_path, monkeypatch):
     """Shards are fsynced in the background; an I/O error there still fails the export."""
-    ex = importlib.import_module("modelkit.export")
+    ex = importlib.import_module("modelkit.exporting")
 
     def broken(path):
         raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
@@ -530,7 +530,7 @@ def test_stale_partial_folders_are_swept(catalog, tmp_path):
 _KILL_CHILD = textwrap.dedent('''
     import importlib, sys, time
     at = importlib.import_module("modelkit.atomic")
-    ex = importlib.import_module("modelkit.export")  # the module, not the lazy function
+    ex = importlib.import_module("modelkit.exporting")  # the module, not the lazy function
 
     src, out, point, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     counts = {"produce": 0, "shard": 0}

@@ -88,8 +88,9 @@ def test_wrong_options_are_refused(catalog):
 def test_load_is_callable_whatever_was_imported_first():
     import importlib
 
-    module = importlib.import_module("modelkit.load")  # Python may bind modelkit.load to it
-    assert callable(module) and module.LoadResult is modelkit.LoadResult
+    module = importlib.import_module("modelkit.loading")  # binds modelkit.loading, not modelkit.load
+    assert callable(modelkit.load) and modelkit.load is module.load
+    assert module.LoadResult is modelkit.LoadResult
 
 
 # --------------------------------------------------------------------------- PEFT

@@ -413,7 +413,7 @@ class DyLoRAMoEForCausalLM(PreTrainedModel, GenerationMixin):
         the artifact's recorded one is not found), ``dtype`` / ``torch_dtype``,
         ``device_map`` (one device), ``allow_untrained``. Never runs remote code.
         """
-        from ..load import load
+        from ..loading import load
 
         routing = kwargs.pop("routing", None) or getattr(config, "routing", None) or "router"
         dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)

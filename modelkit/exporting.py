@@ -29,7 +29,7 @@ from typing import Any
 from .atomic import atomic_folder, fsync_file
 from .errors import ExportError, ModelkitError
 from .formats import Artifact
-from .load import (check_artifact, dense_view, is_dylora, is_peft, load, open_for_load,
+from .loading import (check_artifact, dense_view, is_dylora, is_peft, load, open_for_load,
                    recording_reads, split_consumed, tokenizer_folder, torch_dtype_of)
 from .tensors import release_all
 from .views import LazyTensor
@@ -540,15 +540,3 @@ def _write_summary_record(tmp: Path, result: ExportResult, parts: list[ExportRes
 
 
 __all__ = ["ExportResult", "export", "plan_shards", "write_weights", "write_config"]
-
-
-class _CallableModule(__import__("types").ModuleType):
-    """``modelkit.export`` is this module once it is imported (Python sets the package
-    attribute to the submodule); calling it calls :func:`export`, so ``modelkit.export(...)``
-    works whatever was imported first."""
-
-    def __call__(self, *args: Any, **kwargs: Any):
-        return export(*args, **kwargs)
-
-
-__import__("sys").modules[__name__].__class__ = _CallableModule

@@ -458,15 +458,3 @@ def load_tokenizer(artifact: Artifact, base_art: Artifact | None) -> tuple[Any, 
             tok.pad_token = fill
             note = f"tokenizer had no pad_token; set to {fill!r} (lm-eval pads batches)"
     return tok, str(folder), note
-
-
-class _CallableModule(__import__("types").ModuleType):
-    """``modelkit.load`` is this module once it is imported (Python sets the package
-    attribute to the submodule); calling it calls :func:`load`, so ``modelkit.load(...)``
-    works whatever was imported first."""
-
-    def __call__(self, *args: Any, **kwargs: Any):
-        return load(*args, **kwargs)
-
-
-__import__("sys").modules[__name__].__class__ = _CallableModule
