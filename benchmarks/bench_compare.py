@@ -47,7 +47,7 @@ def direct(paths: dict, limit: int | None, batch_size: int) -> tuple[float, floa
 
 
 def via_compare(paths: dict, limit: int | None, batch_size: int, use_cache: bool) -> tuple[float, float]:
-    from modelkit.compare import compare
+    from modelkit.comparison import compare
 
     t0, c0 = time.perf_counter(), time.process_time()
     result = compare(paths["base"], paths["trained"], tasks=TASKS, limit=limit, batch_size=batch_size,

@@ -36,8 +36,8 @@ _LAZY = {
     "ExportResult": ("modelkit.exporting", "ExportResult"),
     "diff": ("modelkit.diffing", "diff"),
     "DiffResult": ("modelkit.diffing", "DiffResult"),
-    "compare": ("modelkit.compare", "compare"),
-    "CompareResult": ("modelkit.compare", "CompareResult"),
+    "compare": ("modelkit.comparison", "compare"),
+    "CompareResult": ("modelkit.comparison", "CompareResult"),
 }
 
 

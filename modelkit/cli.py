@@ -47,7 +47,7 @@ def _diff(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .compare import compare
+    from .comparison import compare
 
     result = compare(args.base, *args.trained, tasks=args.tasks.split(","),
                      include_path=args.include_path, limit=args.limit,

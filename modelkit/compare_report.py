@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
-    from .compare import CompareResult
+    from .comparison import CompareResult
 
 MAX_PANELS = 24
 COLORS = {"better": "#2a9d3f", "worse": "#c0392b"}

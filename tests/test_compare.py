@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from modelkit.compare import CompareResult, compare
+from modelkit.comparison import CompareResult, compare
 from modelkit.errors import CompareError, ModelkitError
 
 TASKS = ["mk_topic", "mk_topic_gen", "mk_count", "mk_text"]

@@ -11,7 +11,7 @@ task               output type            what it measures
 
 The demo pair (:mod:`modelkit.demo_pair`) is trained on this synthetic world: its LoRA
 fine-tune learns ``mk_topic``; ``mk_count`` is what neither should change.
-Use them by name with :func:`modelkit.compare.compare` or point lm-eval's
+Use them by name with :func:`modelkit.compare` or point lm-eval's
 ``--include_path`` at :data:`TASKS_DIR`.
 """
 from __future__ import annotations
