@@ -13,6 +13,7 @@ Usage: python benchmarks/bench_inspect.py [--gb 1.5] [--work benchmarks/_work]
 from __future__ import annotations
 
 import argparse
+import math
 import json
 import os
 import resource
@@ -28,7 +29,8 @@ def moe_config(gb: float):
     from transformers import AutoConfig
 
     # Qwen3-MoE shape scaled down: 16 experts, per-expert keys, ~gb GB in fp32.
-    layers = max(2, int(round(gb / 0.19)))
+    # ~113 MB a layer (16 experts of 3 x 512 x 1024, attention, norms) + 262 MB embeddings/head
+    layers = max(2, math.ceil((gb * 1e9 - 2.63e8) / 1.13e8) + 1)
     return AutoConfig.for_model(
         "qwen3_moe", vocab_size=32000, hidden_size=1024, intermediate_size=2048,
         moe_intermediate_size=512, num_experts=16, num_experts_per_tok=2,
@@ -79,8 +81,11 @@ def in_process(folder: Path, repeats: int = 3) -> dict[str, float]:
     import torch  # noqa: F401  imports paid before timing: the notebook case
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     import modelkit
+
+    hf_logging.disable_progress_bar()
 
     modelkit.inspect(folder)  # first call builds the expected set (cached afterwards)
 
