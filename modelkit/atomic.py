@@ -44,6 +44,12 @@ def check_target(out: Path, *, force: bool = False, protect: Iterable[Path] = ()
     return out
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_folder(out: Path, *, force: bool = False, protect: Iterable[Path] = ()) -> Iterator[Path]:
     """Yield a temporary folder that becomes ``out`` only if the block completes."""
@@ -52,6 +58,7 @@ def atomic_folder(out: Path, *, force: bool = False, protect: Iterable[Path] = (
     out.parent.mkdir(parents=True, exist_ok=True)
     sweep_leftovers(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the result is an ordinary folder
     try:
         yield tmp
         fsync_tree(tmp)
