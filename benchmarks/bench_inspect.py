@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import math
 import json
-import os
-import resource
 import subprocess
 import sys
 import time

@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from .artifacts import open_artifact, open_base
-from .errors import BaseModelUnavailableError, ConfigError, LoadError, ModelkitError, UnsafePickleError
+from .errors import BaseModelUnavailableError, LoadError, UnsafePickleError
 from .findings import Finding, Severity, error, info, warning
 from .formats import Artifact
-from .tensors import StoredTensor
 
 ROLES = ("embedding", "attention", "mlp", "expert", "router", "norm", "lm_head", "lora", "other")
 

@@ -65,20 +65,14 @@ class Spans:
 
 
 def _stored_read(lazy: Any) -> tuple[Any, str] | None:
-    """``(SafetensorsFile, key)`` when ``lazy`` reads one stored tensor unchanged (what
-    :func:`modelkit.views.stored_tensor` builds), else None (a computed tensor)."""
-    from .tensors import SafetensorsFile, StoredTensor
+    """``(SafetensorsFile, key)`` when ``lazy`` reads one stored safetensors tensor
+    unchanged (see :func:`modelkit.views.stored_tensor`), else None (a computed tensor)."""
+    from .tensors import SafetensorsFile
 
-    produce = lazy.produce
-    if getattr(produce, "__qualname__", "") != "stored_tensor.<locals>.<lambda>" or \
-            getattr(produce, "__module__", "") != "modelkit.views":
+    stored = getattr(lazy, "stored", None)
+    if stored is None or not isinstance(stored[0], SafetensorsFile):
         return None
-    cells = [c.cell_contents for c in produce.__closure__ or ()]
-    files = [c for c in cells if isinstance(c, SafetensorsFile)]
-    entries = [c for c in cells if isinstance(c, StoredTensor)]
-    if len(files) != 1 or len(entries) != 1:
-        return None
-    return files[0], entries[0].key
+    return stored[0], stored[1].key
 
 
 def open_source(lazy: Any, spans: Spans) -> Source:

@@ -15,6 +15,7 @@ Every failure becomes a :class:`~modelkit.errors.CorruptFileError` or
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import struct
@@ -67,10 +68,7 @@ class StoredTensor:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:

@@ -8,6 +8,8 @@ diff stream one tensor at a time.
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping
 
@@ -22,19 +24,19 @@ class LazyTensor:
     dtype: str                      # torch dtype name of what ``produce`` returns
     origin: str                     # where it comes from, for load reports
     produce: Callable[[], "object"] = field(repr=False, compare=False)
+    # (file, entry) when ``produce`` returns one stored tensor unchanged: lets diff read
+    # the raw bytes in chunks instead of producing the whole tensor
+    stored: "tuple[TensorFile, StoredTensor] | None" = field(default=None, repr=False, compare=False)
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 def stored_tensor(file: TensorFile, entry: StoredTensor, origin: str | None = None) -> LazyTensor:
     """A LazyTensor that reads ``entry`` from ``file``."""
     return LazyTensor(entry.shape, entry.dtype, origin or f"stored:{entry.file}",
-                      lambda: file.read(entry.key))
+                      lambda: file.read(entry.key), stored=(file, entry))
 
 
 @dataclass

@@ -16,16 +16,6 @@ from modelkit.errors import CompareError, ModelkitError
 TASKS = ["mk_topic", "mk_topic_gen", "mk_count", "mk_text"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two torch threads on a shared two-core box run ~10x slower than one."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory) -> dict[str, Path]:

@@ -19,14 +19,6 @@ from modelkit.testing import reconstruct_expert, write_compressed_moe, write_dyl
 Q1 = "model.layers.1.self_attn.q_proj.weight"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors are far faster on one thread when the machine is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory) -> Path:

@@ -3,7 +3,6 @@ open a checkpoint (or its experiment folder), inspect it, look at its dense view
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -23,14 +22,6 @@ from modelkit.testing import naive_expert, write_compressed_moe, write_plain_hf
 LAYOUTS = ("checkpoint-N", "checkpoint-0", "documented")
 ROUTER = "model.layers.0.mlp.gate.weight"
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls are far faster on one thread when the machine is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -39,14 +39,6 @@ EXPERT_PROJ = ("gate_proj", "up_proj", "down_proj")
 IDS = torch.tensor([[2, 40, 41, 300, 7, 99, 120, 1]])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls are far faster on one thread when the machine is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def stored(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file or of a sharded folder."""
