@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lora-gb", type=float, default=1.0, help="size of the LoRA base model")
     p.add_argument("--lora-hidden", type=int, default=2048)
     p.add_argument("--lora-r", type=int, default=16)
-    p.add_argument("--max-shard-size", default="256MB", help="modelkit's shard size (its memory bound)")
+    p.add_argument("--max-shard-size", default="100MB", help="modelkit's shard size (its memory bound)")
     p.add_argument("--workdir", help="where artifacts and exports go (default: a temp folder)")
     p.add_argument("--keep", action="store_true", help="keep the work folder")
     p.add_argument("--only", choices=("moe", "lora"), help="run one scenario")
