@@ -15,14 +15,12 @@ machine); a few seconds of CPU on an idle machine.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import random
 import shutil
 import time
 import warnings
 from pathlib import Path
-from typing import Iterator
 
 RECIPE = {
     "version": 2,
@@ -51,11 +49,13 @@ def write_demo_pair(root: str | Path, *, progress: bool = False) -> dict[str, Pa
         except ValueError:
             pass
     root.mkdir(parents=True, exist_ok=True)
+    from .testing._files import one_thread
+
     t0 = time.perf_counter()
     staging = root / f".demo-pair.partial-{int(time.time() * 1000)}"
     staging.mkdir()
     try:
-        with _one_thread():
+        with one_thread():
             _build(staging / "base", staging / "lora", final_base=paths["base"], progress=progress)
         for key, name in (("base", "base"), ("trained", "lora")):
             if paths[key].exists():
@@ -138,14 +138,3 @@ def _train(model, tok, texts: list[str], prompts: list[str], hp: dict, name: str
     model.eval()
 
 
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: deterministic sums, and far faster than two on a busy box."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

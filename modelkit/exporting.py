@@ -29,6 +29,7 @@ from typing import Any
 from .atomic import atomic_folder, fsync_file
 from .errors import ExportError, ModelkitError
 from .formats import Artifact
+from .inspection import human_bytes
 from .loading import (check_artifact, dense_view, is_dylora, is_peft, load, open_for_load,
                    recording_reads, split_consumed, tokenizer_folder, torch_dtype_of)
 from .tensors import release_all
@@ -96,7 +97,7 @@ class ExportResult:
         for r in parts:
             prefix = f"  [{Path(r.out).name}] " if self.experts else "  "
             origins = ", ".join(f"{n} {k}" for k, n in sorted(r.origins.items()))
-            lines.append(f"{prefix}{r.tensors} tensors ({origins}), {_human(r.bytes)} as {r.dtype} "
+            lines.append(f"{prefix}{r.tensors} tensors ({origins}), {human_bytes(r.bytes)} as {r.dtype} "
                          f"in {len(r.shards)} shard(s); read {len(r.consumed)} stored tensor(s)"
                          + (f", left out {len(r.left_out)} (see notes)" if r.left_out else ""))
             if r.cast:
@@ -112,14 +113,6 @@ def _verification_line(v: dict[str, Any]) -> str:
     from .verify import Verification
 
     return Verification(**v).line()
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
 
 
 # --------------------------------------------------------------------------- export

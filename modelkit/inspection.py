@@ -96,7 +96,7 @@ class InspectionReport:
             b = self.base_model
             lines.append(f"  base    {b['name']} -> {b['path'] or 'NOT FOUND'} ({b['how']})")
         lines.append(f"  stored  {len(self.tensors)} tensors, {self.parameters:,} parameters, "
-                     f"{_human(self.bytes)}")
+                     f"{human_bytes(self.bytes)}")
         for k, v in self.details.items():
             lines.append(f"  {k:<7} {v}")
         if self.checkpoints:
@@ -122,10 +122,11 @@ def _n(v) -> str:
     return "-" if v is None else str(v)
 
 
-def _human(n: int) -> str:
+def human_bytes(n: float) -> str:
+    """``1536`` -> ``"1.5 KB"``."""
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1024 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return str(n)
 

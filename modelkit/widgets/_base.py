@@ -162,3 +162,22 @@ def tabs(**outputs: widgets.Widget) -> widgets.Tab:
     for i, title in enumerate(outputs):
         tab.set_title(i, title.replace("_", " "))
     return tab
+
+
+class Panel(widgets.VBox):
+    """A panel over one public function: its ``runner`` (a RunButton) does the work."""
+
+    runner: RunButton
+
+    @property
+    def button(self) -> widgets.Button:
+        return self.runner.button
+
+    @property
+    def result(self) -> Any:
+        """The last successful result (None before the first run or after an error)."""
+        return self.runner.result
+
+    def run(self) -> Any:
+        """What a click does: compute and display (errors are shown in the panel)."""
+        return self.runner.run()

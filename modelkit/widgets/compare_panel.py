@@ -8,11 +8,11 @@ import ipywidgets as widgets
 
 import modelkit
 
-from ._base import InvalidInput, RunButton, optional, show, tabs
+from ._base import InvalidInput, Panel, RunButton, optional, show, tabs
 from .picker import ArtifactPicker
 
 
-class ComparePanel(widgets.VBox):
+class ComparePanel(Panel):
     """:func:`modelkit.compare` (base vs one trained artifact) as a widget; the last
     CompareResult is ``result``."""
 
@@ -42,17 +42,6 @@ class ComparePanel(widgets.VBox):
                                summary=self.summary)])
         self.add_class("mk-compare")
 
-    @property
-    def button(self) -> widgets.Button:
-        return self.runner.button
-
-    @property
-    def result(self) -> "modelkit.CompareResult | None":
-        return self.runner.result
-
-    def run(self) -> "modelkit.CompareResult | None":
-        """What a click does: evaluate both and display (errors shown in the panel)."""
-        return self.runner.run()
 
     def _evaluate(self) -> "modelkit.CompareResult":
         for out in (self.summary, self.table, self.disagreements, self.plot):

@@ -8,7 +8,7 @@ import ipywidgets as widgets
 
 import modelkit
 
-from ._base import InvalidInput, RunButton, optional, parse_options, show, tabs
+from ._base import InvalidInput, Panel, RunButton, optional, parse_options, show, tabs
 from .picker import ArtifactPicker
 
 
@@ -16,7 +16,7 @@ def _options_text(options: Mapping[str, Any] | None) -> str:
     return ", ".join(f"{k}={v}" for k, v in (options or {}).items())
 
 
-class DiffPanel(widgets.VBox):
+class DiffPanel(Panel):
     """:func:`modelkit.diff` as a widget; the last DiffResult is ``result``."""
 
     def __init__(self, root: str | Path | None = None, a: str | Path | None = None,
@@ -49,17 +49,6 @@ class DiffPanel(widgets.VBox):
                                by_layer=self.by_layer, tensors=self.tensors)])
         self.add_class("mk-diff")
 
-    @property
-    def button(self) -> widgets.Button:
-        return self.runner.button
-
-    @property
-    def result(self) -> "modelkit.DiffResult | None":
-        return self.runner.result
-
-    def run(self) -> "modelkit.DiffResult | None":
-        """What a click does: diff and display (errors shown in the panel)."""
-        return self.runner.run()
 
     def _diff(self) -> "modelkit.DiffResult":
         for out in (self.summary, self.plot, self.by_role, self.by_layer, self.tensors):

@@ -7,7 +7,7 @@ import ipywidgets as widgets
 
 import modelkit
 
-from ._base import InvalidInput, RunButton, optional, show
+from ._base import InvalidInput, Panel, RunButton, optional, show
 from .picker import ArtifactPicker
 
 DTYPES = [("as stored", None), ("float32", "float32"), ("bfloat16", "bfloat16"), ("float16", "float16")]
@@ -26,7 +26,7 @@ def parse_expert(text: str) -> int | str | None:
         raise InvalidInput(f"expert must be blank, an integer or 'all', not {text!r}") from None
 
 
-class ExportPanel(widgets.VBox):
+class ExportPanel(Panel):
     """:func:`modelkit.export` as a widget; the last ExportResult is ``result``."""
 
     def __init__(self, root: str | Path | None = None, ref: str | Path | None = None,
@@ -53,17 +53,6 @@ class ExportPanel(widgets.VBox):
                           widgets.HBox([self.verify, self.force]), self.runner, self.summary])
         self.add_class("mk-export")
 
-    @property
-    def button(self) -> widgets.Button:
-        return self.runner.button
-
-    @property
-    def result(self) -> "modelkit.ExportResult | None":
-        return self.runner.result
-
-    def run(self) -> "modelkit.ExportResult | None":
-        """What a click does: export and display (errors shown in the panel)."""
-        return self.runner.run()
 
     def _export(self) -> "modelkit.ExportResult":
         self.summary.outputs = ()

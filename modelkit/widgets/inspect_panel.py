@@ -7,11 +7,11 @@ import ipywidgets as widgets
 
 import modelkit
 
-from ._base import InvalidInput, RunButton, optional, show, tabs
+from ._base import InvalidInput, Panel, RunButton, optional, show, tabs
 from .picker import ArtifactPicker
 
 
-class InspectPanel(widgets.VBox):
+class InspectPanel(Panel):
     """:func:`modelkit.inspect` as a widget; the last report is ``result``."""
 
     def __init__(self, root: str | Path | None = None, ref: str | Path | None = None,
@@ -34,17 +34,6 @@ class InspectPanel(widgets.VBox):
                                tensors=self.tensors)])
         self.add_class("mk-inspect")
 
-    @property
-    def button(self) -> widgets.Button:
-        return self.runner.button
-
-    @property
-    def result(self) -> "modelkit.InspectionReport | None":
-        return self.runner.result
-
-    def run(self) -> "modelkit.InspectionReport | None":
-        """What a click does: inspect and display (errors shown in the panel)."""
-        return self.runner.run()
 
     def _inspect(self) -> "modelkit.InspectionReport":
         for out in (self.summary, self.findings, self.groups, self.tensors):
