@@ -14,11 +14,14 @@ Every failure becomes a :class:`~modelkit.errors.CorruptFileError` or
 """
 from __future__ import annotations
 
+import collections
+import io
 import json
 import math
 import os
 import pickle
 import struct
+import sys
 import weakref
 import zipfile
 from dataclasses import dataclass
@@ -228,9 +231,17 @@ class PickleFile(TensorFile):
         return load_pickle(self.path)
 
     @cached_property
+    def skeleton(self) -> Any:
+        """The pickle's structure with tensors as :class:`TensorHeader` (no torch import,
+        no storage touched), or None when the file is not a plain zip-format tensor pickle
+        (then everything goes through ``obj``, i.e. ``torch.load``)."""
+        return read_pickle_skeleton(self.path)
+
+    @cached_property
     def entries(self) -> dict[str, StoredTensor]:
+        tree = self.skeleton if self.skeleton is not None else self.obj
         return {key: StoredTensor(key, tuple(t.shape), dtype_name(t.dtype), self.rel, key)
-                for key, t in flatten_tensors(self.obj)}
+                for key, t in flatten_tensors(tree)}
 
     def read(self, key: str):
         obj = self.obj
@@ -240,7 +251,8 @@ class PickleFile(TensorFile):
 
     def scalars(self) -> dict[str, Any]:
         """Non-tensor leaves (ints, strings, ...) of the pickle, by dotted key."""
-        return dict(flatten_scalars(self.obj))
+        tree = self.skeleton if self.skeleton is not None else self.obj
+        return dict(flatten_scalars(tree))
 
 
 def load_pickle(path: Path) -> Any:
@@ -279,11 +291,16 @@ def _children(obj: Any) -> Iterator[tuple[str, Any]]:
             yield str(i), v
 
 
-def flatten_tensors(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """(dotted key, tensor) for every tensor inside nested dicts/lists."""
-    import torch
+def _is_tensor(obj: Any) -> bool:
+    if isinstance(obj, TensorHeader):
+        return True
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.Tensor)
 
-    if isinstance(obj, torch.Tensor):
+
+def flatten_tensors(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, tensor or TensorHeader) for every tensor inside nested dicts/lists."""
+    if _is_tensor(obj):
         yield prefix, obj
         return
     for k, v in _children(obj):
@@ -291,9 +308,7 @@ def flatten_tensors(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
 
 
 def flatten_scalars(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    import torch
-
-    if isinstance(obj, torch.Tensor):
+    if _is_tensor(obj):
         return
     if isinstance(obj, (dict, list, tuple)):
         for k, v in _children(obj):
@@ -336,3 +351,69 @@ def weight_files(folder: Path) -> list[Path]:
 
 def file_size(path: Path) -> int:
     return os.stat(path).st_size
+
+
+# -- header-only reading of torch's zip pickles -------------------------------------------
+# torch.save writes a zip whose data.pkl refers to storages by key; unpickling it with the
+# few callables below yields the structure with shapes and dtypes and never touches (or
+# imports) anything else. Any other global means "not a plain tensor pickle": the caller
+# then uses torch.load(weights_only=True), which decides (and refuses unsafe pickles).
+
+_STORAGE_DTYPES = {
+    "FloatStorage": "float32", "DoubleStorage": "float64", "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16", "LongStorage": "int64", "IntStorage": "int32",
+    "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8", "BoolStorage": "bool",
+}
+
+
+@dataclass(frozen=True)
+class TensorHeader:
+    """A tensor known by its shape and dtype only (from a pickle's structure)."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def _rebuild_tensor(storage: str, offset: int, size: Any, *rest: Any) -> TensorHeader:
+    return TensorHeader(tuple(int(d) for d in size), storage)
+
+
+def _rebuild_parameter(data: TensorHeader, *rest: Any) -> TensorHeader:
+    return data
+
+
+class _SkeletonUnpickler(pickle.Unpickler):
+    _ALLOWED = {
+        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+        ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+        ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+        ("collections", "OrderedDict"): collections.OrderedDict,
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        try:
+            return self._ALLOWED[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"{module}.{name}") from None
+
+    def persistent_load(self, pid: Any) -> str:
+        # ("storage", storage type (here: its dtype name), key, location, numel)
+        if not (isinstance(pid, tuple) and pid and pid[0] == "storage" and pid[1] in _STORAGE_DTYPES.values()):
+            raise pickle.UnpicklingError("unexpected persistent id")
+        return pid[1]
+
+
+def read_pickle_skeleton(path: Path) -> Any | None:
+    """The structure of a zip-format torch pickle with tensors as TensorHeader, or None."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return None
+        with zipfile.ZipFile(path) as z:
+            pkl = [n for n in z.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+            if len(pkl) != 1:
+                return None
+            return _SkeletonUnpickler(io.BytesIO(z.read(pkl[0]))).load()
+    except Exception:  # anything unusual: let torch.load (weights_only) decide
+        return None
