@@ -42,7 +42,6 @@ class ComparePanel(Panel):
                                summary=self.summary)])
         self.add_class("mk-compare")
 
-
     def _evaluate(self) -> "modelkit.CompareResult":
         for out in (self.summary, self.table, self.disagreements, self.plot):
             out.outputs = ()

@@ -49,7 +49,6 @@ class DiffPanel(Panel):
                                by_layer=self.by_layer, tensors=self.tensors)])
         self.add_class("mk-diff")
 
-
     def _diff(self) -> "modelkit.DiffResult":
         for out in (self.summary, self.plot, self.by_role, self.by_layer, self.tensors):
             out.outputs = ()

@@ -53,7 +53,6 @@ class ExportPanel(Panel):
                           widgets.HBox([self.verify, self.force]), self.runner, self.summary])
         self.add_class("mk-export")
 
-
     def _export(self) -> "modelkit.ExportResult":
         self.summary.outputs = ()
         ref, out = self.picker.value, optional(self.out.value)

@@ -34,7 +34,6 @@ class InspectPanel(Panel):
                                tensors=self.tensors)])
         self.add_class("mk-inspect")
 
-
     def _inspect(self) -> "modelkit.InspectionReport":
         for out in (self.summary, self.findings, self.groups, self.tensors):
             out.outputs = ()
