@@ -16,7 +16,7 @@ from .errors import ModelkitError
 def _inspect(args: argparse.Namespace) -> int:
     from .inspection import inspect
 
-    report = inspect(args.ref, base=args.base, deep=args.deep)
+    report = inspect(args.ref, base=args.base, deep=args.deep, facts=_facts(args))
     print(report.to_json(indent=1) if args.json else report.summary())
     return report.exit_code
 
@@ -29,7 +29,7 @@ def _export(args: argparse.Namespace) -> int:
         expert = int(expert)
     result = export(args.ref, args.out, base=args.base, dtype=args.dtype,
                     max_shard_size=args.max_shard_size, expert=expert,
-                    verify=args.verify, force=args.force)
+                    verify=args.verify, force=args.force, **_facts(args))
     print(result.to_json(indent=1) if args.json else result.summary())
     return 0 if result.ok else 1
 
@@ -76,6 +76,16 @@ def _demo(args: argparse.Namespace) -> int:
     return demo_main(args.root, notebooks=not args.no_notebooks)
 
 
+def _facts(args: argparse.Namespace) -> dict:
+    """--lora-alpha / --lora-r: what an early DyLoRA-MoE checkpoint does not record."""
+    return {k: v for k, v in (("lora_alpha", args.lora_alpha), ("lora_r", args.lora_r)) if v is not None}
+
+
+def _add_fact_flags(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--lora-alpha", type=float, help="DyLoRA-MoE: lora_alpha when the artifact records none")
+    s.add_argument("--lora-r", type=int, help="DyLoRA-MoE: lora_r when the artifact records none")
+
+
 def _options(pairs: list[str] | None) -> dict:
     out = {}
     for item in pairs or []:
@@ -99,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("ref", help="folder, wandb:entity/project/name:vN, or hf:org/name")
     s.add_argument("--base", help="base model folder or ref (overrides the recorded name)")
     s.add_argument("--deep", action="store_true", help="also read tensor data (e.g. all-zero LoRA B)")
+    _add_fact_flags(s)
     s.add_argument("--json", action="store_true", help="print the full report as JSON")
     s.set_defaults(func=_inspect)
 
@@ -110,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-shard-size", default="2GB")
     s.add_argument("--expert", help="DyLoRA-MoE: expert index to merge, or 'all' (one folder each)")
     s.add_argument("--verify", action="store_true", help="reload OUT and compare logits with the source")
+    _add_fact_flags(s)
     s.add_argument("--force", action="store_true", help="replace an existing OUT")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_export)
