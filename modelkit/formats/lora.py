@@ -342,7 +342,13 @@ def _merged_weight(w: LazyTensor, m: LoraModule, scaling: float, adapter: LoraAd
         # in the stored dtype rounds once, as before)
         return merged if base.dtype in (torch.bfloat16, torch.float16) else merged.to(base.dtype)
 
-    return LazyTensor(w.shape, w.dtype, f"lora-merge:{adapter.name}:{m.A.file}", produce)
+    return LazyTensor(w.shape, _merge_dtype(w.dtype), f"lora-merge:{adapter.name}:{m.A.file}", produce)
+
+
+def _merge_dtype(base: str) -> str:
+    """What a merge over a ``base``-dtype weight holds: float32 over bf16/fp16 (``W + sBA`` is
+    not representable there; an export in the stored dtype rounds it once)."""
+    return "float32" if base in ("bfloat16", "float16") else base
 
 
 def _merged_bias(b: LazyTensor, m: LoraModule, scaling: float, adapter: LoraAdapter) -> LazyTensor:
