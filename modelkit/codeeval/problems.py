@@ -94,6 +94,8 @@ class ProblemSet:
     def select(self, limit: int | None = None, task_ids: Sequence[str] | str | None = None) -> "ProblemSet":
         """The problems named in ``task_ids`` (in the given order; unknown ids are an error),
         then the first ``limit`` of them."""
+        if limit is None and task_ids is None:
+            return self
         chosen = self.problems
         if task_ids is not None:
             ids = [t.strip() for t in (task_ids.split(",") if isinstance(task_ids, str) else task_ids) if str(t).strip()]
