@@ -330,6 +330,9 @@ def _cached(kind: str, config, model_type: str | None, use_disk: bool, compute, 
 
 def _cache_key(config, model_type: str | None):
     """(digest, thunk returning the config object); no transformers import for raw input."""
+    source = getattr(config, "_modelkit_facts_source", None)  # an archfacts.ConfigFacts
+    if source is not None:
+        config, model_type = source
     if isinstance(config, (str, Path)):
         file = _config_file(Path(config))
         raw = _read_config_json(file)

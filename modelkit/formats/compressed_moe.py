@@ -463,10 +463,14 @@ class CompressedMoEArtifact(Artifact):
         """The original MoE config: the checkpoint's ``config.json``, else the original's."""
         from ..architectures import load_config
 
+        return load_config(self.architecture())
+
+    def architecture(self):
+        """config()'s config.json (a cached audit of it imports no transformers)."""
         if (self.folder / "config.json").is_file():
-            return load_config(self.path("config.json"))
+            return self.path("config.json")
         if self.base is not None and self.base.path is not None:
-            return load_config(self.base.path)
+            return self.base.path / "config.json"
         name = self.base.name if self.base is not None else self.original_name()
         why = self.base.how if self.base is not None else "not looked up"
         raise BaseModelUnavailableError(
@@ -482,7 +486,7 @@ class CompressedMoEArtifact(Artifact):
         from ..architectures import expected_tensors
 
         out = {}
-        for name in expected_tensors(config if config is not None else self.config()):
+        for name in expected_tensors(config if config is not None else self.config_facts()):
             m = _EXPERT_SLOT.match(name)
             if m:
                 out[(int(m["layer"]), m["proj"], int(m["e"]), m["kind"])] = name
@@ -505,7 +509,7 @@ class CompressedMoEArtifact(Artifact):
                               self.folder)
         from ..architectures import expected_tensors
 
-        config = self.config()
+        config = self.config_facts()
         expected = expected_tensors(config)
         slots = self._slots(config)
         targets = self.compressed_targets
@@ -622,7 +626,7 @@ class CompressedMoEArtifact(Artifact):
     def check(self, base: Artifact | None, deep: bool = False) -> list[Finding]:
         findings = self._settings_findings()
         try:
-            config = self.config()
+            config = self.config_facts()
             slots = self._slots(config)
         except BaseModelUnavailableError:
             config, slots = None, None
