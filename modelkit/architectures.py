@@ -22,6 +22,7 @@ answer is in the on-disk cache never imports them at all.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -810,6 +811,7 @@ _ATTN = re.compile(r"(?:^|\.)(?:self_attn|attn|attention|self_attention)(?:\.|$)
 _MLP = re.compile(r"(?:^|\.)(?:mlp|feed_forward|ffn|block_sparse_moe|moe)(?:\.|$)")
 
 
+@functools.lru_cache(maxsize=1 << 18)  # inspect classifies each of 10^4-10^5 names 3 times
 def classify(name: str) -> TensorRole:
     """The role of a tensor from its name: on-disk, in-memory, PEFT, DyLoRA or compressed.
 

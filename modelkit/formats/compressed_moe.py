@@ -367,7 +367,9 @@ class CompressedMoEArtifact(Artifact):
         if self.has_non_moe:
             out += self.entries_of(NON_MOE)
         for (layer, proj), rel in self.layer_files.items():
-            out += [dataclasses.replace(t, name=_layer_name(layer, proj, t.key)) for t in self.entries_of(rel)]
+            # the constructor, not dataclasses.replace: 10^5 wrapper tensors in a real checkpoint
+            out += [StoredTensor(_layer_name(layer, proj, t.key), t.shape, t.dtype, t.file, t.key)
+                    for t in self.entries_of(rel)]
         for (layer, proj), rel in self.extracted_files.items():
             for t in self.entries_of(rel):
                 parts = t.key.split(".")
