@@ -691,7 +691,8 @@ class CompressedMoEArtifact(Artifact):
                 tensors[name] = LazyTensor(tuple(g.core.shape), dtype,
                                            f"compressed:{g.file or NON_MOE}[expert {e}"
                                            + (", own core copy]" if copies else "]"),
-                                           functools.partial(produce_as, torch_dtype(dtype)),
+                                           # the dtype resolved when producing: a view costs no torch import
+                                           functools.partial(_produce_in, produce_as, dtype),
                                            compute=produce_as)
                 if e in g.biases or g.bias_matrix is not None:
                     bias_name = slots.get((layer, proj, e, "bias"))
@@ -1136,6 +1137,10 @@ class CompressedMoEArtifact(Artifact):
         if m:
             out["step"] = int(m.group(1))
         return out
+
+
+def _produce_in(produce_as: Callable[[Any], Any], dtype: str):
+    return produce_as(torch_dtype(dtype))
 
 
 def _num_experts(config) -> int | None:
