@@ -308,7 +308,7 @@ def produce(name: str, lt: LazyTensor, out_dtype):
     import torch
 
     try:
-        t = lt.produce()
+        t = lt.produce_as(out_dtype)
     except ModelkitError:
         raise
     except Exception as e:  # a merge whose shapes do not fit, a read that fails, ...

@@ -13,6 +13,7 @@ nothing (unless ``allow_untrained=True``) is a :class:`~modelkit.errors.LoadErro
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import warnings
 from collections import Counter
@@ -338,7 +339,9 @@ def load_dense_model(dv: DenseView, dtype, device: str | None = None):
     """``disk_to_model`` over a checked dense view; LoadError unless every tensor landed."""
     from .architectures import disk_to_model
 
-    producers = {n: t.produce for n, t in dv.tensors.items()}
+    # computed tensors (compressed experts) are produced in the dtype asked for, never
+    # rounded to a lower declared dtype first
+    producers = {n: functools.partial(t.produce_as, dtype) for n, t in dv.tensors.items()}
     shapes = {n: tuple(t.shape) for n, t in dv.tensors.items()}
     model, info = disk_to_model(dv.config, producers, dtype, device=device, shapes=shapes)
     if not info.ok:
