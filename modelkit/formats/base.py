@@ -142,6 +142,12 @@ class Artifact(ABC):
     def view(self, base: "Artifact | None" = None, **options) -> "TensorView":
         """The artifact as on-disk-named lazy tensors of its standard model."""
 
+    def reference_model(self, **options) -> "tuple[Any, str] | None":
+        """``(float64 model, how it was built)``: the artifact's stored form materialised by a
+        second path that shares nothing with :meth:`view` (what ``export --verify`` compares
+        with), or None when the format has none (verify then loads through the view)."""
+        return None
+
     def check(self, base: "Artifact | None", deep: bool = False) -> list["Finding"]:
         """Findings only this format can make (the generic audit does the rest)."""
         return []

@@ -770,6 +770,15 @@ class CompressedMoEArtifact(Artifact):
             return b.to(torch_dtype(dtype))
         return produce
 
+    def reference_model(self, **options) -> tuple[Any, str] | None:
+        """The stored low-rank form materialised in float64 by
+        :mod:`modelkit.formats.compressed_reference` (``core`` as in the view)."""
+        from .compressed_reference import reference_model
+
+        if not self.layer_files:
+            return None  # compressed parts only under in-memory names: no second path
+        return reference_model(self, self.base.path if self.base is not None else None, core=options.get("core"))
+
     # -- checks ------------------------------------------------------------------------
     def check(self, base: Artifact | None, deep: bool = False) -> list[Finding]:
         findings = self._settings_findings()
