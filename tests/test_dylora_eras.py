@@ -231,3 +231,10 @@ def test_export_expert_verify_over_a_tied_base_loads_in_stock_transformers(tmp_p
         with torch.no_grad():
             torch.testing.assert_close(torch.tensor(json.loads(proc.stdout)), reference(torch.tensor(ids)).logits,
                                        atol=1e-5, rtol=0)
+
+
+def test_alpha_keyword_is_the_same_supplied_fact(runs, tied):
+    ckpt = runs["early"] / "checkpoint-100"
+    for kw in ({"expert": 1}, {"routing": "expert:1"}):
+        report = modelkit.load(ckpt, base=tied, alpha=ALPHA, **kw).report
+        assert report.options["supplied"]["lora_alpha"] == ALPHA
