@@ -254,3 +254,14 @@ def test_bad_samples_and_subsets_are_refused(tmp_path, capsys):
         grade(None, unknown, check_problems=False)
     with pytest.raises(ProblemFileError, match="unknown task id"):
         HE.select(task_ids=["HumanEval/0", "HumanEval/999"])
+
+
+@needs_full_sandbox
+def test_nothing_a_program_leaves_in_tmp_reaches_the_next_program():
+    p = next(q for q in HE if q.task_id == CLOSE)
+    writer = "    open('/tmp/residue', 'w').write('x')\n    open('/dev/shm/residue', 'w').write('x')\n" + p.canonical_solution
+    reader = "    import os\n    assert not os.path.exists('/tmp/residue') and not os.path.exists('/dev/shm/residue')\n" \
+             + p.canonical_solution
+    report = grade(HE.select(task_ids=[CLOSE]), [Sample(CLOSE, completion=writer), Sample(CLOSE, completion=reader)],
+                   workers=1, check_problems=False)            # one worker: the same fork server runs both
+    assert [r.status for r in report.results] == ["pass", "pass"], report.summary()

@@ -162,6 +162,8 @@ class Sandbox:
         else:
             missing["bwrap"] = bwrap_why
             missing["network isolation"] = "needs bubblewrap"
+            missing["filesystem confinement"] = ("needs bubblewrap: programs see the real file system and can "
+                                                 "write wherever their uid may (e.g. /tmp)")
         self._use_bwrap, self._use_uid = use_bwrap, use_uid
         return Isolation(layers, missing, interpreter=self.python)
 
@@ -280,7 +282,8 @@ class _Server:
         except OSError as e:
             self.proc = None
             return f"the sandbox could not start: {type(e).__name__}: {e}"
-        cfg = {"private": private, "work_root": work_root, "uid": self.uid, "no_new_privs": not sb._use_bwrap}
+        cfg = {"private": private, "work_root": work_root, "uid": self.uid, "no_new_privs": not sb._use_bwrap,
+               "clean": ["/tmp", "/dev/shm"] if sb._use_bwrap else []}
         try:
             self._send(cfg)
             reply = self._recv(time.monotonic() + 60)
@@ -472,6 +475,7 @@ def _bwrap_argv(python: str, prefix: str, lim: Limits) -> list[str]:
     if not (python + "/").startswith(covered) and not python.startswith(prefix + "/"):
         argv += ["--ro-bind", python, python]
     argv += ["--dev", "/dev", "--proc", "/proc",
+             "--perms", "1777", "--size", str(lim.tmpfs_bytes), "--tmpfs", "/dev/shm",
              "--perms", "1777", "--size", str(lim.tmpfs_bytes), "--tmpfs", "/tmp",
              "--perms", "0755", "--size", str(lim.tmpfs_bytes), "--tmpfs", "/run",
              "--perms", "0755", "--size", str(lim.tmpfs_bytes), "--tmpfs", WORK, "--chdir", WORK, "--"]
