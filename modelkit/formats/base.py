@@ -23,7 +23,7 @@ from ..tensors import StoredTensor, TensorFile, check_inside
 if TYPE_CHECKING:  # pragma: no cover
     from ..findings import Finding
     from ..sources import Source
-    from ..views import TensorView
+    from ..views import LazyTensor, TensorView
 
 
 @dataclass
@@ -151,6 +151,15 @@ class Artifact(ABC):
     def check(self, base: "Artifact | None", deep: bool = False) -> list["Finding"]:
         """Findings only this format can make (the generic audit does the rest)."""
         return []
+
+    def variants(self) -> dict[str, dict[str, Any]]:
+        """When no single dense view is the artifact: the view options that together are it,
+        by label (DyLoRA-MoE: ``{"expert_0": {"expert": 0}, ...}``). ``{}``: ``view()`` is it."""
+        return {}
+
+    def unviewed(self) -> dict[str, "LazyTensor"]:
+        """Stored tensors that no view places (DyLoRA-MoE's router), by name."""
+        return {}
 
     def describe(self) -> dict[str, Any]:
         """Format-specific facts worth showing (experts, rank, routing, ...)."""
