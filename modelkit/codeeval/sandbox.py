@@ -125,6 +125,8 @@ class Sandbox:
         self.python = interpreter or _base_interpreter()
         self.prefix = _prefix_of(self.python)
         self.isolation = self._choose(isolation)
+        self.used_uids: set[int] = set()          # every sandbox uid this sandbox ran programs as
+        self.scratch_dirs: list[str] = []         # every grader-side temporary folder it made
         self._slots: list[_Server] = []
         self._free: list[_Server] = []
         self._cond = threading.Condition()
@@ -198,6 +200,7 @@ class Sandbox:
                         continue
                     uids.append(uid)
                     locks.append(f)
+                self.used_uids.update(uids)
                 if len(uids) < n:
                     raise SandboxError(f"could not reserve {n} sandbox uids in {UID_LOCKS}")
             self._slots = [_Server(self, k, uid) for k, uid in enumerate(uids)]
@@ -226,6 +229,7 @@ class Sandbox:
         with self._cond:
             if self._scratch is None:
                 self._scratch = Path(tempfile.mkdtemp(prefix="modelkit-grade-"))
+                self.scratch_dirs.append(str(self._scratch))
                 os.chmod(self._scratch, 0o711)        # a sandbox uid may pass through to its own dir
             return self._scratch
 
