@@ -48,6 +48,8 @@ CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 SETTLE_SECONDS = 5.0       # files unchanged this long (and inspect clean): the checkpoint is complete
 INTERVAL_SECONDS = 30.0    # between polls of the run folder
 ATTEMPTS = 3               # evaluations of one checkpoint before it is recorded as failed
+DEEP_BELOW_BYTES = 1 << 30  # audit() reads tensor data (all-zero LoRA B...) of checkpoints this small
+TRAINER_STATE_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "training_args.bin", "trainer_state.json")
 
 
 class WatchError(ModelkitError):
@@ -117,6 +119,25 @@ def snapshot(folder: Path) -> tuple | None:
 
 def snapshot_digest(snap: tuple | None) -> str:
     return hashlib.sha256(json.dumps(snap).encode()).hexdigest()[:16]
+
+
+def audit(folder: str | Path, base: str | Path | None = None, deep: bool | None = None):
+    """``inspect`` of a checkpoint as the watcher and the training callback use it:
+    ``deep=None`` reads tensor data (finding untrained adapters) when the checkpoint's
+    weights (the Trainer's optimizer and RNG files aside) are under DEEP_BELOW_BYTES."""
+    from .inspection import inspect
+
+    if deep is None:
+        deep = _weight_bytes(Path(folder)) < DEEP_BELOW_BYTES
+    return inspect(folder, base=base, deep=deep)
+
+
+def _weight_bytes(folder: Path) -> int:
+    total = 0
+    for p in folder.rglob("*"):
+        if p.is_file() and p.name not in TRAINER_STATE_FILES and not p.name.startswith("rng_state"):
+            total += p.stat().st_size
+    return total
 
 
 # --------------------------------------------------------------------------- evaluating one
@@ -215,6 +236,7 @@ class Watcher:
         self.entries: dict[str, Entry] = {}
         self._seen: dict[str, tuple[tuple, float]] = {}     # name -> (snapshot, monotonic time first seen so)
         self._keys: dict[tuple[str, str], str] = {}          # (name, snapshot digest) -> ledger key
+        self._queue: tuple[int, dict[str, str]] = (-1, {})   # queue.jsonl size when read, its entries
         self._aliases = {(r["key"], r["name"]) for r in self.ledger.records if r["event"] == "same"}
         self._settings_hash = hashlib.sha256(json.dumps(
             {"tasks": self.tasks, "hashes": self.catalog.hashes, "limit": limit, "num_fewshot": num_fewshot,
@@ -234,7 +256,7 @@ class Watcher:
         with self.ledger.locked():
             try:
                 self.poll()
-                if once:
+                if once and any(e.status == "pending" for e in self.entries.values()):
                     self.stop_event.wait(self.settle)
                     self.poll(final=True)
                 while not once and not self.stop_event.is_set():
@@ -325,10 +347,8 @@ class Watcher:
 
     def _inspect(self, c: Candidate) -> list[dict] | None:
         """Inspect findings as dicts; None when the folder went away meanwhile."""
-        from .inspection import inspect
-
         try:
-            report = inspect(c.path)
+            report = audit(c.path)
         except ModelkitError as e:
             if not c.path.is_dir():
                 return None
@@ -470,6 +490,12 @@ class Watcher:
 
     def _queued(self) -> dict[str, str]:
         """``{checkpoint name: snapshot digest}`` the training callback queued for this run."""
+        try:
+            size = self.ledger.queue_path.stat().st_size
+        except FileNotFoundError:
+            return {}
+        if self._queue[0] == size:
+            return self._queue[1]
         out = {}
         for q in self.ledger.queued():
             try:
@@ -477,6 +503,7 @@ class Watcher:
             except (KeyError, ValueError, OSError):
                 continue
             out[name] = q.get("snapshot")
+        self._queue = (size, out)
         return out
 
     def result(self) -> "WatchResult":
