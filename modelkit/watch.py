@@ -241,7 +241,7 @@ class Watcher:
         self._settings_hash = hashlib.sha256(json.dumps(
             {"tasks": self.tasks, "hashes": self.catalog.hashes, "limit": limit, "num_fewshot": num_fewshot,
              "options": self.job_defaults["options"]}, sort_keys=True, default=str).encode()).hexdigest()[:12]
-        self.wandb = None
+        self.wandb, self.wandb_run = None, None
         if wandb:
             from .watch_report import WandbLog
 
@@ -268,7 +268,7 @@ class Watcher:
                     self.poll()
             finally:
                 if self.wandb is not None:
-                    self.wandb.finish(self.result())
+                    self.wandb_run = self.wandb.finish(self.result())
         return self.result()
 
     def stop(self) -> None:
@@ -509,7 +509,7 @@ class Watcher:
     def result(self) -> "WatchResult":
         entries = sorted(self.entries.values(), key=lambda e: Candidate(e.name, Path(), e.step).order)
         return WatchResult(str(self.run_dir), self.tasks, self.baseline, entries, dict(self.settings),
-                           str(self.ledger.folder))
+                           str(self.ledger.folder), self.wandb_run)
 
 
 def _check_result(result: Any, job: EvalJob) -> None:
@@ -541,6 +541,7 @@ class WatchResult:
     entries: list[Entry]
     settings: dict[str, Any]
     state_dir: str
+    wandb_run: str | None = None             # the W&B run's local folder (``--wandb``)
     _frame: Any = field(default=None, repr=False)
 
     @property
@@ -609,7 +610,7 @@ class WatchResult:
         head = (f"modelkit watch {self.run_dir}: " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
                                                       or "no checkpoints yet")
                 + f"; tasks {', '.join(self.tasks)}, limit {self.settings.get('limit')}")
-        lines = [head, f"  state   {self.state_dir}"]
+        lines = [head, f"  state   {self.state_dir}"] + ([f"  W&B run {self.wandb_run}"] if self.wandb_run else [])
         if self.baseline is not None and self.baseline.result:
             lines.append(f"  baseline {self.baseline.result['model']['ref']} "
                          f"(fingerprint {self.baseline.result['model']['fingerprint']})")
@@ -627,7 +628,7 @@ class WatchResult:
         from .comparison import _records
 
         return {"run_dir": self.run_dir, "tasks": self.tasks, "settings": self.settings,
-                "state_dir": self.state_dir,
+                "state_dir": self.state_dir, "wandb_run": self.wandb_run,
                 "baseline": None if self.baseline is None or not self.baseline.result else self.baseline.result["model"],
                 "checkpoints": [{k: v for k, v in asdict(e).items() if k != "result"} for e in self.entries],
                 "table": _records(self.to_frame())}

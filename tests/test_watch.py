@@ -217,6 +217,28 @@ def test_the_state_is_kept_outside_the_run_and_locked(run, tmp_path):
         watch(tmp_path / "nowhere", TASKS)
 
 
+def test_wandb_logs_each_checkpoint_against_its_training_step(run):
+    from modelkit.testing.wandb_offline import history, metrics, wait_until_written
+
+    result = watch(run, TASKS, limit=LIMIT, once=True, settle=0.1, wandb=True)
+    folder = Path(result.wandb_run)
+    assert "offline-run" in folder.name
+    wait_until_written(folder)
+    assert {"name": "", "glob_name": "watch/*", "step_metric": "trainer/global_step"} in metrics(folder)
+    rows = [r for r in history(folder) if "trainer/global_step" in r]
+    frame = result.to_frame()
+    acc = frame[frame["metric"] == "acc"].set_index("checkpoint")
+    # one row per evaluated checkpoint with a step, each carrying its own step: a result
+    # that finishes out of order still lands on its step
+    assert [r["trainer/global_step"] for r in rows] == [10, 20, 30, 40]
+    for r in rows:
+        name = f"checkpoint-{r['trainer/global_step']}"
+        assert r["watch/mk_topic/acc"] == acc.loc[name, "trained"]
+        assert r["watch/mk_topic/acc/delta"] == pytest.approx(acc.loc[name, "delta"])
+    assert list(folder.glob("files/media/table/watch_final/table_*.table.json"))
+    assert list(folder.glob("files/media/images/watch_final/plot_*.png"))
+
+
 def test_a_torn_last_ledger_line_is_ignored(tmp_path):
     ledger = Ledger.open(tmp_path / "s")
     ledger.append("started", "k1", name="checkpoint-1")
