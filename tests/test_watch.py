@@ -31,19 +31,14 @@ EVALUATED = ["checkpoint-10", "checkpoint-20", "checkpoint-30", "checkpoint-40"]
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory) -> dict[str, Path]:
-    from modelkit.demo_pair import write_demo_pair
-
-    return write_demo_pair(tmp_path_factory.mktemp("demo-pair"))
+@pytest.fixture
+def pair(demo_pair) -> dict[str, Path]:
+    return demo_pair
 
 
-@pytest.fixture(scope="module")
-def finished_run(pair, tmp_path_factory) -> Path:
-    """The whole simulated run, already written (what a watcher finds after the fact)."""
-    run = tmp_path_factory.mktemp("runs") / "run"
-    write_run(run, pair["base"], pair["trained"])
-    return run
+@pytest.fixture
+def finished_run(training_run) -> Path:
+    return training_run
 
 
 @pytest.fixture

@@ -53,7 +53,7 @@ def wait_until_written(run_folder: str | Path, timeout: float = 60.0) -> None:
         try:
             if any(r.WhichOneof("record_type") == "exit" for r in records(run_folder)):
                 return
-        except (StopIteration, OSError, ValueError):
+        except Exception:  # a record still being written does not parse yet
             pass
         time.sleep(0.2)
     raise TimeoutError(f"{run_folder}: no exit record after {timeout} s")
