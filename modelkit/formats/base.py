@@ -52,6 +52,15 @@ class Artifact(ABC):
         self.base: BaseRef | None = None   # set by open_artifact once resolved
         self._files: dict[str, TensorFile] = {}
         self.file_errors: list[ModelkitError] = []  # unreadable files met while listing
+        self.supplied: dict[str, Any] = {}          # facts the user gave that the artifact lacks
+
+    def supply(self, **facts: Any) -> None:
+        """Facts the artifact does not record, given by the user (e.g. DyLoRA's
+        ``lora_alpha``); ConfigError for a fact this format has no use for."""
+        facts = {k: v for k, v in facts.items() if v is not None}
+        if facts:
+            raise ConfigError(f"{self.format} artifacts take no user-supplied {', '.join(sorted(facts))}",
+                              self.folder)
 
     # -- file access, confined to the artifact ---------------------------------------
     @property

@@ -337,7 +337,10 @@ def _merged_weight(w: LazyTensor, m: LoraModule, scaling: float, adapter: LoraAd
             rows = merged.T if adapter.fan_in_fan_out else merged
             factor = read(m.magnitude).produce().float() / torch.linalg.norm(rows, dim=1)
             merged = merged * (factor.view(1, -1) if adapter.fan_in_fan_out else factor.view(-1, 1))
-        return merged.to(base.dtype)
+        # over a bf16/fp16 base the merge stays float32: whoever consumes it casts to the dtype
+        # asked for (a float32 load must not see W + sBA rounded to the base's bf16; an export
+        # in the stored dtype rounds once, as before)
+        return merged if base.dtype in (torch.bfloat16, torch.float16) else merged.to(base.dtype)
 
     return LazyTensor(w.shape, w.dtype, f"lora-merge:{adapter.name}:{m.A.file}", produce)
 

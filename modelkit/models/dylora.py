@@ -122,6 +122,23 @@ class DyLoRAMoEForCausalLM(PreTrainedModel, GenerationMixin):
 
     # -- parts ------------------------------------------------------------------------------
     @property
+    def all_tied_weights_keys(self) -> dict[str, str]:
+        """The base LM's tied weights under their names in this module.
+
+        transformers prefixes each child's mapping with the child's name, but PEFT's
+        wrapper forwards the attribute to the base LM, whose names sit two levels deeper
+        (``foundation_model.base_model.model.``): a tied base (Gemma) then failed in
+        ``post_init``. The mapping is derived here instead of stored."""
+        lm = self.__dict__.get("_modules", {}).get("foundation_model")
+        inner = getattr(lm.get_base_model(), "all_tied_weights_keys", None) if lm is not None else None
+        prefix = f"{self.base_model_prefix}.base_model.model."
+        return {prefix + k: prefix + v for k, v in (inner or {}).items()}
+
+    @all_tied_weights_keys.setter
+    def all_tied_weights_keys(self, value: dict[str, str]) -> None:
+        """Ignored: ``post_init`` assigns a mapping computed with the wrong prefix."""
+
+    @property
     def lm(self) -> PreTrainedModel:
         """The base causal LM with PEFT's LoRA layers injected."""
         return self.foundation_model.get_base_model()
@@ -515,6 +532,7 @@ def build_dylora_model(artifact: "Artifact", base_artifact: "Artifact | None" = 
                           dense or settings["dense"])
         consumed |= _router_copies(artifact, model)
     consumed |= _base_entries(artifact, view)
+    consumed |= _trainer_copy(artifact, base_artifact)
     left = [t for t in artifact.stored() if (t.file, t.key) not in consumed]
     if left:
         raise LoadError(f"{len(left)} stored tensor(s) are not used by the model and would be dropped: "
@@ -619,6 +637,21 @@ def _router_copies(artifact: "Artifact", model: DyLoRAMoEForCausalLM) -> set[tup
         if tuple(stored.shape) != tuple(loaded.shape) or not torch.equal(stored.to(loaded.dtype), loaded):
             raise LoadError(f"two copies of the router disagree: {t.file}:{t.key} differs from the "
                             "router loaded; which one was trained is unknown", artifact.folder)
+        out.add((t.file, t.key))
+    return out
+
+
+def _trainer_copy(artifact: "Artifact", base_artifact: "Artifact | None") -> set[tuple[str, str]]:
+    """The Trainer's second copy (middle era), consumed once each expert and router tensor is
+    checked equal to the one loaded (its base weights are compared by ``check(deep=True)``)."""
+    pairs = getattr(artifact, "trainer_copy_pairs", None)
+    out = set()
+    for t, other in pairs(base_artifact) if pairs is not None else ():
+        if getattr(other, "file", None) is not None and hasattr(other, "key"):   # a stored expert / router tensor
+            a, b = artifact.file(t.file).read(t.key), artifact.file(other.file).read(other.key)
+            if tuple(a.shape) != tuple(b.shape) or not torch.equal(a.to(b.dtype), b):
+                raise LoadError(f"the Trainer's copy {t.file}:{t.key} differs from {other.file}:{other.key}; "
+                                "which one was trained is unknown", artifact.folder)
         out.add((t.file, t.key))
     return out
 
