@@ -177,6 +177,16 @@ def evaluate_in_process(job: EvalJob) -> dict[str, Any]:
     return {"model": asdict(info), "runs": runs}
 
 
+def evaluate_quietly(job: EvalJob) -> dict[str, Any]:
+    """:func:`evaluate_in_process` with what the libraries print (lm-eval's progress bars,
+    ``git`` complaints) captured (:func:`modelkit.quiet.captured`): the watcher's own
+    lines stay readable. Main thread only (it redirects the process's stderr)."""
+    from .quiet import captured
+
+    with captured():
+        return evaluate_in_process(job)
+
+
 # --------------------------------------------------------------------------- the watcher
 
 
@@ -201,7 +211,8 @@ class Watcher:
     ``poll()`` does one pass; ``run()`` polls until ``stop`` is set (or, with ``once``,
     after one pass). ``on_event(entry)`` is called after each settled checkpoint (the
     notebook panel and the CLI print from it). ``evaluator`` evaluates one :class:`EvalJob`
-    (default :func:`evaluate_in_process`; an executor's submit-and-wait fits here).
+    (default :func:`evaluate_in_process`, or :func:`evaluate_quietly` with ``quiet``; an
+    executor's submit-and-wait fits here).
     """
 
     def __init__(self, run_dir: str | Path, tasks: str | Sequence[str], baseline: str | Path | None = None, *,
@@ -210,7 +221,7 @@ class Watcher:
                  state_dir: str | Path | None = None, settle: float = SETTLE_SECONDS,
                  interval: float = INTERVAL_SECONDS, attempts: int = ATTEMPTS,
                  evaluator: Evaluator | None = None, on_event: Callable[[Entry], None] | None = None,
-                 wandb: bool = False, wandb_project: str = "modelkit-watch"):
+                 quiet: bool = False, wandb: bool = False, wandb_project: str = "modelkit-watch"):
         from .comparison import _check_settings, _task_names, result_settings
         from .evaluation import find_tasks
 
@@ -229,7 +240,7 @@ class Watcher:
         self.baseline_ref = str(baseline) if baseline is not None else None
         self.ledger = Ledger.open(state_dir or default_state_dir(self.run_dir), run_dir=self.run_dir)
         self.settle, self.interval, self.attempts = float(settle), float(interval), attempts
-        self.evaluator = evaluator or evaluate_in_process
+        self.evaluator = evaluator or (evaluate_quietly if quiet else evaluate_in_process)
         self.on_event = on_event
         self.stop_event = threading.Event()
         self.baseline: Entry | None = None
@@ -607,9 +618,9 @@ class WatchResult:
 
     def summary(self) -> str:
         counts = self.counts()
-        head = (f"modelkit watch {self.run_dir}: " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-                                                      or "no checkpoints yet")
-                + f"; tasks {', '.join(self.tasks)}, limit {self.settings.get('limit')}")
+        label = "PROBLEMS" if self.exit_code else "OK" if counts else "NOTHING YET"
+        head = (f"{label}: " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no checkpoint found")
+                + f" — watch of {self.run_dir}; tasks {', '.join(self.tasks)}, limit {self.settings.get('limit')}")
         lines = [head, f"  state   {self.state_dir}"] + ([f"  W&B run {self.wandb_run}"] if self.wandb_run else [])
         if self.baseline is not None and self.baseline.result:
             lines.append(f"  baseline {self.baseline.result['model']['ref']} "
@@ -652,13 +663,14 @@ def _ci(lo: Any, hi: Any) -> str:
 
 def watch(run_dir: str | Path, tasks: str | Sequence[str], baseline: str | Path | None = None, *,
           once: bool = False, interval: float = INTERVAL_SECONDS, settle: float = SETTLE_SECONDS,
-          timeout: float | None = None, **options: Any) -> WatchResult:
+          timeout: float | None = None, quiet: bool = True, **options: Any) -> WatchResult:
     """Watch ``run_dir`` and evaluate each new complete checkpoint against ``baseline``
     (see :class:`Watcher` for ``options``: ``limit``, ``num_fewshot``, ``batch_size``,
     ``include_path``, ``options`` (load options), ``state_dir``, ``attempts``, ``evaluator``,
     ``on_event``, ``wandb``). ``once``: evaluate what is there, then return; otherwise
-    poll every ``interval`` seconds until Ctrl-C or ``timeout``."""
-    watcher = Watcher(run_dir, tasks, baseline, settle=settle, interval=interval, **options)
+    poll every ``interval`` seconds until Ctrl-C or ``timeout``. ``quiet``: what the
+    libraries print while evaluating is captured, not shown."""
+    watcher = Watcher(run_dir, tasks, baseline, settle=settle, interval=interval, quiet=quiet, **options)
     try:
         return watcher.run(once=once, timeout=timeout)
     except KeyboardInterrupt:
