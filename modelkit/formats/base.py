@@ -131,6 +131,13 @@ class Artifact(ABC):
         standard ``config.json`` (which lets a cached audit skip importing transformers)."""
         return self.config()
 
+    def config_facts(self):
+        """The config's values for checks and summaries: an ``archfacts.ConfigFacts`` (no
+        transformers import on a warm cache) for formats whose ``architecture()`` is raw."""
+        from ..archfacts import config_facts
+
+        return config_facts(self.architecture())
+
     @abstractmethod
     def view(self, base: "Artifact | None" = None, **options) -> "TensorView":
         """The artifact as on-disk-named lazy tensors of its standard model."""

@@ -488,7 +488,9 @@ class CompressedMoEArtifact(Artifact):
         if self.has_trainer_weights:
             out += self.entries_of(TRAINER_WEIGHTS)
         for (layer, proj), rel in self.layer_files.items():
-            out += [dataclasses.replace(t, name=_layer_name(layer, proj, t.key)) for t in self.entries_of(rel)]
+            # the constructor, not dataclasses.replace: 10^5 wrapper tensors in a real checkpoint
+            out += [StoredTensor(_layer_name(layer, proj, t.key), t.shape, t.dtype, t.file, t.key)
+                    for t in self.entries_of(rel)]
         for (layer, proj), rel in self.extracted_files.items():
             for t in self.entries_of(rel):
                 parts = t.key.split(".")
@@ -584,10 +586,14 @@ class CompressedMoEArtifact(Artifact):
         """The original MoE config: the checkpoint's ``config.json``, else the original's."""
         from ..architectures import load_config
 
+        return load_config(self.architecture())
+
+    def architecture(self):
+        """config()'s config.json (a cached audit of it imports no transformers)."""
         if (self.folder / "config.json").is_file():
-            return load_config(self.path("config.json"))
+            return self.path("config.json")
         if self.base is not None and self.base.path is not None:
-            return load_config(self.base.path)
+            return self.base.path / "config.json"
         name = self.base.name if self.base is not None else self.original_name()
         why = self.base.how if self.base is not None else "not looked up"
         raise BaseModelUnavailableError(
@@ -603,7 +609,7 @@ class CompressedMoEArtifact(Artifact):
         from ..architectures import expected_tensors
 
         out = {}
-        for name in expected_tensors(config if config is not None else self.config()):
+        for name in expected_tensors(config if config is not None else self.config_facts()):
             m = _EXPERT_SLOT.match(name)
             if m:
                 out[(int(m["layer"]), m["proj"], int(m["e"]), m["kind"])] = name
@@ -638,7 +644,7 @@ class CompressedMoEArtifact(Artifact):
         copies = self.core_copies() if core == "copies" else {}
         from ..architectures import expected_tensors
 
-        config = self.config()
+        config = self.config_facts()
         expected = expected_tensors(config)
         slots = self._slots(config)
         targets = self.compressed_targets
@@ -685,7 +691,8 @@ class CompressedMoEArtifact(Artifact):
                 tensors[name] = LazyTensor(tuple(g.core.shape), dtype,
                                            f"compressed:{g.file or NON_MOE}[expert {e}"
                                            + (", own core copy]" if copies else "]"),
-                                           functools.partial(produce_as, torch_dtype(dtype)),
+                                           # the dtype resolved when producing: a view costs no torch import
+                                           functools.partial(_produce_in, produce_as, dtype),
                                            compute=produce_as)
                 if e in g.biases or g.bias_matrix is not None:
                     bias_name = slots.get((layer, proj, e, "bias"))
@@ -767,7 +774,7 @@ class CompressedMoEArtifact(Artifact):
     def check(self, base: Artifact | None, deep: bool = False) -> list[Finding]:
         findings = self._settings_findings()
         try:
-            config = self.config()
+            config = self.config_facts()
             slots = self._slots(config)
         except BaseModelUnavailableError:
             config, slots = None, None
@@ -1130,6 +1137,10 @@ class CompressedMoEArtifact(Artifact):
         if m:
             out["step"] = int(m.group(1))
         return out
+
+
+def _produce_in(produce_as: Callable[[Any], Any], dtype: str):
+    return produce_as(torch_dtype(dtype))
 
 
 def _num_experts(config) -> int | None:
