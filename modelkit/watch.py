@@ -144,7 +144,7 @@ def _weight_bytes(folder: Path) -> int:
 
 
 @dataclass
-class EvalJob:
+class CheckpointJob:
     """Everything needed to evaluate one model, as plain data (so an executor can ship it
     to another process or machine). ``scratch`` is an empty folder the evaluator may use
     (e.g. for a temporary export); the watcher removes it after the call."""
@@ -158,26 +158,32 @@ class EvalJob:
     batch_size: int = 8
     include_path: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    engine: str | None = None            # "inprocess" (default) or "lm-eval" (modelkit.engines)
+    engine_options: dict[str, Any] = field(default_factory=dict)
     scratch: str | None = None
 
 
-Evaluator = Callable[[EvalJob], dict]
+Evaluator = Callable[[CheckpointJob], dict]
 
 
-def evaluate_in_process(job: EvalJob) -> dict[str, Any]:
-    """The default evaluator: load the model in this process (any format) and run the
-    lm-eval tasks, as ``compare`` does (same cache). ``{"model": ModelInfo fields, "runs":
-    {task: run}}``, all JSON."""
+def evaluate_in_process(job: CheckpointJob) -> dict[str, Any]:
+    """The default evaluator: :func:`modelkit.comparison.evaluate_model` in this process,
+    as ``compare`` evaluates each model (same cache, same engines: in process by default;
+    with ``engine="lm-eval"`` the lm-eval CLI, its temporary export in ``job.scratch``,
+    which the watcher removes). ``{"model": ModelInfo fields, "runs": {task: run}}``, JSON."""
     from .comparison import evaluate_model
 
+    engine_options = dict(job.engine_options)
+    if job.engine == "lm-eval" and job.scratch and "work_dir" not in engine_options:
+        engine_options["work_dir"] = job.scratch
     info, runs = evaluate_model(job.ref, job.tasks, role="base" if job.role == "baseline" else "trained",
                                 label=job.label, options=job.options, include_path=job.include_path,
                                 limit=job.limit, num_fewshot=job.num_fewshot, batch_size=job.batch_size,
-                                progress=False)
+                                progress=False, engine=job.engine, engine_options=engine_options or None)
     return {"model": asdict(info), "runs": runs}
 
 
-def evaluate_quietly(job: EvalJob) -> dict[str, Any]:
+def evaluate_quietly(job: CheckpointJob) -> dict[str, Any]:
     """:func:`evaluate_in_process` with what the libraries print (lm-eval's progress bars,
     ``git`` complaints) captured (:func:`modelkit.quiet.captured`): the watcher's own
     lines stay readable. Main thread only (it redirects the process's stderr)."""
@@ -210,7 +216,7 @@ class Watcher:
 
     ``poll()`` does one pass; ``run()`` polls until ``stop`` is set (or, with ``once``,
     after one pass). ``on_event(entry)`` is called after each settled checkpoint (the
-    notebook panel and the CLI print from it). ``evaluator`` evaluates one :class:`EvalJob`
+    notebook panel and the CLI print from it). ``evaluator`` evaluates one :class:`CheckpointJob`
     (default :func:`evaluate_in_process`, or :func:`evaluate_quietly` with ``quiet``; an
     executor's submit-and-wait fits here).
     """
@@ -221,8 +227,10 @@ class Watcher:
                  state_dir: str | Path | None = None, settle: float = SETTLE_SECONDS,
                  interval: float = INTERVAL_SECONDS, attempts: int = ATTEMPTS,
                  evaluator: Evaluator | None = None, on_event: Callable[[Entry], None] | None = None,
-                 quiet: bool = False, wandb: bool = False, wandb_project: str = "modelkit-watch"):
+                 quiet: bool = False, wandb: bool = False, wandb_project: str = "modelkit-watch",
+                 engine: str | None = None, engine_options: dict | None = None):
         from .comparison import _check_settings, _task_names, result_settings
+        from .engines import get_engine
         from .evaluation import find_tasks
 
         self.run_dir = Path(run_dir).expanduser().absolute()
@@ -233,10 +241,13 @@ class Watcher:
         if not isinstance(attempts, int) or attempts < 1:
             raise WatchError(f"attempts must be an integer >= 1; got {attempts!r}")
         self.catalog = find_tasks(self.tasks, include_path)    # unknown tasks refused before any work
-        self.settings = result_settings(self.catalog, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size)
+        runner = get_engine(engine, **(engine_options or {}))     # a bad engine refused before any work
+        self.settings = result_settings(self.catalog, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
+                                        engine=runner)
         self.job_defaults = {"tasks": self.tasks, "limit": limit, "num_fewshot": num_fewshot,
                              "batch_size": batch_size, "options": dict(options or {}),
-                             "include_path": str(include_path) if include_path else None}
+                             "include_path": str(include_path) if include_path else None,
+                             "engine": engine, "engine_options": dict(engine_options or {})}
         self.baseline_ref = str(baseline) if baseline is not None else None
         self.ledger = Ledger.open(state_dir or default_state_dir(self.run_dir), run_dir=self.run_dir)
         self.settle, self.interval, self.attempts = float(settle), float(interval), attempts
@@ -251,7 +262,8 @@ class Watcher:
         self._aliases = {(r["key"], r["name"]) for r in self.ledger.records if r["event"] == "same"}
         self._settings_hash = hashlib.sha256(json.dumps(
             {"tasks": self.tasks, "hashes": self.catalog.hashes, "limit": limit, "num_fewshot": num_fewshot,
-             "options": self.job_defaults["options"]}, sort_keys=True, default=str).encode()).hexdigest()[:12]
+             "options": self.job_defaults["options"], "engine": runner.identity()},
+            sort_keys=True, default=str).encode()).hexdigest()[:12]
         self.wandb, self.wandb_run = None, None
         if wandb:
             from .watch_report import WandbLog
@@ -369,7 +381,7 @@ class Watcher:
         return [f.to_dict() for f in report.findings]
 
     def _evaluate(self, c: Candidate, key: str, snap: tuple) -> Entry | None:
-        job = EvalJob(ref=str(c.path), role="checkpoint", label=c.name, **self.job_defaults)
+        job = CheckpointJob(ref=str(c.path), role="checkpoint", label=c.name, **self.job_defaults)
 
         def moved() -> str | None:
             now = snapshot(c.path)
@@ -383,7 +395,7 @@ class Watcher:
             return None
         return self._settled(c, key, self.ledger.final(key))
 
-    def _attempt(self, job: EvalJob, key: str, *, name: str, step: int | None,
+    def _attempt(self, job: CheckpointJob, key: str, *, name: str, step: int | None,
                  moved: Callable[[], str | None]) -> str:
         """Evaluate ``job`` within the attempts left for ``key`` and record the outcome:
         "done" or "failed"; or "deleted" / "changed" (what ``moved()`` says happened to the
@@ -431,7 +443,7 @@ class Watcher:
             raise WatchError(f"cannot read the baseline {ref!r}: {e}") from None
         key = f"{self._settings_hash}-baseline-{fp}"
         if self.ledger.final(key) is None:
-            job = EvalJob(ref=ref, role="baseline", label="baseline", **self.job_defaults)
+            job = CheckpointJob(ref=ref, role="baseline", label="baseline", **self.job_defaults)
             self._attempt(job, key, name="baseline", step=None,
                           moved=lambda: None if folder.is_dir() else "deleted")
         record = self.ledger.final(key)
@@ -523,7 +535,7 @@ class Watcher:
                            str(self.ledger.folder), self.wandb_run)
 
 
-def _check_result(result: Any, job: EvalJob) -> None:
+def _check_result(result: Any, job: CheckpointJob) -> None:
     """An evaluator's answer must hold the model's provenance and a run per task."""
     if not isinstance(result, dict) or "model" not in result or "runs" not in result:
         raise CompareError(f"the evaluator returned {type(result).__name__}, not {{'model': ..., 'runs': ...}}")

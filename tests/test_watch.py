@@ -338,3 +338,17 @@ def test_kill_minus_9_at_random_points_loses_and_duplicates_nothing(finished_run
     assert len(started) <= len(done) + kills                                # only killed ones were redone
     assert {r["checkpoint"] for r in data["table"]} == {*EVALUATED, "best_model"}
     gc.collect()
+
+
+@pytest.mark.slow
+def test_the_lm_eval_engine_evaluates_checkpoints_and_leaves_no_export(finished_run, pair, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run / "checkpoint-30", run / "checkpoint-30")
+    here = watch(run, TASKS, pair["base"], limit=LIMIT, once=True, settle=0.1, state_dir=tmp_path / "a")
+    there = watch(run, TASKS, pair["base"], limit=LIMIT, once=True, settle=0.1, state_dir=tmp_path / "b",
+                  engine="lm-eval", engine_options={"device": "cpu"})
+    assert statuses(there) == {"checkpoint-30": "done"}
+    assert there.evaluated[0].result["model"]["engine"]["engine"] == "lm-eval"
+    cols = ["metric", "base", "trained", "delta", "verdict"]
+    assert there.to_frame()[cols].equals(here.to_frame()[cols])     # two engines, one answer
+    assert not any((tmp_path / "b" / "scratch").rglob("*"))          # temporary folders removed
