@@ -29,7 +29,7 @@ def _export(args: argparse.Namespace) -> int:
         expert = int(expert)
     result = export(args.ref, args.out, base=args.base, dtype=args.dtype,
                     max_shard_size=args.max_shard_size, expert=expert,
-                    verify=args.verify, force=args.force, **_facts(args))
+                    verify=args.verify, force=args.force, **_facts(args), **_options(args.option))
     print(result.to_json(indent=1) if args.json else result.summary())
     return 0 if result.ok else 1
 
@@ -195,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--verify", action="store_true", help="reload OUT and compare logits with the source")
     _add_fact_flags(s)
     s.add_argument("--force", action="store_true", help="replace an existing OUT")
+    s.add_argument("--option", action="append", metavar="KEY=VALUE",
+                   help="view option, e.g. core=shared (compressed MoE: which core the experts use)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_export)
 
