@@ -326,3 +326,20 @@ def test_verify_fails_an_export_whose_experts_were_rounded(made, tmp_path, monke
     result = modelkit.export(ckpt, tmp_path / "out", dtype="float32", verify=True, progress=False)
     assert not result.ok and not (tmp_path / "out").exists()
     assert result.verification["max_abs_diff"] > result.verification["tolerance"]
+
+
+def test_a_crashed_save_opened_directly_says_why(made, tmp_path):
+    import shutil
+
+    from modelkit.errors import UnknownFormatError
+
+    experiment = made("checkpoint-0", fault="crashed-checkpoint")
+    with pytest.raises(UnknownFormatError, match="checkpoint-2/ holds only config.json .* crashed"):
+        modelkit.open_artifact(experiment / "checkpoints" / "checkpoint-2")
+    # an experiment whose only save crashed: named, never opened
+    lone = tmp_path / "experiment"
+    shutil.copytree(experiment / "checkpoints" / "checkpoint-2", lone / "checkpoints" / "checkpoint-2")
+    shutil.copy(experiment / "compression_config.yaml", lone)
+    with pytest.raises(UnknownFormatError, match="no usable compressed-MoE save"):
+        modelkit.inspect(lone)
+    assert main(["inspect", str(lone)]) != 0

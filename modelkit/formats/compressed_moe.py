@@ -48,7 +48,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..errors import BaseModelUnavailableError, ConfigError, ModelkitError
+from ..errors import BaseModelUnavailableError, ConfigError, ModelkitError, UnknownFormatError
 from ..findings import Finding, error, info, warning
 from ..tensors import FLOAT_DTYPES, PickleFile, StoredTensor, torch_dtype
 from ..views import LazyTensor, TensorView, stored_tensor
@@ -70,6 +70,7 @@ STATS_FILES = (("compression_statistics.yaml", "."), ("compression_stats.yaml", 
 TRAINER_WEIGHTS = "model.safetensors"   # the HF Trainer's own save of the compressed model
 TRAINER_FILES = ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin")
 ZERO_SHOT_LAYOUTS = ("checkpoint-0", "early-compressed", "tmp")
+UNUSABLE = "unusable"   # detected so that opening it says why (a crashed or empty save), never a model
 CORE_CHOICES = {"copies": "each expert's own core copy (the Trainer's model.safetensors): what the trained "
                           "forward multiplied by",
                 "shared": "the saved shared core (layer_{i}/{proj}.pt) with each expert's wrappers"}
@@ -1273,6 +1274,20 @@ def choose_checkpoint(states: list[CheckpointState]) -> tuple[CheckpointState | 
     return None, "no usable compressed save"
 
 
+def _unusable_checkpoint(folder: Path) -> bool:
+    """A ``checkpoints/checkpoint-N/`` without a compressed save, in an experiment folder
+    that has compression settings or other compressed saves (a crashed Trainer save)."""
+    if not (_CHECKPOINT.match(folder.name) and folder.parent.name == "checkpoints" and folder.is_dir()):
+        return False
+    experiment = folder.parent.parent
+    return _has_settings(experiment) or any(s.layout for s in survey_experiment(experiment))
+
+
+def _has_settings(experiment: Path) -> bool:
+    """The experiment folder holds the compression settings (or statistics)."""
+    return any((experiment / n).is_file() for n, where in SETTINGS_FILES + STATS_FILES if where != ".")
+
+
 def experiment_checkpoints(base: Path) -> list[Path]:
     """``base/checkpoints/checkpoint-N/`` folders in a compressed layout, oldest first."""
     return [s.path for s in survey_experiment(base) if s.step is not None and s.layout]
@@ -1289,14 +1304,22 @@ class CompressedMoE(Format):
         folder = Path(folder)
         layout = layout_of(folder)
         if layout is None:
-            chosen, _ = choose_checkpoint(survey_experiment(folder))
-            layout = chosen.layout if chosen else None
+            states = survey_experiment(folder)
+            chosen, _ = choose_checkpoint(states)
+            layout = chosen.layout if chosen else UNUSABLE if states and _has_settings(folder) else None
+        if layout is None and _unusable_checkpoint(folder):
+            layout = UNUSABLE
         return layout
 
     def open(self, folder: Path, layout: str, source=None) -> Artifact:
         from ..sources import Source
 
         folder = Path(folder).resolve()
+        if layout == UNUSABLE:
+            experiment = folder if (folder / "checkpoints").is_dir() else folder.parent.parent
+            states = survey_experiment(experiment)
+            listing = "; ".join(f"{s.label} {s.problem or 'usable'}" for s in states)
+            raise UnknownFormatError(f"no usable compressed-MoE save here ({listing})", folder)
         if source is None:
             source = Source(str(folder), "local", folder, folder)
         experiment, chosen_why = None, ""
