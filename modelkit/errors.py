@@ -64,3 +64,12 @@ class VerificationError(ExportError):
 
 class CompareError(ModelkitError):
     """A benchmark comparison that cannot be run as asked."""
+
+
+def about_model(e: ModelkitError, role: str, ref: object) -> ModelkitError:
+    """The same error class, its message prefixed with which model (``role``: base/trained)
+    it is about; a :class:`CompareError` where that class takes other arguments."""
+    try:
+        return type(e)(f"cannot load the {role} model {str(ref)!r}: {e.problem}", e.path)
+    except TypeError:
+        return CompareError(f"cannot load the {role} model {str(ref)!r}: {e}")
