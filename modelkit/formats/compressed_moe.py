@@ -761,8 +761,27 @@ class CompressedMoEArtifact(Artifact):
         w = g.wrappers[e]
 
         def produce(dtype):
+            from ..lowrank import batching
+
+            if batching() and core is g.core:  # an export walking every expert: batches of them
+                return self._batches(g).get(e, dtype)
             return materialize(self._read(core), *(self._read(w[p]) for p in WRAPPER_PARTS), dtype=dtype)
         return produce
+
+    def _batches(self, g: CompressedLayer):
+        """The group's :class:`~modelkit.lowrank.ExpertBatches` (experts from the shared core)."""
+        from ..lowrank import ExpertBatches
+
+        cache = self.__dict__.setdefault("_expert_batches", {})
+        key = (g.layer, g.proj)
+        if key not in cache:
+            def load(experts):
+                import torch
+
+                return (self._read(g.core),
+                        *(torch.stack([self._read(g.wrappers[e][p]) for e in experts]) for p in WRAPPER_PARTS))
+            cache[key] = ExpertBatches([e for e in sorted(g.wrappers) if not g.expert_problem(e)], load)
+        return cache[key]
 
     def _bias_producer(self, g: CompressedLayer, e: int, dtype: str) -> Callable[[], Any]:
         def produce():
