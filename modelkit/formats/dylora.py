@@ -509,6 +509,21 @@ class DyLoRAArtifact(Artifact):
             "assumed": [k for k in ROUTER_DEFAULTS if k not in scalars],
         }
 
+    # -- the mixture, part by part ---------------------------------------------------------
+    def variants(self) -> dict[str, dict[str, Any]]:
+        """One dense view per expert: the routed mixture is none of them, all of them together."""
+        return {f"expert_{e.index}": {"expert": e.index} for e in self.experts()}
+
+    def unviewed(self) -> dict[str, Any]:
+        """The router (no dense model has a place for it), as ``router.gate.*``."""
+        parts = self._router_parts
+        if parts is None:
+            return {}
+        out = {"router.gate.weight": self._read(parts["weight"])}
+        if parts["bias"] is not None:
+            out["router.gate.bias"] = self._read(parts["bias"])
+        return out
+
     # -- the view -------------------------------------------------------------------------
     def view(self, base: Artifact | None = None, *, expert: int | None = None,
              alpha: float | None = None, **options) -> TensorView:
@@ -646,7 +661,8 @@ class DyLoRAArtifact(Artifact):
                 f"{self.cfg.get('model_type')!r} (originally {self.cfg['_dylora_original_type']!r}, per "
                 "_dylora_original_type)" + (f", {', '.join(nulls)} null" if nulls else "") + ": transformers now "
                 "loads this folder as the plain base model and drops every expert and the router, so 'trained' "
-                "scores of that load are the base model's. modelkit reads the experts regardless",
+                "scores of that load are the base model's. Restore the config.json the training code wrote "
+                "(model_type dylora-moe) before loading or exporting",
                 file=str(self.folder / "config.json")))
         elif not self.cfg:
             findings.append(info(
