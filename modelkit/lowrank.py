@@ -44,7 +44,7 @@ def batching() -> bool:
 def materialize_experts(core, u_in, v_in, u_out, v_out, dtype=None):
     """``[k, d_out, d_in]``: ``(I + U_out V_out^T) C (I + U_in V_in^T)`` for k experts.
 
-    ``core`` is ``[d_out, d_in]`` (shared); ``u_in, v_in`` are ``[k, d_in, r]``, ``u_out,
+    ``core`` is ``[d_out, d_in]`` (shared) or ``[k, d_out, d_in]`` (one each); ``u_in, v_in`` are ``[k, d_in, r]``, ``u_out,
     v_out`` ``[k, d_out, r]``. Computed in float32 (float64 when ``dtype`` is float64) as
     ``C + [U_out, C U_in] @ [A + (A U_in) V_in^T ; V_in^T]`` with ``A = V_out^T C`` (the
     per-expert formula of ``compressed_moe.materialize``, batched), returned in ``dtype``
@@ -56,14 +56,16 @@ def materialize_experts(core, u_in, v_in, u_out, v_out, dtype=None):
     c = core.to(work)
     u_in, v_in, u_out, v_out = (t.to(work) for t in (u_in, v_in, u_out, v_out))
     k, d_out, r = u_out.shape
-    d_in = c.shape[1]
-    # the two products with C, as two wide GEMMs over all k experts
-    cu = (c @ u_in.permute(1, 0, 2).reshape(d_in, k * r)).reshape(d_out, k, r).permute(1, 0, 2)
-    a = (v_out.permute(0, 2, 1).reshape(k * r, d_out) @ c).reshape(k, r, d_in)
+    d_in = c.shape[-1]
+    if c.dim() == 3:  # one core per expert (the per-expert copies a Trainer save holds)
+        cu, a = torch.bmm(c, u_in), torch.bmm(v_out.transpose(1, 2), c)
+    else:  # the two products with the shared C, as two wide GEMMs over all k experts
+        cu = (c @ u_in.permute(1, 0, 2).reshape(d_in, k * r)).reshape(d_out, k, r).permute(1, 0, 2)
+        a = (v_out.permute(0, 2, 1).reshape(k * r, d_out) @ c).reshape(k, r, d_in)
     a = a + torch.bmm(torch.bmm(a, u_in), v_in.transpose(1, 2))       # A (I + U_in V_in^T)
     left = torch.cat([u_out, cu], dim=2)                               # [k, d_out, 2r]
     right = torch.cat([a, v_in.transpose(1, 2)], dim=1)                # [k, 2r, d_in]
-    out = torch.baddbmm(c.expand(k, d_out, d_in), left, right)
+    out = torch.baddbmm(c if c.dim() == 3 else c.expand(k, d_out, d_in), left, right)
     return out.to(dtype or core.dtype)
 
 

@@ -64,3 +64,11 @@ def test_export_in_batches_writes_the_views_experts(catalog, tmp_path):
             written = f.get_tensor(name)
         alone = view[name].produce_as(written.dtype)  # outside the export: one expert at a time
         assert torch.allclose(written.float(), alone.float(), rtol=1e-5, atol=1e-6), name
+
+
+def test_batch_with_one_core_per_expert():
+    core, (u_in, v_in, u_out, v_out) = wrappers(4, 16, 20, 2)
+    cores = torch.stack([core + i for i in range(4)])
+    batch = materialize_experts(cores, u_in, v_in, u_out, v_out)
+    for e in range(4):
+        assert torch.allclose(batch[e], materialize(cores[e], u_in[e], v_in[e], u_out[e], v_out[e]), atol=1e-5)

@@ -765,22 +765,28 @@ class CompressedMoEArtifact(Artifact):
         def produce(dtype):
             from ..lowrank import batching
 
-            if batching() and core is g.core:  # an export walking every expert: batches of them
-                return self._batches(g).get(e, dtype)
+            if batching():  # an export walking every expert: batches of them
+                return self._batches(g, core is not g.core).get(e, dtype)
             return materialize(self._read(core), *(self._read(w[p]) for p in WRAPPER_PARTS), dtype=dtype)
         return produce
 
-    def _batches(self, g: CompressedLayer):
-        """The group's :class:`~modelkit.lowrank.ExpertBatches` (experts from the shared core)."""
+    def _batches(self, g: CompressedLayer, own_cores: bool = False):
+        """The group's :class:`~modelkit.lowrank.ExpertBatches` (experts from the shared core,
+        or with ``own_cores`` from each expert's core copy)."""
         from ..lowrank import ExpertBatches
 
         cache = self.__dict__.setdefault("_expert_batches", {})
-        key = (g.layer, g.proj)
+        key = (g.layer, g.proj, own_cores)
         if key not in cache:
             def load(experts):
                 import torch
 
-                return (self._read(g.core),
+                if own_cores:
+                    copies = self.core_copies()[(g.layer, g.proj)]
+                    core = torch.stack([self._read(copies[e]) for e in experts])
+                else:
+                    core = self._read(g.core)
+                return (core,
                         *(torch.stack([self._read(g.wrappers[e][p]) for e in experts]) for p in WRAPPER_PARTS))
             cache[key] = ExpertBatches([e for e in sorted(g.wrappers) if not g.expert_problem(e)], load)
         return cache[key]
