@@ -131,6 +131,24 @@ def test_once_evaluates_exactly_the_complete_checkpoints_each_once_in_step_order
     assert {r["checkpoint"] for r in data["table"]} == {*EVALUATED, "best_model"}
 
 
+def test_a_compressed_moe_distillation_run_is_watched_against_the_original(catalog, tmp_path):
+    # the compressed-MoE researcher's layout: <experiment>/checkpoints/checkpoint-N/, settings
+    # two levels up; one save without non_moe_weights.pt, one with per-expert core copies
+    exp = tmp_path / "experiment"
+    shutil.copytree(catalog["compressed-checkpoint-N"].parent.parent, exp)
+    shutil.copytree(catalog["compressed-no-non-moe"], exp / "checkpoints" / "checkpoint-20")
+    shutil.copytree(catalog["compressed-duplicated-buffers"], exp / "checkpoints" / "checkpoint-30")
+    before = tree(exp)
+    result = watch(exp, TASKS, catalog["original-qwen3-moe"], limit=4, once=True, settle=0.1)
+    assert statuses(result) == {"checkpoints/checkpoint-10": "done", "checkpoints/checkpoint-20": "rejected",
+                                "checkpoints/checkpoint-30": "done"}      # a warning does not block evaluation
+    assert "missing-tensors" in result.entries[1].detail
+    frame = result.to_frame()
+    assert set(frame["checkpoint"]) == {"checkpoints/checkpoint-10", "checkpoints/checkpoint-30"}
+    assert list(frame.drop_duplicates("checkpoint")["step"]) == [10, 30] and (frame["n"] == 4).all()
+    assert tree(exp) == before
+
+
 def test_statistics_are_those_of_compare(run, pair):
     from modelkit.comparison import compare
 
