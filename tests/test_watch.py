@@ -23,7 +23,7 @@ import pytest
 
 from modelkit.ledger import Ledger, LedgerError, read_jsonl
 from modelkit.testing.training_run import EXPECTED, write_run
-from modelkit.watch import WatchError, evaluate_in_process, find_checkpoints, snapshot, watch
+from modelkit.watching import WatchError, evaluate_in_process, find_checkpoints, snapshot, watch
 
 TASKS = ["mk_topic"]
 LIMIT = 8
@@ -370,3 +370,11 @@ def test_the_lm_eval_engine_evaluates_checkpoints_and_leaves_no_export(finished_
     cols = ["metric", "base", "trained", "delta", "verdict"]
     assert there.to_frame()[cols].equals(here.to_frame()[cols])     # two engines, one answer
     assert not any((tmp_path / "b" / "scratch").rglob("*"))          # temporary folders removed
+
+
+def test_modelkit_watch_stays_the_function_once_every_module_is_imported():
+    import modelkit
+    import modelkit.callback  # noqa: F401
+    import modelkit.watching
+
+    assert modelkit.watch is modelkit.watching.watch and modelkit.WatchResult is modelkit.watching.WatchResult
