@@ -11,6 +11,7 @@ import pytest
 from modelkit.codeeval import GradingError, Sandbox
 from modelkit.codeeval.lm_task import problem_changes, write_task_yaml
 from modelkit.comparison import compare
+from test_notebooks import kernel  # noqa: F401  (the python3 kernelspec fixture)
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +103,40 @@ def test_mk_humaneval_runs_offline_through_compare(tmp_path):
     docs = res.runs[res.base.label]["mk_humaneval"]["leaves"]["mk_humaneval"]["docs"]
     assert [d["target"] for d in docs] == ["HumanEval/0", "HumanEval/1"]
     assert all("# modelkit-grade: " in d["response"] for d in docs)
+
+
+def test_an_mbpp_form_problem_file_becomes_a_compare_task(pair, tmp_path):
+    from test_codeeval import MBPP_ROWS
+
+    problems = tmp_path / "mbpp_mini.jsonl"
+    problems.write_text("".join(json.dumps(r) + "\n" for r in MBPP_ROWS))
+    yaml_path = write_task_yaml(problems, tmp_path / "tasks", max_gen_toks=8)
+    text = yaml_path.read_text()
+    assert yaml_path.stem == "mk_code_mbpp_mini" and "'[DONE]'" in text     # lm-eval mbpp's stop sequence
+    res = compare(pair["base"], pair["trained"], tasks=["mk_code_mbpp_mini"], include_path=tmp_path / "tasks",
+                  progress=False)
+    row = res.to_frame().iloc[0]
+    assert row["n"] == 2 and row["base"] == 0.0 and row["trained"] == 0.0   # neither writes Python
+    docs = res.runs[res.base.label]["mk_code_mbpp_mini"]["leaves"]["mk_code_mbpp_mini"]["docs"]
+    assert [d["target"] for d in docs] == ["11", "12"]
+    assert "Your code should pass these tests" in docs[0]["prompt"] or "[BEGIN]" in docs[0]["prompt"]
+
+
+@pytest.mark.slow
+def test_the_compare_notebook_shows_the_problems_newly_solved(pair, result, kernel, tmp_path):
+    """04-compare.ipynb run unattended on a code task (the models' results come from the cache)."""
+    import nbformat
+
+    from modelkit.report import run_notebook
+
+    params = {"root": str(pair["base"].parent), "base": str(pair["base"]), "trained": str(pair["trained"]),
+              "tasks": ["mk_code_topic"], "limit": None, "output_dir": str(tmp_path)}
+    paths = run_notebook(Path(__file__).resolve().parents[1] / "notebooks" / "04-compare.ipynb", parameters=params,
+                         output_dir=tmp_path, kernel=kernel)
+    nb = nbformat.read(paths[0], as_version=4)
+    assert not [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
+    text = "".join(o.get("text", "") + o.get("data", {}).get("text/plain", "") for c in nb.cells
+                   for o in c.get("outputs", []))
+    assert "code mk_code_topic [lora]: newly solved" in text and "modelkit-grade: pass" in text
+    rec = json.loads((tmp_path / "04-compare.json").read_text())
+    assert rec["table"][0]["verdict"] == "better" and rec["n_disagreements"] == len(result.disagreements())

@@ -149,6 +149,12 @@ def test_trained_copies_that_differ_are_reported_with_the_measured_difference(ma
                 shared[expert_key(layer, e, proj)] = naive_expert(data["core"], w, torch.float64)
     worst = max((trained[k] - shared[k]).abs().max().item() for k in trained)
     assert f"by up to {worst:.3g}" in finding.message
+    # and the logits of the two forms, measured with two float64 references
+    ids = prompt_ids(None, 384)
+    art = modelkit.open_artifact(ckpt)
+    a = logits(reference_model(art, None, core="copies")[0], ids)
+    b = logits(reference_model(art, None, core="shared")[0], ids)
+    assert f"the logits by up to {max((x - y).abs().max().item() for x, y in zip(a, b)):.3g}" in finding.message
 
 
 def test_zero_shot_save_whose_original_is_named_nowhere_is_an_error(made, tmp_path):

@@ -70,6 +70,7 @@ STATS_FILES = (("compression_statistics.yaml", "."), ("compression_stats.yaml", 
 TRAINER_WEIGHTS = "model.safetensors"   # the HF Trainer's own save of the compressed model
 TRAINER_FILES = ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin")
 ZERO_SHOT_LAYOUTS = ("checkpoint-0", "early-compressed", "tmp")
+LOGIT_CHECK_MAX_PARAMS = 200_000_000   # inspect --deep measures the two forms' logits below this size
 UNUSABLE = "unusable"   # detected so that opening it says why (a crashed or empty save), never a model
 CORE_CHOICES = {"copies": "each expert's own core copy (the Trainer's model.safetensors): what the trained "
                           "forward multiplied by",
@@ -850,13 +851,14 @@ class CompressedMoEArtifact(Artifact):
         if worst is not None:
             dw, rel, core_diff, n_diff, n = worst
             if n_diff:
+                logit = self._logit_difference()
                 out.append(warning(
                     "trained-form-differs",
                     f"the saved compressed form (shared core + wrappers) is not the model that was trained: the "
                     f"trained forward multiplied by each expert's own core copy ({TRAINER_WEIGHTS}), and {n_diff} "
                     f"of {n} copies differ from their shared core (by up to {core_diff:.3g}); the experts differ "
-                    f"by up to {dw:.3g} (max |dW|, {rel:.3g} of max |W|). Load, export and diff use the copies "
-                    "by default (core='copies'); core='shared' gives the saved shared core",
+                    f"by up to {dw:.3g} (max |dW|, {rel:.3g} of max |W|), {logit}. Load, export and diff use "
+                    "the copies by default (core='copies'); core='shared' gives the saved shared core",
                     [t.name for c in copies.values() for t in c.values()], file=str(self.folder / TRAINER_WEIGHTS)))
             else:
                 self.reconciled = (f"every per-expert core copy in {TRAINER_WEIGHTS} equals its shared core "
@@ -868,6 +870,30 @@ class CompressedMoEArtifact(Artifact):
                                f"{len(disagree)} tensor(s) (max |diff| {max(d for _, d in disagree):.3g}); "
                                "the compressed save's are used", [n for n, _ in disagree]))
         return out
+
+    def _logit_difference(self) -> str:
+        """How far the two forms' logits are apart on verify's fixed prompts (both float64
+        references), or why that was not measured."""
+        import torch
+
+        from ..architectures import expected_tensors
+        from ..verify import prompt_ids
+        from .compressed_reference import reference_model
+
+        params = sum(t.numel for t in expected_tensors(self.config_facts()).values())
+        if params > LOGIT_CHECK_MAX_PARAMS:
+            return (f"logits not checked ({params / 1e9:.1f}B parameters: two float64 forwards would need "
+                    f"{2 * 8 * params / 2**30:.0f} GiB; compare exports made with core='copies' and 'shared')")
+        base = self.base.path if self.base is not None else None
+        try:
+            trained, _ = reference_model(self, base, core="copies")
+            shared, _ = reference_model(self, base, core="shared")
+        except ModelkitError as e:
+            return f"logits not checked ({e.problem})"
+        ids = prompt_ids(None, trained.config.get_text_config().vocab_size)
+        with torch.no_grad():
+            diff = max((trained(input_ids=x).logits - shared(input_ids=x).logits).abs().max().item() for x in ids)
+        return f"the logits by up to {diff:.3g} (float64, {len(ids)} fixed prompts)"
 
     def _measure_copies(self, copies):
         """(max |dW| between the two forms, relative to max |W|, max |copy - core|, copies that
