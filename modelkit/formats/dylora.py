@@ -815,11 +815,16 @@ class DyLoRAArtifact(Artifact):
         if deep:
             zero = [e for e in trained if e.all_b_zero()]
             if zero:
-                findings.append(error(
+                # all untrained: the "trained" mixture is the base model (error). Some untrained is
+                # how the real code usually ends (the optimizer only held expert_0): the mixture is
+                # still what was trained, but sequences routed there get the base model (warning)
+                everything = len(zero) == len(trained)
+                findings.append((error if everything else warning)(
                     "untrained-adapter",
                     f"every LoRA B matrix of {', '.join(e.name for e in zero)} is zero: "
-                    + ("no expert changes the base, so the routed model is the base model"
-                       if len(zero) == len(trained) else "those experts change nothing"),
+                    + ("no expert changes the base, so the routed model is the base model" if everything
+                       else "those experts change nothing (the real training code often leaves every "
+                       "expert but the first untrained): sequences the router sends there get the base model"),
                     [m.B.name for e in zero for m in e.modules.values() if m.B is not None]))
         elif trained:
             findings.append(not_checked_finding("each expert"))
