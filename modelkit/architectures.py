@@ -118,18 +118,14 @@ def _config_file(path: Path) -> Path:
 
 
 def _read_config_json(file: Path) -> dict[str, Any]:
-    try:
-        text = file.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read config ({e})", file) from None
-    try:
-        d = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"malformed JSON at line {e.lineno} column {e.colno}: {e.msg}",
-                          file) from None
+    """config.json read like every artifact file (confined, regular, size-capped; see
+    modelkit.files) and checked against its schema (modelkit.schemas)."""
+    from . import files, schemas
+
+    d = files.read_json(file)
     if not isinstance(d, dict):
         raise ConfigError(f"config is a JSON {type(d).__name__}, not an object", file)
-    return d
+    return schemas.validate(d, file)
 
 
 def _config_class(d: Mapping[str, Any], source: str):
@@ -455,7 +451,9 @@ def meta_model(config: "PretrainedConfig | Mapping[str, Any] | Path | str") -> "
     import torch
     from transformers import AutoModelForCausalLM
 
+    source = str(config) if isinstance(config, (str, Path)) else None
     config = _plain_config(_as_config(config))
+    source = source or getattr(config, "_name_or_path", None) or f"<{config.model_type} config>"
     cls = _causal_lm_class(config)  # a clear ConfigError for configs with no causal-LM class
     try:
         with torch.device("meta"):
@@ -463,8 +461,7 @@ def meta_model(config: "PretrainedConfig | Mapping[str, Any] | Path | str") -> "
     except Exception as e:  # a config that validates but describes no buildable model
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"{cls.__name__} cannot be built from this config: "
-                          f"{type(e).__name__}: {first}",
-                          getattr(config, "_name_or_path", None) or None) from e
+                          f"{type(e).__name__}: {first}", source) from None
 
 
 def _savable_state(model, state_dict: dict[str, Any]) -> dict[str, Any]:

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .errors import guarded
+from .files import trusting
 from .formats import Artifact, BaseRef, detect
 from .sources import Source, resolve, resolve_base
 
 
+@guarded()
 def open_artifact(ref: str | Path | Source, base: str | Path | None = None) -> Artifact:
     """Resolve ``ref`` (folder, ``wandb:...``, ``hf:...``), detect its format and open it.
 
@@ -15,8 +18,9 @@ def open_artifact(ref: str | Path | Source, base: str | Path | None = None) -> A
     Reads configs and file headers only.
     """
     source = ref if isinstance(ref, Source) else resolve(ref)
-    fmt, layout = detect(source.folder)
-    artifact = fmt.open(source.folder, layout, source)
+    with trusting(source.trust_root):  # detection reads files before any Artifact exists
+        fmt, layout = detect(source.folder)
+        artifact = fmt.open(source.folder, layout, source)
     name = artifact.base_name()
     if name is not None or base is not None:
         path, how = resolve_base(name, explicit=base, relative_to=source.folder)

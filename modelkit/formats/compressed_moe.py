@@ -46,6 +46,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from .. import files, schemas
 from ..errors import BaseModelUnavailableError, ConfigError, ModelkitError
 from ..findings import Finding, error, warning
 from ..tensors import FLOAT_DTYPES, PickleFile, StoredTensor, torch_dtype
@@ -284,17 +285,13 @@ class CompressedMoEArtifact(Artifact):
 
     def _read_settings(self, candidates) -> tuple[dict[str, Any], Path | None, str | None]:
         """(content, file, problem) of the first settings file found (JSON or safe YAML)."""
-        import yaml
-
         p = self._find(candidates)
         if p is None:
             return {}, None, None
-        try:
-            text = p.read_text()
-            data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
-        except (OSError, ValueError, yaml.YAMLError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            return {}, p, f"cannot parse {p.name} ({first})"
+        try:  # confined, regular, size-capped, schema-checked (modelkit.files, modelkit.schemas)
+            data = schemas.validate(files.read_config(p, self.trust_root), p)
+        except ModelkitError as e:
+            return {}, p, f"cannot use {p.name} ({e.problem})"
         if not isinstance(data, dict):
             return {}, p, f"{p.name} is not a mapping"
         return data, p, None

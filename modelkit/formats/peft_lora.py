@@ -10,7 +10,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from ..errors import BaseModelUnavailableError, LoadError
+from .. import files
+from ..errors import BaseModelUnavailableError, LoadError, ModelkitError
 from ..findings import Finding, error, info
 from ..tensors import StoredTensor
 from ..views import TensorView, stored_tensor
@@ -222,8 +223,8 @@ class PeftLora(Format):
         if not cfg.is_file():
             return None
         try:
-            data = json.loads(cfg.read_text())
-        except (OSError, ValueError):
+            data = files.read_json(cfg)  # confined, regular, size-capped (modelkit.files)
+        except ModelkitError:
             data = {}
         if isinstance(data, dict) and str(data.get("peft_type", "LORA")).upper() != "LORA":
             return None
