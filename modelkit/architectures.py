@@ -29,6 +29,7 @@ import os
 import re
 import tempfile
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -78,7 +79,25 @@ def config_from_dict(d: Mapping[str, Any], source: str, *, model_type: str | Non
     """
     known, _ = split_config_dict(d, source, model_type=model_type, strip_unknown=strip_unknown)
     cls = _config_class(known, source)
-    return _build_config(cls, known, source)
+    config = _build_config(cls, known, source)
+    if len(_SOURCES) > 4096:
+        for key in [k for k, (ref, _) in _SOURCES.items() if ref() is None]:
+            del _SOURCES[key]
+    _SOURCES[id(config)] = (weakref.ref(config), source)
+    return config
+
+
+# config object -> the file it was read from, so later errors can name it (configs are
+# unhashable, hence id() and a weak reference that proves the id was not reused)
+_SOURCES: dict[int, tuple[Any, str]] = {}
+
+
+def config_source(config) -> str | None:
+    """The file (or description) a config built here came from, if known."""
+    entry = _SOURCES.get(id(config))
+    if entry is None or entry[0]() is not config:
+        return None
+    return entry[1]
 
 
 def split_config_dict(d: Mapping[str, Any], source: str = "<config>", *,
@@ -452,8 +471,9 @@ def meta_model(config: "PretrainedConfig | Mapping[str, Any] | Path | str") -> "
     from transformers import AutoModelForCausalLM
 
     source = str(config) if isinstance(config, (str, Path)) else None
-    config = _plain_config(_as_config(config))
-    source = source or getattr(config, "_name_or_path", None) or f"<{config.model_type} config>"
+    config = _as_config(config)
+    source = source or config_source(config) or getattr(config, "_name_or_path", None) or f"<{config.model_type} config>"
+    config = _plain_config(config)
     cls = _causal_lm_class(config)  # a clear ConfigError for configs with no causal-LM class
     try:
         with torch.device("meta"):

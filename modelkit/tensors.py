@@ -29,7 +29,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import CorruptFileError, UnsafePathError, UnsafePickleError
+from .errors import CorruptFileError, UnsafePickleError
 
 # safetensors dtype tags -> torch dtype names (the names used everywhere in modelkit)
 SAFETENSORS_DTYPES = {

@@ -16,7 +16,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..errors import ConfigError, CorruptFileError, ModelkitError, UnsafePickleError
+from ..errors import CorruptFileError, ModelkitError, UnsafePickleError
 from .. import files, schemas
 from ..tensors import StoredTensor, TensorFile, check_inside
 

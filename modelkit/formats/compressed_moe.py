@@ -38,7 +38,6 @@ compression was fit to) never enter the view. Rotary ``inv_freq`` buffers are dr
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field

@@ -85,7 +85,8 @@ def _header_keys(path: Path) -> list[str]:
 
 def _wrapper_keys(folder: Path) -> list[str]:
     if (folder / WRAPPER_INDEX).is_file():
-        return list((_json_or_empty(folder / WRAPPER_INDEX).get("weight_map") or {}))
+        wm = _json_or_empty(folder / WRAPPER_INDEX).get("weight_map")
+        return list(wm) if isinstance(wm, dict) else []
     return _header_keys(folder / "model.safetensors") if (folder / "model.safetensors").is_file() else []
 
 

@@ -5,7 +5,6 @@ is the base model's view with each adapted weight merged (see :mod:`.lora`).
 """
 from __future__ import annotations
 
-import json
 from functools import cached_property
 from pathlib import Path
 from typing import Any
