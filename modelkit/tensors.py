@@ -20,6 +20,7 @@ import json
 import math
 import os
 import pickle
+import stat
 import struct
 import sys
 import weakref
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import CorruptFileError, UnsafePickleError
+from .zipmembers import read_zip_member
 
 # safetensors dtype tags -> torch dtype names (the names used everywhere in modelkit)
 SAFETENSORS_DTYPES = {
@@ -344,6 +346,18 @@ def load_pickle(path: Path) -> Any:
         raise CorruptFileError(f"cannot read torch pickle: {_first_line(e)}", path) from None
 
 
+def _require_regular(path: Path) -> None:
+    """CorruptFileError unless ``path`` is a non-empty regular file (stat only, no open)."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise CorruptFileError(f"cannot open the file ({e.strerror or e})", path) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise CorruptFileError("is not a regular file; modelkit reads only regular files", path)
+    if st.st_size == 0:
+        raise CorruptFileError("file is empty (0 bytes)", path)
+
+
 def _check_pickle_file(path: Path) -> bool:
     """Refuse what torch.load must not be handed: a non-regular or empty file, a zip whose
     members are compressed (torch.save never compresses; a 7 MB member can inflate to
@@ -405,7 +419,7 @@ def walk(obj: Any, prefix: str = "", path: Path | str | None = None) -> Iterator
         nodes += 1
         if nodes > MAX_NODES:
             raise CorruptFileError(f"the pickle's structure has over {MAX_NODES:,} entries; refused", path)
-        if _is_tensor(node) or not isinstance(node, (dict, list, tuple)):
+        if type(node) is TensorHeader or _is_tensor(node) or not isinstance(node, (dict, list, tuple)):
             yield key, node
             continue
         if not node:
@@ -536,14 +550,24 @@ def read_pickle_skeleton(path: Path) -> Any | None:
     it is not a plain tensor pickle (then torch.load(weights_only=True) decides).
     CorruptFileError for what no torch.save writes (see :func:`_check_pickle_file`)."""
     path = Path(path)
-    if not _check_pickle_file(path):
+    _require_regular(path)  # a FIFO would hang the first read
+    try:  # fast path: only an uncompressed member of a plain zip (see modelkit.zipmembers)
+        data = read_zip_member(path, lambda n: n.endswith("/data.pkl") and n.count("/") == 1)
+    except Exception:
+        data = None
+    if data is not None and len(data) > MAX_PICKLE_BYTES:
+        raise CorruptFileError(f"pickle data.pkl is {len(data):,} bytes, over modelkit's limit of "
+                               f"{MAX_PICKLE_BYTES:,}", path)
+    if data is None and not _check_pickle_file(path):  # refuses compressed members
         return None
     try:
-        with zipfile.ZipFile(path) as z:
-            pkl = [n for n in z.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
-            if len(pkl) != 1:
-                return None
-            return _SkeletonUnpickler(io.BytesIO(z.read(pkl[0]))).load()
+        if data is None:  # not the plain layout torch.save writes: the zipfile module decides
+            with zipfile.ZipFile(path) as z:
+                pkl = [n for n in z.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+                if len(pkl) != 1:
+                    return None
+                data = z.read(pkl[0])
+        return _SkeletonUnpickler(io.BytesIO(data)).load()
     except _BadTensor as e:
         raise CorruptFileError(f"cannot read torch pickle: {e}", path) from None
     except Exception:  # anything unusual: let torch.load (weights_only) decide

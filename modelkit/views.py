@@ -27,10 +27,21 @@ class LazyTensor:
     # (file, entry) when ``produce`` returns one stored tensor unchanged: lets diff read
     # the raw bytes in chunks instead of producing the whole tensor
     stored: "tuple[TensorFile, StoredTensor] | None" = field(default=None, repr=False, compare=False)
+    # ``compute(dtype)`` for a computed tensor (a compressed expert): produced directly in the
+    # dtype a load or export asks for, instead of rounded to ``dtype`` and cast again
+    compute: "Callable[[object], object] | None" = field(default=None, repr=False, compare=False)
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+    def produce_as(self, dtype) -> "object":
+        """The tensor for a consumer that wants ``dtype`` (a torch dtype, or None: as declared).
+        Computed tensors are produced in ``dtype`` itself; stored ones are returned as stored
+        (the consumer casts, exactly)."""
+        if dtype is not None and self.compute is not None:
+            return self.compute(dtype)
+        return self.produce()
 
 
 def stored_tensor(file: TensorFile, entry: StoredTensor, origin: str | None = None) -> LazyTensor:

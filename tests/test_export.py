@@ -119,7 +119,9 @@ def test_round_trip(catalog, tmp_path, name):
     assert result.ok and result.written, result.summary()
     v = result.verification
     assert v["ok"] and v["max_abs_diff"] <= 1e-5
-    assert v["tolerance"] == 1e-5 or v["dtype"] != "float32"
+    # float32: 1e-5 absolute, or the tighter relative bound against an independent float64 reference
+    assert v["tolerance"] == 1e-5 or v["dtype"] != "float32" or (
+        v["reference"].startswith("independent float64") and v["tolerance"] < 1e-5)
 
     # the folder is what transformers 5 writes: on-disk names, index, clean config
     config = json.loads((out / "config.json").read_text())

@@ -124,11 +124,13 @@ def test_relative_model_name_is_found_beside_the_settings_file(made, original, t
     assert not inspect(ckpt).errors
 
 
-def test_original_not_available_is_reported_not_fatal(made):
+def test_zero_shot_save_whose_original_is_missing_is_an_error(made):
+    # a zero-shot save is only experts: without its original nothing can be built
     ckpt = made("checkpoint-0", model_name="Qwen/Qwen3-30B-A3B")
     report = inspect(ckpt)
     assert {"base-required", "base-unavailable"} <= report.codes
-    assert not report.errors and report.exit_code == 0
+    assert [f.code for f in report.errors] == ["base-unavailable"] and report.exit_code == 1
+    assert "Qwen/Qwen3-30B-A3B" in report.errors[0].message
     with pytest.raises(BaseModelUnavailableError, match="Qwen/Qwen3-30B-A3B"):
         open_artifact(ckpt).view()
 

@@ -115,8 +115,12 @@ def test_dylora_has_priority_over_peft_and_plain_hf():
 
 # -- inventory -----------------------------------------------------------------------------
 def test_stored_layout_a_lists_the_wrapper_and_the_state_dir(clean):
-    names = {t.name for t in open_artifact(clean["a-tiny-config"]).stored()}
-    assert "router.gate.weight" in names and "gate_state_dict.weight" in names
+    report = inspect(clean["a-tiny-config"])
+    roles = {row["name"]: row["role"] for row in report.tensors}
+    # router.pt's tensors are named router.* so the inventory gives them the router role
+    assert roles["router.gate.weight"] == roles["router.gate_state_dict.weight"] == "router"
+    assert roles["router.expert_maturity"] == "router"
+    names = set(roles)
     assert f"foundation_model.base_model.model.{Q}.base_layer.weight" in names
     assert f"foundation_model.base_model.model.{Q}.lora_A.expert_1.weight" in names
 

@@ -218,7 +218,7 @@ def test_deeply_nested_json_yaml_and_pickle(catalog, tmp_path):
     comp = copy(catalog, "compressed-checkpoint-N", tmp_path)
     (comp / "compression_config.yaml").write_text("a: " + "[" * 50_000 + "]" * 50_000 + "\n")
     report = modelkit.inspect(comp)  # the settings are unusable: reported, not a crash
-    assert any("compression_config.yaml" in f.message and "nested too deeply" in f.message for f in report.findings)
+    assert any("compression_config.yaml" in f.message and "cannot" in f.message for f in report.findings)
 
     binart = copy(catalog, "plain-bin", tmp_path)
     deep = b"\x80\x02" + b"]" * 100_000 + b"a" * 99_999 + b"."  # 100,000 nested lists (no recursion to write)

@@ -51,6 +51,7 @@ def _install_fake_api(monkeypatch, artifact: FakeWandbArtifact, calls: list):
             return artifact
 
     monkeypatch.setattr(wandb, "Api", FakeApi)
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
 
 
 def test_local_folder_resolves_in_place(plain):
@@ -100,9 +101,31 @@ def test_wandb_without_network_explains_how_to_provide_the_artifact(monkeypatch)
             raise ConnectionError("Max retries exceeded with url: /graphql")
 
     monkeypatch.setattr(wandb, "Api", NoNetworkApi)
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
     with pytest.raises(RefNotFoundError) as e:
         resolve("wandb:team/proj/model:latest")
     assert "wandb:team/proj/model:latest" in str(e.value) and "wandb login" in str(e.value)
+
+
+def test_wandb_without_an_api_key_says_so_and_never_calls_wandb(monkeypatch, tmp_path):
+    import wandb
+
+    def prompt(*a, **k):   # what wandb.Api() would do without a key: ask for one
+        raise AssertionError("wandb was asked (it would prompt for a login)")
+
+    monkeypatch.setattr(wandb, "Api", prompt)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    with pytest.raises(RefNotFoundError) as e:
+        resolve("wandb:team/proj/model:v2")
+    assert "no W&B API key" in str(e.value) and "WANDB_API_KEY" in str(e.value)
+
+
+def test_wandb_ref_without_a_version_means_latest(monkeypatch, plain):
+    calls: list = []
+    _install_fake_api(monkeypatch, FakeWandbArtifact(plain), calls)
+    src = resolve("wandb:team/proj/best-model")
+    assert calls == ["Api()", "team/proj/best-model:latest"] and src.kind == "wandb"
 
 
 def _cache_snapshot(hub: Path, repo: str, src: Path) -> Path:

@@ -73,12 +73,19 @@ def test_inspect_error_is_shown_in_the_panel_and_clears_the_old_result(root):
     panel.button.click()
     assert isinstance(panel.runner.exception, modelkit.errors.ConfigError)
     assert "ConfigError" in panel.runner.error.value and "config.json" in panel.runner.error.value
-    assert "Traceback" not in panel.runner.error.value      # a ModelkitError says it all
+    assert "Traceback" not in _visible(panel.runner.error.value)   # one line; details collapsed
     assert panel.result is None and panel.findings.outputs == ()
     assert "failed" in panel.runner.status.value and not panel.button.disabled
     panel.picker.value = "hf:nobody/not-in-the-cache"
     panel.run()
     assert "RefNotFoundError" in panel.runner.error.value
+
+
+def _visible(html_text: str) -> str:
+    """What a reader sees without opening the "details" disclosure."""
+    import re
+
+    return re.sub(r"<details.*?</details>", "", html_text, flags=re.S)
 
 
 def test_unexpected_exceptions_are_shown_with_their_traceback(root, monkeypatch):
@@ -88,8 +95,10 @@ def test_unexpected_exceptions_are_shown_with_their_traceback(root, monkeypatch)
     monkeypatch.setattr(modelkit, "inspect", broken)
     panel = InspectPanel(root=root, ref=root / "plain-llama")
     panel.button.click()
-    assert "RuntimeError" in panel.runner.error.value and "Traceback" in panel.runner.error.value
-    assert "bug inside inspect" in panel.runner.error.value
+    error = panel.runner.error.value
+    assert "Unexpected RuntimeError: bug inside inspect" in _visible(error)
+    assert "bug report" in _visible(error)                    # what to do about it
+    assert "Traceback" not in _visible(error) and "Traceback" in error   # behind "details"
 
 
 def test_export_click_writes_the_folder_and_shows_the_summary(root, tmp_path):

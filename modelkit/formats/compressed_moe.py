@@ -38,6 +38,9 @@ compression was fit to) never enter the view. Rotary ``inv_freq`` buffers are dr
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -47,7 +50,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from .. import files, schemas
 from ..errors import BaseModelUnavailableError, ConfigError, ModelkitError
-from ..findings import Finding, error, warning
+from ..findings import Finding, error, info, warning
 from ..tensors import FLOAT_DTYPES, PickleFile, StoredTensor, torch_dtype
 from ..views import LazyTensor, TensorView, stored_tensor
 from . import register
@@ -60,11 +63,17 @@ NON_MOE = "non_moe_weights.pt"
 METADATA = "compressed_metadata.json"
 EXTRACTED = "extracted_weights"
 DEFAULT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-# settings files: (name, folder relative to the checkpoint), searched in this order
+# settings files: (name, where: "." the checkpoint itself, "experiment" its experiment folder)
 SETTINGS_FILES = (("compression_config.json", "."), ("compression_config.yaml", "."),
-                  ("compression_config.yaml", "../.."), ("compression_config.json", "../.."))
+                  ("compression_config.yaml", "experiment"), ("compression_config.json", "experiment"))
 STATS_FILES = (("compression_statistics.yaml", "."), ("compression_stats.yaml", "."),
-               ("compression_stats.yaml", "../.."), ("compression_statistics.yaml", "../.."))
+               ("compression_stats.yaml", "experiment"), ("compression_statistics.yaml", "experiment"))
+TRAINER_WEIGHTS = "model.safetensors"   # the HF Trainer's own save of the compressed model
+TRAINER_FILES = ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin")
+ZERO_SHOT_LAYOUTS = ("checkpoint-0", "early-compressed", "tmp")
+CORE_CHOICES = {"copies": "each expert's own core copy (the Trainer's model.safetensors): what the trained "
+                          "forward multiplied by",
+                "shared": "the saved shared core (layer_{i}/{proj}.pt) with each expert's wrappers"}
 WRAPPER_PARTS = ("U_in", "V_in", "U_out", "V_out")
 
 _LAYER_DIR = re.compile(r"^layer_(\d+)$")
@@ -82,6 +91,66 @@ _EXPERT_SLOT = re.compile(r"^.*\.layers\.(?P<layer>\d+)\.(?:.*\.)?experts\.(?P<e
 _ROTARY = re.compile(r"(?:^|\.)rotary_emb\.(?:original_)?inv_freq$")
 
 
+# --------------------------------------------------------------------------- settings YAML as plain data
+
+
+def _plain_node(loader, suffix, node):
+    """Any tagged node (``!!python/object:...``, ``!!python/name:...``, ``!custom``) as the
+    plain mapping, sequence or string it is written as: nothing is imported or called."""
+    import yaml
+
+    if isinstance(node, yaml.MappingNode):
+        data: dict = {}
+        yield data
+        data.update(loader.construct_mapping(node, deep=True))
+    elif isinstance(node, yaml.SequenceNode):
+        items: list = []
+        yield items
+        items.extend(loader.construct_sequence(node, deep=True))
+    else:
+        yield loader.construct_scalar(node)
+
+
+@functools.lru_cache(maxsize=1)
+def plain_data_loader():
+    """PyYAML's SafeLoader reading every unknown tag as plain data (never constructing an
+    object). Our own subclass, a few lines, because no library offers "safe, but tolerate
+    tags": ``yaml.load(text, Loader=plain_data_loader())``."""
+    import yaml
+
+    class PlainDataLoader(yaml.SafeLoader):
+        pass
+
+    PlainDataLoader.add_multi_constructor("tag:yaml.org,2002:python/", _plain_node)
+    PlainDataLoader.add_multi_constructor("!", _plain_node)
+    return PlainDataLoader
+
+
+def read_settings_yaml(text: str) -> Any:
+    """A settings YAML as plain data (see :func:`plain_data_loader`, :func:`plain_settings`)."""
+    import yaml
+
+    return plain_settings(yaml.load(text, Loader=plain_data_loader()))
+
+
+def plain_settings(data: Any, depth: int = 0) -> Any:
+    """Settings read with :func:`plain_data_loader`, with omegaconf containers dumped as
+    Python objects (``{_content: [...]}``, nodes ``{_val: x}``) reduced to their values;
+    back-references to parent containers are dropped."""
+    if depth > 20:
+        return None
+    if isinstance(data, dict):
+        if "_content" in data:
+            return plain_settings(data["_content"], depth + 1)
+        if "_val" in data and "_metadata" in data:
+            return plain_settings(data["_val"], depth + 1)
+        return {k: plain_settings(v, depth + 1) for k, v in data.items()
+                if not (isinstance(k, str) and k in ("_parent", "_metadata", "_flags_cache"))}
+    if isinstance(data, list):
+        return [plain_settings(v, depth + 1) for v in data]
+    return data
+
+
 # --------------------------------------------------------------------------- the maths
 
 
@@ -89,14 +158,15 @@ def materialize(core: "torch.Tensor", u_in: "torch.Tensor", v_in: "torch.Tensor"
                 v_out: "torch.Tensor", dtype: "torch.dtype | None" = None) -> "torch.Tensor":
     """``(I + U_out V_out^T) C (I + U_in V_in^T)`` without a d x d matrix.
 
-    Computed in float32 as ``C + [U_out, C U_in] @ [A + (A U_in) V_in^T ; V_in^T]`` with
+    Computed in float32 (float64 when ``dtype`` is float64) as ``C + [U_out, C U_in] @ [A + (A U_in) V_in^T ; V_in^T]`` with
     ``A = V_out^T C`` (the four terms of FORMATS.md in three matmuls), returned in ``dtype``
     (default: the core's).
     """
     import torch
 
-    c = core.float()
-    u_in, v_in, u_out, v_out = (t.float() for t in (u_in, v_in, u_out, v_out))
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    c = core.to(work)
+    u_in, v_in, u_out, v_out = (t.to(work) for t in (u_in, v_in, u_out, v_out))
     a = v_out.T @ c                                  # [r, d_in]
     a = a + (a @ u_in) @ v_in.T                      # V_out^T C (I + U_in V_in^T)
     left = torch.cat([u_out, c @ u_in], dim=1)       # [d_out, 2r]
@@ -237,6 +307,9 @@ class CompressedLayer:
 
 class CompressedMoEArtifact(Artifact):
     format = "compressed-moe"
+    survey: list["CheckpointState"] = []   # every save of the experiment folder (set by open)
+    chosen_why: str = ""                   # why this save was opened, when the experiment was given
+    reconciled: str = ""                   # set by check(deep=True) when both forms agree
 
     # -- files -------------------------------------------------------------------------
     @cached_property
@@ -265,18 +338,65 @@ class CompressedMoEArtifact(Artifact):
         return (self.folder / NON_MOE).is_file()
 
     @property
+    def has_trainer_weights(self) -> bool:
+        """The HF Trainer's own ``model.safetensors`` (compressed in-memory names) is here."""
+        return (self.folder / TRAINER_WEIGHTS).is_file()
+
+    @cached_property
+    def trainer_parts(self) -> tuple[dict[tuple[int, str, int | None, str], StoredTensor], dict[str, StoredTensor]]:
+        """The Trainer's ``model.safetensors``: (compressed parts by (layer, projection,
+        expert, part), every other tensor by name). Per-expert ``core`` entries are the
+        copies the trained forward multiplied by."""
+        parts, dense = {}, {}
+        if not self.has_trainer_weights:
+            return parts, dense
+        for t in self.entries_of(TRAINER_WEIGHTS):
+            parsed = parse_compressed_name(t.name)
+            if parsed is None or parsed[1] is None:
+                dense[t.name] = t
+            else:
+                parts[parsed] = t
+        return parts, dense
+
+    def core_copies(self) -> dict[tuple[int, str], dict[int, StoredTensor]]:
+        """(layer, projection) -> expert -> its own core copy in the Trainer's save."""
+        out: dict[tuple[int, str], dict[int, StoredTensor]] = {}
+        for (layer, proj, e, part), t in self.trainer_parts[0].items():
+            if part == "core" and e is not None:
+                out.setdefault((layer, proj), {})[e] = t
+        return out
+
+    def default_core(self) -> str:
+        """``"copies"`` when every compressed expert has its own core copy (the trained
+        forward multiplied by those), else ``"shared"``."""
+        copies = self.core_copies()
+        layers = self.compressed_layers()
+        if layers and all(set(g.wrappers) <= set(copies.get(k, {})) for k, g in layers.items()):
+            return "copies"
+        return "shared"
+
+    @property
     def non_experts_from_base(self) -> bool:
-        """True for a zero-shot checkpoint-0: the original supplies every non-expert tensor."""
-        return not self.has_non_moe and self.layout == "checkpoint-0"
+        """True for a zero-shot save: the original supplies every non-expert tensor."""
+        return not self.has_non_moe and self.layout in ZERO_SHOT_LAYOUTS
+
+    @property
+    def experiment_dir(self) -> Path:
+        """The experiment's base directory ``models/<model>/<experiment>/`` (where the
+        settings live): two levels above ``checkpoints/checkpoint-N/``, one above a final
+        save written into ``checkpoints/`` itself or the latest version's ``tmp/``."""
+        if self.folder.name in ("checkpoints", "tmp"):
+            return self.folder.parent
+        return self.folder.parent.parent
 
     # -- settings ----------------------------------------------------------------------
     def _find(self, candidates) -> Path | None:
         """The first candidate file present inside the artifact's trust root."""
         for name, where in candidates:
-            p = (self.folder if where == "." else self.folder.parent.parent) / name
+            p = (self.folder if where == "." else self.experiment_dir) / name
             if p.is_file():
                 try:
-                    self.path(name if where == "." else f"{where}/{name}")
+                    self.path(os.path.relpath(p, self.folder))
                 except ModelkitError:
                     continue
                 return p
@@ -284,13 +404,21 @@ class CompressedMoEArtifact(Artifact):
 
     def _read_settings(self, candidates) -> tuple[dict[str, Any], Path | None, str | None]:
         """(content, file, problem) of the first settings file found (JSON or safe YAML)."""
+        import yaml
+
         p = self._find(candidates)
         if p is None:
             return {}, None, None
-        try:  # confined, regular, size-capped, schema-checked (modelkit.files, modelkit.schemas)
-            data = schemas.validate(files.read_config(p, self.trust_root), p)
+        try:  # confined, regular, size-capped (modelkit.files); then checked against its schema
+            text = files.read_text(p, self.trust_root)
+            data = json.loads(text) if p.suffix == ".json" else read_settings_yaml(text)
+            if isinstance(data, dict):
+                data = schemas.validate(data, p)
         except ModelkitError as e:
             return {}, p, f"cannot use {p.name} ({e.problem})"
+        except (ValueError, RecursionError, yaml.YAMLError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            return {}, p, f"cannot parse {p.name} ({first})"
         if not isinstance(data, dict):
             return {}, p, f"{p.name} is not a mapping"
         return data, p, None
@@ -362,8 +490,12 @@ class CompressedMoEArtifact(Artifact):
         out: list[StoredTensor] = []
         if self.has_non_moe:
             out += self.entries_of(NON_MOE)
+        if self.has_trainer_weights:
+            out += self.entries_of(TRAINER_WEIGHTS)
         for (layer, proj), rel in self.layer_files.items():
-            out += [dataclasses.replace(t, name=_layer_name(layer, proj, t.key)) for t in self.entries_of(rel)]
+            # the constructor, not dataclasses.replace: 10^5 wrapper tensors in a real checkpoint
+            out += [StoredTensor(_layer_name(layer, proj, t.key), t.shape, t.dtype, t.file, t.key)
+                    for t in self.entries_of(rel)]
         for (layer, proj), rel in self.extracted_files.items():
             for t in self.entries_of(rel):
                 parts = t.key.split(".")
@@ -383,8 +515,8 @@ class CompressedMoEArtifact(Artifact):
         ``non_moe_weights.pt``), grouped by (layer, projection)."""
         out: dict[tuple[int, str | None], CompressedLayer] = {}
         for t in self._stored:
-            if t.name.startswith(EXTRACTED + "."):
-                continue
+            if t.name.startswith(EXTRACTED + ".") or t.file == TRAINER_WEIGHTS:
+                continue  # the Trainer's second copy: see trainer_parts
             parsed = parse_compressed_name(t.name)
             from_file = t.file != NON_MOE
             if parsed is None:
@@ -459,10 +591,14 @@ class CompressedMoEArtifact(Artifact):
         """The original MoE config: the checkpoint's ``config.json``, else the original's."""
         from ..architectures import load_config
 
+        return load_config(self.architecture())
+
+    def architecture(self):
+        """config()'s config.json (a cached audit of it imports no transformers)."""
         if (self.folder / "config.json").is_file():
-            return load_config(self.path("config.json"))
+            return self.path("config.json")
         if self.base is not None and self.base.path is not None:
-            return load_config(self.base.path)
+            return self.base.path / "config.json"
         name = self.base.name if self.base is not None else self.original_name()
         why = self.base.how if self.base is not None else "not looked up"
         raise BaseModelUnavailableError(
@@ -478,7 +614,7 @@ class CompressedMoEArtifact(Artifact):
         from ..architectures import expected_tensors
 
         out = {}
-        for name in expected_tensors(config if config is not None else self.config()):
+        for name in expected_tensors(config if config is not None else self.config_facts()):
             m = _EXPERT_SLOT.match(name)
             if m:
                 out[(int(m["layer"]), m["proj"], int(m["e"]), m["kind"])] = name
@@ -496,12 +632,24 @@ class CompressedMoEArtifact(Artifact):
 
     # -- the view ----------------------------------------------------------------------
     def view(self, base: Artifact | None = None, **options) -> TensorView:
+        """``core``: which core each expert is materialised from, ``"copies"`` (each
+        expert's own copy in the Trainer's ``model.safetensors``: what the trained forward
+        used) or ``"shared"`` (the saved shared core); default: the copies when present."""
+        core = options.pop("core", None)
         if options:
-            raise ConfigError(f"the compressed-MoE view takes no options (got {sorted(options)})",
-                              self.folder)
+            raise ConfigError(f"the compressed-MoE view takes only core= (got {sorted(options)})", self.folder)
+        default = self.default_core()
+        if core is None:
+            core = default
+        if core not in CORE_CHOICES:
+            raise ConfigError(f"core={core!r}: expected one of {sorted(CORE_CHOICES)}", self.folder)
+        if core == "copies" and default != "copies":
+            raise ConfigError("core='copies': this save has no per-expert core copies (no Trainer "
+                              f"{TRAINER_WEIGHTS} with them); use core='shared'", self.folder)
+        copies = self.core_copies() if core == "copies" else {}
         from ..architectures import expected_tensors
 
-        config = self.config()
+        config = self.config_facts()
         expected = expected_tensors(config)
         slots = self._slots(config)
         targets = self.compressed_targets
@@ -543,9 +691,14 @@ class CompressedMoEArtifact(Artifact):
                 if name is None or g.expert_problem(e):
                     unplaced += g.expert_parts(e)
                     continue
+                core_t = copies[(layer, proj)][e] if copies else g.core
+                produce_as = self._expert_producer(g, e, core_t)
                 tensors[name] = LazyTensor(tuple(g.core.shape), dtype,
-                                           f"compressed:{g.file or NON_MOE}[expert {e}]",
-                                           self._expert_producer(g, e, dtype))
+                                           f"compressed:{g.file or NON_MOE}[expert {e}"
+                                           + (", own core copy]" if copies else "]"),
+                                           # the dtype resolved when producing: a view costs no torch import
+                                           functools.partial(_produce_in, produce_as, dtype),
+                                           compute=produce_as)
                 if e in g.biases or g.bias_matrix is not None:
                     bias_name = slots.get((layer, proj, e, "bias"))
                     if bias_name is None:
@@ -561,6 +714,13 @@ class CompressedMoEArtifact(Artifact):
             redundant += len(g.copies) + len(g.duplicates)
             if key not in self.compressed_layers():
                 unplaced += g.tensors() + g.other
+        chosen = "default: " + ("the trained forward used the copies" if core == default == "copies"
+                                else "no per-expert copies stored" if default == "shared" else "copies available")
+        notes.append(f"experts materialised with core={core!r} ({chosen}): {CORE_CHOICES[core]}")
+        if self.has_trainer_weights:
+            notes.append(f"the Trainer's {TRAINER_WEIGHTS} (a second copy under in-memory names) is read only "
+                         "for the per-expert core copies" if copies else
+                         f"the Trainer's {TRAINER_WEIGHTS} (a second copy under in-memory names) is not used")
         if redundant:
             notes.append(f"{redundant} redundant copies of compressed tensors (per-expert core buffers, "
                          "parts stored twice) are ignored: the view uses each shared core once")
@@ -600,12 +760,13 @@ class CompressedMoEArtifact(Artifact):
     def _read(self, t: StoredTensor):
         return self.file(t.file).read(t.key)
 
-    def _expert_producer(self, g: CompressedLayer, e: int, dtype: str) -> Callable[[], Any]:
+    def _expert_producer(self, g: CompressedLayer, e: int, core: StoredTensor) -> Callable[[Any], Any]:
+        """``produce(dtype)``: expert ``e`` materialised from ``core`` and its wrappers,
+        computed in float32 (float64 when asked for) and returned in ``dtype``."""
         w = g.wrappers[e]
 
-        def produce():
-            return materialize(self._read(g.core), *(self._read(w[p]) for p in WRAPPER_PARTS),
-                               dtype=torch_dtype(dtype))
+        def produce(dtype):
+            return materialize(self._read(core), *(self._read(w[p]) for p in WRAPPER_PARTS), dtype=dtype)
         return produce
 
     def _bias_producer(self, g: CompressedLayer, e: int, dtype: str) -> Callable[[], Any]:
@@ -614,19 +775,160 @@ class CompressedMoEArtifact(Artifact):
             return b.to(torch_dtype(dtype))
         return produce
 
+    def reference_model(self, **options) -> tuple[Any, str] | None:
+        """The stored low-rank form materialised in float64 by
+        :mod:`modelkit.formats.compressed_reference` (``core`` as in the view)."""
+        from .compressed_reference import reference_model
+
+        if not self.layer_files:
+            return None  # compressed parts only under in-memory names: no second path
+        return reference_model(self, self.base.path if self.base is not None else None, core=options.get("core"))
+
     # -- checks ------------------------------------------------------------------------
     def check(self, base: Artifact | None, deep: bool = False) -> list[Finding]:
         findings = self._settings_findings()
         try:
-            config = self.config()
+            config = self.config_facts()
             slots = self._slots(config)
         except BaseModelUnavailableError:
             config, slots = None, None
+        findings += self._base_findings()
+        findings += self._survey_findings()
         findings += self._missing_findings(slots, config)
         findings += self._duplicate_findings(deep)
+        findings += self._trainer_findings(deep)
         findings += self._dtype_findings(base, config)
         findings += self._shape_findings(slots, config)
         return findings
+
+    def _base_findings(self) -> list[Finding]:
+        """A zero-shot save is only experts: without the original nothing can be built."""
+        if not self.non_experts_from_base:
+            return []
+        if self.base is None:
+            where = self.settings_file.name if self.settings_file else "no compression_config.yaml was found"
+            return [error("base-unavailable",
+                          f"this zero-shot save holds only the compressed experts; every other tensor comes from "
+                          f"the original model, which is named nowhere ({where} gives no model_name). "
+                          "Pass --base FOLDER")]
+        if not self.base.available:
+            return [error("base-unavailable",
+                          f"this zero-shot save holds only the compressed experts; every other tensor (router "
+                          f"included) comes from the original model {self.base.name!r}, which cannot be found "
+                          f"({self.base.how}): it cannot be loaded or exported"
+                          + ("" if "--base" in self.base.how else ". Pass --base FOLDER"))]
+        return []
+
+    def _survey_findings(self) -> list[Finding]:
+        """What is wrong with the other saves of the experiment folder."""
+        out = []
+        for st in self.survey:
+            if st.problem:
+                newer = (st.step is not None and _CHECKPOINT.match(self.folder.name)
+                         and st.step > int(_CHECKPOINT.match(self.folder.name).group(1)))
+                out.append(warning("incomplete-checkpoint",
+                                   f"{st.label} {st.problem}; not usable"
+                                   + (f": {self.folder.name}/ (older) was opened instead" if newer else
+                                      f"; {self._label()} was opened"), file=str(st.path)))
+        return out
+
+    def _label(self) -> str:
+        return "checkpoints/ (final save)" if self.folder.name == "checkpoints" else f"{self.folder.name}/"
+
+    def _trainer_findings(self, deep: bool) -> list[Finding]:
+        """The Trainer's ``model.safetensors`` held against the compressed save: the per-expert
+        core copies (what the trained forward used) against the shared core, and the
+        second copy of every other tensor against ``non_moe_weights.pt`` / the layer files."""
+        if not self.has_trainer_weights:
+            return []
+        copies = self.core_copies()
+        if not deep:
+            what = (f"its {sum(len(c) for c in copies.values())} per-expert core copies (what the trained "
+                    "forward multiplied by; the view uses them, core='copies')" if copies else "it")
+            return [info("not-checked",
+                         f"the Trainer's {TRAINER_WEIGHTS} is a second complete copy of the model; {what} were "
+                         "not compared with the saved shared cores and non_moe_weights.pt (run with --deep)",
+                         file=str(self.folder / TRAINER_WEIGHTS))]
+        out = []
+        worst = self._measure_copies(copies)
+        if worst is not None:
+            dw, rel, core_diff, n_diff, n = worst
+            if n_diff:
+                out.append(warning(
+                    "trained-form-differs",
+                    f"the saved compressed form (shared core + wrappers) is not the model that was trained: the "
+                    f"trained forward multiplied by each expert's own core copy ({TRAINER_WEIGHTS}), and {n_diff} "
+                    f"of {n} copies differ from their shared core (by up to {core_diff:.3g}); the experts differ "
+                    f"by up to {dw:.3g} (max |dW|, {rel:.3g} of max |W|). Load, export and diff use the copies "
+                    "by default (core='copies'); core='shared' gives the saved shared core",
+                    [t.name for c in copies.values() for t in c.values()], file=str(self.folder / TRAINER_WEIGHTS)))
+            else:
+                self.reconciled = (f"every per-expert core copy in {TRAINER_WEIGHTS} equals its shared core "
+                                   "(checked): the saved compressed form is the trained model")
+        disagree = self._second_copy_differences()
+        if disagree:
+            out.append(warning("trained-form-differs",
+                               f"the Trainer's {TRAINER_WEIGHTS} and the compressed save disagree on "
+                               f"{len(disagree)} tensor(s) (max |diff| {max(d for _, d in disagree):.3g}); "
+                               "the compressed save's are used", [n for n, _ in disagree]))
+        return out
+
+    def _measure_copies(self, copies):
+        """(max |dW| between the two forms, relative to max |W|, max |copy - core|, copies that
+        differ, copies) over every expert with a copy, computed in float64; None without copies."""
+        import torch
+
+        if not copies:
+            return None
+        dw = wmax = core_diff = 0.0
+        n = n_diff = 0
+        for key, g in self.compressed_layers().items():
+            shared = self._read(g.core).double()
+            for e, t in sorted(copies.get(key, {}).items()):
+                if e not in g.wrappers or g.expert_problem(e):
+                    continue
+                copy = self._read(t).double()
+                n += 1
+                if copy.shape != shared.shape:
+                    n_diff += 1
+                    continue
+                diff = (copy - shared).abs().max().item()
+                if diff == 0:
+                    continue
+                n_diff += 1
+                core_diff = max(core_diff, diff)
+                w = [self._read(g.wrappers[e][p]) for p in WRAPPER_PARTS]
+                a = materialize(copy, *w, dtype=torch.float64)
+                b = materialize(shared, *w, dtype=torch.float64)
+                dw = max(dw, (a - b).abs().max().item())
+                wmax = max(wmax, a.abs().max().item())
+        return dw, dw / wmax if wmax else 0.0, core_diff, n_diff, n
+
+    def _second_copy_differences(self) -> list[tuple[str, float]]:
+        """(name, max |diff|) of Trainer tensors that differ from the compressed save's."""
+        import torch
+
+        parts, dense = self.trainer_parts
+        pairs: list[tuple[str, StoredTensor, StoredTensor]] = []
+        if self.has_non_moe:
+            mine = {t.name: t for t in self.entries_of(NON_MOE)}
+            pairs += [(n, t, mine[n]) for n, t in dense.items() if n in mine]
+        for (layer, proj, e, part), t in parts.items():
+            g = self.groups.get((layer, proj))
+            if g is None or (part == "core" and e is not None):
+                continue
+            ours = (g.core if part == "core" else g.wrappers.get(e, {}).get(part) if part in WRAPPER_PARTS
+                    else g.biases.get(e) if part == "bias" else None)
+            if ours is not None:
+                pairs.append((t.name, t, ours))
+        out = []
+        for name, a, b in pairs:
+            x, y = self._read(a), self._read(b)
+            if x.shape != y.shape:
+                out.append((name, float("inf")))
+            elif not torch.equal(x.double(), y.double()):
+                out.append((name, (x.double() - y.double()).abs().max().item()))
+        return out
 
     def _settings_findings(self) -> list[Finding]:
         out = []
@@ -637,7 +939,7 @@ class CompressedMoEArtifact(Artifact):
 
     def _missing_findings(self, slots, config) -> list[Finding]:
         out = []
-        if not self.has_non_moe and self.layout != "checkpoint-0":
+        if not self.has_non_moe and self.layout not in ZERO_SHOT_LAYOUTS:
             names = []
             if config is not None:
                 from ..architectures import expected_tensors
@@ -706,7 +1008,9 @@ class CompressedMoEArtifact(Artifact):
         out = []
         compressed = [t for g in self.compressed_layers().values() for t in g.tensors()]
         if self.has_non_moe:
-            rest = [t for t in self.entries_of(NON_MOE) if parse_compressed_name(t.name) is None]
+            # the rotary buffers are float32 beside a bf16 model by design (and recomputed)
+            rest = [t for t in self.entries_of(NON_MOE)
+                    if parse_compressed_name(t.name) is None and not _ROTARY.search(t.name)]
             where = NON_MOE
             out += mixed_dtype_findings(rest, NON_MOE)
         elif base is not None:
@@ -827,6 +1131,19 @@ class CompressedMoEArtifact(Artifact):
             out["router"] = "the original model's (zero-shot compression)"
         else:
             out["router"] = f"MISSING (no {NON_MOE})"
+        if layers:
+            core = self.default_core()
+            out["core"] = (f"{core} by default: {CORE_CHOICES[core]}"
+                           + (f"; {self.reconciled}" if self.reconciled else ""))
+        if self.has_trainer_weights:
+            present = [f for f in TRAINER_FILES if (self.folder / f).is_file()]
+            out["trainer"] = (f"{TRAINER_WEIGHTS} (the Trainer's second copy, in-memory names, one core copy per "
+                              f"expert)" + (f"; {', '.join(present)} listed, never read" if present else ""))
+        if self.survey:
+            out["saves"] = "; ".join(
+                st.label + (" OPENED" + (f" ({self.chosen_why})" if self.chosen_why else "")
+                            if st.path == self.folder else f": {st.problem}" if st.problem else "")
+                for st in self.survey)
         stats = {k: v for k, v in self.statistics.items() if isinstance(v, (int, float)) and "fraction" in k}
         if stats:
             out["stats"] = ", ".join(f"{k} {v}" for k, v in stats.items())
@@ -834,6 +1151,10 @@ class CompressedMoEArtifact(Artifact):
         if m:
             out["step"] = int(m.group(1))
         return out
+
+
+def _produce_in(produce_as: Callable[[Any], Any], dtype: str):
+    return produce_as(torch_dtype(dtype))
 
 
 def _num_experts(config) -> int | None:
@@ -880,31 +1201,101 @@ def layout_of(folder: Path) -> str | None:
         return None
     if (folder / "compression_config.json").is_file():
         return "documented"
-    return "checkpoint-N" if (folder / "config.json").is_file() else "checkpoint-0"
+    if (folder / "config.json").is_file():
+        return "checkpoint-N"
+    if folder.name == "tmp":
+        return "tmp"
+    if (folder / "compression_config.yaml").is_file():
+        return "early-compressed"
+    return "checkpoint-0"
+
+
+@dataclass(frozen=True)
+class CheckpointState:
+    """One save found in an experiment folder, and whether it can be opened."""
+
+    path: Path
+    step: int | None          # None: the final save in checkpoints/ itself, or tmp/
+    layout: str | None        # None: not a usable compressed save
+    problem: str = ""         # why it cannot be used
+
+    @property
+    def label(self) -> str:
+        if self.path.name == "checkpoints":
+            return "checkpoints/ (final save)"
+        return f"{self.path.name}/"
+
+
+def _problem_of(folder: Path) -> str:
+    """Why a ``checkpoint-N/`` folder holds no usable compressed save."""
+    try:
+        names = sorted(p.name for p in folder.iterdir())
+    except OSError as e:
+        return f"cannot be listed ({e.strerror})"
+    if not names:
+        return "is empty (the latest version's zero-shot run crashes before writing it; see tmp/)"
+    if set(names) <= {"config.json", "generation_config.json"}:
+        return f"holds only {' and '.join(names)}: a Trainer save that crashed"
+    return f"holds no compressed layers ({', '.join(names[:5])}{' ...' if len(names) > 5 else ''})"
+
+
+def survey_experiment(base: Path) -> list[CheckpointState]:
+    """Every save of an experiment folder: ``checkpoints/checkpoint-N/`` (oldest first), a
+    final save written into ``checkpoints/`` itself, and the latest version's ``tmp/``."""
+    out = []
+    folder = base / "checkpoints"
+    if folder.is_dir():
+        for p in sorted((p for p in folder.iterdir() if p.is_dir() and _CHECKPOINT.match(p.name)),
+                        key=lambda p: int(_CHECKPOINT.match(p.name).group(1))):
+            layout = layout_of(p)
+            out.append(CheckpointState(p, int(_CHECKPOINT.match(p.name).group(1)), layout,
+                                       "" if layout else _problem_of(p)))
+        layout = layout_of(folder)
+        if layout is not None:
+            out.append(CheckpointState(folder, None, layout))
+    if (base / "tmp").is_dir() and layout_of(base / "tmp") is not None:
+        out.append(CheckpointState(base / "tmp", None, "tmp"))
+    return out
+
+
+def choose_checkpoint(states: list[CheckpointState]) -> tuple[CheckpointState | None, str]:
+    """(the save to open, why): the final save in ``checkpoints/`` (written after training),
+    else the newest usable ``checkpoint-N/``, else ``tmp/`` (the latest version's zero-shot
+    layers when its ``checkpoint-0/`` was never written)."""
+    final = [s for s in states if s.path.name == "checkpoints"]
+    if final:
+        return final[0], "the final save, written into checkpoints/ itself after training"
+    usable = [s for s in states if s.step is not None and s.layout]
+    if usable:
+        newer = [s for s in states if s.step is not None and s.step > usable[-1].step]
+        why = "the newest usable checkpoint"
+        if newer:
+            why += f" (newer {', '.join(s.label for s in newer)} cannot be used)"
+        return usable[-1], why
+    tmp = [s for s in states if s.path.name == "tmp"]
+    if tmp:
+        return tmp[0], "no checkpoint-N/ holds a compressed save; tmp/ holds the zero-shot layers"
+    return None, "no usable compressed save"
 
 
 def experiment_checkpoints(base: Path) -> list[Path]:
     """``base/checkpoints/checkpoint-N/`` folders in a compressed layout, oldest first."""
-    folder = base / "checkpoints"
-    if not folder.is_dir():
-        return []
-    found = [p for p in folder.iterdir() if _CHECKPOINT.match(p.name) and layout_of(p) is not None]
-    return sorted(found, key=lambda p: int(_CHECKPOINT.match(p.name).group(1)))
+    return [s.path for s in survey_experiment(base) if s.step is not None and s.layout]
 
 
 class CompressedMoE(Format):
     name = "compressed-moe"
     looks_for = ("layer_*/{gate,up,down}_proj.pt, compressed_metadata.json, non_moe_weights.pt or "
-                 "extracted_weights/ (or an experiment folder with checkpoints/checkpoint-N/ of them)")
+                 "extracted_weights/ (or an experiment folder with checkpoints/checkpoint-N/ or tmp/ of them)")
     priority = 30
-    layouts = ("checkpoint-N", "checkpoint-0", "documented")
+    layouts = ("checkpoint-N", "checkpoint-0", "documented", "early-compressed", "tmp")
 
     def detect(self, folder: Path) -> str | None:
         folder = Path(folder)
         layout = layout_of(folder)
         if layout is None:
-            ckpts = experiment_checkpoints(folder)
-            layout = layout_of(ckpts[-1]) if ckpts else None
+            chosen, _ = choose_checkpoint(survey_experiment(folder))
+            layout = chosen.layout if chosen else None
         return layout
 
     def open(self, folder: Path, layout: str, source=None) -> Artifact:
@@ -913,21 +1304,28 @@ class CompressedMoE(Format):
         folder = Path(folder).resolve()
         if source is None:
             source = Source(str(folder), "local", folder, folder)
-        if layout_of(folder) is None:  # an experiment folder: open its latest checkpoint
-            ckpts = experiment_checkpoints(folder)
-            source = dataclasses.replace(source, folder=ckpts[-1], checkpoints=ckpts[:-1],
-                                         note=f"latest of {len(ckpts)} checkpoint(s) in {folder / 'checkpoints'}")
-            folder = ckpts[-1]
-        elif folder.parent.name == "checkpoints":
-            experiment = folder.parent.parent
-            siblings = [p for p in experiment_checkpoints(experiment) if p != folder]
-            changes: dict[str, Any] = {"checkpoints": siblings}
+        experiment, chosen_why = None, ""
+        if layout_of(folder) is None:  # an experiment folder: open its chosen save
+            experiment = folder
+            chosen, chosen_why = choose_checkpoint(survey_experiment(folder))
+            folder = chosen.path
+        elif folder.parent.name == "checkpoints" or folder.name in ("checkpoints", "tmp"):
+            experiment = folder.parent if folder.name in ("checkpoints", "tmp") else folder.parent.parent
+        states = survey_experiment(experiment) if experiment is not None else []
+        changes: dict[str, Any] = {"checkpoints": [s.path for s in states if s.step is not None and s.layout
+                                                   and s.path != folder]}
+        if chosen_why:
+            changes["folder"] = folder
+            changes["note"] = f"opened {folder.relative_to(experiment)}/: {chosen_why}"
+        if experiment is not None and source.kind == "local" and source.root in (folder, experiment):
             settings = [n for n, where in SETTINGS_FILES + STATS_FILES if where != "."]
-            if (source.kind == "local" and source.root == folder
-                    and any((experiment / n).is_file() for n in settings)):
-                changes["root"] = experiment  # the settings two levels up belong to the artifact
-            source = dataclasses.replace(source, **changes)
-        return CompressedMoEArtifact(folder, layout, source)
+            if source.root == folder and any((experiment / n).is_file() for n in settings):
+                changes["root"] = experiment  # the settings in the experiment folder belong to the artifact
+        source = dataclasses.replace(source, **changes)
+        art = CompressedMoEArtifact(folder, layout_of(folder) or layout, source)
+        art.survey = states
+        art.chosen_why = chosen_why
+        return art
 
 
 register(CompressedMoE())

@@ -43,6 +43,8 @@ ADAPTERS_DIR = "peft_adapters"
 WRAPPER_FILES = ("model.safetensors", "pytorch_model.bin")
 WRAPPER_INDEX = "model.safetensors.index.json"
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+SIBLING_CONFIG = "../best_model/config.json"
+TRAINER_FILES = ("training_args.bin", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json")
 ROUTER_DEFAULTS = {"temperature": 2.0, "top_k": 1}  # DyLoRA-MoE's training temperature; top-1 at evaluation
 _EXPERT = re.compile(r"^expert_(\d+)$")
 _EXPERT_FILE = re.compile(r"^expert_(\d+)\.(?:pt|bin)$")
@@ -120,6 +122,11 @@ def detect_kind(folder: Path) -> str | None:
     return "a"
 
 
+def _state_prefix(rel: str) -> str:
+    """``dylo_moe_state/router.pt`` tensors are named ``router.*`` (so their role is router)."""
+    return "router." if rel.endswith("/router.pt") else ""
+
+
 def _expert_of(t: StoredTensor) -> int | None:
     """The expert a wrapper LoRA key names first (``lora_A.expert_2...`` -> 2), else None."""
     lk = parse_lora_key(t.key)
@@ -169,6 +176,16 @@ class DyLoRAArtifact(Artifact):
         """config.json as stored ({} when absent)."""
         return self.read_json("config.json") if (self.folder / "config.json").exists() else {}
 
+    @cached_property
+    def run_config(self) -> dict[str, Any] | None:
+        """A checkpoint's architecture from its run: ``../best_model/config.json`` when that is a
+        full DyLoRA base config (the same run wrote both); used only when the base is unavailable."""
+        if not _CHECKPOINT.match(self.folder.name) or not (self.folder / SIBLING_CONFIG).is_file():
+            return None
+        check_inside(self.folder.parent, self.folder / SIBLING_CONFIG)
+        cfg = _json_or_empty(self.folder / SIBLING_CONFIG)
+        return cfg if is_dylora_config(cfg) and "hidden_size" in cfg else None
+
     @property
     def full_config(self) -> bool:
         """Whether config.json is a whole base-model config (not DyLoRA's tiny one)."""
@@ -182,11 +199,37 @@ class DyLoRAArtifact(Artifact):
 
     @property
     def declared_r(self) -> int | None:
-        return self._declared("lora_r", "_dylora_lora_r")
+        recorded = self._declared("lora_r", "_dylora_lora_r")
+        return recorded if recorded is not None else self.supplied.get("lora_r")
 
     @property
     def declared_alpha(self) -> float | None:
-        return self._declared("lora_alpha", "_dylora_lora_alpha")
+        recorded = self._declared("lora_alpha", "_dylora_lora_alpha")
+        return recorded if recorded is not None else self.supplied.get("lora_alpha")
+
+    def supply(self, lora_alpha: float | None = None, lora_r: int | None = None, **facts: Any) -> None:
+        """What an early-era checkpoint does not record: ``lora_alpha`` and ``lora_r`` (r is
+        otherwise read from the LoRA shapes). A fact the artifact does record must agree."""
+        super().supply(**facts)
+        for field, value, cast in (("lora_alpha", lora_alpha, float), ("lora_r", lora_r, int)):
+            if value is None:
+                continue
+            try:
+                number = cast(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{field}={value!r} is not a number", self.folder) from None
+            if number <= 0 or (cast is int and number != value):
+                raise ConfigError(f"{field}={value!r} must be a positive {cast.__name__}", self.folder)
+            recorded = self._declared(field, f"_dylora_{field}")
+            if recorded is not None and float(recorded) != float(number):
+                raise ConfigError(f"{field}={value} was given, but the artifact records {field}={recorded}",
+                                  self.folder / "config.json")
+            if recorded is None:
+                self.supplied[field] = int(number) if cast is int else (int(number) if number == int(number) else number)
+        self.__dict__.pop("_experts", None)
+
+    def _supplied_text(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.supplied.items())
 
     def base_name(self) -> str | None:
         if self.kind == "a" and self.full_config:
@@ -207,12 +250,11 @@ class DyLoRAArtifact(Artifact):
         mt = self.cfg.get("model_type")
         if mt and mt != MODEL_TYPE:
             return mt
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        from ..archfacts import causal_lm_type  # transformers' own mapping, cached on disk
 
-        by_class = {cls: t for t, cls in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items() if isinstance(cls, str)}
         for arch in self.cfg.get("architectures") or []:
-            if arch in by_class:
-                return by_class[arch]
+            if isinstance(arch, str) and causal_lm_type(arch):
+                return causal_lm_type(arch)
         if self.base is not None and self.base.path is not None:
             mt = _json_or_empty(self.base.path / "config.json").get("model_type")
             if mt:
@@ -227,24 +269,57 @@ class DyLoRAArtifact(Artifact):
 
         if self.full_config:
             return config_from_dict(self.cfg, str(self.folder / "config.json"), model_type=self.base_type())
+        if (self.base is None or self.base.path is None) and self.run_config is not None:
+            return config_from_dict(self.run_config, str(self.folder / SIBLING_CONFIG),
+                                    model_type=DyLoRAArtifact(self.folder / "../best_model", "b").base_type())
+        return load_config(self.architecture())
+
+    def architecture(self):
+        """config() as raw input (a dict, or the base's config.json): a cached audit of it
+        imports no transformers."""
+        if self.full_config:
+            return {**self.cfg, "model_type": self.base_type()}
+        if (self.base is None or self.base.path is None) and self.run_config is not None:
+            return {**self.run_config,
+                    "model_type": DyLoRAArtifact(self.folder / "../best_model", "b").base_type()}
         if self.base is None or self.base.path is None:
             raise BaseModelUnavailableError(
                 f"config.json only names the base model ({self.base_name()!r}), which is not "
                 "available for its architecture; pass --base FOLDER", self.folder)
-        return load_config(self.base.path)
+        return self.base.path / "config.json"
 
     # -- files ----------------------------------------------------------------------------
     @cached_property
     def state_dir(self) -> str | None:
-        """``dylo_moe_state`` here, or (layout a) beside this folder."""
-        options = [STATE_DIR] + ([f"../{STATE_DIR}"] if self.kind == "a" else [])
+        """``dylo_moe_state`` here, or (layout a) beside this folder.
+
+        In layout a the trainer writes ``dylo_moe_state/`` into the results root after
+        reloading the best model, so the sibling belongs to ``best_model/`` only: a
+        ``checkpoint-N/`` beside it has its own ``router.gate.*`` (FORMATS.md §3.1)."""
+        sibling = self.kind == "a" and not _CHECKPOINT.match(self.folder.name)
+        options = [STATE_DIR] + ([f"../{STATE_DIR}"] if sibling else [])
         return next((rel for rel in options if (self.folder / rel).is_dir()), None)
+
+    @cached_property
+    def trainer_copy(self) -> list[str]:
+        """Layouts b/c: the Trainer's own ``model.safetensors`` (the whole wrapper: base, every
+        expert, router) kept beside ``peft_adapters/`` by middle-era checkpoints."""
+        if self.kind == "a" or not any(k.startswith(WRAPPER_PREFIX) for k in _wrapper_keys(self.folder)):
+            return []
+        return self._wrapper_file_list()
+
+    @cached_property
+    def trainer_files(self) -> list[str]:
+        """Files of the Trainer that hold no model tensors, listed and never loaded
+        (``training_args.bin`` pickles a Python object)."""
+        return [f for f in TRAINER_FILES if (self.folder / f).is_file()]
 
     @cached_property
     def wrapper_files(self) -> list[str]:
         """Layout a: the files of the whole-wrapper state dict."""
-        if self.kind != "a":
-            return []
+        return self._wrapper_file_list() if self.kind == "a" else []
+
+    def _wrapper_file_list(self) -> list[str]:
         if (self.folder / WRAPPER_INDEX).exists():
             wm = self.read_json(WRAPPER_INDEX).get("weight_map")
             if not isinstance(wm, dict):
@@ -307,6 +382,8 @@ class DyLoRAArtifact(Artifact):
         if (self.folder / "router.safetensors").is_file():
             out += self.entries_of("router.safetensors")
         for rel in self.state_files:
+            out += self.entries_of(rel, _state_prefix(rel))
+        for rel in self.trainer_copy:
             out += self.entries_of(rel)
         return out
 
@@ -318,7 +395,7 @@ class DyLoRAArtifact(Artifact):
     def _wrapper(self) -> dict[str, Any]:
         """Layout a: {"base": {on-disk name: t}, "lora": [t], "router": [t], "other": [t]}."""
         parts: dict[str, Any] = {"base": {}, "lora": [], "router": [], "other": []}
-        for rel in self.wrapper_files:
+        for rel in self.wrapper_files or self.trainer_copy:
             for t in self.entries_of(rel):
                 if t.key.startswith("router."):
                     parts["router"].append(t)
@@ -394,7 +471,7 @@ class DyLoRAArtifact(Artifact):
         scalars, scalars_file, candidates = {}, None, []
         pt = f"{self.state_dir}/router.pt" if self.state_dir else None
         if pt and (self.folder / pt).is_file():
-            entries = {t.key: t for t in self.entries_of(pt)}
+            entries = {t.key: t for t in self.entries_of(pt, _state_prefix(pt))}
             f = self.file(pt)
             if entries and isinstance(f, PickleFile):
                 scalars = {k: v for k, v in f.scalars().items() if k in (
@@ -434,6 +511,21 @@ class DyLoRAArtifact(Artifact):
             "assumed": [k for k in ROUTER_DEFAULTS if k not in scalars],
         }
 
+    # -- the mixture, part by part ---------------------------------------------------------
+    def variants(self) -> dict[str, dict[str, Any]]:
+        """One dense view per expert: the routed mixture is none of them, all of them together."""
+        return {f"expert_{e.index}": {"expert": e.index} for e in self.experts()}
+
+    def unviewed(self) -> dict[str, Any]:
+        """The router (no dense model has a place for it), as ``router.gate.*``."""
+        parts = self._router_parts
+        if parts is None:
+            return {}
+        out = {"router.gate.weight": self._read(parts["weight"])}
+        if parts["bias"] is not None:
+            out["router.gate.bias"] = self._read(parts["bias"])
+        return out
+
     # -- the view -------------------------------------------------------------------------
     def view(self, base: Artifact | None = None, *, expert: int | None = None,
              alpha: float | None = None, **options) -> TensorView:
@@ -446,6 +538,11 @@ class DyLoRAArtifact(Artifact):
         if self.kind == "a":
             tensors = {n: self._read(t) for n, t in self._wrapper["base"].items()}
             unplaced, notes = self._wrapper["other"] + self._stray_lora, []
+        elif base is None and self.trainer_copy:
+            tensors = {n: self._read(t) for n, t in self._wrapper["base"].items()}
+            unplaced = list(self._wrapper["other"])
+            notes = [f"the base model is not available: its weights are read from the Trainer's copy "
+                     f"{self.trainer_copy[0]} (checked against {ADAPTERS_DIR}/ by inspect)"]
         else:
             if base is None:
                 raise BaseModelUnavailableError(
@@ -468,26 +565,115 @@ class DyLoRAArtifact(Artifact):
             notes.append(f"expert_{chosen.index} merged (scaling {chosen.scaling}); the router is left out")
         return TensorView(tensors, unplaced, notes)
 
+    # -- the Trainer's second copy (middle era) ----------------------------------------------
+    def trainer_copy_pairs(self, base: Artifact | None) -> list[tuple[StoredTensor, Any]]:
+        """(tensor of the Trainer's copy, what it must equal: a StoredTensor of the expert
+        files / router, or a LazyTensor of the base model) for every tensor of the copy that
+        has a counterpart here."""
+        if not self.trainer_copy:
+            return []
+        lora = {}
+        for e in self.experts():
+            for m in e.modules.values():
+                for t in m.stored:
+                    lora[strip_prefix(t.key, WRAPPER_PREFIX, PEFT_PREFIX)] = t
+        parts = self._router_parts
+        router = {}
+        if parts is not None and parts["file"] not in self.trainer_copy:
+            router = {"router.gate.weight": parts["weight"], "router.gate.bias": parts["bias"]}
+        base_tensors = dict(base.view().tensors) if base is not None else {}
+        if base is not None:  # a stored head equal to the embeddings is a tied duplicate
+            from ..architectures import tied_tensors
+
+            for target, source in tied_tensors(base.config()).items():
+                if target not in base_tensors and source in base_tensors:
+                    base_tensors[target] = base_tensors[source]
+        pairs = []
+        for t in self.entries_of(self.trainer_copy[0]) if len(self.trainer_copy) == 1 else [
+                t for rel in self.trainer_copy for t in self.entries_of(rel)]:
+            key = strip_prefix(t.key, WRAPPER_PREFIX, PEFT_PREFIX)
+            if key in lora:
+                pairs.append((t, lora[key]))
+            elif router.get(t.key) is not None:
+                pairs.append((t, router[t.key]))
+            elif t.key.startswith(WRAPPER_PREFIX) and parse_lora_key(t.key) is None:
+                name = base_layer_name(key)
+                if name in base_tensors:
+                    pairs.append((t, base_tensors[name]))
+        return pairs
+
+    def _trainer_copy_findings(self, base: Artifact | None, deep: bool) -> list[Finding]:
+        if not self.trainer_copy:
+            return []
+        copy = self.trainer_copy[0]
+        pairs = self.trainer_copy_pairs(base)
+        n_stored = sum(len(self.entries_of(rel)) for rel in self.trainer_copy)
+        differ, reads = [], 0
+        for t, other in pairs:
+            shape = tuple(getattr(other, "shape", ()))
+            if tuple(t.shape) != shape:
+                differ.append((t.key, f"shape {list(t.shape)} vs {list(shape)}"))
+                continue
+            if deep:
+                import torch
+
+                a = self._read(t).produce().float()
+                b = (self._read(other) if isinstance(other, StoredTensor) else other).produce().float()
+                reads += 1
+                if not torch.equal(a, b):
+                    differ.append((t.key, f"max |diff| {float((a - b).abs().max()):.3g}"))
+        unmatched = n_stored - len(pairs)
+        if differ:
+            return [error("inconsistent-config",
+                          f"the Trainer's {copy} (a second complete copy: base, experts, router) differs from "
+                          f"{ADAPTERS_DIR}/ and the router state in {len(differ)} tensor(s), e.g. {differ[0][0]} "
+                          f"({differ[0][1]}): which one was trained is unknown", [k for k, _ in differ], file=copy)]
+        what = (f"{len(pairs)} of its {n_stored} tensors equal their counterpart" if deep else
+                f"its {len(pairs)} tensor(s) with a counterpart have the same shapes; values are not checked "
+                "(--deep reads them)")
+        rest = (f"; {unmatched} base tensor(s) have no counterpart (the base model is not available)"
+                if unmatched else "")
+        return [info("duplicated-buffers" if deep else "not-checked",
+                     f"the Trainer's {copy} is a second complete copy of the model: {what}{rest}", file=copy)]
+
     # -- checks ---------------------------------------------------------------------------
     def check(self, base: Artifact | None, deep: bool = False) -> list[Finding]:
         experts = self.experts()
         findings = self._config_findings() + self._count_findings(experts) + self._router_findings(experts)
+        findings += self._trainer_copy_findings(base, deep)
         findings += self._expert_findings(experts, deep)
         shapes = ({n: t.shape for n, t in self._wrapper["base"].items()} if self.kind == "a"
                   else {n: t.shape for n, t in base.view().tensors.items()} if base is not None else None)
         if shapes is not None:
             for e in experts:
                 findings += fit_findings(e, plan_merge(e, shapes), e.name)
-        if self.kind != "a" and self.base is None:
+        if self.base is None and (self.kind != "a" or not self.full_config):
             findings.append(warning("base-unavailable", "the artifact records no base model name "
-                                    "(base_model_name_or_path); pass --base FOLDER to check it against its base"))
+                                    "(base_model_name_or_path); pass --base FOLDER to check it against its base"
+                                    + ("" if self.kind != "a" else " (its architecture config is needed)")))
         return findings
 
     def _config_findings(self) -> list[Finding]:
         findings = []
-        if not is_dylora_config(self.cfg):
+        if self.cfg.get("_dylora_original_type") and self.cfg.get("model_type") != MODEL_TYPE:
+            nulls = [k for k in ("num_experts", "lora_r", "lora_alpha") if k in self.cfg and self.cfg[k] is None]
+            findings.append(error(
+                "inconsistent-config",
+                f"config.json was rewritten by DyLoRA-MoE's evaluation loader: model_type "
+                f"{self.cfg.get('model_type')!r} (originally {self.cfg['_dylora_original_type']!r}, per "
+                "_dylora_original_type)" + (f", {', '.join(nulls)} null" if nulls else "") + ": transformers now "
+                "loads this folder as the plain base model and drops every expert and the router, so 'trained' "
+                "scores of that load are the base model's. modelkit reads the experts regardless",
+                file=str(self.folder / "config.json")))
+        elif not self.cfg:
+            findings.append(info(
+                "not-checked", "there is no config.json (a Trainer checkpoint of the early or middle era): the "
+                "base model, lora_alpha and (unless the shapes tell) lora_r are recorded nowhere"
+                + (f"; supplied by the user: {self._supplied_text()}" if self.supplied else ""),
+                file=str(self.folder / "config.json")))
+        elif not is_dylora_config(self.cfg) and self.cfg.get("model_type") is not None:
             what = (f"config.json describes the plain base model (model_type {self.cfg.get('model_type')!r}, "
-                    "no DyLoRA-MoE fields)" if self.cfg else "there is no config.json")
+                    "no DyLoRA-MoE fields)")
             findings.append(error(
                 "inconsistent-config",
                 f"{what}, but the folder holds a DyLoRA-MoE ({self._evidence()}): a loader that trusts "
@@ -507,12 +693,15 @@ class DyLoRAArtifact(Artifact):
                         f"expert_{k}'s adapter_config.json has {field}={ac[field]} but config.json says "
                         f"{mine}; PEFT uses the adapter's value", file=self.expert_sources[k]))
         trained = [e for e in self.experts() if e.modules]
+        if self.supplied:
+            findings.append(info("not-checked", f"supplied by the user, not recorded in the artifact: "
+                                 f"{self._supplied_text()}"))
         if any(e.alpha is None for e in trained):
             findings.append(warning(
                 "inconsistent-config",
                 "lora_alpha is recorded nowhere (no lora_alpha / _dylora_lora_alpha in config.json"
                 + (", none in adapter_config.json" if self.kind == "c" else "") + "): the experts' scale "
-                "alpha/r is unknown, so merging an expert needs alpha= to be given"))
+                "alpha/r is unknown: give it (lora_alpha=, --lora-alpha) to merge or route the experts"))
         if trained and all(e.r is None for e in trained):
             ranks = sorted({r for e in trained for r in e.ranks})
             findings.append(info("inconsistent-config", f"lora_r is not recorded; the rank is read from "
@@ -546,11 +735,11 @@ class DyLoRAArtifact(Artifact):
         own num_experts), not to DyLoRA."""
         if not self.full_config:
             return False
-        try:
-            from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+        from ..archfacts import declares_field
 
-            return hasattr(CONFIG_MAPPING[self.base_type()](), field)
-        except Exception:  # unknown architecture: the field is DyLoRA's
+        try:
+            return declares_field(self.base_type(), field)
+        except ConfigError:  # unknown architecture: the field is DyLoRA's
             return False
 
     def _count_findings(self, experts: list[ExpertAdapter]) -> list[Finding]:
@@ -684,6 +873,15 @@ class DyLoRAArtifact(Artifact):
         out["config"] = ("tiny dylora-moe config" if is_dylora_config(self.cfg) and not self.full_config
                          else "full base config" + (" with DyLoRA fields" if is_dylora_config(self.cfg)
                                                     else ", DyLoRA fields LOST") if self.cfg else "absent")
+        if self.trainer_copy:
+            out["trainer copy"] = f"{', '.join(self.trainer_copy)} (whole wrapper: base, experts, router)"
+        if self.trainer_files:
+            out["trainer files"] = ", ".join(self.trainer_files) + " (listed, not loaded)"
+        supplied = dict(self.supplied)
+        if self.base is not None and self.base_name() is None:
+            supplied["base"] = self.base.name
+        if supplied:
+            out["supplied by the user"] = ", ".join(f"{k}={v}" for k, v in supplied.items())
         out = {k: v for k, v in out.items() if v not in (None, [], "")}
         if self.root is not None:
             out["opened"] = f"{self.folder.relative_to(self.root)}/ (layout {self.kind}) of the artifact root {self.root}"

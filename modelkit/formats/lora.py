@@ -327,7 +327,7 @@ def merge_adapter(tensors: Mapping[str, LazyTensor], adapter: LoraAdapter,
 def _merged_weight(w: LazyTensor, m: LoraModule, scaling: float, adapter: LoraAdapter) -> LazyTensor:
     read, transpose = adapter.read, m.embedding or adapter.fan_in_fan_out
 
-    def produce():
+    def compute(dtype):
         import torch
 
         base = w.produce()
@@ -337,9 +337,12 @@ def _merged_weight(w: LazyTensor, m: LoraModule, scaling: float, adapter: LoraAd
             rows = merged.T if adapter.fan_in_fan_out else merged
             factor = read(m.magnitude).produce().float() / torch.linalg.norm(rows, dim=1)
             merged = merged * (factor.view(1, -1) if adapter.fan_in_fan_out else factor.view(-1, 1))
-        return merged.to(base.dtype)
+        return merged.to(dtype or base.dtype)
 
-    return LazyTensor(w.shape, w.dtype, f"lora-merge:{adapter.name}:{m.A.file}", produce)
+    # computed in float32 and cast once: to W's dtype by default, to the dtype a load or
+    # export asks for through produce_as (a float32 load over a bf16 base is not rounded to bf16)
+    return LazyTensor(w.shape, w.dtype, f"lora-merge:{adapter.name}:{m.A.file}", lambda: compute(None),
+                      compute=compute)
 
 
 def _merged_bias(b: LazyTensor, m: LoraModule, scaling: float, adapter: LoraAdapter) -> LazyTensor:

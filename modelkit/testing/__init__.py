@@ -7,7 +7,7 @@ built under fixed seeds, so tests and demos run offline in seconds.
 from .catalog import ENTRIES, GROUPS, load_catalog, write_catalog
 from .compressed import expected_expert_weights, naive_expert, reconstruct_expert, write_compressed_moe
 from .configs import FAMILIES, tiny_config
-from .dylora import build_dylora, write_dylora
+from .dylora import build_dylora, write_dylora, write_dylora_run
 from .faults import (
     write_absurd_header,
     write_escaping_symlink,
@@ -38,6 +38,7 @@ __all__ = [
     "write_catalog",
     "write_compressed_moe",
     "write_dylora",
+    "write_dylora_run",
     "write_escaping_symlink",
     "write_evil_pickle",
     "write_index_outside",

@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from ..tensors import torch_dtype
 from . import compressed, dylora, faults
 from ._files import one_thread
 from .peft_lora import write_peft_lora
@@ -76,7 +77,7 @@ def _dylora(name: str, layout: str, codes: tuple[str, ...] = (), fault: str | No
 
 def _compressed(name: str, layout: str, codes: tuple[str, ...] = (), fault: str | None = None,
                 notes: str = "", label: str | None = None, **kw) -> Entry:
-    partial = layout == "checkpoint-0"
+    partial = layout in ("checkpoint-0", "early-compressed", "tmp")
     return Entry(name, "compressed", "compressed-moe", layout,
                  lambda d, p: compressed.write_compressed_moe(d, layout, p["original-qwen3-moe"], fault=fault, **kw),
                  (("base-required",) if partial else ()) + codes, label or fault, "original-qwen3-moe", notes=notes)
@@ -137,6 +138,20 @@ ENTRIES: tuple[Entry, ...] = (
                 notes="non_moe_weights.pt also holds model.layers.{i}.mlp.experts.{e}.{proj}.core copies"),
     _compressed("compressed-dtype-mismatch", "checkpoint-N", ("dtype-mismatch",), "dtype-mismatch",
                 notes="non-MoE weights bf16, compressed tensors fp32"),
+    _compressed("compressed-checkpoint-N-bf16-t4", "checkpoint-N", dtype=torch_dtype("bfloat16"),
+                transformers_version="4",
+                notes="as transformers 4.x wrote it: num_experts/rope_theta/torch_dtype; bf16 model, fp32 rotary buffers"),
+    _compressed("compressed-final-save", "checkpoint-N", final_save=True,
+                notes="the final save written into checkpoints/ itself, beside checkpoint-10/"),
+    _compressed("compressed-early", "early-compressed",
+                notes="earlier version: settings yaml with !!python/object tags inside, extracted_weights/ kept"),
+    _compressed("compressed-tmp", "tmp", ("incomplete-checkpoint",), label="tmp",
+                notes="latest version: SharedCoreLayer state dicts in tmp/, checkpoint-0/ left empty"),
+    _compressed("compressed-trained-copies-differ", "checkpoint-N", ("trained-form-differs",),
+                "trained-copies-differ", dtype=torch_dtype("bfloat16"),
+                notes="the per-expert core copies (what the forward used) differ from the saved shared core"),
+    _compressed("compressed-crashed-checkpoint", "checkpoint-0", ("incomplete-checkpoint",), "crashed-checkpoint",
+                notes="experiment folder: checkpoint-0/ plus a crashed checkpoint-2/ holding only config.json"),
     _compressed("compressed-base-unavailable", "checkpoint-0", ("base-unavailable",), label="base-unavailable",
                 model_name="Qwen/Qwen3-30B-A3B", notes="compression_config.yaml names a model not available locally"),
     _bad("bad-truncated", faults.write_truncated_safetensors, ("corrupt-file",), "CorruptFileError", "truncated"),

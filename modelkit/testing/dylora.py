@@ -87,6 +87,11 @@ def _build(base_dir: str, stamp: tuple, num_experts: int, r: int, alpha: int, se
             for k in range(num_experts):
                 shrink_lora_b(model, expert_name(k))
         router = Router(base.config.hidden_size, num_experts)
+    head, embed = base.get_output_embeddings(), base.get_input_embeddings()
+    if head is not None and head.weight is embed.weight:
+        # the real wrapper holds the head as its own copy of embed_tokens (its state dict,
+        # and so every Trainer save, stores lm_head.weight equal to embed_tokens.weight)
+        head.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=False)
     return DyLoRAMoE(model, router).eval()
 
 
@@ -164,7 +169,7 @@ def _write_a(out: Path, spec: _Spec, full_config: bool) -> Path:
 
     best = out / "best_model"
     best.mkdir()
-    state = {k: v.detach().contiguous() for k, v in spec.model.state_dict().items()}
+    state = _wrapper_state(spec.model)
     if spec.fault == "adapter-name-twice":
         state = _double_adapter_name(state, expert_name(spec.bad_expert))
     if spec.fault == "missing-router":
@@ -357,3 +362,144 @@ def _set_base_name(adapter_config: Path, base_name: str) -> None:
     config = read_json(adapter_config)
     config["base_model_name_or_path"] = base_name
     write_json(adapter_config, config)
+
+
+# --- whole training runs, era by era (FORMATS.md §3.1) ---------------------------------------
+
+ERAS = ("early", "early-full-config", "middle", "middle-config", "middle-peft-only", "late")
+RUN_FAULTS = ("loader-rewrote-config", "trainer-copy-differs")
+RUN_STEPS = (50, 100)
+
+
+def write_dylora_run(out: Path, era: str, base_dir: Path, num_experts: int = 2, r: int = 4, alpha: int = 8,
+                     fault: str | None = None, seed: int = 2, *, dropout: float = 0.05,
+                     base_name: str | None = None) -> Path:
+    """The trainer's ``output_dir`` as one era of the real DyLoRA-MoE code leaves it (replaced).
+
+    Every era has ``best_model/`` and ``checkpoint-50/``, ``checkpoint-100/`` (each written
+    from its own model: checkpoints differ from each other and from the best model):
+
+    * ``early`` / ``early-full-config``: ``best_model/`` in layout a (whole wrapper,
+      ``lm_head.weight`` stored as a copy of ``embed_tokens``; tiny or full config,
+      ``training_args.bin``); Trainer-only checkpoints (``model.safetensors``, optimizer,
+      scheduler, ``rng_state.pth``, ``trainer_state.json``, ``training_args.bin``,
+      tokenizer; no ``config.json``, no ``dylo_moe_state/``); ``dylo_moe_state/`` of
+      ``best_model`` in the results root beside them.
+    * ``middle`` (no config), ``middle-config`` (``{"num_experts"}`` only): ``best_model/`` in
+      layout b; checkpoints with flat ``peft_adapters/expert_k.pt``, their own
+      ``dylo_moe_state/`` and the Trainer's ``model.safetensors`` (a second complete copy).
+      ``middle-peft-only``: the same without that copy.
+    * ``late``: ``best_model/`` in layout b, checkpoints in layout c (with ``README.md``).
+
+    Faults: ``loader-rewrote-config`` (``best_model/config.json`` as the real evaluation
+    loader rewrites it: the base ``model_type``, ``_dylora_original_type``, r/alpha null);
+    ``trainer-copy-differs`` (middle eras: the Trainer copy of ``checkpoint-100`` holds a
+    different expert_0 than ``peft_adapters/``). Returns ``out``.
+    """
+    if era not in ERAS:
+        raise ValueError(f"unknown DyLoRA era {era!r}; expected one of {ERAS}")
+    if fault is not None and fault not in RUN_FAULTS:
+        raise ValueError(f"unknown run fault {fault!r}; expected one of {RUN_FAULTS}")
+    if fault == "trainer-copy-differs" and era not in ("middle", "middle-config"):
+        raise ValueError("trainer-copy-differs applies to the middle eras that keep model.safetensors")
+    out = fresh_dir(Path(out))
+    base_dir = Path(base_dir).absolute()
+
+    def spec_for(model_seed: int) -> _Spec:
+        model = build_dylora(base_dir, num_experts, r, alpha, model_seed, True, dropout)
+        return _Spec(model, base_dir, base_name or str(base_dir), num_experts, r, alpha, dropout, None, model_seed)
+
+    best = spec_for(seed)
+    if era.startswith("early"):
+        # layout a's writer puts dylo_moe_state/ in the results root, beside best_model/
+        _write_a(out, best, era == "early-full-config")
+        _write_training_args(out / "best_model")
+    else:
+        _write_b(out / "best_model", best)
+    for i, step in enumerate(RUN_STEPS):
+        spec = spec_for(seed + 1 + i)
+        ckpt = out / f"checkpoint-{step}"
+        if era.startswith("early"):
+            _write_trainer_checkpoint(ckpt, spec, step)
+        elif era == "late":
+            _write_c(ckpt, spec, step)
+            for k in range(num_experts):
+                (ckpt / "peft_adapters" / expert_name(k) / expert_name(k) / "README.md").write_text(
+                    "---\nlibrary_name: peft\n---\n# Model Card\n")
+            _write_training_args(ckpt)
+        else:
+            _write_middle_checkpoint(ckpt, spec, step, era, differs=fault == "trainer-copy-differs"
+                                     and step == RUN_STEPS[-1])
+    if fault == "loader-rewrote-config":
+        _rewrite_like_the_real_loader(out / "best_model", best)
+    return out
+
+
+def _write_trainer_checkpoint(ckpt: Path, spec: _Spec, step: int) -> None:
+    """What ``Trainer._save_checkpoint`` writes for a model that is not a PreTrainedModel."""
+    from safetensors.torch import save_file
+
+    ckpt.mkdir(parents=True)
+    save_file(_wrapper_state(spec.model), ckpt / "model.safetensors", metadata={"format": "pt"})
+    _write_trainer_files(ckpt, spec, step)
+    torch.save({"python": [1, 2, 3], "numpy": None, "cpu": torch.get_rng_state()}, ckpt / "rng_state.pth")
+    _write_training_args(ckpt)
+    write_tokenizer(ckpt)
+
+
+def _write_middle_checkpoint(ckpt: Path, spec: _Spec, step: int, era: str, differs: bool) -> None:
+    """Flat expert pickles + the checkpoint's own dylo_moe_state/ (+ the Trainer's copy)."""
+    from safetensors.torch import save_file
+
+    ckpt.mkdir(parents=True)
+    adapters = ckpt / "peft_adapters"
+    adapters.mkdir()
+    for k in range(spec.num_experts):
+        torch.save(_expert_weights(spec.model, expert_name(k)), adapters / f"{expert_name(k)}.pt")
+    _write_state_dir(ckpt / "dylo_moe_state", spec, legacy=False)
+    if era != "middle-peft-only":
+        state = _wrapper_state(spec.model)
+        if differs:  # the Trainer saved after one more optimizer step than the expert files
+            for name in state:
+                if ".lora_B.expert_0." in name:
+                    state[name] = state[name] + 0.01
+        save_file(state, ckpt / "model.safetensors", metadata={"format": "pt"})
+    if era == "middle-config":
+        write_json(ckpt / "config.json", {"num_experts": spec.num_experts})
+    _write_trainer_files(ckpt, spec, step)
+    _write_training_args(ckpt)
+
+
+def _wrapper_state(model: DyLoRAMoE) -> dict[str, torch.Tensor]:
+    """The wrapper's state dict as the Trainer writes it (every tensor its own storage)."""
+    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+
+
+def _write_training_args(folder: Path) -> None:
+    """``training_args.bin``: the Trainer pickles its TrainingArguments object (not tensors)."""
+    args = _training_args()
+    torch.save(args, folder / "training_args.bin")
+
+
+@functools.lru_cache(maxsize=1)
+def _training_args():
+    from transformers import TrainingArguments
+
+    with quiet():
+        return TrainingArguments(output_dir="results", report_to=[], use_cpu=True, learning_rate=2e-4,
+                                 num_train_epochs=10, save_steps=50, eval_steps=50)
+
+
+def _rewrite_like_the_real_loader(folder: Path, spec: _Spec) -> None:
+    """The real evaluation loader's "fix": base config, overlaid by the stored one, then the
+    base model_type; ``_dylora_original_type`` and r/alpha copied from fields that layout b
+    does not have (so null). Loading the folder then gives the base model."""
+    existing = read_json(folder / "config.json")
+    merged = {**spec.base_config(), **existing}
+    merged["model_type"] = spec.base_config()["model_type"]
+    merged["base_model_name_or_path"] = spec.base_name
+    if existing.get("model_type") == "dylora-moe":
+        merged["_dylora_original_type"] = "dylora-moe"
+        for key in ("num_experts", "lora_r", "lora_alpha"):
+            merged[key] = existing.get(key)
+    write_json(folder / "config.json", merged)

@@ -1,5 +1,6 @@
-"""Shared widget bits: a run button that shows progress, errors and timing, and helpers
-that put tables, figures and text into ``Output`` areas.
+"""Shared widget bits: a run button that shows its verdict, progress, errors (one line,
+details collapsed), a collapsed library log and timing, and helpers that put tables,
+figures and text into ``Output`` areas.
 
 Results are written with ``Output.outputs`` directly (not ``with out: display(...)``), so
 what a click displays is the same in JupyterLab, in papermill's saved widget state and in
@@ -20,6 +21,7 @@ import ipywidgets as widgets
 from ..errors import ModelkitError
 
 TEXT_WIDTH = 300   # characters of a table cell shown before "..."
+LINE_WIDTH = 400   # characters of an error message shown on its line (all of it: under "details")
 
 
 class InvalidInput(ModelkitError):
@@ -53,7 +55,7 @@ def show(out: widgets.Output, *objects: Any) -> None:
     for obj in objects:
         if obj is None:
             continue
-        if isinstance(obj, str):
+        if isinstance(obj, str) and not hasattr(obj, "_repr_html_"):
             outputs.append({"output_type": "stream", "name": "stdout",
                             "text": obj if obj.endswith("\n") else obj + "\n"})
         else:
@@ -61,76 +63,164 @@ def show(out: widgets.Output, *objects: Any) -> None:
     out.outputs = tuple(outputs)
 
 
-def output_text(out: widgets.Output) -> str:
-    """Everything ``out`` shows, as text (HTML and plain text included): for tests and logs."""
-    parts = []
-    for o in out.outputs:
-        if o.get("output_type") == "stream":
-            parts.append(o.get("text", ""))
-        else:
-            data = o.get("data", {})
-            parts.append(data.get("text/html") or data.get("text/plain", ""))
-    return "\n".join(parts)
+def output_text(out: widgets.Widget) -> str:
+    """Everything a widget shows, as text (HTML and plain text included; containers
+    recursively, HTML widgets by value): for tests and logs."""
+    if isinstance(out, widgets.Output):
+        parts = []
+        for o in out.outputs:
+            if o.get("output_type") == "stream":
+                parts.append(o.get("text", ""))
+            else:
+                data = o.get("data", {})
+                parts.append(data.get("text/html") or data.get("text/plain", ""))
+        return "\n".join(parts)
+    if isinstance(out, (widgets.HTML, widgets.Label)):
+        return out.value
+    return "\n".join(output_text(c) for c in getattr(out, "children", ()))
+
+
+HINTS = {  # what to do about each kind of error (the message says what is wrong)
+    "RefNotFoundError": "Check the path, or give wandb:entity/project/name:vN, or hf:org/name "
+                        "for a model in the local Hugging Face cache.",
+    "UnknownFormatError": "Point at the folder holding the checkpoint's config and weight files.",
+    "ConfigError": "Fix or restore the named config file (valid JSON of the model's config).",
+    "CorruptFileError": "The file is damaged or truncated: copy or download it again.",
+    "UnsafePickleError": "Not loaded on purpose: convert it to safetensors where you trust its origin.",
+    "UnsafePathError": "A link or index entry points outside the artifact: copy the real files in.",
+    "BaseModelUnavailableError": "Give the base model's folder or ref in the 'base' field.",
+    "OutputExistsError": "Choose another output folder, or tick 'replace'.",
+    "VerificationError": "Nothing was written. Try dtype 'as stored', or inspect the source.",
+    "CompareError": "Check the task names (lm-eval tasks, or YAMLs in 'task dir') and the models.",
+    "LoadError": "Inspect the artifact (deep) to see what it lacks.",
+}
+UNTRAINED_HINT = "Tick 'allow untrained' to use it anyway (its scores would be the base model's)."
+
+
+def hint_for(exc: BaseException) -> str:
+    """What the user can do about ``exc``: its own ``hint`` if it has one, else by class."""
+    own = getattr(exc, "hint", None)
+    if isinstance(own, str) and own:
+        return own
+    if "allow_untrained" in str(exc):
+        return UNTRAINED_HINT
+    if str(exc).startswith(("wandb:", "hf:")):   # the message says how to get the artifact
+        return ""
+    for cls in type(exc).__mro__:
+        if cls.__name__ in HINTS:
+            return HINTS[cls.__name__]
+    if isinstance(exc, KeyboardInterrupt):
+        return "Interrupted: nothing was kept from this run."
+    if not isinstance(exc, ModelkitError):
+        return "This looks like a bug in modelkit or a library: the details below help a bug report."
+    return ""
+
+
+def error_line(exc: BaseException) -> str:
+    """The one line a user reads: the error class and its message's first line."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "Cancelled"
+    first = " ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip())
+    if len(first) > LINE_WIDTH:
+        first = first[:LINE_WIDTH - 1] + "…"
+    name = type(exc).__name__
+    if isinstance(exc, InvalidInput):
+        return first
+    return f"{name}: {first}" if isinstance(exc, ModelkitError) else f"Unexpected {name}: {first}"
 
 
 def error_html(exc: BaseException) -> str:
-    """An exception as HTML: a ModelkitError as its class and message (what the user needs),
-    anything else with its traceback (a bug to report)."""
-    head = f"<b>{html.escape(type(exc).__name__)}</b>: {html.escape(str(exc))}"
-    body = ""
-    if not isinstance(exc, ModelkitError):
-        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        body = f"<pre style='font-size:11px;white-space:pre-wrap'>{html.escape(tb)}</pre>"
-    return f"<div style='color:#b00020'>{head}{body}</div>"
+    """An exception as HTML: one line (class and message), what to do about it, and the
+    rest of the message and the traceback only behind a closed "details" disclosure."""
+    head = html.escape(error_line(exc))
+    hint = hint_for(exc)
+    rest = str(exc).strip() if len(str(exc).strip()) > LINE_WIDTH else ""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    more = (f"{html.escape(rest)}\n\n" if rest else "") + html.escape(tb)
+    return (f"<div class='mk-error-box' style='color:#b00020;border-left:6px solid #b00020;"
+            f"background:#fde7ea;padding:6px 10px;margin:4px 0'>"
+            f"<div class='mk-error-line'><b>✖ {head}</b></div>"
+            + (f"<div class='mk-hint' style='color:#333'>{html.escape(hint)}</div>" if hint else "")
+            + f"<details class='mk-details'><summary style='color:#666;font-size:12px'>details</summary>"
+            f"<pre style='font-size:11px;white-space:pre-wrap;color:#333'>{more}</pre></details></div>")
 
 
 class RunButton(widgets.VBox):
     """A button that runs ``action()`` and hands its result to ``on_result(result)``.
 
-    tqdm.auto progress bars that ``action`` creates appear in ``progress``; any exception
-    (from ``action`` or ``on_result``) is shown in ``error`` and kept in ``exception``,
-    never left to the callback machinery, which would hide it in the kernel log.
+    Shown top to bottom: the button and its status, the coloured verdict line of the
+    result (``verdict(result)``), the one-line error with what to do, modelkit's own
+    progress bars, and a collapsed log of what libraries printed meanwhile. Any exception
+    (from ``action`` or ``on_result``, a kernel interrupt included) is shown in ``error``
+    and kept in ``exception``, never left to the callback machinery or to
+    ``Output.__exit__``, which in a live kernel prints a traceback and swallows it.
     """
 
     def __init__(self, description: str, action: Callable[[], Any],
-                 on_result: Callable[[Any], None], icon: str = "play", tooltip: str = ""):
+                 on_result: Callable[[Any], None], icon: str = "play", tooltip: str = "",
+                 verdict: Callable[[Any], Any] | None = None):
         self.action = action
         self.on_result = on_result
+        self.verdict_of = verdict
         self.button = widgets.Button(description=description, icon=icon, tooltip=tooltip,
                                      button_style="primary")
         self.button.add_class("mk-run")
         self.status = widgets.HTML()
         self.status.add_class("mk-status")
+        self.verdict = widgets.HTML()
+        self.verdict.add_class("mk-verdict-area")
         self.progress = widgets.Output()
+        self.progress.add_class("mk-progress")
         self.error = widgets.HTML()
         self.error.add_class("mk-error")
+        self.library_log = widgets.HTML()
+        self.library_log.add_class("mk-log-area")
         self.result: Any = None
         self.exception: BaseException | None = None
         self.button.on_click(lambda _: self.run())
-        super().__init__([widgets.HBox([self.button, self.status]), self.progress, self.error])
+        super().__init__([widgets.HBox([self.button, self.status]), self.verdict, self.error,
+                          self.progress, self.library_log])
 
     def run(self) -> Any:
         """Run the action now (what a click does); returns its result, None on failure."""
+        from ..presentation import verdict_html
+        from ..quiet import captured
+
         self.button.disabled = True
         self.progress.outputs = ()
-        self.error.value = ""
-        self.exception = None
-        self.status.value = "<i>running…</i>"
+        self.error.value = self.verdict.value = self.library_log.value = ""
+        self.exception = self.result = None
+        self.status.value = "<i>running… (to cancel: interrupt the kernel, ■)</i>"
         t0 = time.perf_counter()
+        failure: BaseException | None = None
+        result = None
         try:
+            # the try is INSIDE the Output context: an exception must never reach
+            # Output.__exit__, which in a kernel would print it and swallow it
             with self.progress:
-                result = self.action()
-            self.result = result
-            self.on_result(result)
-        except Exception as e:  # shown in the widget: a callback must not swallow it
-            self.result = None
-            self.exception = e
-            self.error.value = error_html(e)
-            self.status.value = f"<span style='color:#b00020'>failed after {time.perf_counter() - t0:.1f} s</span>"
-            return None
+                try:
+                    with captured() as log:
+                        result = self.action()
+                except (Exception, KeyboardInterrupt) as e:
+                    failure = e
+            self.library_log.value = log.html()
+            if failure is None:
+                self.on_result(result)
+                if self.verdict_of is not None:
+                    self.verdict.value = verdict_html(self.verdict_of(result))
+        except (Exception, KeyboardInterrupt) as e:  # from on_result: shown like the rest
+            failure = e
         finally:
             self.button.disabled = False
-        self.status.value = f"done in {time.perf_counter() - t0:.1f} s"
+        seconds = time.perf_counter() - t0
+        if failure is not None:
+            self.exception = failure
+            self.error.value = error_html(failure)
+            word = "cancelled" if isinstance(failure, KeyboardInterrupt) else "failed"
+            self.status.value = f"<span style='color:#b00020'>{word} after {seconds:.1f} s</span>"
+            return None
+        self.result = result
+        self.status.value = f"done in {seconds:.1f} s"
         return result
 
 

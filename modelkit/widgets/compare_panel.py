@@ -8,6 +8,8 @@ import ipywidgets as widgets
 
 import modelkit
 
+from .. import presentation as table
+from ..verdicts import verdict_of
 from ._base import InvalidInput, Panel, RunButton, optional, show, tabs
 from .picker import ArtifactPicker
 
@@ -32,28 +34,47 @@ class ComparePanel(Panel):
         self.summary = widgets.Output()
         self.summary.add_class("mk-summary")
         self.table = widgets.Output()
-        self.disagreements = widgets.Output()
+        self.markdown = widgets.Output()
+        self.markdown.add_class("mk-markdown")
+        self.search = widgets.Text(description="search", placeholder="words in the prompt, target or responses",
+                                   continuous_update=False, layout=widgets.Layout(width="60%"))
+        self.search.add_class("mk-search")
+        self.search.observe(lambda _: self._show_disagreements(), names="value")
+        self.disagreement_table = widgets.Output()
+        self.disagreements = widgets.VBox([self.search, self.disagreement_table])
         self.plot = widgets.Output()
         self.runner = RunButton("Compare", self._evaluate, self._show, icon="balance-scale",
-                                tooltip="evaluate base and trained on the tasks")
+                                tooltip="evaluate base and trained on the tasks", verdict=verdict_of)
         super().__init__([self.picker_base, self.picker_trained, self.tasks,
                           self.limit, self.include_path, self.runner,
                           tabs(results=self.table, plot=self.plot, disagreements=self.disagreements,
-                               summary=self.summary)])
+                               markdown=self.markdown, summary=self.summary)])
         self.add_class("mk-compare")
 
     def _evaluate(self) -> "modelkit.CompareResult":
-        for out in (self.summary, self.table, self.disagreements, self.plot):
+        for out in (self.summary, self.table, self.disagreement_table, self.plot, self.markdown):
             out.outputs = ()
+        self._result = None
         base, trained = self.picker_base.value, self.picker_trained.value
         tasks = [t.strip() for t in self.tasks.value.split(",") if t.strip()]
         if base is None or trained is None or not tasks:
-            raise InvalidInput("pick a base and a trained artifact and name at least one task")
+            raise InvalidInput("Pick a base and a trained artifact and name at least one task.")
         return modelkit.compare(base, trained, tasks=tasks, limit=self.limit.value or None,
                                 include_path=optional(self.include_path.value))
 
     def _show(self, result: "modelkit.CompareResult") -> None:
+        import matplotlib.pyplot as plt
+
         show(self.summary, result.summary())
-        show(self.table, result.to_frame())
-        show(self.disagreements, result.disagreements())
-        show(self.plot, result.plot())
+        show(self.table, table.compare_table(result))
+        show(self.markdown, table.markdown_table(result))
+        fig = result.plot()
+        show(self.plot, fig)
+        plt.close(fig)
+        self._result = result
+        self._show_disagreements()
+
+    def _show_disagreements(self) -> None:
+        result = getattr(self, "_result", None)
+        if result is not None:
+            show(self.disagreement_table, table.disagreements_table(result, self.search.value))

@@ -8,6 +8,8 @@ import ipywidgets as widgets
 
 import modelkit
 
+from .. import presentation as table
+from ..verdicts import verdict_of
 from ._base import InvalidInput, Panel, RunButton, optional, parse_options, show, tabs
 from .picker import ArtifactPicker
 
@@ -40,28 +42,49 @@ class DiffPanel(Panel):
         self.plot = widgets.Output()
         self.by_role = widgets.Output()
         self.by_layer = widgets.Output()
-        self.tensors = widgets.Output()
+        self.by_projection = widgets.Output()
+        self.changed_only = widgets.Checkbox(value=True, description="changed tensors only")
+        self.search = widgets.Text(description="search", placeholder="words in the tensor name",
+                                   continuous_update=False)
+        self.search.add_class("mk-search")
+        self.tensor_table = widgets.Output()
+        self.tensor_table.add_class("mk-tensors")
+        for w in (self.changed_only, self.search):
+            w.observe(lambda _: self._show_tensors(), names="value")
+        self.tensors = widgets.VBox([widgets.HBox([self.search, self.changed_only]), self.tensor_table])
         self.runner = RunButton("Diff", self._diff, self._show, icon="exchange",
-                                tooltip="compare A and B weight by weight")
+                                tooltip="compare A and B weight by weight", verdict=verdict_of)
         super().__init__([self.picker_a, self.base_a, self.options_a, self.picker_b, self.base_b,
                           self.options_b, self.rank, self.runner,
-                          tabs(summary=self.summary, plot=self.plot, by_role=self.by_role,
-                               by_layer=self.by_layer, tensors=self.tensors)])
+                          tabs(by_role=self.by_role, tensors=self.tensors, plot=self.plot,
+                               by_layer=self.by_layer, experts=self.by_projection, summary=self.summary)])
         self.add_class("mk-diff")
 
     def _diff(self) -> "modelkit.DiffResult":
-        for out in (self.summary, self.plot, self.by_role, self.by_layer, self.tensors):
+        for out in (self.summary, self.plot, self.by_role, self.by_layer, self.by_projection, self.tensor_table):
             out.outputs = ()
+        self._result = None
         a, b = self.picker_a.value, self.picker_b.value
         if a is None or b is None:
-            raise InvalidInput("pick both A and B")
+            raise InvalidInput("Pick both A and B (from the lists or as typed refs).")
         return modelkit.diff(a, b, base_a=optional(self.base_a.value), base_b=optional(self.base_b.value),
                              options_a=parse_options(self.options_a.value),
                              options_b=parse_options(self.options_b.value), rank=self.rank.value)
 
     def _show(self, result: "modelkit.DiffResult") -> None:
+        import matplotlib.pyplot as plt
+
         show(self.summary, result.summary())
-        show(self.by_role, result.by_role())
-        show(self.by_layer, result.by_layer())
-        show(self.tensors, result.to_frame())
-        show(self.plot, result.plot())
+        show(self.by_role, table.diff_groups_table(result.by_role(), "role"))
+        show(self.by_layer, table.diff_groups_table(result.by_layer(), "layer"))
+        show(self.by_projection, table.diff_groups_table(result.by_projection(), "layer and projection (experts)"))
+        fig = result.plot()
+        show(self.plot, fig)
+        plt.close(fig)
+        self._result = result
+        self._show_tensors()
+
+    def _show_tensors(self) -> None:
+        result = getattr(self, "_result", None)
+        if result is not None:
+            show(self.tensor_table, table.diff_tensors_table(result, self.changed_only.value, self.search.value))

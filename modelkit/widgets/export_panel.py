@@ -7,6 +7,7 @@ import ipywidgets as widgets
 
 import modelkit
 
+from ..verdicts import verdict_of
 from ._base import InvalidInput, Panel, RunButton, optional, show
 from .picker import ArtifactPicker
 
@@ -32,7 +33,7 @@ class ExportPanel(Panel):
     def __init__(self, root: str | Path | None = None, ref: str | Path | None = None,
                  out: str | Path | None = None, base: str | Path | None = None,
                  dtype: str | None = None, expert: int | str | None = None,
-                 verify: bool = True, force: bool = False):
+                 verify: bool = True, force: bool = False, allow_untrained: bool = False):
         wide = widgets.Layout(width="60%")
         self.picker = ArtifactPicker(root, ref)
         self.out = widgets.Text(value=str(out or ""), description="out", layout=wide,
@@ -44,25 +45,25 @@ class ExportPanel(Panel):
                                    placeholder="DyLoRA-MoE: K or all")
         self.verify = widgets.Checkbox(value=verify, description="verify logits against the source")
         self.force = widgets.Checkbox(value=force, description="replace an existing out folder")
+        self.allow_untrained = widgets.Checkbox(value=allow_untrained, description="allow untrained adapters",
+                                                tooltip="export even when every LoRA B is zero (equals the base)")
         self.summary = widgets.Output()
         self.summary.add_class("mk-summary")
         self.runner = RunButton("Export", self._export, self._show, icon="download",
-                                tooltip="write a standard Hugging Face folder")
+                                tooltip="write a standard Hugging Face folder", verdict=verdict_of)
         super().__init__([self.picker, self.out, self.base,
                           widgets.HBox([self.dtype, self.expert]),
-                          widgets.HBox([self.verify, self.force]), self.runner, self.summary])
+                          widgets.HBox([self.verify, self.force, self.allow_untrained]), self.runner, self.summary])
         self.add_class("mk-export")
 
     def _export(self) -> "modelkit.ExportResult":
         self.summary.outputs = ()
         ref, out = self.picker.value, optional(self.out.value)
         if ref is None or out is None:
-            raise InvalidInput("pick an artifact and give an output folder")
+            raise InvalidInput("Pick an artifact and give an output folder (out).")
         return modelkit.export(ref, out, base=optional(self.base.value), dtype=self.dtype.value,
                                expert=parse_expert(self.expert.value), verify=self.verify.value,
-                               force=self.force.value)
+                               force=self.force.value, allow_untrained=self.allow_untrained.value)
 
     def _show(self, result: "modelkit.ExportResult") -> None:
         show(self.summary, result.summary())
-        if not result.ok:
-            self.runner.status.value = "<span style='color:#b00020'>verification FAILED: nothing written</span>"

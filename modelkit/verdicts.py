@@ -1,0 +1,116 @@
+"""One verdict per result: the line every view opens with, and the exit code that follows it.
+
+The CLI, the panels, ``modelkit report`` and its index page all read a result's outcome
+from here, so "what happened" is decided in one place:
+
+=================  =========================================  =========
+result             verdict                                    exit code
+=================  =========================================  =========
+InspectionReport   OK / WARNINGS / ERRORS                     0 / 0 / 1
+ExportResult       EXPORTED (verified) / EXPORTED / FAILED    0 / 0 / 1
+DiffResult         IDENTICAL / DIFFERENT / INCOMPLETE         0 / 1 / 2
+CompareResult      BETTER / WORSE / MIXED / NO CHANGE         0 / 1 / 1 / 0
+=================  =========================================  =========
+
+A diff exits like ``diff(1)`` (0 same, 1 different, 2 could not tell); a comparison exits
+1 when any trained model got significantly worse on any metric (a regression gate).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+LEVELS = ("ok", "warning", "error", "neutral")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """``label`` (upper case word), ``level`` (ok / warning / error / neutral: the colour),
+    ``detail`` (one line saying why) and the ``exit_code`` a batch run returns."""
+
+    label: str
+    level: str
+    detail: str
+    exit_code: int
+
+    def line(self) -> str:
+        return f"{self.label}: {self.detail}" if self.detail else self.label
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def verdict_of(result: Any) -> Verdict:
+    """The verdict of an inspect, export, diff or compare result."""
+    from .comparison import CompareResult
+    from .diffing import DiffResult
+    from .exporting import ExportResult
+    from .inspection import InspectionReport
+
+    if isinstance(result, InspectionReport):
+        return _inspection(result)
+    if isinstance(result, ExportResult):
+        return _export(result)
+    if isinstance(result, DiffResult):
+        return _diff(result)
+    if isinstance(result, CompareResult):
+        return _compare(result)
+    raise TypeError(f"no verdict for a {type(result).__name__}")
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _inspection(r: Any) -> Verdict:
+    what = f"{r.format} ({r.layout}), {_plural(len(r.tensors), 'tensor')}"
+    if r.errors:
+        codes = ", ".join(sorted({f.code for f in r.errors}))
+        return Verdict("ERRORS", "error", f"{codes} — {what}", 1)
+    if r.warnings:
+        codes = ", ".join(sorted({f.code for f in r.warnings}))
+        return Verdict("WARNINGS", "warning", f"{codes} — {what}", 0)
+    return Verdict("OK", "ok", f"no findings — {what}", 0)
+
+
+def _export(r: Any) -> Verdict:
+    parts = r.experts or [r]
+    n = sum(p.tensors for p in parts)
+    where = f"{_plural(len(parts), 'folder')}, {_plural(n, 'tensor')}"
+    if not r.ok:
+        return Verdict("FAILED", "error", "verification failed: logits differ from the source; nothing written", 1)
+    if not r.written:
+        return Verdict("NOT WRITTEN", "error", "nothing was written", 1)
+    checked = [p.verification for p in parts if p.verification]
+    if checked and len(checked) == len(parts):
+        worst = max(v.get("max_abs_diff", 0.0) or 0.0 for v in checked)
+        return Verdict("EXPORTED", "ok", f"{where}; verified: logits match the source "
+                                         f"(max |diff| {worst:.2g})", 0)
+    return Verdict("EXPORTED", "warning", f"{where}; logits not checked (verify was off)", 0)
+
+
+def _diff(r: Any) -> Verdict:
+    n = len(r.rows)
+    if r.verdict == "identical":
+        return Verdict("IDENTICAL", "ok", f"all {_plural(n, 'tensor')} equal", 0)
+    if r.verdict == "incomplete":
+        why = (f"{r.unreadable} tensor(s) or file(s) unreadable" if r.unreadable
+               else "nothing to compare")
+        return Verdict("INCOMPLETE", "warning", f"no difference seen, but {why}", 2)
+    return Verdict("DIFFERENT", "neutral", f"{len(r.changed)} of {_plural(n, 'tensor')} changed, "
+                                           f"overall ||B-A||/||A|| {r.overall_rel_change:.3g}", 1)
+
+
+def _compare(r: Any) -> Verdict:
+    frame = r.to_frame()
+    verdicts = list(frame["verdict"]) if len(frame) else []
+    better = sum(v == "better" for v in verdicts)
+    worse = sum(v == "worse" for v in verdicts)
+    rows = f"{better} better, {worse} worse, {len(verdicts) - better - worse} no significant change"
+    if worse and better:
+        return Verdict("MIXED", "warning", f"{rows} (task × metric rows)", 1)
+    if worse:
+        return Verdict("WORSE", "error", f"{rows} (task × metric rows)", 1)
+    if better:
+        return Verdict("BETTER", "ok", f"{rows} (task × metric rows)", 0)
+    return Verdict("NO CHANGE", "neutral", f"{rows} (task × metric rows)", 0)

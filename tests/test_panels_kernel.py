@@ -1,0 +1,179 @@
+"""Every panel in a LIVE ipykernel, success and error paths, as a researcher meets it.
+
+A small driver notebook is executed by nbclient (the machinery JupyterLab and papermill
+use): each cell builds a panel, clicks it and prints what it shows. In a kernel,
+``ipywidgets.Output`` behaves differently from a plain process (its ``__exit__`` prints a
+traceback and swallows the exception), so only here can "one clean line, no traceback"
+be checked. Asserted on the saved widget state (what the browser would render: every
+Output widget's outputs and the HTML widgets' values) and on the cells' own outputs.
+"""
+from __future__ import annotations
+
+import html
+import json
+import re
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+pytestmark = pytest.mark.slow
+
+DRIVER = '''
+import json
+from modelkit.widgets import output_text
+
+def shown(panel):
+    """What the panel shows, by area, plus its verdict and error lines."""
+    r = panel.runner
+    return {"exception": type(r.exception).__name__ if r.exception else None,
+            "status": r.status.value, "verdict": r.verdict.value, "error": r.error.value,
+            "log": r.library_log.value, "text": output_text(panel)}
+'''
+
+
+def _visible(html_text: str) -> str:
+    """What a reader sees before opening any "details" disclosure, tags stripped."""
+    text = re.sub(r"<details.*?</details>", "", html_text, flags=re.S)
+    return html.unescape(re.sub(r"<[^>]+>", "", text)).strip()
+
+
+CASES = {
+    "inspect-ok": ("from modelkit.widgets import InspectPanel\n"
+                   "p = InspectPanel(root=ROOT, ref=ROOT + '/dylora-missing-router', deep=True); p.run()"),
+    "inspect-bad-config": ("p = InspectPanel(root=ROOT, ref=ROOT + '/bad-malformed-config/model'); p.run()"),
+    "inspect-typo": "p = InspectPanel(root=ROOT, ref=ROOT + '/plain-lama'); p.run()",
+    "inspect-wandb": "p = InspectPanel(root=ROOT, ref='wandb:me/proj/model:v1'); p.run()",
+    "export-ok": ("from modelkit.widgets import ExportPanel\n"
+                  "p = ExportPanel(root=ROOT, ref=ROOT + '/plain-llama', out=OUT + '/plain', verify=True); p.run()"),
+    "export-untrained": ("p = ExportPanel(root=ROOT, ref=ROOT + '/peft-lora-untrained', out=OUT + '/untrained');"
+                         " p.run()"),
+    "diff-ok": ("from modelkit.widgets import DiffPanel\n"
+                "p = DiffPanel(root=ROOT, a=ROOT + '/original-qwen3-moe', b=ROOT + '/compressed-checkpoint-N');"
+                " p.run()"),
+    "diff-bad-option": ("p = DiffPanel(root=ROOT, a=ROOT + '/base-gemma', b=ROOT + '/dylora-b');"
+                        " p.options_b.value = 'expert'; p.run()"),
+    "compare-ok": ("from modelkit.widgets import ComparePanel\n"
+                   "p = ComparePanel(root=ROOT, base=PAIR + '/base', trained=PAIR + '/lora', tasks='mk_topic',"
+                   " limit=8); p.run()"),
+    "compare-unknown-task": ("p = ComparePanel(root=ROOT, base=PAIR + '/base', trained=PAIR + '/lora',"
+                             " tasks='mk_topc', limit=8); p.run()"),
+}
+
+
+@pytest.fixture(scope="module")
+def executed(catalog, tmp_path_factory):
+    """The driver notebook, executed once in a real kernel; ``{case: (cell, shown)}``."""
+    from ipykernel.kernelspec import write_kernel_spec
+    from nbclient import NotebookClient
+
+    from modelkit.demo_pair import write_demo_pair
+
+    root = catalog["plain-llama"].parent
+    pair = write_demo_pair(root / "pair")["base"].parent
+    work = tmp_path_factory.mktemp("kernel-driver")
+    spec = tmp_path_factory.mktemp("jupyter-path")
+    write_kernel_spec(spec / "kernels" / "python3")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JUPYTER_PATH", str(spec))
+        mp.delenv("WANDB_API_KEY", raising=False)      # a user who never ran `wandb login`,
+        mp.delenv("WANDB_MODE", raising=False)         # not offline: wandb itself would prompt
+        mp.setenv("NETRC", str(work / "no-netrc"))
+        nb = nbformat.v4.new_notebook()
+        nb.cells.append(nbformat.v4.new_code_cell(
+            DRIVER + f"ROOT, PAIR, OUT = {str(root)!r}, {str(pair)!r}, {str(work)!r}"))
+        for name, code in CASES.items():
+            nb.cells.append(nbformat.v4.new_code_cell(code + "\nprint('@@' + json.dumps(shown(p)))",
+                                                      metadata={"case": name}))
+        client = NotebookClient(nb, kernel_name="python3", timeout=600, allow_errors=True,
+                                resources={"metadata": {"path": str(work)}})
+        client.execute()
+    results = {}
+    for cell in nb.cells[1:]:
+        text = "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
+        found = [json.loads(line[2:]) for line in text.splitlines() if line.startswith("@@")]
+        results[cell.metadata["case"]] = (cell, found[0] if found else None)
+    state = nb.metadata.get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {}).get("state", {})
+    return results, state
+
+
+def _assert_clean_cell(cell, name):
+    """The cell itself shows nothing but the driver's line: no traceback, no stderr noise."""
+    assert not [o for o in cell.outputs if o.output_type == "error"], (name, cell.outputs)
+    stdout = "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream" and o.name == "stdout")
+    other = "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream" and o.name != "stdout")
+    other += json.dumps([o.get("data", {}) for o in cell.outputs if o.output_type != "stream"])
+    stray = "".join(line for line in stdout.splitlines(True) if not line.startswith("@@"))
+    assert not stray.strip() and other == "[]", (name, (stray + other)[:3000])
+
+
+def _ok(executed, name, label):
+    results, _ = executed
+    cell, shown = results[name]
+    _assert_clean_cell(cell, name)
+    assert shown is not None and shown["exception"] is None, (name, shown)
+    assert shown["status"].startswith("done") and shown["error"] == ""
+    assert f">{label}</b>" in shown["verdict"], shown["verdict"]     # the verdict line comes first
+    return shown
+
+
+def _failed(executed, name, line):
+    results, _ = executed
+    cell, shown = results[name]
+    _assert_clean_cell(cell, name)
+    assert shown is not None and shown["exception"], (name, shown)
+    visible = _visible(shown["error"])
+    assert line in visible, visible
+    assert "Traceback" not in visible and "UnboundLocalError" not in visible
+    assert len(visible.splitlines()) <= 3, visible                 # the line and what to do
+    assert shown["verdict"] == "" and "<table" not in shown["text"]
+    return visible
+
+
+def test_every_output_widget_is_free_of_tracebacks(executed):
+    _, state = executed
+    outputs = [m["state"] for m in state.values() if m["model_name"] == "OutputModel"]
+    assert outputs, "widget state was saved"
+    for m in outputs:
+        text = json.dumps(m["state"].get("outputs", []) if "state" in m else m.get("outputs", []))
+        assert "Traceback" not in text and '"output_type": "error"' not in text, text[:2000]
+
+
+def test_inspect_panel_in_a_kernel(executed):
+    shown = _ok(executed, "inspect-ok", "ERRORS")
+    assert "missing-router" in shown["verdict"]
+    text = shown["text"]
+    assert "router" in text and "MISSING" in text           # the per-expert table's router row
+    assert "KiB" in text and "no findings" not in text
+    assert "bytes" not in _visible(shown["log"])             # libraries' noise, if any, is collapsed
+    visible = _failed(executed, "inspect-bad-config", "ConfigError")
+    assert "config" in visible
+    assert "RefNotFoundError" in _failed(executed, "inspect-typo", "RefNotFoundError")
+
+
+def test_a_wandb_ref_never_prompts_and_says_what_is_missing(executed):
+    visible = _failed(executed, "inspect-wandb", "wandb")
+    assert "KeyboardInterrupt" not in visible and "Cancelled" not in visible
+    assert "no W&B API key" in visible and "WANDB_API_KEY" in visible, visible
+
+
+def test_export_panel_in_a_kernel(executed):
+    shown = _ok(executed, "export-ok", "EXPORTED")
+    assert "verified" in shown["verdict"]
+    visible = _failed(executed, "export-untrained", "untrained")
+    assert "allow untrained" in visible                      # the control that lets it through
+
+
+def test_diff_panel_in_a_kernel(executed):
+    shown = _ok(executed, "diff-ok", "DIFFERENT")
+    assert "rel_change" in shown["text"]
+    _failed(executed, "diff-bad-option", "not KEY=VALUE")
+
+
+def test_compare_panel_in_a_kernel(executed):
+    shown = _ok(executed, "compare-ok", "BETTER")
+    text = shown["text"]
+    assert "mk_topic" in text and "|Model|Task|Metric|" in text        # table and its Markdown form
+    assert "e-01" not in text                                          # scores as 0.xxx, not 3e-01
+    _failed(executed, "compare-unknown-task", "mk_topc")
