@@ -374,7 +374,9 @@ class DiffResult:
                          "changed": len(part.changed),
                          "rel_change": part.overall_rel_change if both else math.nan})
         for r in self.rows:
-            rows.append({"part": r["name"], "verdict": r["status"], "tensors": 1,
+            status = (("changed" if r["changed"] else "unchanged")
+                      if r["status"] in ("compared", "dtype-changed") else r["status"])
+            rows.append({"part": r["name"], "verdict": status, "tensors": 1,
                          "changed": int(bool(r["changed"])) if r["changed"] is not None else 0,
                          "rel_change": r["rel_change"] if r["rel_change"] is not None else math.nan})
         return pd.DataFrame(rows, columns=["part", "verdict", "tensors", "changed", "rel_change"])
@@ -675,8 +677,10 @@ def _diff_mixture(a, b, base_a, base_b, options_a, options_b, side_a: _Side, sid
     va, vb = _variants(side_a, options_a), _variants(side_b, options_b)
     labels = list(vb or va) if not (va and vb) else [k for k in va if k in vb]
     if va and vb and set(va) != set(vb):
-        raise ValueError(f"the two mixtures have different experts ({sorted(va)} vs {sorted(vb)}); "
-                         "pick one of each with options_a / options_b")
+        from .errors import LoadError
+
+        raise LoadError(f"the two mixtures have different experts ({sorted(va)} vs {sorted(vb)}); "
+                        "pick one of each with options_a / options_b (e.g. expert=0)")
     start = time.perf_counter()
     parts = {}
     for label in labels:

@@ -293,6 +293,8 @@ def load(ref: Any, base: Any = None, dtype: Any = None, device: str | None = Non
     if not merge and not is_peft(artifact):
         raise LoadError(f"merge=False applies to PEFT adapters only (this is {artifact.format})",
                         artifact.folder)
+    if is_dylora(artifact) and format_options.get("alpha") is not None:
+        artifact.supply(lora_alpha=format_options.pop("alpha"))  # alpha= is the same fact: recorded as supplied
     if is_dylora(artifact) and "expert" not in format_options:
         router_pass = format_options.pop("router_pass", None) or "base"
         if format_options:

@@ -102,3 +102,20 @@ def test_mk_humaneval_runs_offline_through_compare(tmp_path):
     docs = res.runs[res.base.label]["mk_humaneval"]["leaves"]["mk_humaneval"]["docs"]
     assert [d["target"] for d in docs] == ["HumanEval/0", "HumanEval/1"]
     assert all("# modelkit-grade: " in d["response"] for d in docs)
+
+
+def test_an_mbpp_form_problem_file_becomes_a_compare_task(pair, tmp_path):
+    from test_codeeval import MBPP_ROWS
+
+    problems = tmp_path / "mbpp_mini.jsonl"
+    problems.write_text("".join(json.dumps(r) + "\n" for r in MBPP_ROWS))
+    yaml_path = write_task_yaml(problems, tmp_path / "tasks", max_gen_toks=8)
+    text = yaml_path.read_text()
+    assert yaml_path.stem == "mk_code_mbpp_mini" and "'[DONE]'" in text     # lm-eval mbpp's stop sequence
+    res = compare(pair["base"], pair["trained"], tasks=["mk_code_mbpp_mini"], include_path=tmp_path / "tasks",
+                  progress=False)
+    row = res.to_frame().iloc[0]
+    assert row["n"] == 2 and row["base"] == 0.0 and row["trained"] == 0.0   # neither writes Python
+    docs = res.runs[res.base.label]["mk_code_mbpp_mini"]["leaves"]["mk_code_mbpp_mini"]["docs"]
+    assert [d["target"] for d in docs] == ["11", "12"]
+    assert "Your code should pass these tests" in docs[0]["prompt"] or "[BEGIN]" in docs[0]["prompt"]

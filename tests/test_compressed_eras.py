@@ -149,6 +149,12 @@ def test_trained_copies_that_differ_are_reported_with_the_measured_difference(ma
                 shared[expert_key(layer, e, proj)] = naive_expert(data["core"], w, torch.float64)
     worst = max((trained[k] - shared[k]).abs().max().item() for k in trained)
     assert f"by up to {worst:.3g}" in finding.message
+    # and the logits of the two forms, measured with two float64 references
+    ids = prompt_ids(None, 384)
+    art = modelkit.open_artifact(ckpt)
+    a = logits(reference_model(art, None, core="copies")[0], ids)
+    b = logits(reference_model(art, None, core="shared")[0], ids)
+    assert f"the logits by up to {max((x - y).abs().max().item() for x, y in zip(a, b)):.3g}" in finding.message
 
 
 def test_zero_shot_save_whose_original_is_named_nowhere_is_an_error(made, tmp_path):
@@ -326,3 +332,20 @@ def test_verify_fails_an_export_whose_experts_were_rounded(made, tmp_path, monke
     result = modelkit.export(ckpt, tmp_path / "out", dtype="float32", verify=True, progress=False)
     assert not result.ok and not (tmp_path / "out").exists()
     assert result.verification["max_abs_diff"] > result.verification["tolerance"]
+
+
+def test_a_crashed_save_opened_directly_says_why(made, tmp_path):
+    import shutil
+
+    from modelkit.errors import UnknownFormatError
+
+    experiment = made("checkpoint-0", fault="crashed-checkpoint")
+    with pytest.raises(UnknownFormatError, match="checkpoint-2/ holds only config.json .* crashed"):
+        modelkit.open_artifact(experiment / "checkpoints" / "checkpoint-2")
+    # an experiment whose only save crashed: named, never opened
+    lone = tmp_path / "experiment"
+    shutil.copytree(experiment / "checkpoints" / "checkpoint-2", lone / "checkpoints" / "checkpoint-2")
+    shutil.copy(experiment / "compression_config.yaml", lone)
+    with pytest.raises(UnknownFormatError, match="no usable compressed-MoE save"):
+        modelkit.inspect(lone)
+    assert main(["inspect", str(lone)]) != 0

@@ -231,3 +231,31 @@ def test_export_expert_verify_over_a_tied_base_loads_in_stock_transformers(tmp_p
         with torch.no_grad():
             torch.testing.assert_close(torch.tensor(json.loads(proc.stdout)), reference(torch.tensor(ids)).logits,
                                        atol=1e-5, rtol=0)
+
+
+def test_alpha_keyword_is_the_same_supplied_fact(runs, tied):
+    ckpt = runs["early"] / "checkpoint-100"
+    for kw in ({"expert": 1}, {"routing": "expert:1"}):
+        report = modelkit.load(ckpt, base=tied, alpha=ALPHA, **kw).report
+        assert report.options["supplied"]["lora_alpha"] == ALPHA
+
+
+def test_two_mixtures_diff_expert_by_expert(tmp_path, tied, runs):
+    a, b = runs["late"] / "checkpoint-50", runs["late"] / "checkpoint-100"
+    result = modelkit.diff(a, b, progress=False)
+    table = result.by_expert().set_index("part")
+    assert list(table.index) == ["expert_0", "expert_1", "router.gate.weight", "router.gate.bias"]
+    assert (table.verdict == "changed").all(), table   # each checkpoint its own experts and router
+    three = write_dylora(tmp_path / "three", "c", tied, num_experts=3)
+    with pytest.raises(ModelkitError, match="different experts"):
+        modelkit.diff(a, three, progress=False)
+
+
+def test_compare_over_a_tied_base_with_per_token_routing(tmp_path, tied):
+    from modelkit.comparison import compare
+
+    trained = write_dylora(tmp_path / "b", "b", tied)
+    result = compare(tied, trained, tasks=["mk_count"], limit=8, progress=False, use_cache=False,
+                     trained_options={"routing": "token"})
+    frame = result.to_frame()
+    assert len(frame) >= 1 and "routing=token" in " ".join(frame["model"].astype(str))

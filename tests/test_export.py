@@ -42,6 +42,9 @@ EXPORTABLE = {
     "dylora-d": {"expert": 1},
     "dylora-missing-router": {"expert": 0},   # one expert needs no router
     "dylora-remote-code": {"expert": 0},      # auto_map ignored, never imported
+    "dylora-early-best": {"expert": 1},       # tied bf16 base, stored lm_head = embed_tokens (tied duplicate)
+    "dylora-late-best": {"expert": 0, "dtype": "float32"},        # over the bf16 base: 1e-5 needs fp32
+    "dylora-late-checkpoint": {"expert": 1, "dtype": "float32"},
     "compressed-checkpoint-N": {},
     "compressed-checkpoint-0": {},
     "compressed-documented": {},
@@ -58,6 +61,8 @@ REFUSED = {
     "dylora-inconsistent-config": LoadError,
     "dylora-untrained": LoadError,
     "dylora-config-rewritten": LoadError,
+    "dylora-loader-rewrote-config": LoadError,
+    "dylora-early-checkpoint": LoadError,     # alpha (and the base) recorded nowhere: --lora-alpha, --base
     "compressed-no-non-moe": LoadError,
     "compressed-missing-projection": LoadError,
     "compressed-base-unavailable": BaseModelUnavailableError,
@@ -100,7 +105,7 @@ def stock_load(folder: Path):
 
 def source_reference(ref: Path, options: dict):
     """The source as modelkit loads it (a DyLoRA expert through the routed module)."""
-    opts = dict(options)
+    opts = {k: v for k, v in options.items() if k != "dtype"}
     if "expert" in opts:
         opts = {"routing": f"expert:{opts.pop('expert')}"}
     model, tok, _ = modelkit.load(ref, dtype=torch.float32, **opts)

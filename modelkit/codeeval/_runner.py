@@ -211,6 +211,8 @@ def _one(req, cfg, n):
              "stdout": _head(paths["out"]).decode("utf-8", "replace"),
              "stderr": _head(paths["err"]).decode("utf-8", "replace")}
     _remove(work)
+    for shared in cfg["clean"]:          # the namespace's own /tmp, /dev/shm: nothing carries over
+        _empty(shared)
     return reply
 
 
@@ -218,6 +220,22 @@ def _remove(path):
     import shutil
 
     shutil.rmtree(path, ignore_errors=True)
+
+
+def _empty(folder):
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(folder, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            _remove(path)
+        else:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
 
 def _main():

@@ -125,6 +125,8 @@ class Sandbox:
         self.python = interpreter or _base_interpreter()
         self.prefix = _prefix_of(self.python)
         self.isolation = self._choose(isolation)
+        self.used_uids: set[int] = set()          # every sandbox uid this sandbox ran programs as
+        self.scratch_dirs: list[str] = []         # every grader-side temporary folder it made
         self._slots: list[_Server] = []
         self._free: list[_Server] = []
         self._cond = threading.Condition()
@@ -162,6 +164,8 @@ class Sandbox:
         else:
             missing["bwrap"] = bwrap_why
             missing["network isolation"] = "needs bubblewrap"
+            missing["filesystem confinement"] = ("needs bubblewrap: programs see the real file system and can "
+                                                 "write wherever their uid may (e.g. /tmp)")
         self._use_bwrap, self._use_uid = use_bwrap, use_uid
         return Isolation(layers, missing, interpreter=self.python)
 
@@ -196,6 +200,7 @@ class Sandbox:
                         continue
                     uids.append(uid)
                     locks.append(f)
+                self.used_uids.update(uids)
                 if len(uids) < n:
                     raise SandboxError(f"could not reserve {n} sandbox uids in {UID_LOCKS}")
             self._slots = [_Server(self, k, uid) for k, uid in enumerate(uids)]
@@ -224,6 +229,7 @@ class Sandbox:
         with self._cond:
             if self._scratch is None:
                 self._scratch = Path(tempfile.mkdtemp(prefix="modelkit-grade-"))
+                self.scratch_dirs.append(str(self._scratch))
                 os.chmod(self._scratch, 0o711)        # a sandbox uid may pass through to its own dir
             return self._scratch
 
@@ -280,7 +286,8 @@ class _Server:
         except OSError as e:
             self.proc = None
             return f"the sandbox could not start: {type(e).__name__}: {e}"
-        cfg = {"private": private, "work_root": work_root, "uid": self.uid, "no_new_privs": not sb._use_bwrap}
+        cfg = {"private": private, "work_root": work_root, "uid": self.uid, "no_new_privs": not sb._use_bwrap,
+               "clean": ["/tmp", "/dev/shm"] if sb._use_bwrap else []}
         try:
             self._send(cfg)
             reply = self._recv(time.monotonic() + 60)
@@ -472,6 +479,7 @@ def _bwrap_argv(python: str, prefix: str, lim: Limits) -> list[str]:
     if not (python + "/").startswith(covered) and not python.startswith(prefix + "/"):
         argv += ["--ro-bind", python, python]
     argv += ["--dev", "/dev", "--proc", "/proc",
+             "--perms", "1777", "--size", str(lim.tmpfs_bytes), "--tmpfs", "/dev/shm",
              "--perms", "1777", "--size", str(lim.tmpfs_bytes), "--tmpfs", "/tmp",
              "--perms", "0755", "--size", str(lim.tmpfs_bytes), "--tmpfs", "/run",
              "--perms", "0755", "--size", str(lim.tmpfs_bytes), "--tmpfs", WORK, "--chdir", WORK, "--"]

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from .. import files, schemas
-from ..errors import BaseModelUnavailableError, ConfigError, ModelkitError
+from ..errors import BaseModelUnavailableError, ConfigError, ModelkitError, UnknownFormatError
 from ..findings import Finding, error, info, warning
 from ..tensors import FLOAT_DTYPES, PickleFile, StoredTensor, torch_dtype
 from ..views import LazyTensor, TensorView, stored_tensor
@@ -71,6 +71,8 @@ STATS_FILES = (("compression_statistics.yaml", "."), ("compression_stats.yaml", 
 TRAINER_WEIGHTS = "model.safetensors"   # the HF Trainer's own save of the compressed model
 TRAINER_FILES = ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin")
 ZERO_SHOT_LAYOUTS = ("checkpoint-0", "early-compressed", "tmp")
+LOGIT_CHECK_MAX_PARAMS = 200_000_000   # inspect --deep measures the two forms' logits below this size
+UNUSABLE = "unusable"   # detected so that opening it says why (a crashed or empty save), never a model
 CORE_CHOICES = {"copies": "each expert's own core copy (the Trainer's model.safetensors): what the trained "
                           "forward multiplied by",
                 "shared": "the saved shared core (layer_{i}/{proj}.pt) with each expert's wrappers"}
@@ -854,13 +856,14 @@ class CompressedMoEArtifact(Artifact):
         if worst is not None:
             dw, rel, core_diff, n_diff, n = worst
             if n_diff:
+                logit = self._logit_difference()
                 out.append(warning(
                     "trained-form-differs",
                     f"the saved compressed form (shared core + wrappers) is not the model that was trained: the "
                     f"trained forward multiplied by each expert's own core copy ({TRAINER_WEIGHTS}), and {n_diff} "
                     f"of {n} copies differ from their shared core (by up to {core_diff:.3g}); the experts differ "
-                    f"by up to {dw:.3g} (max |dW|, {rel:.3g} of max |W|). Load, export and diff use the copies "
-                    "by default (core='copies'); core='shared' gives the saved shared core",
+                    f"by up to {dw:.3g} (max |dW|, {rel:.3g} of max |W|), {logit}. Load, export and diff use "
+                    "the copies by default (core='copies'); core='shared' gives the saved shared core",
                     [t.name for c in copies.values() for t in c.values()], file=str(self.folder / TRAINER_WEIGHTS)))
             else:
                 self.reconciled = (f"every per-expert core copy in {TRAINER_WEIGHTS} equals its shared core "
@@ -872,6 +875,30 @@ class CompressedMoEArtifact(Artifact):
                                f"{len(disagree)} tensor(s) (max |diff| {max(d for _, d in disagree):.3g}); "
                                "the compressed save's are used", [n for n, _ in disagree]))
         return out
+
+    def _logit_difference(self) -> str:
+        """How far the two forms' logits are apart on verify's fixed prompts (both float64
+        references), or why that was not measured."""
+        import torch
+
+        from ..architectures import expected_tensors
+        from ..verify import prompt_ids
+        from .compressed_reference import reference_model
+
+        params = sum(t.numel for t in expected_tensors(self.config_facts()).values())
+        if params > LOGIT_CHECK_MAX_PARAMS:
+            return (f"logits not checked ({params / 1e9:.1f}B parameters: two float64 forwards would need "
+                    f"{2 * 8 * params / 2**30:.0f} GiB; compare exports made with core='copies' and 'shared')")
+        base = self.base.path if self.base is not None else None
+        try:
+            trained, _ = reference_model(self, base, core="copies")
+            shared, _ = reference_model(self, base, core="shared")
+        except ModelkitError as e:
+            return f"logits not checked ({e.problem})"
+        ids = prompt_ids(None, trained.config.get_text_config().vocab_size)
+        with torch.no_grad():
+            diff = max((trained(input_ids=x).logits - shared(input_ids=x).logits).abs().max().item() for x in ids)
+        return f"the logits by up to {diff:.3g} (float64, {len(ids)} fixed prompts)"
 
     def _measure_copies(self, copies):
         """(max |dW| between the two forms, relative to max |W|, max |copy - core|, copies that
@@ -1278,6 +1305,20 @@ def choose_checkpoint(states: list[CheckpointState]) -> tuple[CheckpointState | 
     return None, "no usable compressed save"
 
 
+def _unusable_checkpoint(folder: Path) -> bool:
+    """A ``checkpoints/checkpoint-N/`` without a compressed save, in an experiment folder
+    that has compression settings or other compressed saves (a crashed Trainer save)."""
+    if not (_CHECKPOINT.match(folder.name) and folder.parent.name == "checkpoints" and folder.is_dir()):
+        return False
+    experiment = folder.parent.parent
+    return _has_settings(experiment) or any(s.layout for s in survey_experiment(experiment))
+
+
+def _has_settings(experiment: Path) -> bool:
+    """The experiment folder holds the compression settings (or statistics)."""
+    return any((experiment / n).is_file() for n, where in SETTINGS_FILES + STATS_FILES if where != ".")
+
+
 def experiment_checkpoints(base: Path) -> list[Path]:
     """``base/checkpoints/checkpoint-N/`` folders in a compressed layout, oldest first."""
     return [s.path for s in survey_experiment(base) if s.step is not None and s.layout]
@@ -1294,14 +1335,22 @@ class CompressedMoE(Format):
         folder = Path(folder)
         layout = layout_of(folder)
         if layout is None:
-            chosen, _ = choose_checkpoint(survey_experiment(folder))
-            layout = chosen.layout if chosen else None
+            states = survey_experiment(folder)
+            chosen, _ = choose_checkpoint(states)
+            layout = chosen.layout if chosen else UNUSABLE if states and _has_settings(folder) else None
+        if layout is None and _unusable_checkpoint(folder):
+            layout = UNUSABLE
         return layout
 
     def open(self, folder: Path, layout: str, source=None) -> Artifact:
         from ..sources import Source
 
         folder = Path(folder).resolve()
+        if layout == UNUSABLE:
+            experiment = folder if (folder / "checkpoints").is_dir() else folder.parent.parent
+            states = survey_experiment(experiment)
+            listing = "; ".join(f"{s.label} {s.problem or 'usable'}" for s in states)
+            raise UnknownFormatError(f"no usable compressed-MoE save here ({listing})", folder)
         if source is None:
             source = Source(str(folder), "local", folder, folder)
         experiment, chosen_why = None, ""

@@ -663,7 +663,8 @@ class DyLoRAArtifact(Artifact):
                 f"{self.cfg.get('model_type')!r} (originally {self.cfg['_dylora_original_type']!r}, per "
                 "_dylora_original_type)" + (f", {', '.join(nulls)} null" if nulls else "") + ": transformers now "
                 "loads this folder as the plain base model and drops every expert and the router, so 'trained' "
-                "scores of that load are the base model's. modelkit reads the experts regardless",
+                "scores of that load are the base model's. Restore the config.json the training code wrote "
+                "(model_type dylora-moe) before loading or exporting",
                 file=str(self.folder / "config.json")))
         elif not self.cfg:
             findings.append(info(

@@ -141,7 +141,7 @@ class LoraAdapter:
         alpha, r = self.alpha_of(module), self.rank_of(module)
         if alpha is None:
             raise LoadError(f"{self.name}: lora_alpha is recorded nowhere in the artifact, so "
-                            "the merge scale alpha/r is unknown; pass alpha=<value> to choose one")
+                            "the merge scale alpha/r is unknown; give it (lora_alpha=<value>, --lora-alpha)")
         if not r:
             raise LoadError(f"{self.name}: no rank for {module} (no lora_A, no r in the config)")
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
