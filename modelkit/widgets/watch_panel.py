@@ -2,7 +2,9 @@
 against the baseline land in a live table and a score-vs-step plot; stop when done.
 
 The watcher (:class:`modelkit.watching.Watcher`) runs in a background thread, so the
-notebook stays usable; every settled checkpoint refreshes the table and the plot.
+notebook stays usable, and evaluates each checkpoint in a fresh process (``isolated``):
+the model's memory and the libraries' output never reach the kernel. Every settled
+checkpoint refreshes the table and the plot.
 **Stop** lets the current evaluation finish, then ends the thread. The ledger is the
 watcher's own (outside the run folder): stopping and watching again resumes.
 """
@@ -95,7 +97,7 @@ class WatchPanel(Panel):
 
     def __init__(self, root: str | Path | None = None, run_dir: str | Path | None = None,
                  baseline: str | Path | None = None, tasks: Sequence[str] | str = (), limit: int | None = 20,
-                 interval: float = 10.0, settle: float = 5.0, **watch_options: Any):
+                 interval: float = 10.0, settle: float = 5.0, isolated: bool = True, **watch_options: Any):
         self.picker = RunFolderPicker(root, run_dir)
         self.baseline = widgets.Text(value=str(baseline or ""), description="baseline",
                                      placeholder="optional: default is the base an adapter names",
@@ -117,7 +119,7 @@ class WatchPanel(Panel):
         self.scores = widgets.Output()
         self.plot = widgets.Output()
         self.summary = widgets.Output()
-        self.watch_options = watch_options
+        self.watch_options = {"isolated": isolated, **watch_options}
         self.watcher = None
         self.thread: threading.Thread | None = None
         self.exception: BaseException | None = None
