@@ -114,7 +114,7 @@ def _grade(args: argparse.Namespace) -> int:
 
 
 def _watch(args: argparse.Namespace) -> int:
-    from .watch import watch
+    from .watching import watch
 
     stream = sys.stderr if args.json else sys.stdout
 

@@ -1,7 +1,7 @@
 """Watch panel: pick a training run folder, watch it, and see each checkpoint's scores
 against the baseline land in a live table and a score-vs-step plot; stop when done.
 
-The watcher (:class:`modelkit.watch.Watcher`) runs in a background thread, so the
+The watcher (:class:`modelkit.watching.Watcher`) runs in a background thread, so the
 notebook stays usable; every settled checkpoint refreshes the table and the plot.
 **Stop** lets the current evaluation finish, then ends the thread. The ledger is the
 watcher's own (outside the run folder): stopping and watching again resumes.
@@ -25,7 +25,7 @@ SKIP_DIRS = {"__pycache__", "node_modules", ".git", ".ipynb_checkpoints"}
 def discover_runs(root: str | Path, depth: int = 3) -> dict[str, str]:
     """Run folders under ``root`` (folders holding ``checkpoint-N/``, ``checkpoints/checkpoint-N/``
     or ``best_model/``): ``{path relative to root: absolute path}``, sorted."""
-    from ..watch import find_checkpoints
+    from ..watching import find_checkpoints
 
     root = Path(os.path.abspath(Path(root).expanduser()))
     found: dict[str, str] = {}
@@ -90,8 +90,8 @@ class RunFolderPicker(widgets.VBox):
 
 
 class WatchPanel(Panel):
-    """:class:`modelkit.watch.Watcher` as a widget: **Watch** starts it in a thread,
-    **Stop** ends it; ``result`` is the live :class:`~modelkit.watch.WatchResult`."""
+    """:class:`modelkit.watching.Watcher` as a widget: **Watch** starts it in a thread,
+    **Stop** ends it; ``result`` is the live :class:`~modelkit.watching.WatchResult`."""
 
     def __init__(self, root: str | Path | None = None, run_dir: str | Path | None = None,
                  baseline: str | Path | None = None, tasks: Sequence[str] | str = (), limit: int | None = 20,
@@ -135,7 +135,7 @@ class WatchPanel(Panel):
 
     # -- start / stop -----------------------------------------------------------------
     def _start(self):
-        from ..watch import Watcher
+        from ..watching import Watcher
 
         if self.running:
             raise InvalidInput("already watching; press Stop first")
