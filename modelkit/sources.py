@@ -128,10 +128,10 @@ def wandb_download(ref: str, entity: str, project: str, name: str, version: str,
         raise RefNotFoundError(f"not downloaded yet (looked in {target})", ref)
     if wandb_api_key() is None:
         raise RefNotFoundError(
-            f"not downloaded yet (looked in {target}) and there is no W&B API key here "
-            "(WANDB_API_KEY unset, no `wandb login` entry in ~/.netrc); modelkit never prompts for "
-            "one. Set WANDB_API_KEY or run `wandb login` in a terminal, or download the artifact "
-            "where you can and pass its folder", ref)
+            "no W&B API key here (WANDB_API_KEY unset, no `wandb login` entry in ~/.netrc) and the "
+            "artifact is not downloaded yet; modelkit never prompts for one. Set WANDB_API_KEY or run "
+            "`wandb login` in a terminal, or download the artifact where you can and pass its folder "
+            f"(looked in {target})", ref)
     try:
         import wandb
 
