@@ -34,7 +34,7 @@ def _export(args: argparse.Namespace) -> int:
     result = export(args.ref, args.out, base=args.base, dtype=args.dtype,
                     max_shard_size=args.max_shard_size, expert=expert,
                     verify=args.verify, force=args.force, allow_untrained=args.allow_untrained,
-                    **_facts(args))
+                    **_facts(args), **_options(args.option))
     print(result.to_json(indent=1) if args.json else result.summary())
     return 0 if result.ok else 1
 
@@ -60,11 +60,55 @@ def _verdict_code(result) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from .comparison import compare
 
+    engine_options = _engine_options(args)
+    if args.print_commands:
+        from .engines.plans import print_plan
+
+        print(print_plan(args.base, *args.trained, tasks=args.tasks.split(","), include_path=args.include_path,
+                         limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size,
+                         base_options=_options(args.option_a), trained_options=_options(args.option_b),
+                         engine_options=engine_options))
+        return 0
+    executor = None
+    if args.executor:
+        from .executors import get_executor
+
+        executor = get_executor(args.executor, **_options(args.executor_option))
     result = compare(args.base, *args.trained, tasks=args.tasks.split(","),
                      include_path=args.include_path, limit=args.limit,
                      num_fewshot=args.num_fewshot, batch_size=args.batch_size,
                      log_to_wandb=args.wandb, use_cache=not args.no_cache,
-                     base_options=_options(args.option_a), trained_options=_options(args.option_b))
+                     base_options=_options(args.option_a), trained_options=_options(args.option_b),
+                     engine=args.engine, engine_options=engine_options if args.engine == "lm-eval" else None,
+                     executor=executor)
+    if args.plot:
+        result.plot(args.plot)
+    if args.markdown:
+        from .presentation import markdown_table
+
+        print(markdown_table(result))
+    else:
+        print(result.to_json(indent=1) if args.json else result.summary())
+    return _verdict_code(result)
+
+
+def _engine_options(args: argparse.Namespace) -> dict:
+    """``--backend`` and the other lm-eval engine flags, as LmEvalEngine settings."""
+    opts = {"backend": args.backend, "model_args": _options(args.model_args.split(",") if args.model_args else []),
+            "device": args.device, "dtype": args.dtype, "samples_dir": args.samples_dir, "work_dir": args.work_dir,
+            "tensor_parallel_size": args.tensor_parallel_size, "data_parallel_size": args.data_parallel_size,
+            "gpu_memory_utilization": args.gpu_memory_utilization, "cpu": args.cpu}
+    if args.num_processes:
+        opts.update(launcher="accelerate", num_processes=args.num_processes)
+    if args.engine_batch_size:
+        opts["batch_size"] = args.engine_batch_size
+    return {k: v for k, v in opts.items() if v not in (None, False, {})}
+
+
+def _compare_results(args: argparse.Namespace) -> int:
+    from .result_comparison import compare_results
+
+    result = compare_results(args.base, *args.trained)
     if args.plot:
         result.plot(args.plot)
     if args.markdown:
@@ -101,7 +145,8 @@ def _watch(args: argparse.Namespace) -> int:
                    interval=args.interval, settle=args.settle, timeout=args.timeout, limit=args.limit,
                    num_fewshot=args.num_fewshot, batch_size=args.batch_size, include_path=args.include_path,
                    options=_options(args.option), state_dir=args.state, attempts=args.attempts,
-                   wandb=args.wandb, on_event=event)
+                   wandb=args.wandb, on_event=event, engine=args.engine,
+                   engine_options=_options(args.engine_option) or None)
     if args.plot:
         result.plot(args.plot)
     print(result.to_json(indent=1) if args.json else result.summary())
@@ -200,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="replace an existing OUT")
     s.add_argument("--allow-untrained", action="store_true",
                    help="export even an untrained or empty adapter (it equals its base model)")
+    s.add_argument("--option", action="append", metavar="KEY=VALUE",
+                   help="view option, e.g. core=shared (compressed MoE: which core the experts use)")
     s.add_argument("--json", action="store_true", help="print the full result as JSON")
     s.set_defaults(func=_export)
 
@@ -236,7 +283,36 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--plot", help="save the comparison figure to this file")
     s.add_argument("--json", action="store_true", help="print the full result as JSON")
     s.add_argument("--markdown", action="store_true", help="print the results as a Markdown table (paper, PR)")
+    e = s.add_argument_group("engine (who evaluates) and executor (where)")
+    e.add_argument("--engine", choices=["inprocess", "lm-eval"], default="inprocess",
+                   help="inprocess: modelkit.load + lm-eval here (default); lm-eval: the lm-eval CLI in a "
+                        "subprocess on a verified standard folder")
+    e.add_argument("--backend", choices=["hf", "vllm"], help="lm-eval backend of --engine lm-eval (default hf)")
+    e.add_argument("--model-args", help="extra lm-eval --model_args, e.g. max_length=4096,attn_implementation=sdpa")
+    e.add_argument("--device", help="lm-eval --device (hf backend), e.g. cuda:0 or cpu")
+    e.add_argument("--dtype", help="dtype lm-eval loads the model in (default: as stored)")
+    e.add_argument("--engine-batch-size", help="lm-eval --batch_size (e.g. auto); default --batch-size")
+    e.add_argument("--num-processes", type=int, help="hf data parallel: run under accelerate launch with N processes")
+    e.add_argument("--cpu", action="store_true", help="accelerate launch --cpu (and --device cpu)")
+    e.add_argument("--tensor-parallel-size", type=int, help="vllm tensor_parallel_size")
+    e.add_argument("--data-parallel-size", type=int, help="vllm data_parallel_size")
+    e.add_argument("--gpu-memory-utilization", type=float, help="vllm gpu_memory_utilization")
+    e.add_argument("--samples-dir", help="keep each model's lm-eval --log_samples output here (for compare-results)")
+    e.add_argument("--work-dir", help="where temporary exports are written (removed after evaluation)")
+    e.add_argument("--print-commands", action="store_true",
+                   help="print the export / lm-eval / compare-results commands to run elsewhere, run nothing")
+    e.add_argument("--executor", choices=["local", "ray", "slurm"],
+                   help="run one evaluation per task of a local process pool, Ray, or SLURM (submitit)")
+    e.add_argument("--executor-option", action="append", metavar="KEY=VALUE",
+                   help="executor setting, e.g. num_gpus=1, address=auto, folder=logs, cluster=local")
     s.set_defaults(func=_compare)
+
+    s = sub.add_parser("compare-results", help="paired statistics from per-sample logs made anywhere")
+    s.add_argument("base", help="lm-eval --log_samples output folder (or results_*.json), or EvalPlus eval_results.json")
+    s.add_argument("trained", nargs="+")
+    s.add_argument("--plot")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_compare_results)
 
     s = sub.add_parser("grade", help="grade code samples (human-eval / EvalPlus form) in the sandbox: pass@1")
     s.add_argument("--problems", default="humaneval",
@@ -267,6 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-fewshot", type=int)
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--option", action="append", metavar="KEY=VALUE", help="load option for every model")
+    s.add_argument("--engine", choices=["inprocess", "lm-eval"], default="inprocess",
+                   help="who evaluates each checkpoint (as for compare); lm-eval exports into the state folder "
+                        "when it must, and removes the export after the evaluation")
+    s.add_argument("--engine-option", action="append", metavar="KEY=VALUE",
+                   help="lm-eval engine setting, e.g. backend=vllm, device=cuda:0, dtype=bfloat16")
     s.add_argument("--wandb", action="store_true", help="log each checkpoint's scores against its step to W&B")
     s.add_argument("--plot", help="save the score-vs-step figure to this file")
     s.add_argument("--json", action="store_true")

@@ -13,9 +13,7 @@ lm-eval's own response cache is never used, so no cache is ever shared between m
 """
 from __future__ import annotations
 
-import gc
 import hashlib
-import importlib
 import json
 import math
 import os
@@ -26,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from . import stats
 from .errors import CompareError, ModelkitError
-from .evaluation import TaskCatalog, evaluate, find_tasks, lm_eval_version
+from .evaluation import TaskCatalog, find_tasks, lm_eval_version
 from .sources import cache_dir
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -35,7 +33,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 CACHE_VERSION = 1
 NOT_IDENTITY = ("base", "device")   # load options that do not change what the model is
-GC_ABOVE_BYTES = 1 << 30             # gc.collect() (~0.25 s) only after models this large
 
 
 @dataclass
@@ -59,6 +56,7 @@ class ModelInfo:
     cached: dict[str, bool] = field(default_factory=dict)
     eval_seconds: float | None = None
     load: dict[str, Any] | None = None     # LoadReport facts (mode, tokenizer, notes)
+    engine: dict[str, Any] | None = None   # which engine evaluated it: name, version, exact command
 
     @property
     def identity_options(self) -> dict[str, Any]:
@@ -69,7 +67,8 @@ def compare(base: str | Path, *trained: str | Path, tasks: str | Sequence[str],
             include_path: str | Path | None = None, limit: int | float | None = None,
             num_fewshot: int | None = None, batch_size: int = 8, log_to_wandb: bool = False,
             use_cache: bool = True, base_options: dict | None = None, trained_options: dict | None = None,
-            progress: bool = True, wandb_project: str = "modelkit-compare") -> "CompareResult":
+            progress: bool = True, wandb_project: str = "modelkit-compare", engine: Any = None,
+            engine_options: dict | None = None, executor: Any = None) -> "CompareResult":
     """Evaluate ``base`` and each of ``trained`` on ``tasks`` and compare them pairwise.
 
     ``*_options`` go to :func:`modelkit.load` (``dtype``, ``base``, ``routing``, ``expert``,
@@ -77,10 +76,15 @@ def compare(base: str | Path, *trained: str | Path, tasks: str | Sequence[str],
     data, an unopenable artifact, a model compared with itself) is refused before any
     model is loaded. ``use_cache=False`` evaluates again (and refreshes the cache).
     ``log_to_wandb`` logs the table, disagreements and plot to a W&B run (offline unless
-    logged in; ``wandb sync`` uploads later).
+    logged in; ``wandb sync`` uploads later). ``engine`` ("inprocess", the default, or
+    "lm-eval", see :mod:`modelkit.engines`) with ``engine_options`` evaluates each model;
+    ``executor`` (see :mod:`modelkit.executors`) runs one evaluation per task, in parallel.
     """
+    from .engines import get_engine
+
     names = _task_names(tasks)
     _check_settings(trained, limit, num_fewshot, batch_size)
+    runner = get_engine(engine, **(engine_options or {}))
     catalog = find_tasks(names, include_path)
     models = [_identify("base", base, base_options)]
     models += [_identify("trained", t, trained_options) for t in trained]
@@ -88,10 +92,12 @@ def compare(base: str | Path, *trained: str | Path, tasks: str | Sequence[str],
     _assign_labels(models)
 
     runs: dict[str, dict[str, dict]] = {m.label: {} for m in models}
-    todo = _from_cache(models, names, catalog, runs, limit=limit, num_fewshot=num_fewshot, use_cache=use_cache)
+    todo = _from_cache(models, names, catalog, runs, limit=limit, num_fewshot=num_fewshot, use_cache=use_cache,
+                       engine=runner)
     _evaluate_missing(models, todo, runs, catalog, limit=limit, num_fewshot=num_fewshot,
-                      batch_size=batch_size, progress=progress)
-    settings = result_settings(catalog, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size)
+                      batch_size=batch_size, progress=progress, engine=runner, executor=executor)
+    settings = result_settings(catalog, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
+                               engine=runner)
     result = CompareResult(models, names, runs, settings)
     if log_to_wandb:
         result.log_to_wandb(project=wandb_project)
@@ -101,11 +107,16 @@ def compare(base: str | Path, *trained: str | Path, tasks: str | Sequence[str],
 def evaluate_model(ref: str | Path, tasks: str | Sequence[str], *, role: str = "trained", label: str | None = None,
                    options: dict | None = None, include_path: str | Path | None = None,
                    limit: int | float | None = None, num_fewshot: int | None = None, batch_size: int = 8,
-                   use_cache: bool = True, progress: bool = False) -> tuple[ModelInfo, dict[str, dict]]:
+                   use_cache: bool = True, progress: bool = False, engine: Any = None,
+                   engine_options: dict | None = None) -> tuple[ModelInfo, dict[str, dict]]:
     """One model of a comparison on its own, as :func:`compare` evaluates each of its
     models (same cache, same provenance): ``(ModelInfo, {task: run})``. Pair it with
     another model's runs in a :class:`CompareResult` for the statistics (``modelkit.watch``
-    evaluates a baseline once and each checkpoint as it lands this way)."""
+    evaluates a baseline once and each checkpoint as it lands this way). ``engine`` and
+    ``engine_options`` as for :func:`compare`."""
+    from .engines import get_engine
+
+    runner = get_engine(engine, **(engine_options or {}))
     names = _task_names(tasks)
     _check_settings((ref,), limit, num_fewshot, batch_size)
     catalog = find_tasks(names, include_path)
@@ -115,15 +126,18 @@ def evaluate_model(ref: str | Path, tasks: str | Sequence[str], *, role: str = "
     else:
         _assign_labels([m])
     runs: dict[str, dict[str, dict]] = {m.label: {}}
-    todo = _from_cache([m], names, catalog, runs, limit=limit, num_fewshot=num_fewshot, use_cache=use_cache)
+    todo = _from_cache([m], names, catalog, runs, limit=limit, num_fewshot=num_fewshot, use_cache=use_cache,
+                       engine=runner)
     _evaluate_missing([m], todo, runs, catalog, limit=limit, num_fewshot=num_fewshot,
-                      batch_size=batch_size, progress=progress)
+                      batch_size=batch_size, progress=progress, engine=runner)
     return m, runs[m.label]
 
 
-def result_settings(catalog: TaskCatalog, *, limit: Any, num_fewshot: Any, batch_size: int) -> dict[str, Any]:
+def result_settings(catalog: TaskCatalog, *, limit: Any, num_fewshot: Any, batch_size: int,
+                    engine: Any = None) -> dict[str, Any]:
     """The settings a CompareResult records (and its statistics use)."""
     return {"limit": limit, "num_fewshot": num_fewshot, "batch_size": batch_size,
+            "engine": engine.describe() if engine is not None else "inprocess",
             "include_path": catalog.include_path, "lm_eval_defaults_indexed": catalog.defaults,
             "n_resamples": stats.N_RESAMPLES, "seed": stats.SEED, "level": stats.LEVEL}
 
@@ -211,13 +225,17 @@ def _assign_labels(models: list[ModelInfo]) -> None:
 # --------------------------------------------------------------------------- cache
 
 
-def cache_key(m: ModelInfo, task: str, task_hash: str, limit: Any, num_fewshot: Any, version: str) -> str:
-    """Key of one model's results on one task (see module docstring)."""
+def cache_key(m: ModelInfo, task: str, task_hash: str, limit: Any, num_fewshot: Any, version: str,
+              engine: dict | None = None) -> str:
+    """Key of one model's results on one task (see module docstring); ``engine`` is the
+    engine's identity (absent for the in-process default, so its keys stay as they were)."""
     from . import __version__
 
     fields = {"v": CACHE_VERSION, "fingerprint": m.fingerprint, "options": m.identity_options, "task": task,
               "task_hash": task_hash, "limit": limit, "num_fewshot": num_fewshot, "lm_eval": version,
               "modelkit": __version__}
+    if engine and engine.get("engine") != "inprocess":
+        fields["engine"] = engine
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
@@ -243,7 +261,7 @@ def write_cache(key: str, entry: dict) -> None:
 
 
 def _from_cache(models: list[ModelInfo], names: list[str], catalog: TaskCatalog, runs: dict, *, limit: Any,
-                num_fewshot: Any, use_cache: bool) -> dict[str, list[str]]:
+                num_fewshot: Any, use_cache: bool, engine: Any = None) -> dict[str, list[str]]:
     """Fill ``runs`` from the cache; the tasks still to evaluate per model label (their
     data checked before any model is loaded)."""
     version = lm_eval_version()
@@ -251,7 +269,8 @@ def _from_cache(models: list[ModelInfo], names: list[str], catalog: TaskCatalog,
     for m in models:
         m.lm_eval_version, m.task_hashes = version, dict(catalog.hashes)
         for name in names:
-            key = cache_key(m, name, catalog.hashes[name], limit, num_fewshot, version)
+            key = cache_key(m, name, catalog.hashes[name], limit, num_fewshot, version,
+                            engine.identity() if engine is not None else None)
             m.cache_keys[name] = key
             hit = read_cache(key) if use_cache else None
             m.cached[name] = hit is not None
@@ -261,6 +280,7 @@ def _from_cache(models: list[ModelInfo], names: list[str], catalog: TaskCatalog,
             runs[m.label][name] = hit["run"]
             m.dtype = m.dtype or hit["model"].get("dtype")
             m.load = m.load or hit["model"].get("load")
+            m.engine = m.engine or hit["model"].get("engine")
     if todo:
         catalog.build(sorted({n for ns in todo.values() for n in ns}))
     return todo
@@ -270,46 +290,45 @@ def _from_cache(models: list[ModelInfo], names: list[str], catalog: TaskCatalog,
 
 
 def _evaluate_missing(models: list[ModelInfo], todo: dict[str, list[str]], runs: dict, catalog: TaskCatalog,
-                      *, limit: Any, num_fewshot: Any, batch_size: int, progress: bool) -> None:
+                      *, limit: Any, num_fewshot: Any, batch_size: int, progress: bool, engine: Any,
+                      executor: Any = None) -> None:
+    """Evaluate every model with tasks still to do: here one after another, or one
+    evaluation per task of ``executor``; results are cached here, as they arrive."""
+    from functools import partial
+
     from tqdm.auto import tqdm
 
+    from .engines import EvalJob, run_job
+
     pending = [m for m in models if m.label in todo]
-    bar = tqdm(pending, desc="compare", unit="model", disable=not progress or not pending)
-    for m in bar:
-        bar.set_postfix_str(f"{m.role} {m.label}: loading")
-        model, tokenizer, report = _load_model(m)
-        bar.set_postfix_str(f"{m.role} {m.label}: {', '.join(todo[m.label])}")
-        t0 = time.perf_counter()
-        done = evaluate(model, tokenizer, catalog, todo[m.label], limit=limit, num_fewshot=num_fewshot,
-                        batch_size=batch_size)
-        m.eval_seconds = time.perf_counter() - t0
-        m.dtype = str(report.dtype)
-        m.load = {k: getattr(report, k) for k in ("format", "layout", "mode", "dtype", "base", "options",
-                                                  "tokenizer_from", "notes", "warnings")}
-        for name, run in done.items():
-            runs[m.label][name] = run
-            write_cache(m.cache_keys[name], {"key": m.cache_keys[name], "ref": m.ref, "task": name,
-                                             "model": {"dtype": m.dtype, "load": m.load,
-                                                       "fingerprint": m.fingerprint},
-                                             "seconds": m.eval_seconds, "created": time.time(), "run": run})
-        big = sum(p.numel() * p.element_size() for p in model.parameters()) > GC_ABOVE_BYTES
-        del model, tokenizer
-        if big:             # free a large model's reference cycles before loading the next
-            gc.collect()
+    jobs = [EvalJob(role=m.role, label=m.label, ref=m.ref, options=dict(m.options), fingerprint=m.fingerprint,
+                    artifact_fingerprint=m.artifact_fingerprint, base_fingerprint=m.base_fingerprint,
+                    tasks=todo[m.label], include_path=list(catalog.include_path), limit=limit,
+                    num_fewshot=num_fewshot, batch_size=batch_size) for m in pending]
+    for job in jobs:          # everything the engine can refuse is refused before anything runs
+        engine.check(job)
+    if executor is not None and jobs:
+        for m, done in zip(pending, executor.map(partial(run_job, engine), jobs)):
+            _record(m, done, runs)
+        return
+    bar = tqdm(list(zip(pending, jobs)), desc="compare", unit="model", disable=not progress or not pending)
+    for m, job in bar:
+        bar.set_postfix_str(f"{m.role} {m.label}: {', '.join(job.tasks)}")
+        _record(m, engine.evaluate(job, catalog), runs)
 
 
-def _load_model(m: ModelInfo):
-    loading = importlib.import_module("modelkit.loading")
-    try:
-        result = loading.load(m.ref, **m.options)
-    except ModelkitError as e:
-        raise _about(e, m.role, m.ref) from None
-    except Exception as e:  # torch / transformers failures while building the model
-        raise CompareError(f"cannot load the {m.role} model {m.ref!r} ({type(e).__name__}: {e})") from e
-    if result.tokenizer is None:
-        raise CompareError(f"the {m.role} model {m.ref!r} has no tokenizer (in the artifact or its base); "
-                           "lm-eval needs one", m.folder)
-    return result.model, result.tokenizer, result.report
+def _record(m: ModelInfo, done: Any, runs: dict) -> None:
+    """Take one engine run into ``m`` and ``runs``, and cache it."""
+    m.eval_seconds = done.seconds
+    m.dtype = done.dtype
+    m.load = done.load
+    m.engine = done.provenance
+    for name, run in done.runs.items():
+        runs[m.label][name] = run
+        write_cache(m.cache_keys[name], {"key": m.cache_keys[name], "ref": m.ref, "task": name,
+                                         "model": {"dtype": m.dtype, "load": m.load, "engine": m.engine,
+                                                   "fingerprint": m.fingerprint},
+                                         "seconds": m.eval_seconds, "created": time.time(), "run": run})
 
 
 # --------------------------------------------------------------------------- result
@@ -412,7 +431,8 @@ class CompareResult:
         s = self.settings
         lines = [f"modelkit compare: {len(self.models)} models, {len(self.tasks)} task(s), "
                  f"lm-eval {self.base.lm_eval_version}, limit {s['limit']}, "
-                 f"few-shot {s['num_fewshot'] if s['num_fewshot'] is not None else 'task default'}"]
+                 f"few-shot {s['num_fewshot'] if s['num_fewshot'] is not None else 'task default'}"
+                 + (f", engine {s['engine']}" if s.get("engine") else "")]
         for m in self.models:
             hits = sum(m.cached.values())
             lines.append(f"  {m.role:<8}{m.label}: {m.ref}")
@@ -436,6 +456,8 @@ class CompareResult:
             lines.append("")
             lines.append("disagreements (0/1 metrics): " + "; ".join(
                 f"{t} {met}: {w} right {c}" for (_, t, met, w), c in counts.items()))
+            from .codeeval.lm_task import summary_lines     # code tasks: which problems changed
+            lines += summary_lines(dis)
         if self.wandb_run:
             lines.append(f"W&B run: {self.wandb_run}")
         return "\n".join(lines)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import CompareError
+from .errors import CompareError, ModelkitError
 from .tasks import TASKS_DIR
 
 STDERR_BOOTSTRAP_ITERS = 1000   # lm-eval's bootstrap stderr (median, perplexity, ...); 100000 by default
@@ -70,6 +70,8 @@ class TaskCatalog:
             try:
                 with quiet_logs():
                     self._built[name] = self.manager.load([name])
+            except ModelkitError:       # a task's own loader refusing its data (e.g. a code self-check)
+                raise
             except Exception as e:  # datasets / lm-eval raise many types for missing data
                 raise CompareError(
                     f"task {name!r} cannot be prepared: its data are not available offline or "
@@ -240,6 +242,12 @@ def evaluate(model: Any, tokenizer: Any, catalog: TaskCatalog, names: list[str],
                                   bootstrap_iters=STDERR_BOOTSTRAP_ITERS)
     if results is None:
         raise CompareError("lm-eval returned no results (not rank 0 of a distributed run)")
+    return runs_from(built, results)
+
+
+def runs_from(built: dict[str, dict], results: dict) -> dict[str, dict]:
+    """``{task name: run}`` from lm-eval results (``simple_evaluate``'s, or a
+    ``--log_samples`` folder read back) for the tasks ``built`` by a TaskCatalog."""
     runs = {}
     for name, loaded in built.items():
         leaves = {leaf: _leaf_run(leaf, task, results) for leaf, task in loaded["tasks"].items()}
@@ -273,18 +281,28 @@ def _metric_values(row: dict, hib: dict) -> dict[str, dict]:
 
 
 def _leaf_run(leaf: str, task: Any, results: dict) -> dict:
-    """One leaf task's aggregate metrics, per-sample scores (aligned with ``doc_ids``) and
-    a short excerpt of each document (prompt, target, response) for disagreements."""
-    samples = sorted(results.get("samples", {}).get(leaf, []), key=lambda s: s["doc_id"])
-    hib = results.get("higher_is_better", {}).get(leaf, {})
-    metrics = _metric_values(results["results"].get(leaf, {}), hib)
+    """One leaf task's run from an lm-eval task object and ``simple_evaluate``'s results."""
     aggregations = task.aggregation() if hasattr(task, "aggregation") else {}
     output_type = getattr(task, "OUTPUT_TYPE", None) or task.config.output_type
+    names = {metric: _aggregation_name(fn) for metric, fn in aggregations.items()}
+    return leaf_run(leaf, results.get("samples", {}).get(leaf, []), results, names, output_type)
+
+
+def leaf_run(leaf: str, samples: list[dict], results: dict, aggregations: dict[str, str | None],
+             output_type: str) -> dict:
+    """One leaf task's aggregate metrics, per-sample scores (aligned with ``doc_ids``) and
+    a short excerpt of each document (prompt, target, response, log-likelihoods, doc hash)
+    for disagreements. ``samples`` are lm-eval's per-sample records (in process, or read
+    back from ``--log_samples`` files by :mod:`modelkit.sample_logs`); ``aggregations``
+    the registered lm-eval aggregation name of each metric."""
+    samples = sorted(samples, key=lambda s: s["doc_id"])
+    hib = results.get("higher_is_better", {}).get(leaf, {})
+    metrics = _metric_values(results["results"].get(leaf, {}), hib)
     doc_ids = sorted({s["doc_id"] for s in samples})
     for key, m in metrics.items():
         per_doc = {s["doc_id"]: _jsonable(s.get(m["metric"])) for s in samples if s.get("filter") == m["filter"]}
         m["samples"] = [per_doc.get(d) for d in doc_ids]
-        m["aggregation"] = _aggregation_name(aggregations.get(m["metric"]))
+        m["aggregation"] = aggregations.get(m["metric"])
     docs, seen = [], set()
     for s in samples:
         if s["doc_id"] in seen:
@@ -325,8 +343,24 @@ def _excerpt(sample: dict, output_type: str) -> dict:
     elif output_type == "loglikelihood" and resps:
         r = resps[0] if isinstance(resps, list) else resps
         response = f"loglikelihood {float(r[0]):.3f}, greedy {bool(r[1])}" if isinstance(r, (list, tuple)) else str(r)
-    return {"doc_id": sample["doc_id"], "prompt": _clip(prompt), "target": _clip(str(target)),
-            "response": _clip(response)}
+    out = {"doc_id": sample["doc_id"], "prompt": _clip(prompt), "target": _clip(str(target)),
+           "response": _clip(response)}
+    lls = _loglikelihoods(resps, output_type)
+    if lls is not None:
+        out["loglikelihoods"] = lls
+    if sample.get("doc_hash"):
+        out["doc_hash"] = sample["doc_hash"]
+    return out
+
+
+def _loglikelihoods(resps: Any, output_type: str) -> list[float] | None:
+    """The per-request log-likelihoods of a log-likelihood task's sample (None otherwise)."""
+    if output_type not in ("multiple_choice", "loglikelihood", "loglikelihood_rolling") or not resps:
+        return None
+    try:
+        return [float(r[0]) if isinstance(r, (list, tuple)) else float(r) for r in resps]
+    except (TypeError, ValueError, IndexError):
+        return None
 
 
 def _clip(text: str, n: int = EXCERPT_CHARS) -> str:

@@ -1,0 +1,218 @@
+"""``compare --engine lm-eval``: the lm-eval CLI in a subprocess gives the per-sample results
+of the in-process path, on the shipped log-likelihood tasks, for a plain model, a PEFT
+adapter and an exported DyLoRA expert; ``compare-results`` on the logs it keeps equals
+``compare``; runs that do not match what was identified are refused.
+
+lm-eval subprocesses take ~10 s each here: the fixtures are module-scoped and small.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from modelkit.comparison import compare
+from modelkit.errors import CompareError
+
+TASKS = ["mk_topic", "mk_count", "mk_text"]      # multiple_choice x2, loglikelihood_rolling
+LIMIT = 12
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> dict[str, Path]:
+    from modelkit.demo_pair import write_demo_pair
+
+    return write_demo_pair(tmp_path_factory.mktemp("demo-pair"))
+
+
+@pytest.fixture(scope="module")
+def inproc(pair):
+    return compare(pair["base"], pair["trained"], tasks=TASKS, limit=LIMIT, progress=False)
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("engine")
+    return {"samples": root / "samples", "work": root / "work"}
+
+
+@pytest.fixture(scope="module")
+def via_cli(pair, dirs):
+    return compare(pair["base"], pair["trained"], tasks=TASKS, limit=LIMIT, progress=False, engine="lm-eval",
+                   engine_options={"samples_dir": str(dirs["samples"]), "work_dir": str(dirs["work"])})
+
+
+def assert_same_samples(a: dict, b: dict) -> None:
+    """Two runs of one model on one task: same documents, same scores, same log-likelihoods."""
+    for leaf, ra in a["leaves"].items():
+        rb = b["leaves"][leaf]
+        assert ra["doc_ids"] == rb["doc_ids"] and ra["n"] == LIMIT
+        assert [d["doc_hash"] for d in ra["docs"]] == [d["doc_hash"] for d in rb["docs"]]
+        for da, db in zip(ra["docs"], rb["docs"]):
+            assert len(da["loglikelihoods"]) == len(db["loglikelihoods"]) >= 1
+            for x, y in zip(da["loglikelihoods"], db["loglikelihoods"]):
+                assert math.isclose(x, y, rel_tol=TOL, abs_tol=TOL), (leaf, da["doc_id"], x, y)
+        assert set(ra["metrics"]) == set(rb["metrics"])
+        for key, ma in ra["metrics"].items():
+            mb = rb["metrics"][key]
+            assert ma["aggregation"] == mb["aggregation"] is not None
+            for x, y in zip(ma["samples"], mb["samples"]):
+                xs, ys = (x, y) if isinstance(x, list) else ([x], [y])
+                assert all(math.isclose(p, q, rel_tol=TOL, abs_tol=TOL) for p, q in zip(xs, ys)), (leaf, key, x, y)
+
+
+def assert_same_table(a, b) -> None:
+    import pandas as pd
+
+    fa = a.to_frame().sort_values(["task", "metric"]).reset_index(drop=True)
+    fb = b.to_frame().sort_values(["task", "metric"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(fa, fb, check_exact=False, rtol=TOL, atol=TOL)
+
+
+def test_lm_eval_cli_gives_the_in_process_per_sample_results(inproc, via_cli):
+    assert [m.label for m in via_cli.models] == [m.label for m in inproc.models] == ["base", "lora"]
+    for m in inproc.models:
+        for name in TASKS:
+            assert_same_samples(inproc.runs[m.label][name], via_cli.runs[m.label][name])
+    assert_same_table(inproc, via_cli)
+    topic = via_cli.to_frame().query("task == 'mk_topic' and metric == 'acc'").iloc[0]
+    assert topic["verdict"] == "better"
+
+
+def test_provenance_records_engine_version_exact_command_and_checks(via_cli, pair, dirs):
+    base, lora = via_cli.models
+    assert base.engine["engine"] == "lm-eval" and base.engine["version"] == "0.4.13"
+    assert base.engine["prepared"] == "as-is"            # a standard folder goes to lm-eval as it is
+    assert f"pretrained={pair['base']}" in base.engine["command"]
+    assert lora.engine["prepared"] == "peft"             # a clean adapter: lm-eval's own peft= path
+    assert f"peft={pair['trained']}" in lora.engine["command"]
+    for m in (base, lora):
+        assert "--log_samples" in m.engine["command"] and "--use_cache" not in m.engine["command"]
+        assert any(m.artifact_fingerprint in c for c in m.engine["checks"])
+    assert "engine lm-eval CLI, hf backend" in via_cli.summary()
+    assert list(dirs["work"].iterdir()) == []            # nothing left behind
+
+
+def test_compare_results_on_the_kept_logs_equals_compare(inproc, via_cli, dirs, capsys):
+    from modelkit.cli import main
+    from modelkit.result_comparison import compare_results
+
+    logged = compare_results(dirs["samples"] / "base", dirs["samples"] / "lora")
+    assert_same_table(inproc, logged)
+    assert logged.trained[0].fingerprint == inproc.trained[0].fingerprint   # from modelkit_run.json
+    assert main(["compare-results", str(dirs["samples"] / "base"), str(dirs["samples"] / "lora"), "--json"]) == 0
+    table = json.loads(capsys.readouterr().out)["table"]
+    assert {r["task"] for r in table} == set(TASKS)
+
+
+def test_a_plain_lm_eval_folder_is_read_with_the_fingerprint_not_checked(inproc, dirs, tmp_path):
+    from modelkit.result_comparison import compare_results
+
+    for label in ("base", "lora"):
+        shutil.copytree(dirs["samples"] / label, tmp_path / label)
+        (tmp_path / label / "modelkit_run.json").unlink()
+    logged = compare_results(tmp_path / "base", tmp_path / "lora")
+    assert [m.label for m in logged.models] == ["base", "lora"]   # the evaluated folder, the adapter
+    assert logged.base.fingerprint == "not checked"
+    assert_same_table(inproc, logged)
+
+
+def _copy_log(src: Path, dest: Path) -> tuple[Path, Path]:
+    shutil.copytree(src, dest)
+    return next(dest.rglob("results_*.json")), dest
+
+
+def test_mismatched_documents_configs_and_limits_are_refused(dirs, tmp_path):
+    from modelkit.result_comparison import compare_results
+
+    base = dirs["samples"] / "base"
+    results, fewer = _copy_log(dirs["samples"] / "lora", tmp_path / "fewer")
+    samples = next(fewer.rglob("samples_mk_topic_*.jsonl"))
+    samples.write_text("".join(samples.read_text().splitlines(keepends=True)[:-1]))
+    with pytest.raises(CompareError, match="different documents"):
+        compare_results(base, fewer)
+
+    results, swapped = _copy_log(dirs["samples"] / "lora", tmp_path / "swapped")
+    samples = next(swapped.rglob("samples_mk_count_*.jsonl"))
+    rows = [json.loads(line) for line in samples.read_text().splitlines()]
+    rows[0]["doc_hash"] = "0" * 64                          # another document under the same doc_id
+    samples.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(CompareError, match="document.*differ"):
+        compare_results(base, swapped)
+
+    results, other = _copy_log(dirs["samples"] / "lora", tmp_path / "config")
+    data = json.loads(results.read_text())
+    data["configs"]["mk_topic"]["doc_to_text"] = "Q: {{text}}\nA:"
+    results.write_text(json.dumps(data))
+    with pytest.raises(CompareError, match="different configs"):
+        compare_results(base, other)
+
+    results, limited = _copy_log(dirs["samples"] / "lora", tmp_path / "limit")
+    data = json.loads(results.read_text())
+    data["config"]["limit"] = 100.0
+    results.write_text(json.dumps(data))
+    with pytest.raises(CompareError, match="different limits"):
+        compare_results(base, limited)
+
+    with pytest.raises(CompareError, match="with itself"):
+        compare_results(base, base)
+
+
+def test_a_run_that_is_not_what_was_prepared_is_refused(pair, dirs, via_cli):
+    from modelkit.engines.base import EvalJob
+    from modelkit.engines.lm_eval_cli import Prepared, check_run
+    from modelkit.sample_logs import read_lm_eval
+
+    lora = via_cli.trained[0]
+    log = read_lm_eval(dirs["samples"] / "lora")
+    job = EvalJob(role="trained", label="lora", ref=str(pair["trained"]), options={}, fingerprint=lora.fingerprint,
+                  artifact_fingerprint=lora.artifact_fingerprint, base_fingerprint=lora.base_fingerprint,
+                  tasks=TASKS, limit=LIMIT)
+    from modelkit.sources import fingerprint_folder
+
+    prints = {str(pair["base"]): fingerprint_folder(pair["base"]), str(pair["trained"]): fingerprint_folder(pair["trained"])}
+    ok = Prepared("peft", str(pair["base"]), peft=str(pair["trained"]), fingerprints=prints)
+    assert check_run(log, ok, job, started=0)
+    # lm-eval evaluated the base alone (no peft=): the seeds' failure, refused
+    with pytest.raises(CompareError, match="peft"):
+        check_run(log, Prepared("peft", str(pair["base"]), peft="/elsewhere/adapter", fingerprints=prints), job, 0)
+    with pytest.raises(CompareError, match="not the prepared"):
+        check_run(log, Prepared("as-is", "/some/other/model", fingerprints={}), job, 0)
+    # the adapter identified is not the one evaluated
+    wrong = EvalJob(**{**job.__dict__, "artifact_fingerprint": "0123456789abcdef"})
+    with pytest.raises(CompareError, match="fingerprint"):
+        check_run(log, ok, wrong, started=0)
+    # an old results file
+    with pytest.raises(CompareError, match="predates"):
+        check_run(log, ok, job, started=log.results["date"] + 3600)
+    log.model["use_cache"] = "/tmp/lm-eval-cache"
+    with pytest.raises(CompareError, match="response cache"):
+        check_run(log, ok, job, started=0)
+
+
+def test_an_exported_dylora_expert_matches_in_process(pair, dirs, tmp_path):
+    from modelkit.testing import write_dylora
+
+    dylora = write_dylora(tmp_path / "dylora", "b", base_dir=pair["base"])
+    kw = dict(tasks=["mk_topic"], limit=LIMIT, progress=False, trained_options={"expert": 1})
+    here = compare(pair["base"], dylora, **kw)
+    there = compare(pair["base"], dylora, engine="lm-eval", engine_options={"work_dir": str(dirs["work"])}, **kw)
+    label = here.trained[0].label
+    assert_same_samples(here.runs[label]["mk_topic"], there.runs[label]["mk_topic"])
+    prov = there.trained[0].engine
+    assert prov["prepared"] == "export" and prov["export"]["verification"]["ok"]
+    assert prov["export"]["source"]["fingerprint"] == there.trained[0].artifact_fingerprint
+    assert "expert 1" in prov["export"]["merged"]
+    assert list(dirs["work"].iterdir()) == []            # the temporary export is gone
+
+
+def test_a_routed_mixture_is_refused_before_anything_runs(pair, tmp_path):
+    from modelkit.testing import write_dylora
+
+    dylora = write_dylora(tmp_path / "dylora", "b", base_dir=pair["base"])
+    with pytest.raises(CompareError, match="routed DyLoRA-MoE mixture"):
+        compare(pair["base"], dylora, tasks=["mk_topic"], limit=2, progress=False, engine="lm-eval")
