@@ -85,7 +85,9 @@ def resolve(ref: str | Path, *, download: bool = True) -> Source:
     if local.exists():
         if not local.is_dir():
             raise RefNotFoundError("is a file; pass the folder that holds the checkpoint", text)
-        return _select(text, "local", local)
+        # a Hugging Face cache snapshot (what snapshot_download() returns) links into
+        # ../../blobs: trusted up to its cache repo folder, never beyond it
+        return _select(text, "local", local, trust_root=_hf_repo_folder(local) if is_hf_snapshot(local) else None)
     m = WANDB_REF.match(text)
     if m and (text.startswith("wandb:") or not local.exists()):
         return wandb_download(text, **m.groupdict(), download=download)
@@ -176,6 +178,14 @@ def hf_cached_snapshot(repo_id: str) -> Path | None:
         return Path(snapshot_download(repo_id, local_files_only=True))
     except Exception:
         return None
+
+
+def is_hf_snapshot(folder: Path) -> bool:
+    """``<cache>/models--org--name/snapshots/<rev>`` with its ``blobs/`` beside."""
+    folder = Path(os.path.abspath(folder))
+    repo = folder.parent.parent
+    return (folder.parent.name == "snapshots" and repo.name.startswith(("models--", "datasets--"))
+            and (repo / "blobs").is_dir())
 
 
 def _hf_repo_folder(snapshot: Path) -> Path:
