@@ -6,15 +6,21 @@ input cannot be read at all (unknown ref or format, unreadable config, bad argum
 ``compare`` exits 1 when a trained model is significantly worse on any metric;
 ``report`` exits with its notebook's verdict (the worst one over a batch), 2 if a cell failed
 (see modelkit.verdicts).
+Every error is one line on stderr, ``modelkit inspect: CorruptFileError: <file>: <problem>``
+(``MODELKIT_DEBUG=1`` adds the traceback).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 from typing import Sequence
 
-from .errors import ModelkitError
+from .errors import translate
+
+PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg", ".webp", ".eps", ".ps", ".tif", ".tiff")
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -28,11 +34,8 @@ def _inspect(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from .exporting import export
 
-    expert = args.expert
-    if expert is not None and expert != "all":
-        expert = int(expert)
     result = export(args.ref, args.out, base=args.base, dtype=args.dtype,
-                    max_shard_size=args.max_shard_size, expert=expert,
+                    max_shard_size=args.max_shard_size, expert=args.expert,
                     verify=args.verify, force=args.force, allow_untrained=args.allow_untrained,
                     **_facts(args), **_options(args.option))
     print(result.to_json(indent=1) if args.json else result.summary())
@@ -132,7 +135,7 @@ def _grade(args: argparse.Namespace) -> int:
 
 
 def _watch(args: argparse.Namespace) -> int:
-    from .watch import watch
+    from .watching import watch
 
     stream = sys.stderr if args.json else sys.stdout
 
@@ -177,6 +180,32 @@ def _demo(args: argparse.Namespace) -> int:
     return demo_main(args.root, notebooks=not args.no_notebooks)
 
 
+def _expert_arg(text: str) -> int | str:
+    """``--expert``: a non-negative integer or ``all``."""
+    if text == "all":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an expert index (an integer >= 0) or 'all'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expert indices start at 0")
+    return value
+
+
+def _plot_arg(text: str) -> str:
+    """``--plot FILE``: checked before any work, so a typo does not cost a whole diff."""
+    path = Path(text).expanduser()
+    if path.suffix.lower() not in PLOT_SUFFIXES:
+        raise argparse.ArgumentTypeError(f"{text!r}: the figure needs a file name ending in one of "
+                                         f"{', '.join(PLOT_SUFFIXES)}")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r}: the folder {str(path.parent)!r} does not exist")
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder; give a file name")
+    return str(path)
+
+
 def _facts(args: argparse.Namespace) -> dict:
     """--lora-alpha / --lora-r: what an early DyLoRA-MoE checkpoint does not record."""
     return {k: v for k, v in (("lora_alpha", args.lora_alpha), ("lora_r", args.lora_r)) if v is not None}
@@ -214,9 +243,16 @@ def _examples(*lines: str) -> dict:
     return {"epilog": text, "formatter_class": argparse.RawDescriptionHelpFormatter}
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (``modelkit export: error: argument --expert: ...``)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="modelkit", description=__doc__.splitlines()[0],
-                                epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="modelkit", description=__doc__.splitlines()[0],
+                epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("inspect", help="what an artifact stores, needs and gets wrong", **_examples(
@@ -239,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--base", help="base model folder or ref (default: the one the artifact records)")
     s.add_argument("--dtype", help="float32, bfloat16 or float16 (default: as stored)")
     s.add_argument("--max-shard-size", default="2GB", help="largest weight file, e.g. 500MB (default 2GB)")
-    s.add_argument("--expert", help="DyLoRA-MoE: expert index to merge, or 'all' (one folder each)")
+    s.add_argument("--expert", type=_expert_arg,
+                   help="DyLoRA-MoE: expert index to merge, or 'all' (one folder each)")
     s.add_argument("--verify", action="store_true", help="reload OUT and compare logits with the source")
     _add_fact_flags(s)
     s.add_argument("--force", action="store_true", help="replace an existing OUT")
@@ -261,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--option-a", action="append", metavar="KEY=VALUE", help="view option for A, e.g. expert=0")
     s.add_argument("--option-b", action="append", metavar="KEY=VALUE", help="view option for B, e.g. expert=0")
     s.add_argument("--rank", action="store_true", help="estimate the effective rank of 2-D deltas")
-    s.add_argument("--plot", help="save the heatmap/top-changes figure to this file")
+    s.add_argument("--plot", type=_plot_arg, help="save the heatmap/top-changes figure to this file")
     s.add_argument("--json", action="store_true", help="print the full result as JSON")
     s.set_defaults(func=_diff)
 
@@ -280,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--option-b", action="append", metavar="KEY=VALUE", help="load option for trained")
     s.add_argument("--no-cache", action="store_true")
     s.add_argument("--wandb", action="store_true", help="log table and plots to a W&B run")
-    s.add_argument("--plot", help="save the comparison figure to this file")
+    s.add_argument("--plot", type=_plot_arg, help="save the comparison figure to this file")
     s.add_argument("--json", action="store_true", help="print the full result as JSON")
     s.add_argument("--markdown", action="store_true", help="print the results as a Markdown table (paper, PR)")
     e = s.add_argument_group("engine (who evaluates) and executor (where)")
@@ -378,9 +415,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ModelkitError as e:
-        print(f"modelkit {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"modelkit {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one line for anything; the traceback only on request
+        if os.environ.get("MODELKIT_DEBUG"):
+            raise
+        err = translate(e)
+        if err is None:
+            print(f"modelkit {args.command}: internal error: {type(e).__name__}: {_one_line(str(e))} "
+                  "(a modelkit bug; MODELKIT_DEBUG=1 shows the traceback)", file=sys.stderr)
+        else:
+            print(f"modelkit {args.command}: {type(err).__name__}: {_one_line(str(err))}", file=sys.stderr)
         return 2
+
+
+def _one_line(text: str) -> str:
+    out = ""
+    for line in (x.strip() for x in text.strip().splitlines()):
+        if line:
+            out += ("" if not out else " " if out.endswith(":") else "; ") + line.removeprefix("- ")
+    return out
 
 
 if __name__ == "__main__":  # pragma: no cover

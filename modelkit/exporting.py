@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import errno
 import json
-import shutil
+import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -27,8 +27,9 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from . import files, schemas
 from .atomic import atomic_folder, fsync_file
-from .errors import ExportError, ModelkitError
+from .errors import ExportError, ModelkitError, guarded
 from .formats import Artifact
 from .inspection import human_bytes
 from .artifacts import split_facts
@@ -120,6 +121,7 @@ def _verification_line(v: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- export
 
 
+@guarded()
 def export(ref: Any, out: str | Path, base: Any = None, dtype: Any = None,
            max_shard_size: int | str = "2GB", expert: int | str | None = None,
            verify: bool = False, force: bool = False, *, allow_untrained: bool = False,
@@ -428,11 +430,11 @@ def causal_lm_class_name(config) -> str:
 
 def _copy_generation_config(folder: Path, artifact: Artifact, base_art: Artifact | None,
                             part: ExportResult) -> None:
-    for src in [artifact.folder] + ([base_art.folder] if base_art else []):
-        p = Path(src) / "generation_config.json"
-        if p.is_file():
-            shutil.copyfile(p, folder / p.name)
-            part.notes.append(f"generation_config.json from {src}")
+    for art in [artifact] + ([base_art] if base_art else []):
+        p = Path(art.folder) / "generation_config.json"
+        if os.path.lexists(p):  # a FIFO or an escaping symlink is refused, not skipped
+            files.copy_confined(p, folder / p.name, art.trust_root)
+            part.notes.append(f"generation_config.json from {art.folder}")
             return
 
 
@@ -442,16 +444,19 @@ def _copy_tokenizer(folder: Path, artifact: Artifact, base_art: Artifact | None,
     if src is None:
         part.notes.append("no tokenizer found in the artifact or its base: none exported")
         return
+    # every file read or copied is confined to the trust root of whoever holds it
+    root = base_art.trust_root if base_art is not None and src == Path(base_art.folder) else artifact.trust_root
     for name in TOKENIZER_FILES:
         p = src / name
-        if p.is_file():
-            if name == "tokenizer_config.json":
-                data = json.loads(p.read_text())
-                if isinstance(data, dict) and data.pop("auto_map", None) is not None:
-                    part.notes.append("tokenizer_config.json: auto_map (remote code) removed")
-                (folder / name).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-            else:
-                shutil.copyfile(p, folder / name)
+        if not os.path.lexists(p):
+            continue
+        if name == "tokenizer_config.json":
+            data = schemas.validate(files.read_json(p, root), p)
+            if data.pop("auto_map", None) is not None:
+                part.notes.append("tokenizer_config.json: auto_map (remote code) removed")
+            (folder / name).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+        else:
+            files.copy_confined(p, folder / name, root)
     part.notes.append(f"tokenizer from {src}")
 
 

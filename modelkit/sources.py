@@ -81,8 +81,13 @@ def resolve(ref: str | Path, *, download: bool = True) -> Source:
                 f"({hf_cache_root()}); modelkit never downloads weights. Download it where "
                 "you have network (`hf download REPO`) or pass a local folder instead", text)
         return _select(text, "hf", path, trust_root=_hf_repo_folder(path))
-    local = Path(text).expanduser()
-    if local.exists():
+    try:
+        local = Path(text).expanduser()
+        exists = local.exists()
+    except (OSError, RuntimeError, ValueError) as e:  # ~nouser, a name too long, a NUL byte
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
+        raise RefNotFoundError(f"not a usable path ({why})", text) from None
+    if exists:
         if not local.is_dir():
             raise RefNotFoundError("is a file; pass the folder that holds the checkpoint", text)
         # a Hugging Face cache snapshot (what snapshot_download() returns) links into
@@ -218,20 +223,32 @@ def resolve_base(name: str | None, *, explicit: str | Path | None = None,
 
 
 # -- fingerprints ----------------------------------------------------------------------
-def fingerprint_folder(folder: Path) -> str:
+def fingerprint_folder(folder: Path, root: Path | None = None) -> str:
     """A content fingerprint: each file's relative name, size and the sha256 of its first
     and last 64 KiB (safetensors headers and pickles' tails). Stable under copying and
-    touching; cheap for multi-GB shards."""
+    touching; cheap for multi-GB shards. Only regular files inside ``root`` (default: the
+    folder, or its Hugging Face cache repo) are read; for anything else (a symlink out of
+    the artifact, a FIFO) only the name counts. Symlinked folders are not entered."""
+    from .errors import ModelkitError
+    from .files import default_root, open_regular
+
     h = hashlib.sha256()
     folder = Path(folder)
-    for p in sorted(folder.rglob("*")):
-        if not p.is_file() or p.name == COMPLETE_MARKER:
-            continue
-        size = p.stat().st_size
-        h.update(f"{p.relative_to(folder)}\0{size}\0".encode())
-        with open(p, "rb") as f:
-            h.update(f.read(65536))
-            if size > 131072:
-                f.seek(size - 65536)
+    root = root or default_root(folder / "_")
+    paths = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        paths += [Path(dirpath) / n for n in filenames if n != COMPLETE_MARKER]
+    for p in sorted(paths):
+        rel = p.relative_to(folder)
+        try:
+            with open_regular(p, root) as f:
+                size = os.fstat(f.fileno()).st_size
+                h.update(f"{rel}\0{size}\0".encode())
                 h.update(f.read(65536))
+                if size > 131072:
+                    f.seek(size - 65536)
+                    h.update(f.read(65536))
+        except ModelkitError:
+            h.update(f"{rel}\0unreadable\0".encode())
     return h.hexdigest()[:16]

@@ -48,6 +48,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from .. import files, schemas
 from ..errors import BaseModelUnavailableError, ConfigError, ModelkitError, UnknownFormatError
 from ..findings import Finding, error, info, warning
 from ..tensors import FLOAT_DTYPES, PickleFile, StoredTensor, torch_dtype
@@ -410,10 +411,14 @@ class CompressedMoEArtifact(Artifact):
         p = self._find(candidates)
         if p is None:
             return {}, None, None
-        try:
-            text = p.read_text()
+        try:  # confined, regular, size-capped (modelkit.files); then checked against its schema
+            text = files.read_text(p, self.trust_root)
             data = json.loads(text) if p.suffix == ".json" else read_settings_yaml(text)
-        except (OSError, ValueError, RecursionError, yaml.YAMLError) as e:
+            if isinstance(data, dict):
+                data = schemas.validate(data, p)
+        except ModelkitError as e:
+            return {}, p, f"cannot use {p.name} ({e.problem})"
+        except (ValueError, RecursionError, yaml.YAMLError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             return {}, p, f"cannot parse {p.name} ({first})"
         if not isinstance(data, dict):
