@@ -48,8 +48,8 @@ _LAZY = {
     "DiffResult": ("modelkit.diffing", "DiffResult"),
     "compare": ("modelkit.comparison", "compare"),
     "CompareResult": ("modelkit.comparison", "CompareResult"),
-    "watch": ("modelkit.watch", "watch"),
-    "WatchResult": ("modelkit.watch", "WatchResult"),
+    "watch": ("modelkit.watching", "watch"),
+    "WatchResult": ("modelkit.watching", "WatchResult"),
 }
 
 
