@@ -50,6 +50,11 @@ class LoadError(ModelkitError):
     """An artifact that cannot be turned into a faithful in-memory model."""
 
 
+class UnknownOptionError(LoadError):
+    """A load / view keyword the artifact's format does not declare (the message lists the
+    ones it accepts)."""
+
+
 class ExportError(ModelkitError):
     """An export that cannot be completed; nothing is left at the output path."""
 
