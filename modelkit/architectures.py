@@ -400,11 +400,10 @@ def _transformers_version() -> str:
 
 
 def _cache_dir() -> Path | None:
-    root = os.environ.get("MODELKIT_CACHE")
-    if root is not None and root.strip().lower() in ("", "0", "off", "false", "none"):
-        return None
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "modelkit"
-    return base / "expected"
+    from .sources import cache_root
+
+    root = cache_root()
+    return root / "expected" if root is not None else None
 
 
 def _read_disk_cache(key: str) -> dict | None:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from . import stats
 from .errors import CompareError, ModelkitError, about_model
 from .evaluation import TaskCatalog, find_tasks, lm_eval_version
-from .sources import cache_dir
+from .sources import cache_dir, cache_root
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -264,7 +264,7 @@ def _from_cache(models: list[ModelInfo], names: list[str], catalog: TaskCatalog,
             key = cache_key(m, name, catalog.hashes[name], limit, num_fewshot, version,
                             engine.identity() if engine is not None else None)
             m.cache_keys[name] = key
-            hit = read_cache(key) if use_cache else None
+            hit = read_cache(key) if use_cache and cache_root() is not None else None
             m.cached[name] = hit is not None
             if hit is None:
                 todo.setdefault(m.label, []).append(name)

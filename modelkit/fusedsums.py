@@ -65,10 +65,9 @@ _tried = False
 
 
 def _cache_dir() -> Path | None:
-    root = os.environ.get("MODELKIT_CACHE")
-    if root is not None and root.strip().lower() in ("", "0", "off", "false", "none"):
-        return Path(tempfile.gettempdir()) / f"modelkit-kernels-{os.getuid()}"
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "modelkit") / "kernels"
+    from .sources import cache_dir
+
+    return cache_dir() / "kernels"  # a temp folder with MODELKIT_CACHE=off: the kernel is still built
 
 
 def _build() -> Any:

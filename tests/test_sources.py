@@ -179,3 +179,15 @@ def test_unknown_refs_say_how_to_provide_them():
         resolve("/no/such/folder")
     path, how = resolve_base("google/codegemma-2b")
     assert path is None and "--base" in how
+
+
+@pytest.mark.parametrize("value", ["off", "0", "false", "none", ""])
+def test_modelkit_cache_off_is_read_the_same_everywhere(monkeypatch, value):
+    from modelkit import architectures
+    from modelkit.sources import cache_dir, cache_root
+
+    monkeypatch.setenv("MODELKIT_CACHE", value)
+    assert cache_root() is None and architectures._cache_dir() is None  # nothing cached across runs
+    assert cache_dir().name.startswith("modelkit-nocache-")              # never a folder named "off"
+    monkeypatch.setenv("MODELKIT_CACHE", "/some/where")
+    assert cache_root() == Path("/some/where") and architectures._cache_dir() == Path("/some/where/expected")

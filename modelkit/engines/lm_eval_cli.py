@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ..errors import CompareError, ModelkitError
+from ..tensors import dtype_name
 from .base import Engine, EngineRun, EvalJob
 
 BACKENDS = ("hf", "vllm")
@@ -145,12 +146,12 @@ class LmEvalEngine(Engine):
                        and str(lt.stored[1].file).endswith(".safetensors") for n, lt in dv.tensors.items())
 
         if not view_opts and base_art is None and as_is(artifact):
-            dtype = dtype or _dtype_name(default_dtype(dense_view(artifact, None).tensors))
+            dtype = dtype or dtype_name(default_dtype(dense_view(artifact, None).tensors))
             return Prepared("as-is", str(artifact.folder), dtype=dtype,
                             fingerprints={str(artifact.folder): artifact.fingerprint})
         if (self.backend == "hf" and is_peft(artifact) and set(view_opts) <= {"merge"} and base_art is not None
                 and as_is(base_art) and not check_artifact(artifact, base_art)):
-            dtype = dtype or _dtype_name(default_dtype(dense_view(base_art, None).tensors))
+            dtype = dtype or dtype_name(default_dtype(dense_view(base_art, None).tensors))
             return Prepared("peft", str(base_art.folder), peft=str(artifact.folder), dtype=dtype,
                             fingerprints={str(base_art.folder): base_art.fingerprint,
                                           str(artifact.folder): artifact.fingerprint})
@@ -424,10 +425,6 @@ def _backend_version(backend: str) -> str | None:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         return None
-
-
-def _dtype_name(dtype: Any) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _verification_line(v: dict) -> str:
