@@ -105,6 +105,7 @@ def _child(fd: int, folder: Path, out: Path | None, base: Path | None, seconds: 
             resource.setrlimit(resource.RLIMIT_AS, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
         signal.signal(signal.SIGALRM, signal.SIG_DFL)  # the parent also kills on its own clock
         signal.alarm(int(seconds) + 1)
+        reset_peak()
         rss0 = _rss_mb()
         import modelkit
         from modelkit.errors import ModelkitError
@@ -231,8 +232,31 @@ def _vm_bytes() -> int:
     return 0
 
 
-def _rss_mb() -> float:
+def reset_peak() -> None:
+    """Start peak-memory measurement afresh: a forked (or exec'ed) process inherits its
+    parent's high-water mark, so ``ru_maxrss`` would hide anything below the parent's peak.
+    Linux resets ``VmHWM`` when 5 is written to ``/proc/self/clear_refs``."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_mb() -> float:
+    """Peak resident memory since :func:`reset_peak` (``VmHWM``), else ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _rss_mb() -> float:
+    return peak_mb()
 
 
 __all__ = ["FAILURES", "FINE", "Outcome", "SECRET", "SENTINEL", "plant_secret", "run_case", "tree_digest"]
