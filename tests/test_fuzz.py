@@ -250,7 +250,7 @@ def config_damage(draw, case: Case):
         return
     path = draw(st.sampled_from(files))
     kind = draw(st.sampled_from(["key", "drop", "whole", "truncate", "nested", "bigint", "symlink-secret",
-                                 "symlink-device", "fifo", "folder"]))
+                                 "symlink-device", "fifo", "folder", "alias-bomb"]))
     case.damage.append(f"{path.relative_to(case.folder)}:{kind}")
     text = path.read_text()
     if kind in ("key", "drop"):
@@ -275,6 +275,11 @@ def config_damage(draw, case: Case):
     elif kind == "nested":
         n = draw(st.integers(100, 100_000))
         path.write_text('{"a": ' + "[" * n + "]" * n + "}" if path.suffix == ".json" else "a: " + "[" * n + "]" * n)
+    elif kind == "alias-bomb":
+        width, depth = draw(st.integers(2, 12)), draw(st.integers(2, 12))
+        lines = [f"a0: &a0 [{', '.join(['x'] * width)}]"]
+        lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * width) + "]" for i in range(1, depth)]
+        path.write_text("\n".join(lines) + "\n")
     elif kind == "bigint":
         path.write_text('{"model_type": "llama", "num_hidden_layers": ' + "9" * draw(st.integers(20, 6000)) + "}")
     elif kind == "symlink-secret":
