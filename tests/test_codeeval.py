@@ -170,10 +170,10 @@ def test_without_bubblewrap_the_statement_says_what_is_missing():
 
 
 def test_a_harness_that_cannot_start_is_an_error_never_a_fail(tmp_path):
-    sandbox = Sandbox(isolation="process", interpreter=str(tmp_path / "no-such-python"))
     p = HE.problems[0]
-    results = run_all(HE.select(task_ids=[p.task_id]), [Sample(p.task_id, completion=p.canonical_solution)],
-                      sandbox=sandbox, workers=1)
+    with Sandbox(isolation="process", interpreter=str(tmp_path / "no-such-python")) as sandbox:
+        results = run_all(HE.select(task_ids=[p.task_id]), [Sample(p.task_id, completion=p.canonical_solution)],
+                          sandbox=sandbox, workers=1)
     assert [r.status for r in results] == ["error"]
     assert "could not start" in results[0].detail
 

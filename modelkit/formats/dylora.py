@@ -31,7 +31,7 @@ from ..findings import Finding, error, info, warning
 from ..tensors import MAX_HEADER_BYTES, PickleFile, StoredTensor, check_inside
 from ..views import TensorView, stored_tensor
 from . import register
-from .base import Artifact, Format
+from .base import Artifact, Format, Option
 from .lora import (PEFT_PREFIX, LoraAdapter, base_layer_name, collect_adapter, merge_adapter,
                    parse_lora_key, plan_merge, strip_prefix)
 from .peft_lora import adapter_findings, fit_findings, not_checked_finding
@@ -155,6 +155,13 @@ def inner_folder(root: Path) -> tuple[Path, str] | None:
 # -- the artifact -------------------------------------------------------------------------
 class DyLoRAArtifact(Artifact):
     format = "dylora-moe"
+    family = "mixture"
+    options = (
+        Option("expert", "int", None, "the dense model of expert K merged into the base (else the routed "
+               "mixture, see routing=)"),
+        Option("alpha", "float", None, "the LoRA alpha when the checkpoint does not record it (same as lora_alpha=)"),
+        Option("router_pass", "str", "base", "which forward feeds the router of a routed load: base or expert:K"),
+    )
 
     def __init__(self, folder: Path, layout: str, source=None, kind: str | None = None,
                  root: Path | None = None):
@@ -532,9 +539,7 @@ class DyLoRAArtifact(Artifact):
         """The base model's tensors (from the artifact in layout a, else from ``base``);
         ``expert=K`` merges expert K (``alpha`` overrides an unrecorded lora_alpha).
         The router has no place in a dense model and is left out."""
-        if options:
-            raise LoadError(f"unknown view option(s) {sorted(options)}; DyLoRA-MoE takes expert=K "
-                            "and alpha=", self.folder)
+        self.check_options(options)
         if self.kind == "a":
             tensors = {n: self._read(t) for n, t in self._wrapper["base"].items()}
             unplaced, notes = self._wrapper["other"] + self._stray_lora, []
@@ -817,11 +822,16 @@ class DyLoRAArtifact(Artifact):
         if deep:
             zero = [e for e in trained if e.all_b_zero()]
             if zero:
-                findings.append(error(
+                # all untrained: the "trained" mixture is the base model (error). Some untrained is
+                # how the real code usually ends (the optimizer only held expert_0): the mixture is
+                # still what was trained, but sequences routed there get the base model (warning)
+                everything = len(zero) == len(trained)
+                findings.append((error if everything else warning)(
                     "untrained-adapter",
                     f"every LoRA B matrix of {', '.join(e.name for e in zero)} is zero: "
-                    + ("no expert changes the base, so the routed model is the base model"
-                       if len(zero) == len(trained) else "those experts change nothing"),
+                    + ("no expert changes the base, so the routed model is the base model" if everything
+                       else "those experts change nothing (the real training code often leaves every "
+                       "expert but the first untrained): sequences the router sends there get the base model"),
                     [m.B.name for e in zero for m in e.modules.values() if m.B is not None]))
         elif trained:
             findings.append(not_checked_finding("each expert"))
