@@ -97,6 +97,8 @@ class Case:
         COUNTS["cases"] += 1
         if outcome.kind not in ("report", "error"):
             EXAMPLES_OF[outcome.kind].append(f"{self.name}: {self.damage}: {outcome.detail[:300]}")
+        if COUNTS["cases"] % 50 == 0:
+            _write_counts()  # a long run stopped from outside still leaves its counts
         assert outcome.kind not in FAILURES, f"{outcome.kind} on {self.name} after {self.damage}: {outcome.detail}"
         assert outcome.seconds < 60
 
