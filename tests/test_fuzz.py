@@ -258,7 +258,7 @@ def config_damage(draw, case: Case):
     if kind in ("key", "drop"):
         try:
             data = json.loads(text) if path.suffix == ".json" else None
-        except ValueError:
+        except (ValueError, RecursionError):  # an earlier mutation nested it too deeply
             data = None
         if not isinstance(data, dict):
             kind = "truncate"
@@ -306,7 +306,7 @@ def index_damage(draw, case: Case):
     path = draw(st.sampled_from(files))
     try:
         index = json.loads(path.read_text())
-    except ValueError:
+    except (ValueError, RecursionError):
         index = None
     kind = draw(st.sampled_from(["value", "entry", "weight_map", "many", "outside"]))
     if not isinstance(index, dict):
