@@ -242,8 +242,7 @@ def _targets(artifact: Artifact, expert: int | str | None) -> list[tuple[str, in
             raise ExportError(f"--expert applies to DyLoRA-MoE artifacts only (this is {artifact.format})",
                               artifact.folder)
         return [("", None)]
-    experts = list(artifact.experts()) if hasattr(artifact, "experts") else []
-    count = len(experts)
+    count = len(artifact.variants())  # one dense view per expert
     if expert is None:
         raise ExportError(
             f"this is a DyLoRA-MoE mixture of {count} LoRA experts chosen per sequence by a "
@@ -330,19 +329,32 @@ def write_weights(folder: Path, tensors: dict[str, LazyTensor], out_dtype, max_s
                   progress: bool = True, desc: str = "export") -> dict[str, Any]:
     """Stream ``tensors`` into shards in ``folder``; returns the index plus a cast tally.
 
-    One shard's tensors are produced, written with ``save_file`` and released before the
-    next shard starts; each written shard is fsynced by a background thread while the
-    next one is computed (``os.fsync`` releases the GIL), and every fsync has finished,
-    its errors raised, before this returns."""
+    One shard's tensors are produced, then written with ``save_file`` and fsynced by a
+    writer thread (file writes and ``os.fsync`` release the GIL) while the next shard is
+    produced: computing and writing overlap, and at most two shards are held. When no
+    tensor is computed (stored tensors, LoRA merges: reading is the cost) each shard is
+    written before the next is produced, so only one shard is held, and the fsync alone
+    runs behind. Every write and fsync has finished, its errors raised, before this returns.
+    Computed experts are produced in batches (:func:`modelkit.lowrank.batched_experts`)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm.auto import tqdm
 
+    from .lowrank import batched_experts
+
     files, total = plan_shards(tensors, out_dtype, max_shard_size)
+    overlap = any(lt.compute is not None for lt in tensors.values())
     weight_map, cast, params = {}, Counter(), 0
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="modelkit-fsync") as syncer, \
-            tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress, leave=False) as bar:
-        pending = []
+
+    def write(shard: dict, filename: str) -> None:
+        save_file(shard, folder / filename, metadata={"format": "pt"})
+        shard.clear()
+        fsync_file(folder / filename)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="modelkit-write") as writer, \
+            tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress, leave=False) as bar, \
+            batched_experts():
+        pending = None
         for filename, names in files.items():
             shard, storages = {}, set()
             for name in names:
@@ -358,15 +370,18 @@ def write_weights(folder: Path, tensors: dict[str, LazyTensor], out_dtype, max_s
                 params += t.numel()
                 weight_map[name] = filename
                 bar.update(t.numel() * t.element_size())
-            save_file(shard, folder / filename, metadata={"format": "pt"})
+            if pending is not None:
+                pending.result()  # the previous shard is written (its error raised) first
+                pending = None
+            if overlap:
+                pending = writer.submit(write, shard, filename)
+            else:
+                save_file(shard, folder / filename, metadata={"format": "pt"})
+                pending = writer.submit(fsync_file, folder / filename)
             del shard
             release_all()  # unmap the source pages this shard consumed
-            for f in [f for f in pending if f.done()]:
-                f.result()  # an fsync error surfaces at the next shard
-                pending.remove(f)
-            pending.append(syncer.submit(fsync_file, folder / filename))
-        for f in pending:
-            f.result()  # raises the first fsync error (EIO, ENOSPC on some filesystems)
+        if pending is not None:
+            pending.result()  # raises the last write or fsync error (EIO, ENOSPC)
     index = {"metadata": {"total_parameters": params, "total_size": total}, "weight_map": weight_map}
     (folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return {"files": list(files), "total_size": total, "cast": dict(cast)}

@@ -12,7 +12,6 @@ nothing (unless ``allow_untrained=True``) is a :class:`~modelkit.errors.LoadErro
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import warnings
@@ -26,6 +25,7 @@ from .errors import BaseModelUnavailableError, LoadError, guarded
 from .files import check_files
 from .findings import Finding, Severity
 from .formats import Artifact
+from .tensors import recording_reads
 from .views import LazyTensor, TensorView
 
 UNTRAINED_CODES = ("empty-adapter", "untrained-adapter")
@@ -123,13 +123,13 @@ def open_for_load(ref: Any, base: Any = None, facts: dict[str, Any] | None = Non
 
 
 def is_dylora(artifact: Artifact) -> bool:
-    """A DyLoRA-MoE mixture (routed; dense only one expert at a time)."""
-    return artifact.format.startswith("dylora")
+    """A mixture (routed; dense only one expert at a time), as its format declares."""
+    return artifact.family == "mixture"
 
 
 def is_peft(artifact: Artifact) -> bool:
-    """A PEFT adapter on a base model."""
-    return artifact.format.startswith("peft")
+    """An adapter on a base model, as its format declares."""
+    return artifact.family == "adapter"
 
 
 def check_artifact(artifact: Artifact, base_art: Artifact | None, *, allow_untrained: bool = False,
@@ -211,30 +211,6 @@ def _few(items: list[str], n: int = 4) -> str:
     return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
 
 
-@contextlib.contextmanager
-def recording_reads() -> Iterator[set[tuple[str, str]]]:
-    """Record every stored tensor read (``(file path, key)``) while the block runs: what a
-    load consumed is what it read, whatever the format's producers do."""
-    from .tensors import PickleFile, SafetensorsFile
-
-    seen: set[tuple[str, str]] = set()
-    originals = {cls: cls.read for cls in (SafetensorsFile, PickleFile)}
-
-    def recorder(fn):
-        def read(self, key):
-            seen.add((str(self.path), key))
-            return fn(self, key)
-        return read
-
-    for cls, fn in originals.items():
-        cls.read = recorder(fn)
-    try:
-        yield seen
-    finally:
-        for cls, fn in originals.items():
-            cls.read = fn
-
-
 def split_consumed(artifact: Artifact, seen: set[tuple[str, str]]) -> tuple[list[str], list[str]]:
     """(stored tensors of ``artifact`` that were read, those that were not) as ``file:key``."""
     used, unused = [], []
@@ -283,6 +259,7 @@ def load(ref: Any, base: Any = None, dtype: Any = None, device: str | None = Non
     """
     facts, format_options = split_facts(format_options)
     artifact, base_art = open_for_load(ref, base, facts)
+    artifact.check_options(format_options)  # typed error listing what this format accepts
     tdtype = torch_dtype_of(dtype)
     if routing is not None and not is_dylora(artifact):
         raise LoadError(f"routing= applies to DyLoRA-MoE artifacts only (this is {artifact.format})",

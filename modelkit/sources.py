@@ -90,7 +90,9 @@ def resolve(ref: str | Path, *, download: bool = True) -> Source:
     if exists:
         if not local.is_dir():
             raise RefNotFoundError("is a file; pass the folder that holds the checkpoint", text)
-        return _select(text, "local", local)
+        # a Hugging Face cache snapshot (what snapshot_download() returns) links into
+        # ../../blobs: trusted up to its cache repo folder, never beyond it
+        return _select(text, "local", local, trust_root=_hf_repo_folder(local) if is_hf_snapshot(local) else None)
     m = WANDB_REF.match(text)
     if m and (text.startswith("wandb:") or not local.exists()):
         return wandb_download(text, **m.groupdict(), download=download)
@@ -133,10 +135,10 @@ def wandb_download(ref: str, entity: str, project: str, name: str, version: str,
         raise RefNotFoundError(f"not downloaded yet (looked in {target})", ref)
     if wandb_api_key() is None:
         raise RefNotFoundError(
-            f"not downloaded yet (looked in {target}) and there is no W&B API key here "
-            "(WANDB_API_KEY unset, no `wandb login` entry in ~/.netrc); modelkit never prompts for "
-            "one. Set WANDB_API_KEY or run `wandb login` in a terminal, or download the artifact "
-            "where you can and pass its folder", ref)
+            "no W&B API key here (WANDB_API_KEY unset, no `wandb login` entry in ~/.netrc) and the "
+            "artifact is not downloaded yet; modelkit never prompts for one. Set WANDB_API_KEY or run "
+            "`wandb login` in a terminal, or download the artifact where you can and pass its folder "
+            f"(looked in {target})", ref)
     try:
         import wandb
 
@@ -181,6 +183,14 @@ def hf_cached_snapshot(repo_id: str) -> Path | None:
         return Path(snapshot_download(repo_id, local_files_only=True))
     except Exception:
         return None
+
+
+def is_hf_snapshot(folder: Path) -> bool:
+    """``<cache>/models--org--name/snapshots/<rev>`` with its ``blobs/`` beside."""
+    folder = Path(os.path.abspath(folder))
+    repo = folder.parent.parent
+    return (folder.parent.name == "snapshots" and repo.name.startswith(("models--", "datasets--"))
+            and (repo / "blobs").is_dir())
 
 
 def _hf_repo_folder(snapshot: Path) -> Path:

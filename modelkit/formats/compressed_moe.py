@@ -54,7 +54,7 @@ from ..findings import Finding, error, info, warning
 from ..tensors import FLOAT_DTYPES, PickleFile, StoredTensor, torch_dtype
 from ..views import LazyTensor, TensorView, stored_tensor
 from . import register
-from .base import Artifact, Format
+from .base import Artifact, Format, Option
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -309,6 +309,8 @@ class CompressedLayer:
 
 class CompressedMoEArtifact(Artifact):
     format = "compressed-moe"
+    options = (Option("core", "str", None, "which core each expert is materialised from: " + " or ".join(
+        CORE_CHOICES) + " (default: the copies when present)"),)
     survey: list["CheckpointState"] = []   # every save of the experiment folder (set by open)
     chosen_why: str = ""                   # why this save was opened, when the experiment was given
     reconciled: str = ""                   # set by check(deep=True) when both forms agree
@@ -637,9 +639,8 @@ class CompressedMoEArtifact(Artifact):
         """``core``: which core each expert is materialised from, ``"copies"`` (each
         expert's own copy in the Trainer's ``model.safetensors``: what the trained forward
         used) or ``"shared"`` (the saved shared core); default: the copies when present."""
+        self.check_options(options)
         core = options.pop("core", None)
-        if options:
-            raise ConfigError(f"the compressed-MoE view takes only core= (got {sorted(options)})", self.folder)
         default = self.default_core()
         if core is None:
             core = default
@@ -768,8 +769,33 @@ class CompressedMoEArtifact(Artifact):
         w = g.wrappers[e]
 
         def produce(dtype):
+            from ..lowrank import batching
+
+            if batching():  # an export walking every expert: batches of them
+                return self._batches(g, core is not g.core).get(e, dtype)
             return materialize(self._read(core), *(self._read(w[p]) for p in WRAPPER_PARTS), dtype=dtype)
         return produce
+
+    def _batches(self, g: CompressedLayer, own_cores: bool = False):
+        """The group's :class:`~modelkit.lowrank.ExpertBatches` (experts from the shared core,
+        or with ``own_cores`` from each expert's core copy)."""
+        from ..lowrank import ExpertBatches
+
+        cache = self.__dict__.setdefault("_expert_batches", {})
+        key = (g.layer, g.proj, own_cores)
+        if key not in cache:
+            def load(experts):
+                import torch
+
+                if own_cores:
+                    copies = self.core_copies()[(g.layer, g.proj)]
+                    core = torch.stack([self._read(copies[e]) for e in experts])
+                else:
+                    core = self._read(g.core)
+                return (core,
+                        *(torch.stack([self._read(g.wrappers[e][p]) for e in experts]) for p in WRAPPER_PARTS))
+            cache[key] = ExpertBatches([e for e in sorted(g.wrappers) if not g.expert_problem(e)], load)
+        return cache[key]
 
     def _bias_producer(self, g: CompressedLayer, e: int, dtype: str) -> Callable[[], Any]:
         def produce():

@@ -299,6 +299,7 @@ class DyLoRAMoEForCausalLM(PreTrainedModel, GenerationMixin):
         """
         ref = input_ids if input_ids is not None else inputs_embeds
         return_dict = kwargs.pop("return_dict", None)
+        past_key_values = kwargs.pop("cache", past_key_values)   # transformers 5 name (past_key_values is deprecated)
         router_weights = None
         if routing_weights is None:
             if _cache_length(past_key_values) > 0 and parse_routing(self.routing)[0] != "expert":
@@ -309,7 +310,7 @@ class DyLoRAMoEForCausalLM(PreTrainedModel, GenerationMixin):
             routing_weights, router_weights = r.weights, r.router_weights
         weights = _expand(routing_weights.to(ref.device), ref.shape[0])
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
+                      cache=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
                       use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
         kind = parse_routing(self.routing)[0]
         if weights.dim() == 3 and weights.shape[1] != ref.shape[1]:
@@ -380,8 +381,9 @@ class DyLoRAMoEForCausalLM(PreTrainedModel, GenerationMixin):
         the artifact's recorded one is not found), ``dtype`` / ``torch_dtype``,
         ``device_map`` (one device), ``allow_untrained``. Never runs remote code.
         """
-        from ..loading import load
+        from .loader_slot import artifact_loader
 
+        load = artifact_loader()
         routing = kwargs.pop("routing", None) or getattr(config, "routing", None) or "router"
         router_pass = kwargs.pop("router_pass", None) or getattr(config, "router_pass", None) or "base"
         dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
@@ -735,12 +737,12 @@ def _base_entries(artifact: "Artifact", view: Any) -> set[tuple[str, str]]:
 
 
 def _register() -> None:
-    """Importing this module puts the real class in the Auto mapping (replacing the stand-in)."""
-    from . import _done, register_config
+    """Importing this module puts the real class in the Auto mapping (replacing the stand-in;
+    :func:`modelkit.models.register_model` finds it in ``sys.modules`` from then on)."""
+    from transformers import AutoConfig
 
-    register_config()
+    AutoConfig.register(MODEL_TYPE, DyLoRAMoEConfig, exist_ok=True)
     AutoModelForCausalLM.register(DyLoRAMoEConfig, DyLoRAMoEForCausalLM, exist_ok=True)
-    _done.add("model")
 
 
 _register()
