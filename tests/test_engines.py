@@ -216,3 +216,65 @@ def test_a_routed_mixture_is_refused_before_anything_runs(pair, tmp_path):
     dylora = write_dylora(tmp_path / "dylora", "b", base_dir=pair["base"])
     with pytest.raises(CompareError, match="routed DyLoRA-MoE mixture"):
         compare(pair["base"], dylora, tasks=["mk_topic"], limit=2, progress=False, engine="lm-eval")
+
+
+def test_accelerate_data_parallel_gives_the_one_process_results(pair, via_cli, tmp_path, monkeypatch):
+    """Two processes under ``accelerate launch`` (gloo on CPUs), the documents shared out
+    between them by lm-eval and gathered on rank 0, read back as one run."""
+    from modelkit.comparison import _identify
+    from modelkit.engines import EvalJob, LmEvalEngine
+
+    # lm-eval 0.4.13 shares documents out only when it counts more than one CUDA device:
+    # each process counts its world size, so its real data-parallel path runs on CPUs
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(
+        "import os\nif os.environ.get('WORLD_SIZE'):\n    import torch\n"
+        "    torch.cuda.device_count = lambda: int(os.environ['WORLD_SIZE'])\n")
+    import os
+
+    monkeypatch.setenv("PYTHONPATH", f"{shim}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    m = _identify("base", pair["base"], None)
+    job = EvalJob(role="base", label="base", ref=m.ref, options={}, fingerprint=m.fingerprint,
+                  artifact_fingerprint=m.artifact_fingerprint, base_fingerprint=None, tasks=["mk_topic", "mk_text"],
+                  limit=LIMIT)
+    engine = LmEvalEngine(launcher="accelerate", num_processes=2, cpu=True, work_dir=str(tmp_path / "work"))
+    done = engine.evaluate(job)
+    assert "accelerate.commands.launch --multi_gpu --num_processes 2" in done.provenance["command"]
+    assert done.provenance["command"].startswith("ACCELERATE_USE_CPU=true ")
+    for name in ("mk_topic", "mk_text"):
+        assert_same_samples(via_cli.runs["base"][name], done.runs[name])
+
+
+def test_the_vllm_command_carries_the_parallel_sizes_and_an_exported_adapter(pair, tmp_path):
+    """vLLM cannot run on this machine: the command modelkit would run is checked instead."""
+    from modelkit.comparison import _identify
+    from modelkit.engines import EvalJob, LmEvalEngine
+    from modelkit.engines.plans import plan_commands
+
+    engine = LmEvalEngine(backend="vllm", tensor_parallel_size=4, data_parallel_size=2, gpu_memory_utilization=0.85,
+                          model_args={"max_model_len": 2048}, dtype="bfloat16", batch_size="auto")
+    m = _identify("trained", pair["trained"], None)
+    job = EvalJob(role="trained", label="lora", ref=m.ref, options={}, fingerprint=m.fingerprint,
+                  artifact_fingerprint=m.artifact_fingerprint, base_fingerprint=m.base_fingerprint,
+                  tasks=["mk_topic"], limit=LIMIT)
+    prepared = engine.choose(job, tmp_path)
+    assert prepared.how == "export" and prepared.peft is None      # vLLM gets a merged, verified folder
+    argv = engine.command(job, prepared, tmp_path / "out", "/tasks")
+    assert argv[1:4] == ["-m", "lm_eval", "run"]
+    args = dict(kv.split("=", 1) for kv in argv[argv.index("--model_args") + 1].split(","))
+    assert argv[argv.index("--model") + 1] == "vllm"
+    assert args == {"pretrained": str(tmp_path / "model"), "dtype": "bfloat16", "tensor_parallel_size": "4",
+                    "data_parallel_size": "2", "gpu_memory_utilization": "0.85", "max_model_len": "2048"}
+    assert argv[argv.index("--batch_size") + 1] == "auto" and "--log_samples" in argv and "--device" not in argv
+    with pytest.raises(CompareError, match="vLLM, which is not installed"):
+        engine.evaluate(job)
+    lines = plan_commands(pair["base"], pair["trained"], tasks=["mk_topic"], limit=LIMIT,
+                          engine_options={"backend": "vllm", "tensor_parallel_size": 4})
+    assert [line.split()[0] for line in lines if not line.startswith("#")] == \
+        ["python", "modelkit", "python", "cp", "rm", "modelkit"]
+    assert lines[-1].startswith("modelkit compare-results modelkit-samples/base modelkit-samples/lora")
+    with pytest.raises(CompareError, match="may not set pretrained"):
+        LmEvalEngine(model_args={"pretrained": "/elsewhere"})
+    with pytest.raises(CompareError, match="vLLM parallelises itself"):
+        LmEvalEngine(backend="vllm", launcher="accelerate")
