@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 STAMP := $(VENV)/.modelkit-installed
 
-.PHONY: install test test-fast demo bench clean-reports browser-deps
+.PHONY: install test test-fast demo bench bench-quick clean-reports browser-deps
 
 install: $(STAMP)
 
@@ -29,8 +29,13 @@ test-fast: install
 demo: install
 	$(VENV)/bin/modelkit demo --root demo
 
+# every benchmark runs (a miss does not stop the others); one summary table, JSON under
+# benchmarks/results/, exit 1 if any target was missed. bench-quick: small sizes (smoke test).
 bench: install
-	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	$(PY) benchmarks/run_all.py
+
+bench-quick: install
+	$(PY) benchmarks/run_all.py --quick
 
 browser-deps:
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)

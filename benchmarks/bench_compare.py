@@ -14,13 +14,18 @@ Targets: overhead <= 10 %, cached re-run < 2 s.
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from summary import agrees, at_most, finish, info, quick  # noqa: E402
 
 TASKS = ["mk_topic", "mk_topic_gen", "mk_count", "mk_text"]
 
@@ -35,15 +40,17 @@ def direct(paths: dict, limit: int | None, batch_size: int) -> tuple[float, floa
     from modelkit.evaluation import STDERR_BOOTSTRAP_ITERS, quiet_logs
     from modelkit.tasks import TASKS_DIR
 
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0, c0, scores = time.perf_counter(), time.process_time(), []
     with quiet_logs():
         manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
         for ref in (paths["base"], paths["trained"]):
             model, tok, _ = modelkit.load(ref)
-            simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size), tasks=TASKS,
-                            task_manager=manager, limit=limit, log_samples=True,
-                            bootstrap_iters=STDERR_BOOTSTRAP_ITERS)
-    return time.perf_counter() - t0, time.process_time() - c0
+            out = simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size), tasks=TASKS,
+                                  task_manager=manager, limit=limit, log_samples=True,
+                                  bootstrap_iters=STDERR_BOOTSTRAP_ITERS)
+            scores.append({(task, key): v for task, row in out["results"].items() for key, v in row.items()
+                           if "," in key and "_stderr" not in key and isinstance(v, (int, float))})
+    return time.perf_counter() - t0, time.process_time() - c0, scores
 
 
 def via_compare(paths: dict, limit: int | None, batch_size: int, use_cache: bool) -> tuple[float, float]:
@@ -53,7 +60,11 @@ def via_compare(paths: dict, limit: int | None, batch_size: int, use_cache: bool
     result = compare(paths["base"], paths["trained"], tasks=TASKS, limit=limit, batch_size=batch_size,
                      use_cache=use_cache, progress=False)
     result.summary()          # the table: bootstrap + McNemar on every row
-    return time.perf_counter() - t0, time.process_time() - c0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    scores = [{(leaf, key): m["value"] for run in result.runs[info.label].values()
+               for leaf, lr in run["leaves"].items() for key, m in lr["metrics"].items()}
+              for info in result.models]
+    return seconds, cpu, scores
 
 
 def cold_cached(paths: dict, limit: int | None) -> float:
@@ -69,10 +80,11 @@ def cold_cached(paths: dict, limit: int | None) -> float:
     return wall
 
 
-def main() -> None:
+def main() -> int:
+    small = quick()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--limit", type=int, default=100, help="samples per task (default 100)")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--limit", type=int, default=5 if small else 100, help="samples per task")
+    ap.add_argument("--repeats", type=int, default=1 if small else 5)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: stable on a shared box)")
     ap.add_argument("--root", help="demo pair folder (default: a temporary one)")
@@ -88,39 +100,40 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from modelkit.demo_pair import write_demo_pair
 
-    t0 = time.perf_counter()
-    paths = write_demo_pair(args.root or work / "pair")
-    pair_s = time.perf_counter() - t0
-
-    direct(paths, 5, args.batch_size)                      # warm-up: imports, first-call costs
-    via_compare(paths, 5, args.batch_size, use_cache=False)
-    d, c = [], []
-    for _ in range(args.repeats):
-        d.append(direct(paths, args.limit, args.batch_size))
-        c.append(via_compare(paths, args.limit, args.batch_size, use_cache=False))
-    via_compare(paths, args.limit, args.batch_size, use_cache=True)          # fills the cache
-    hot = [via_compare(paths, args.limit, args.batch_size, use_cache=True)[0] for _ in range(5)]
-    cold = cold_cached(paths, args.limit)
+    try:
+        paths = write_demo_pair(args.root or work / "pair")
+        direct(paths, 5, args.batch_size)                      # warm-up: imports, first-call costs
+        via_compare(paths, 5, args.batch_size, use_cache=False)
+        d, c = [], []
+        for _ in range(args.repeats):
+            d.append(direct(paths, args.limit, args.batch_size))
+            c.append(via_compare(paths, args.limit, args.batch_size, use_cache=False))
+        via_compare(paths, args.limit, args.batch_size, use_cache=True)          # fills the cache
+        hot = [via_compare(paths, args.limit, args.batch_size, use_cache=True) for _ in range(5)]
+        cold = cold_cached(paths, args.limit)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
     # best-of-N wall time and median CPU time: both robust to other jobs on the machine
     md, mc = min(x[0] for x in d), min(x[0] for x in c)
     cd, cc = statistics.median(x[1] for x in d), statistics.median(x[1] for x in c)
-    rows = [
-        ("demo pair written (or reused)", f"{pair_s:.2f} s", ""),
-        (f"lm_eval.simple_evaluate direct, 2 models x {len(TASKS)} tasks, limit {args.limit}",
-         f"{md:.2f} s", f"best of {args.repeats}; CPU {cd:.2f} s; wall runs " + ", ".join(f"{x[0]:.2f}" for x in d)),
-        ("modelkit.compare, no cache", f"{mc:.2f} s",
-         f"best of {args.repeats}; CPU {cc:.2f} s; wall runs " + ", ".join(f"{x[0]:.2f}" for x in c)),
-        ("compare overhead vs direct (best wall)", f"{(mc - md) / md * 100:+.1f} %", "target <= +10 %"),
-        ("compare overhead vs direct (median CPU)", f"{(cc - cd) / cd * 100:+.1f} %", "target <= +10 %"),
-        ("cached re-run, same process", f"{statistics.median(hot):.3f} s", "target < 2 s"),
-        ("cached re-run, fresh CLI process (imports included)", f"{cold:.2f} s", ""),
+    ref = d[-1][2]
+    same = [all(math.isclose(run[2][m][k], v, rel_tol=1e-9, abs_tol=1e-12) for k, v in ref[m].items()
+                if k in run[2][m]) and len(set(ref[m]) & set(run[2][m])) > 0
+            for run in c + hot for m in range(2)]
+    what = f"2 models x {len(TASKS)} tasks, limit {args.limit}, best of {args.repeats}"
+    figs = [
+        at_most(f"compare, no cache ({what})", mc, 1.10, "s", baseline="lm_eval.simple_evaluate direct",
+                baseline_value=md, on_ratio=True, note="wall runs: direct " + ", ".join(f"{x[0]:.2f}" for x in d)
+                + "; compare " + ", ".join(f"{x[0]:.2f}" for x in c)),
+        at_most("compare CPU, no cache (median)", cc, 1.10, "s", baseline="direct", baseline_value=cd, on_ratio=True),
+        at_most("cached re-run, same process", statistics.median(x[0] for x in hot), 2.0, "s"),
+        info("cached re-run, fresh CLI process (imports included)", cold, "s"),
+        agrees("compare's scores equal lm-eval's direct ones (fresh and cached)", all(same),
+               note=f"{len(ref[0])} scores per model"),
     ]
-    width = max(len(r[0]) for r in rows)
-    print(f"bench_compare (torch threads {args.threads}, batch {args.batch_size}, repeats {args.repeats})")
-    for name, value, note in rows:
-        print(f"  {name:<{width}}  {value:>10}  {note}")
+    return finish("bench_compare", figs)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

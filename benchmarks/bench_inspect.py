@@ -1,172 +1,383 @@
-"""Inspect speed and memory vs `from_pretrained` and vs reading safetensors headers alone.
+"""Inspect: lean whole commands for every format, and in-process speed at real size.
 
-Generates a sharded qwen3_moe checkpoint (per-expert keys on disk, like transformers 5
-save_pretrained writes) of at least --gb gigabytes, then measures in one run:
+1. ``modelkit inspect`` of every catalog format (plain HF, PEFT LoRA, DyLoRA-MoE, compressed
+   MoE; the tiny artifacts of ``modelkit.testing.write_catalog``) as a whole command with a
+   warm cache: wall time, peak RSS, and whether torch / transformers were imported. Target
+   <= 0.3 s and <= 60 MB, no torch, no transformers. Baseline: the plain-HF inspect, same run.
+2. In process, at real size: a checkpoint with the Qwen3-30B-A3B layout (48 layers x 128
+   experts, per-expert keys, 16 safetensors shards, bf16; sparse files, so no disk is used)
+   and a compressed-MoE checkpoint of the same model (48 x 3 = 144 layer files of 128 rank-64
+   wrappers each, fp32, plus non_moe_weights.pt; sparse too). Targets <= 0.5 s and <= 1.5 s.
+   Each is also written at 1/16 and 1/4 of its layers to show growth with tensor count (target:
+   per-tensor time at 16x within 1.5x of that at 1x). Baselines: reading the safetensors
+   headers alone (``safe_open``); listing the pickles with ``torch.load(mmap=True)``.
 
-* in process, after imports (the notebook case): modelkit.inspect (audit included) vs
-  AutoModelForCausalLM.from_pretrained + listing its parameters vs reading headers alone;
-* as whole commands (the CLI case): `modelkit inspect` vs a `from_pretrained` process,
-  wall time and peak resident memory (ru_maxrss of the child).
+Correctness: every inspect must report the artifact complete (no error, no missing tensor)
+with as many tensors as the baseline lists.
 
-Usage: python benchmarks/bench_inspect.py [--gb 1.5] [--work benchmarks/_work]
+    python benchmarks/bench_inspect.py          # MODELKIT_BENCH_QUICK=1 for small sizes
 """
 from __future__ import annotations
 
 import argparse
-import math
 import json
+import os
+import shutil
+import struct
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from summary import agrees, at_most, finish, info, quick  # noqa: E402
+
+# Qwen3-30B-A3B's config.json (the fields that shape its tensors)
+QWEN3_30B_A3B = dict(
+    vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+    num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+    num_experts=128, num_experts_per_tok=8, decoder_sparse_step=1, mlp_only_layers=[],
+    norm_topk_prob=True, tie_word_embeddings=False, max_position_embeddings=40960,
+    rms_norm_eps=1e-6, dtype="bfloat16", architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe")
+QUICK_SHAPE = dict(vocab_size=1024, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=8,
+                   num_experts_per_tok=2, num_hidden_layers=4)
+RANK = 64
+
+# ---------------------------------------------------------------------------- sparse writers
 
 
-def moe_config(gb: float):
+class SparseWriter:
+    """A write-only file object that leaves a hole for every all-zero block written
+    (torch.save writes each storage in one call), so real-size files cost no disk."""
+
+    def __init__(self, path: Path):
+        self.f = open(path, "wb")
+        self.pos = 0
+
+    def write(self, data) -> int:
+        import numpy as np
+
+        mv = memoryview(data).cast("B")
+        n = len(mv)
+        a = np.frombuffer(mv, np.uint8)
+        k = n // 8 * 8
+        if n >= 4096 and not a[:k].view(np.uint64).any() and not a[k:].any():
+            self.f.seek(n, 1)
+        else:
+            self.f.write(mv)
+        self.pos += n
+        return n
+
+    def tell(self) -> int:
+        return self.pos
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.truncate(self.pos)
+        self.f.close()
+
+
+def zeros(shape, dtype):
+    """A zero tensor on untouched (calloc) pages: costs no memory until read."""
+    import numpy as np
+    import torch
+
+    t = torch.from_numpy(np.zeros(shape, np.float32 if dtype == torch.float32 else np.uint16))
+    return t if dtype == torch.float32 else t.view(dtype)
+
+
+def save_sparse(obj, path: Path) -> None:
+    import torch
+
+    w = SparseWriter(path)
+    try:
+        torch.save(obj, w)
+    finally:
+        w.close()
+
+
+def write_safetensors_sparse(path: Path, tensors: dict[str, tuple[tuple[int, ...], str]]) -> None:
+    """A safetensors file of zeros: the header, then a hole as long as the data."""
+    sizes = {"BF16": 2, "F32": 4}
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, (shape, dt) in tensors.items():
+        n = sizes[dt]
+        for d in shape:
+            n *= d
+        header[name] = {"dtype": dt, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        f.truncate(8 + len(blob) + offset)
+
+
+def model_config(layers: int):
     from transformers import AutoConfig
 
-    # Qwen3-MoE shape scaled down: 16 experts, per-expert keys, ~gb GB in fp32.
-    # ~113 MB a layer (16 experts of 3 x 512 x 1024, attention, norms) + 262 MB embeddings/head
-    layers = max(2, math.ceil((gb * 1e9 - 2.63e8) / 1.13e8) + 1)
-    return AutoConfig.for_model(
-        "qwen3_moe", vocab_size=32000, hidden_size=1024, intermediate_size=2048,
-        moe_intermediate_size=512, num_experts=16, num_experts_per_tok=2,
-        num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4, head_dim=128,
-        decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False, dtype="float32")
+    d = dict(QWEN3_30B_A3B, num_hidden_layers=layers)
+    if quick():
+        d.update(QUICK_SHAPE, num_hidden_layers=layers)
+    d.pop("model_type")
+    return AutoConfig.for_model("qwen3_moe", **d)
 
 
-def write_checkpoint(out: Path, gb: float) -> Path:
+def write_real_layout(folder: Path, layers: int, shards: int = 16) -> int:
+    """A Qwen3-30B-A3B-layout checkpoint of ``layers`` layers; returns its tensor count."""
+    from modelkit.architectures import expected_tensors
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = model_config(layers)
+    config.save_pretrained(folder)
+    expected = expected_tensors(config)
+    names = list(expected)
+    per = -(-len(names) // shards)
+    weight_map, total = {}, 0
+    for s in range(shards):
+        part = names[s * per:(s + 1) * per]
+        fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        write_safetensors_sparse(folder / fname, {n: (expected[n].shape, "BF16") for n in part})
+        for n in part:
+            weight_map[n] = fname
+            total += 2 * expected[n].numel
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    return len(names)
+
+
+def write_real_compressed(base: Path, layers: int) -> tuple[Path, int]:
+    """A checkpoint-N compressed MoE of the Qwen3-30B-A3B config at ``layers`` layers
+    (fp32 rank-64 wrappers; bf16 non-MoE weights); returns its folder and the number of
+    tensors the expanded model has."""
+    import re
+
     import torch
-    from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
+    import yaml
 
     from modelkit.architectures import expected_tensors
 
-    if (out / "model.safetensors.index.json").exists():
-        return out
-    out.mkdir(parents=True, exist_ok=True)
-    config = moe_config(gb)
-    config.save_pretrained(out)
+    config = model_config(layers)
+    ckpt = base / "checkpoints" / "checkpoint-100"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(ckpt)
+    (base / "compression_config.yaml").write_text(yaml.safe_dump(
+        {"model_name": str(ckpt), "rank": RANK, "num_steps": 100, "lr": 1e-4,
+         "projections": ["gate_proj", "up_proj", "down_proj"]}))
+    (ckpt / "compressed_metadata.json").write_text(json.dumps(
+        {"compressed_layer_indices": list(range(layers)), "num_compressed_layers": layers,
+         "total_layers": layers}))
     expected = expected_tensors(config)
-    meta = {n: torch.empty(e.shape, dtype=torch.float32, device="meta") for n, e in expected.items()}
-    split = split_torch_state_dict_into_shards(meta, max_shard_size="500MB")
-    for fname, names in split.filename_to_tensors.items():
-        save_file({n: torch.zeros(expected[n].shape) for n in names}, str(out / fname),
-                  metadata={"format": "pt"})
-    total = sum(4 * _numel(e.shape) for e in expected.values())
-    index = {"metadata": {"total_size": total}, "weight_map": split.tensor_to_filename}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
-    return out
+    expert = re.compile(r"\.mlp\.experts\.\d+\.")
+    save_sparse({n: zeros(e.shape, torch.bfloat16) for n, e in expected.items() if not expert.search(n)},
+                ckpt / "non_moe_weights.pt")
+    h, m, experts = config.hidden_size, config.moe_intermediate_size, config.num_experts
+    for layer in range(layers):
+        (ckpt / f"layer_{layer}").mkdir(exist_ok=True)
+        for proj, (d_out, d_in) in (("gate_proj", (m, h)), ("up_proj", (m, h)), ("down_proj", (h, m))):
+            data = {"layer_idx": layer, "projection": proj, "core": zeros((d_out, d_in), torch.float32),
+                    "wrappers": [{"U_in": zeros((d_in, RANK), torch.float32),
+                                  "V_in": zeros((d_in, RANK), torch.float32),
+                                  "U_out": zeros((d_out, RANK), torch.float32),
+                                  "V_out": zeros((d_out, RANK), torch.float32)} for _ in range(experts)],
+                    "metadata": {"num_experts": experts, "d_in": d_in, "d_out": d_out, "rank": RANK}}
+            save_sparse(data, ckpt / f"layer_{layer}" / f"{proj}.pt")
+    return ckpt, len(expected)
 
 
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
+# ---------------------------------------------------------------------------- measurements
+
+CLI_CHILD = r"""
+import contextlib, io, json, resource, sys, time
+t = time.perf_counter()
+from modelkit.cli import main
+with contextlib.redirect_stdout(io.StringIO()):
+    rc = main(["inspect", sys.argv[1]])
+print(json.dumps({"rc": rc, "wall": time.perf_counter() - t,
+                  "heavy": sorted(m for m in ("torch", "transformers", "peft") if m in sys.modules)}))
+"""
+
+MEASURE = ("import json,os,subprocess,sys,time\n"
+           "t=time.perf_counter();p=subprocess.run(sys.argv[1:],capture_output=True,text=True)\n"
+           "w=time.perf_counter()-t\n"
+           "import resource;r=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
+           "print(json.dumps({'wall':w,'rss_kb':r,'out':p.stdout,'err':p.stderr[-2000:],'rc':p.returncode}))")
+
+
+def whole_command(path: Path, env: dict) -> dict:
+    """Wall time (interpreter start included) and peak RSS of `modelkit inspect PATH` run
+    the way the console script runs it (``modelkit.cli.main``), in a fresh process that is
+    the only child of its measuring wrapper."""
+    out = subprocess.run([sys.executable, "-c", MEASURE, sys.executable, "-c", CLI_CHILD, str(path)],
+                         capture_output=True, text=True, env=env, check=True)
+    m = json.loads(out.stdout)
+    if m["rc"] != 0 and not m["out"].strip():
+        raise SystemExit(f"inspect of {path} failed:\n{m['err']}")
+    child = json.loads(m["out"].strip().splitlines()[-1])
+    return {"wall": m["wall"], "rss_mb": m["rss_kb"] / 1024, "heavy": child["heavy"], "rc": child["rc"]}
+
+
+FORMATS = {  # format -> catalog entries measured (each the worst of its entries counts)
+    "plain-hf": ["plain-llama", "plain-sharded", "plain-bin", "plain-qwen3-moe-sharded"],
+    "peft-lora": ["peft-lora", "peft-lora-bin"],
+    "dylora-moe": ["dylora-a-tiny", "dylora-a-full", "dylora-b", "dylora-c", "dylora-d"],
+    "compressed-moe": ["compressed-checkpoint-N", "compressed-checkpoint-0", "compressed-documented"],
+}
+
+
+def lean_commands(work: Path) -> list:
+    from modelkit.testing import write_catalog
+
+    catalog = write_catalog(work / "catalog")
+    env = {**os.environ, "MODELKIT_CACHE": str(work / "cache"), "PYTHONPATH": str(ROOT)
+           + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")}
+    for names in FORMATS.values():  # cold: fills the architecture cache
+        for n in names:
+            whole_command(catalog[n], env)
+    reps = 1 if quick() else 2
+    worst = {}
+    for fmt, names in FORMATS.items():
+        runs = [min((whole_command(catalog[n], env) for _ in range(reps)), key=lambda r: r["wall"])
+                for n in names]
+        worst[fmt] = {"wall": max(r["wall"] for r in runs), "rss_mb": max(r["rss_mb"] for r in runs),
+                      "heavy": sorted({m for r in runs for m in r["heavy"]}),
+                      "entry": max(zip((r["wall"] for r in runs), names))[1]}
+    base = worst["plain-hf"]
+    figs = []
+    for fmt, w in worst.items():
+        figs.append(at_most(f"inspect CLI {fmt}: wall (warm cache)", w["wall"], 0.3, "s",
+                            baseline="plain-hf", baseline_value=base["wall"],
+                            note=f"slowest of {', '.join(FORMATS[fmt])}: {w['entry']}"))
+        figs.append(at_most(f"inspect CLI {fmt}: peak RSS", w["rss_mb"], 60, "MB",
+                            baseline="plain-hf", baseline_value=base["rss_mb"]))
+        figs.append(agrees(f"inspect CLI {fmt}: no torch/transformers imported", not w["heavy"],
+                           note=f"imported {', '.join(w['heavy'])}" if w["heavy"] else "",
+                           target="none imported"))
+    return figs
+
+
+def best(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def real_size(work: Path) -> list:
+    import modelkit
+
+    figs = []
+    full = 4 if quick() else 48
+    scales = [(1, full // 16 or 1), (4, full // 4), (16, full)]
+    if quick():
+        scales = [(1, 1), (2, 2), (4, 4)]
+    reps = 1 if quick() else 3
+    # plain, Qwen3-30B-A3B layout
+    per_tensor, rows = {}, []
+    for factor, layers in scales:
+        folder = work / f"qwen3-30b-a3b-layout-{layers}L"
+        n = write_real_layout(folder, layers)
+        r = modelkit.inspect(folder)  # warms the architecture cache
+        ok = not r.errors and len(r.tensors) == n
+        t = best(lambda: modelkit.inspect(folder), reps)
+        per_tensor[factor] = t / n
+        rows.append((factor, layers, n, t, ok))
+        if factor == scales[-1][0]:
+            h = best(lambda: _headers(folder), reps)
+            figs.append(at_most(f"inspect Qwen3-30B-A3B layout ({layers} layers, {n} tensors, 16 shards)",
+                                t, 0.5, "s", baseline="safetensors headers", baseline_value=h,
+                                note=f"{_gb(folder):.1f} GB of sparse files; growth: "
+                                + ", ".join(f"{f}x {L}L {k} tensors {s:.3f} s" for f, L, k, s, _ in rows)))
+            figs.append(agrees("inspect Qwen3-30B-A3B layout: complete, every tensor listed",
+                               all(x[4] for x in rows)))
+        shutil.rmtree(folder) if factor != scales[-1][0] else None
+    big = scales[-1][0]
+    figs.append(at_most(f"inspect growth, plain: per-tensor time at {big}x / at 1x", per_tensor[big] / per_tensor[1],
+                        1.5, "", note="linear growth is 1.0"))
+    shutil.rmtree(work / f"qwen3-30b-a3b-layout-{scales[-1][1]}L", ignore_errors=True)
+    # compressed MoE of the same model
+    per_tensor, rows = {}, []
+    for factor, layers in scales:
+        base = work / f"compressed-{layers}L"
+        ckpt, n = write_real_compressed(base, layers)
+        r = modelkit.inspect(ckpt)
+        ok = not r.errors and not any(f.code == "missing-tensors" for f in r.findings)
+        t = best(lambda: modelkit.inspect(ckpt), reps)
+        per_tensor[factor] = t / n
+        rows.append((factor, layers, n, t, ok))
+        if factor == scales[-1][0]:
+            files = sorted(ckpt.glob("layer_*/*.pt"))
+            stored = len(r.tensors)
+            t0 = time.perf_counter()
+            listed = _torch_list(files + [ckpt / "non_moe_weights.pt"])
+            baseline = time.perf_counter() - t0
+            experts = (QUICK_SHAPE if quick() else QWEN3_30B_A3B)["num_experts"]
+            figs.append(at_most(f"inspect compressed MoE ({len(files)} layer files x {experts} wrappers)",
+                                t, 1.5, "s", baseline="torch.load(mmap) listing", baseline_value=baseline,
+                                note=f"{_gb(ckpt):.1f} GB of sparse files; growth: "
+                                + ", ".join(f"{f}x {L}L {s:.3f} s" for f, L, _, s, _ in rows)))
+            figs.append(agrees("inspect compressed MoE: complete, every stored tensor listed",
+                               all(x[4] for x in rows) and stored == listed,
+                               note=f"{stored} stored tensors listed, torch.load lists {listed}"))
+        shutil.rmtree(base)
+    figs.append(at_most(f"inspect growth, compressed: per-tensor time at {big}x / at 1x",
+                        per_tensor[big] / per_tensor[1], 1.5, "", note="linear growth is 1.0"))
+    return figs
+
+
+def _headers(folder: Path) -> int:
+    from safetensors import safe_open
+
+    n = 0
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            n += len([h.get_slice(k).get_shape() for k in h.keys()])
     return n
 
 
-def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+def _torch_list(files: list[Path]) -> int:
+    import torch
+
+    def count(o) -> int:
+        if isinstance(o, torch.Tensor):
+            return 1
+        if isinstance(o, dict):
+            return sum(count(v) for v in o.values())
+        if isinstance(o, (list, tuple)):
+            return sum(count(v) for v in o)
+        return 0
+
+    return sum(count(torch.load(f, weights_only=True, mmap=True)) for f in files)
 
 
-def warm(folder: Path) -> None:
-    subprocess.run(f"cat {folder}/*.safetensors > /dev/null", shell=True, check=True)
+def _gb(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e9
 
 
-def in_process(folder: Path, repeats: int = 3) -> dict[str, float]:
-    import torch  # noqa: F401  imports paid before timing: the notebook case
-    from safetensors import safe_open
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    import modelkit
-
-    hf_logging.disable_progress_bar()
-
-    modelkit.inspect(folder)  # first call builds the expected set (cached afterwards)
-
-    def best(fn):
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return min(times)
-
-    def headers():
-        for f in sorted(folder.glob("*.safetensors")):
-            with safe_open(str(f), "pt") as h:
-                [h.get_slice(k).get_shape() for k in h.keys()]
-
-    def hf():
-        m = AutoModelForCausalLM.from_pretrained(folder, dtype="float32")
-        [(n, p.shape) for n, p in m.named_parameters()]
-        del m
-
-    return {"modelkit.inspect": best(lambda: modelkit.inspect(folder)),
-            "safetensors headers": best(headers),
-            "from_pretrained + params": best(hf)}
-
-
-_MEASURE = ("import resource,subprocess,sys,time\n"
-            "t=time.perf_counter();subprocess.run(sys.argv[1:],stdout=subprocess.DEVNULL,check=True)\n"
-            "print(time.perf_counter()-t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-
-
-def run_child(cmd: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS MB) of one command, measured by a fresh wrapper process so
-    each command's peak is its own."""
-    out = subprocess.run([sys.executable, "-c", _MEASURE, *cmd], check=True,
-                         capture_output=True, text=True).stdout.split()
-    return float(out[0]), float(out[1]) / 1024
-
-
-def whole_command(folder: Path) -> dict[str, tuple[float, float]]:
-    py = sys.executable
-    modelkit_bin = str(Path(py).parent / "modelkit")
-    rows = {}
-    rows["modelkit inspect (CLI)"] = run_child([modelkit_bin, "inspect", str(folder)])
-    rows["safetensors headers (python)"] = run_child([py, "-c", (
-        "import glob,sys;from safetensors import safe_open\n"
-        f"for f in sorted(glob.glob('{folder}/*.safetensors')):\n"
-        "  h=safe_open(f,'pt');[h.get_slice(k).get_shape() for k in h.keys()]")])
-    rows["from_pretrained (python)"] = run_child([py, "-c", (
-        "from transformers import AutoModelForCausalLM as A\n"
-        f"m=A.from_pretrained('{folder}', dtype='float32');print(len(list(m.named_parameters())))")])
-    return rows
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--gb", type=float, default=1.5)
-    ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "_work")
-    args = ap.parse_args()
-    folder = write_checkpoint(args.work / f"moe-{args.gb}gb", args.gb)
-    size = folder_bytes(folder)
-    n = len(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"])
-    print(f"checkpoint: {folder} ({size / 1e9:.2f} GB, {n} tensors, per-expert keys)")
-    warm(folder)
-    ip = in_process(folder)
-    print("\nIn process, after imports (best of 3):")
-    print(f"| {'what':<28} | {'seconds':>8} | {'vs from_pretrained':>18} |")
-    print(f"|{'-' * 30}|{'-' * 10}|{'-' * 20}|")
-    for k, v in ip.items():
-        print(f"| {k:<28} | {v:>8.3f} | {ip['from_pretrained + params'] / v:>17.1f}x |")
-    wc = whole_command(folder)
-    base_wall, base_rss = wc["from_pretrained (python)"]
-    print("\nWhole command (cold process, warm page cache):")
-    print(f"| {'command':<30} | {'wall s':>7} | {'peak RSS MB':>11} | {'wall ratio':>10} | {'RSS ratio':>9} |")
-    print(f"|{'-' * 32}|{'-' * 9}|{'-' * 13}|{'-' * 12}|{'-' * 11}|")
-    for k, (w, r) in wc.items():
-        print(f"| {k:<30} | {w:>7.2f} | {r:>11.0f} | {w / base_wall:>10.2f} | {r / base_rss:>9.2f} |")
-    ok_ip = ip["from_pretrained + params"] / ip["modelkit.inspect"] >= 20
-    mk_wall, mk_rss = wc["modelkit inspect (CLI)"]
-    ok_cmd = mk_wall <= base_wall / 2 and mk_rss <= base_rss / 5
-    print(f"\ntargets: in-process >=20x: {'PASS' if ok_ip else 'FAIL'}; "
-          f"CLI <=1/2 wall and <=1/5 RSS: {'PASS' if ok_cmd else 'FAIL'}")
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work", type=Path, help="work folder (default: a temporary one, removed after)")
+    args = p.parse_args(argv)
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench-inspect-", dir=ROOT / "benchmarks" / "_work"
+                                              if (ROOT / "benchmarks" / "_work").is_dir() else None))
+    os.environ.setdefault("MODELKIT_CACHE", str(work / "cache"))
+    try:
+        figs = lean_commands(work)
+        figs += real_size(work)
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    return finish("bench_inspect", figs)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

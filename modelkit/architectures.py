@@ -22,6 +22,7 @@ answer is in the on-disk cache never imports them at all.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -330,6 +331,9 @@ def _cached(kind: str, config, model_type: str | None, use_disk: bool, compute, 
 
 def _cache_key(config, model_type: str | None):
     """(digest, thunk returning the config object); no transformers import for raw input."""
+    source = getattr(config, "_modelkit_facts_source", None)  # an archfacts.ConfigFacts
+    if source is not None:
+        config, model_type = source
     if isinstance(config, (str, Path)):
         file = _config_file(Path(config))
         raw = _read_config_json(file)
@@ -807,6 +811,7 @@ _ATTN = re.compile(r"(?:^|\.)(?:self_attn|attn|attention|self_attention)(?:\.|$)
 _MLP = re.compile(r"(?:^|\.)(?:mlp|feed_forward|ffn|block_sparse_moe|moe)(?:\.|$)")
 
 
+@functools.lru_cache(maxsize=1 << 18)  # inspect classifies each of 10^4-10^5 names 3 times
 def classify(name: str) -> TensorRole:
     """The role of a tensor from its name: on-disk, in-memory, PEFT, DyLoRA or compressed.
 

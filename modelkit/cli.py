@@ -29,7 +29,7 @@ def _export(args: argparse.Namespace) -> int:
         expert = int(expert)
     result = export(args.ref, args.out, base=args.base, dtype=args.dtype,
                     max_shard_size=args.max_shard_size, expert=expert,
-                    verify=args.verify, force=args.force, **_facts(args))
+                    verify=args.verify, force=args.force, **_facts(args), **_options(args.option))
     print(result.to_json(indent=1) if args.json else result.summary())
     return 0 if result.ok else 1
 
@@ -124,7 +124,8 @@ def _watch(args: argparse.Namespace) -> int:
                    interval=args.interval, settle=args.settle, timeout=args.timeout, limit=args.limit,
                    num_fewshot=args.num_fewshot, batch_size=args.batch_size, include_path=args.include_path,
                    options=_options(args.option), state_dir=args.state, attempts=args.attempts,
-                   wandb=args.wandb, on_event=event)
+                   wandb=args.wandb, on_event=event, engine=args.engine,
+                   engine_options=_options(args.engine_option) or None)
     if args.plot:
         result.plot(args.plot)
     print(result.to_json(indent=1) if args.json else result.summary())
@@ -194,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--verify", action="store_true", help="reload OUT and compare logits with the source")
     _add_fact_flags(s)
     s.add_argument("--force", action="store_true", help="replace an existing OUT")
+    s.add_argument("--option", action="append", metavar="KEY=VALUE",
+                   help="view option, e.g. core=shared (compressed MoE: which core the experts use)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_export)
 
@@ -283,6 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-fewshot", type=int)
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--option", action="append", metavar="KEY=VALUE", help="load option for every model")
+    s.add_argument("--engine", choices=["inprocess", "lm-eval"], default="inprocess",
+                   help="who evaluates each checkpoint (as for compare); lm-eval exports into the state folder "
+                        "when it must, and removes the export after the evaluation")
+    s.add_argument("--engine-option", action="append", metavar="KEY=VALUE",
+                   help="lm-eval engine setting, e.g. backend=vllm, device=cuda:0, dtype=bfloat16")
     s.add_argument("--wandb", action="store_true", help="log each checkpoint's scores against its step to W&B")
     s.add_argument("--plot", help="save the score-vs-step figure to this file")
     s.add_argument("--json", action="store_true")

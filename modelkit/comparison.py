@@ -456,6 +456,8 @@ class CompareResult:
             lines.append("")
             lines.append("disagreements (0/1 metrics): " + "; ".join(
                 f"{t} {met}: {w} right {c}" for (_, t, met, w), c in counts.items()))
+            from .codeeval.lm_task import summary_lines     # code tasks: which problems changed
+            lines += summary_lines(dis)
         if self.wandb_run:
             lines.append(f"W&B run: {self.wandb_run}")
         return "\n".join(lines)

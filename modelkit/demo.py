@@ -21,12 +21,16 @@ NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
 def write_demo(root: str | Path) -> dict[str, Path]:
     """Write the demo artifacts under ``root`` (idempotent: what exists is reused);
-    ``{name: folder}``, the pair as ``pair/base`` and ``pair/lora``."""
+    ``{name: folder}``, the pair as ``pair/base`` and ``pair/lora``. The simulated training
+    run of the pair (``pair/run``, for the watch notebook) is written too, not listed."""
     from .demo_pair import write_demo_pair
     from .testing import write_catalog
 
+    from .testing.training_run import write_demo_run
+
     paths = write_catalog(Path(root))
     pair = write_demo_pair(Path(root) / "pair")
+    write_demo_run(Path(root) / "pair" / "run", pair["base"], pair["trained"])   # watched by 05-watch
     return {**paths, "pair/base": pair["base"], "pair/lora": pair["trained"]}
 
 
@@ -40,6 +44,8 @@ def notebook_parameters(root: str | Path, output_dir: str | Path = "reports") ->
         "03-diff": {**base, "a": str(root / "original-qwen3-moe"), "b": str(root / "compressed-checkpoint-N")},
         "04-compare": {**base, "base": str(root / "pair" / "base"), "trained": str(root / "pair" / "lora"),
                        "tasks": ["mk_topic", "mk_count"], "limit": 20},
+        "05-watch": {**base, "run_dir": str(root / "pair" / "run"), "baseline": str(root / "pair" / "base"),
+                     "tasks": ["mk_topic"], "limit": 20},
     }
 
 

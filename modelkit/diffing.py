@@ -307,26 +307,45 @@ class DiffResult:
     rank: bool = False
     seconds: float = 0.0
     bytes_read: int = 0
+    parts: dict[str, "DiffResult"] = field(default_factory=dict)  # a mixture: one diff per expert
 
     # -- verdict ----------------------------------------------------------------------
     def count(self, status: str) -> int:
-        return sum(r["status"] == status for r in self.rows)
+        return sum(r["status"] == status for r in (self.all_rows() if self.parts else self.rows))
+
+    def all_rows(self) -> list[dict[str, Any]]:
+        """Every row: a mixture's per-expert rows (``expert`` set to the part's expert), then
+        its own rows (the router)."""
+        out = []
+        for label, part in self.parts.items():
+            k = _part_expert(label)
+            out += [{**r, "expert": k if k is not None else r["expert"]} for r in part.rows]
+        return out + list(self.rows)
 
     @property
     def changed(self) -> list[str]:
-        """Names whose values differ (compared or dtype-changed with a non-zero change)."""
+        """Names whose values differ (compared or dtype-changed with a non-zero change);
+        for a mixture ``expert_K:name``."""
+        if self.parts:
+            return [f"{label}:{n}" for label, part in self.parts.items() for n in part.changed]
         return [r["name"] for r in self.rows
                 if r["status"] in ("compared", "dtype-changed") and r["changed"]]
 
     @property
     def unreadable(self) -> int:
         """Tensors and files that could not be read (either side)."""
+        if self.parts:
+            return sum(p.unreadable for p in self.parts.values()) + sum(
+                r["status"] == "unreadable" for r in self.rows)
         return self.count("unreadable") + sum(len(s.get("unreadable_files") or []) for s in (self.a, self.b))
 
     @property
     def identical(self) -> bool:
         """Same names, shapes, dtypes and values on both sides (NaN equals NaN), every file
-        read, and something compared."""
+        read, and something compared. A mixture: every expert's view equals the other side
+        (its router, which the other side lacks, cannot make it differ)."""
+        if self.parts:
+            return all(_part_status(p) == "unchanged" for p in self.parts.values())
         return bool(self.rows) and not self.unreadable and all(r["identical"] for r in self.rows)
 
     @property
@@ -335,9 +354,31 @@ class DiffResult:
         compared or something unreadable)."""
         if self.identical:
             return "identical"
+        if self.parts:
+            return ("different" if any(_part_status(p) == "changed" for p in self.parts.values())
+                    else "incomplete")
         if all(r["identical"] or r["status"] == "unreadable" for r in self.rows):
             return "incomplete"
         return "different"
+
+    def by_expert(self) -> "pd.DataFrame":
+        """A mixture: one row per expert (its dense view against the other side) plus the
+        router; empty for a plain diff."""
+        import pandas as pd
+
+        rows = []
+        for label, part in self.parts.items():
+            both = [r for r in part.rows if r["status"] in ("compared", "dtype-changed")]
+            rows.append({"part": label, "verdict": _part_status(part), "tensors": len(part.rows),
+                         "changed": len(part.changed),
+                         "rel_change": part.overall_rel_change if both else math.nan})
+        for r in self.rows:
+            status = (("changed" if r["changed"] else "unchanged")
+                      if r["status"] in ("compared", "dtype-changed") else r["status"])
+            rows.append({"part": r["name"], "verdict": status, "tensors": 1,
+                         "changed": int(bool(r["changed"])) if r["changed"] is not None else 0,
+                         "rel_change": r["rel_change"] if r["rel_change"] is not None else math.nan})
+        return pd.DataFrame(rows, columns=["part", "verdict", "tensors", "changed", "rel_change"])
 
     @property
     def overall_rel_change(self) -> float:
@@ -347,10 +388,11 @@ class DiffResult:
 
     # -- tables -----------------------------------------------------------------------
     def to_frame(self) -> "pd.DataFrame":
-        """One row per tensor (columns :data:`COLUMNS`), in natural name order."""
+        """One row per tensor (columns :data:`COLUMNS`), in natural name order; a mixture's
+        rows for every expert (``expert`` = the expert the row's view merged)."""
         import pandas as pd
 
-        frame = pd.DataFrame(self.rows, columns=list(COLUMNS))
+        frame = pd.DataFrame(self.all_rows() if self.parts else self.rows, columns=list(COLUMNS))
         for col in ("layer", "expert", "numel", "changed", "numerical_rank"):
             frame[col] = frame[col].astype("Int64")
         for col in ("norm_a", "norm_b", "norm_diff", "rel_change", "cosine", "max_abs_diff",
@@ -404,6 +446,7 @@ class DiffResult:
             "tensors": self.to_frame().to_dict(orient="records"),
             "by_layer": records(self.by_layer()), "by_role": records(self.by_role()),
             "by_projection": records(self.by_projection()),
+            "by_expert": self.by_expert().to_dict(orient="records"),
         })
 
     def to_json(self, **kw: Any) -> str:
@@ -411,6 +454,8 @@ class DiffResult:
 
     def summary(self, top: int = 10) -> str:
         """Readable text, leading with the verdict (what the CLI prints)."""
+        if self.parts:
+            return self._mixture_summary(top)
         n = len(self.rows)
         both = [r for r in self.rows if r["status"] in ("compared", "dtype-changed")]
         lines = []
@@ -445,6 +490,29 @@ class DiffResult:
                          "(dropped, empty or untrained adapters?)")
         if not self.identical:
             lines += self._tables(top)
+        return "\n".join(lines)
+
+    def _mixture_summary(self, top: int) -> str:
+        n = len(self.parts)
+        moving = [label for label, p in self.parts.items() if _part_status(p) == "changed"]
+        if self.verdict == "identical":
+            head = (f"IDENTICAL: none of the {n} experts changes anything: each expert's dense view equals "
+                    "the other side (empty, dropped or untrained experts); the mixture is that model")
+        elif self.verdict == "incomplete":
+            head = f"INCOMPLETE: no expert differs, but {self.unreadable} tensor(s) or file(s) could not be read"
+        else:
+            head = f"DIFFERENT: {len(moving)} of {n} experts differ ({', '.join(moving)})"
+        lines = [head + "; a routed mixture is diffed per expert (one dense view each), plus the router"]
+        for tag, side in (("A", self.a), ("B", self.b)):
+            desc = ", ".join(str(x) for x in (side.get("format"), side.get("layout")) if x)
+            lines.append(f"  {tag}  {side['label']}" + (f"  ({desc})" if desc else ""))
+        lines += ["", f"    {'part':<22}{'verdict':>12}{'tensors':>9}{'changed':>9}{'rel_change':>12}"]
+        for r in self.by_expert().itertuples():
+            lines.append(f"    {r.part:<22}{r.verdict:>12}{r.tensors:>9}{r.changed:>9}{_fmt(r.rel_change):>12}")
+        lines += [f"  WARNING {w}" for w in self.warnings]
+        for label, part in self.parts.items():
+            if _part_status(part) != "unchanged":
+                lines += ["", f"  -- {label} --"] + part._tables(top)
         return "\n".join(lines)
 
     def _tables(self, top: int) -> list[str]:
@@ -536,8 +604,12 @@ def diff(a: "str | Path | Artifact | TensorView", b: "str | Path | Artifact | Te
 
     side_a = _open_side(a, base_a, options_a)
     side_b = _open_side(b, base_b, options_b)
+    if _variants(side_a, options_a) or _variants(side_b, options_b):
+        return _diff_mixture(a, b, base_a, base_b, options_a, options_b, side_a, side_b,
+                             rank=rank, progress=progress, threads=threads)
     va, vb = side_a.view, side_b.view
     names = list(va) + [n for n in vb if n not in va.tensors]
+    twins = _tied_twins(side_a, side_b)
     warnings = _warnings(side_a, side_b)
     total = sum(_nbytes(v[n]) for v in (va, vb) for n in v)
     workers, spans = Workers(threads), Spans()
@@ -548,8 +620,16 @@ def diff(a: "str | Path | Artifact | TensorView", b: "str | Path | Artifact | Te
                   leave=False) as bar:
             for name in names:
                 la, lb = va.tensors.get(name), vb.tensors.get(name)
+                twin = twins.get(name)
+                if twin is not None:  # a stored copy of a tensor the other side ties
+                    la, lb = (la, vb.tensors[twin[1]]) if twin[0] == "b" else (va.tensors[twin[1]], lb)
                 bar.set_postfix_str(name[-40:], refresh=False)
-                rows.append(_diff_tensor(name, la, lb, workers, spans, rank))
+                row = _diff_tensor(name, la, lb, workers, spans, rank)
+                if twin is not None:
+                    row["note"] = (f"{twin[0].upper()} ties {name} to {twin[1]}: compared with it "
+                                   + ("(a tied duplicate)" if row["status"] in ("compared", "dtype-changed") and not row["changed"]
+                                      else "(NOT equal: not a tied duplicate)"))
+                rows.append(row)
                 _release(side_a.artifacts + side_b.artifacts)
                 bar.update(sum(_nbytes(x) for x in (la, lb) if x is not None))
     finally:
@@ -563,6 +643,83 @@ def diff(a: "str | Path | Artifact | TensorView", b: "str | Path | Artifact | Te
         warnings.append(f"non-finite values (NaN/inf): {na:,} in A, {nb:,} in B, in {len(bad)} "
                         f"tensor(s): {_names(bad)}; statistics use the finite positions")
     return DiffResult(side_a.info, side_b.info, rows, warnings, rank, seconds, total)
+
+
+def _variants(side: _Side, options: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """The parts a mixture side is diffed by (none when view options pick one already)."""
+    if split_facts(options)[1] or not side.artifacts:
+        return {}
+    return side.artifacts[0].variants()
+
+
+def _part_status(part: DiffResult) -> str:
+    """One expert of a mixture: ``changed`` (some value differs), ``unchanged`` (every value
+    equal: the expert is the other side; a merge held in float32 over a bf16 base still
+    counts as unchanged when its values are), or ``incomplete`` (something unreadable)."""
+    if part.changed:
+        return "changed"
+    if part.unreadable or any(r["status"] in ("shape-changed", "added", "removed") for r in part.rows):
+        return "incomplete" if part.unreadable else "changed"
+    return "unchanged"
+
+
+def _part_expert(label: str) -> int | None:
+    m = re.match(r"^expert_(\d+)$", label)
+    return int(m.group(1)) if m else None
+
+
+def _diff_mixture(a, b, base_a, base_b, options_a, options_b, side_a: _Side, side_b: _Side,
+                  **kw: Any) -> DiffResult:
+    """A routed mixture against anything: one diff per expert (its dense view), plus rows for
+    the tensors no view places (the router). Two mixtures pair expert K with expert K."""
+    va, vb = _variants(side_a, options_a), _variants(side_b, options_b)
+    labels = list(vb or va) if not (va and vb) else [k for k in va if k in vb]
+    if va and vb and set(va) != set(vb):
+        from .errors import LoadError
+
+        raise LoadError(f"the two mixtures have different experts ({sorted(va)} vs {sorted(vb)}); "
+                        "pick one of each with options_a / options_b (e.g. expert=0)")
+    start = time.perf_counter()
+    parts = {}
+    for label in labels:
+        oa = {**dict(options_a or {}), **va[label]} if va else options_a
+        ob = {**dict(options_b or {}), **vb[label]} if vb else options_b
+        parts[label] = diff(a, b, base_a, base_b, oa, ob, **kw)
+    ua = side_a.artifacts[0].unviewed() if va else {}
+    ub = side_b.artifacts[0].unviewed() if vb else {}
+    workers, spans = Workers(kw.get("threads")), Spans()
+    try:
+        rows = [_diff_tensor(n, ua.get(n), ub.get(n), workers, spans, False)
+                for n in list(ua) + [n for n in ub if n not in ua]]
+    finally:
+        workers.close()
+    first = next(iter(parts.values()), None)
+    warnings = sorted({w for p in parts.values() for w in p.warnings})
+    info_a, info_b = (first.a, first.b) if first is not None else (side_a.info, side_b.info)
+    return DiffResult(side_a.info if va else info_a, side_b.info if vb else info_b, rows, warnings,
+                      kw.get("rank", False), time.perf_counter() - start,
+                      sum(p.bytes_read for p in parts.values()), parts)
+
+
+def _tied_twins(a: _Side, b: _Side) -> dict[str, tuple[str, str]]:
+    """Names stored on one side only that the other side's architecture ties to a tensor it
+    has (a stored ``lm_head.weight`` against a tied base): name -> (side holding the source,
+    source name). Compared with that source, so a copy equal to it is no added tensor."""
+    out = {}
+    for mine, other, tag in ((a, b, "b"), (b, a, "a")):
+        extra = [n for n in mine.view if n not in other.view.tensors]
+        if not extra or not other.artifacts:
+            continue
+        try:
+            from .architectures import tied_tensors
+
+            tied = tied_tensors(other.artifacts[0].config())
+        except Exception:  # no config to tell: the name stays added / removed
+            continue
+        for n in extra:
+            if n in tied and tied[n] in other.view.tensors:
+                out[n] = (tag, tied[n])
+    return out
 
 
 def _nbytes(lazy: Any) -> int:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import CompareError
+from .errors import CompareError, ModelkitError
 from .tasks import TASKS_DIR
 
 STDERR_BOOTSTRAP_ITERS = 1000   # lm-eval's bootstrap stderr (median, perplexity, ...); 100000 by default
@@ -70,6 +70,8 @@ class TaskCatalog:
             try:
                 with quiet_logs():
                     self._built[name] = self.manager.load([name])
+            except ModelkitError:       # a task's own loader refusing its data (e.g. a code self-check)
+                raise
             except Exception as e:  # datasets / lm-eval raise many types for missing data
                 raise CompareError(
                     f"task {name!r} cannot be prepared: its data are not available offline or "

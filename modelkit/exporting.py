@@ -24,6 +24,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from .atomic import atomic_folder, fsync_file
@@ -471,8 +472,14 @@ def _verify(folder: Path, ref: Any, base: Any, expert: int | None, artifact: Art
         reference = "modelkit.load(merge=False): PEFT's own forward on the base"
         src = load(ref, dtype=torch.float32, merge=False, **common)
     else:
-        reference = "modelkit.load()"
-        src = load(ref, dtype=torch.float32, **common)
+        independent = artifact.reference_model(**opts)
+        if independent is not None:  # the stored form by a second path, in float64
+            model, how = independent
+            src = SimpleNamespace(model=model)
+            reference = f"independent float64 reference: {how}"
+        else:
+            reference = "modelkit.load()"
+            src = load(ref, dtype=torch.float32, **common)
     rounded = None
     if part.dtype != "float32":  # the source's weights rounded the same way: must agree exactly
         dense = {"expert": expert} if expert is not None else {}

@@ -291,8 +291,16 @@ def load(ref: Any, base: Any = None, dtype: Any = None, device: str | None = Non
     if not merge and not is_peft(artifact):
         raise LoadError(f"merge=False applies to PEFT adapters only (this is {artifact.format})",
                         artifact.folder)
+    if is_dylora(artifact) and format_options.get("alpha") is not None:
+        artifact.supply(lora_alpha=format_options.pop("alpha"))  # alpha= is the same fact: recorded as supplied
     if is_dylora(artifact) and "expert" not in format_options:
-        model, report = _load_routed(artifact, base_art, tdtype, routing or "router", allow_untrained)
+        router_pass = format_options.pop("router_pass", None) or "base"
+        if format_options:
+            raise LoadError(f"unknown option(s) {sorted(format_options)} for a routed DyLoRA-MoE load; "
+                            "it takes routing=, router_pass=, lora_alpha=, lora_r= (or expert=K for "
+                            "the dense merge)", artifact.folder)
+        model, report = _load_routed(artifact, base_art, tdtype, routing or "router", allow_untrained,
+                                     router_pass)
     elif not merge:
         model, report = _load_peft_unmerged(artifact, base_art, tdtype, allow_untrained)
     else:
@@ -374,16 +382,16 @@ def _load_dense(artifact: Artifact, base_art: Artifact | None, dtype, allow_untr
 
 
 def _load_routed(artifact: Artifact, base_art: Artifact | None, dtype, routing: str,
-                 allow_untrained: bool) -> tuple[Any, LoadReport]:
+                 allow_untrained: bool, router_pass: str = "base") -> tuple[Any, LoadReport]:
     from .models.dylora import build_dylora_model
 
     findings = check_artifact(artifact, base_art, allow_untrained=allow_untrained,
-                              need_router=routing == "router")
+                              need_router=not str(routing).startswith("expert:"))
     with recording_reads() as seen:
         model = build_dylora_model(artifact, base_art, routing=routing, dtype=dtype,
-                                   allow_empty_experts=allow_untrained)
-    report = _new_report(artifact, "routed", dtype or getattr(model, "dtype", "float32"),
-                         {"routing": routing}, findings)
+                                   allow_empty_experts=allow_untrained, router_pass=router_pass)
+    options = {"routing": routing} | ({"router_pass": router_pass} if router_pass != "base" else {})
+    report = _new_report(artifact, "routed", dtype or getattr(model, "dtype", "float32"), options, findings)
     report.origins = _routed_origins(artifact, base_art, model)
     report.consumed, report.unused = split_consumed(artifact, seen)
     from .models.dylora import describe_routing

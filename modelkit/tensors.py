@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import CorruptFileError, UnsafePathError, UnsafePickleError
+from .zipmembers import read_zip_member
 
 # safetensors dtype tags -> torch dtype names (the names used everywhere in modelkit)
 SAFETENSORS_DTYPES = {
@@ -299,12 +300,16 @@ def _is_tensor(obj: Any) -> bool:
 
 
 def flatten_tensors(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """(dotted key, tensor or TensorHeader) for every tensor inside nested dicts/lists."""
-    if _is_tensor(obj):
-        yield prefix, obj
-        return
-    for k, v in _children(obj):
-        yield from flatten_tensors(v, f"{prefix}.{k}" if prefix else k)
+    """(dotted key, tensor or TensorHeader) for every tensor inside nested dicts/lists,
+    depth first in stored order (iterative: a layer file holds ~500 of them)."""
+    stack = [(prefix, obj)]
+    while stack:
+        key, o = stack.pop()
+        if type(o) is TensorHeader or _is_tensor(o):
+            yield key, o
+        elif isinstance(o, (dict, list, tuple)):
+            items = o.items() if isinstance(o, dict) else enumerate(o)
+            stack.extend(reversed([(f"{key}.{k}" if key else str(k), v) for k, v in items]))
 
 
 def flatten_scalars(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -375,7 +380,7 @@ class TensorHeader:
 
 
 def _rebuild_tensor(storage: str, offset: int, size: Any, *rest: Any) -> TensorHeader:
-    return TensorHeader(tuple(int(d) for d in size), storage)
+    return TensorHeader(tuple(map(int, size)), storage)
 
 
 def _rebuild_parameter(data: TensorHeader, *rest: Any) -> TensorHeader:
@@ -410,10 +415,13 @@ def read_pickle_skeleton(path: Path) -> Any | None:
     try:
         if not zipfile.is_zipfile(path):
             return None
-        with zipfile.ZipFile(path) as z:
-            pkl = [n for n in z.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
-            if len(pkl) != 1:
-                return None
-            return _SkeletonUnpickler(io.BytesIO(z.read(pkl[0]))).load()
+        data = read_zip_member(path, lambda n: n.endswith("/data.pkl") and n.count("/") == 1)
+        if data is None:  # not the plain layout torch.save writes: the zipfile module decides
+            with zipfile.ZipFile(path) as z:
+                pkl = [n for n in z.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+                if len(pkl) != 1:
+                    return None
+                data = z.read(pkl[0])
+        return _SkeletonUnpickler(io.BytesIO(data)).load()
     except Exception:  # anything unusual: let torch.load (weights_only) decide
         return None

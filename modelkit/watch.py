@@ -48,6 +48,8 @@ CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 SETTLE_SECONDS = 5.0       # files unchanged this long (and inspect clean): the checkpoint is complete
 INTERVAL_SECONDS = 30.0    # between polls of the run folder
 ATTEMPTS = 3               # evaluations of one checkpoint before it is recorded as failed
+DEEP_BELOW_BYTES = 1 << 30  # audit() reads tensor data (all-zero LoRA B...) of checkpoints this small
+TRAINER_STATE_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "training_args.bin", "trainer_state.json")
 
 
 class WatchError(ModelkitError):
@@ -119,11 +121,30 @@ def snapshot_digest(snap: tuple | None) -> str:
     return hashlib.sha256(json.dumps(snap).encode()).hexdigest()[:16]
 
 
+def audit(folder: str | Path, base: str | Path | None = None, deep: bool | None = None):
+    """``inspect`` of a checkpoint as the watcher and the training callback use it:
+    ``deep=None`` reads tensor data (finding untrained adapters) when the checkpoint's
+    weights (the Trainer's optimizer and RNG files aside) are under DEEP_BELOW_BYTES."""
+    from .inspection import inspect
+
+    if deep is None:
+        deep = _weight_bytes(Path(folder)) < DEEP_BELOW_BYTES
+    return inspect(folder, base=base, deep=deep)
+
+
+def _weight_bytes(folder: Path) -> int:
+    total = 0
+    for p in folder.rglob("*"):
+        if p.is_file() and p.name not in TRAINER_STATE_FILES and not p.name.startswith("rng_state"):
+            total += p.stat().st_size
+    return total
+
+
 # --------------------------------------------------------------------------- evaluating one
 
 
 @dataclass
-class EvalJob:
+class CheckpointJob:
     """Everything needed to evaluate one model, as plain data (so an executor can ship it
     to another process or machine). ``scratch`` is an empty folder the evaluator may use
     (e.g. for a temporary export); the watcher removes it after the call."""
@@ -137,23 +158,39 @@ class EvalJob:
     batch_size: int = 8
     include_path: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    engine: str | None = None            # "inprocess" (default) or "lm-eval" (modelkit.engines)
+    engine_options: dict[str, Any] = field(default_factory=dict)
     scratch: str | None = None
 
 
-Evaluator = Callable[[EvalJob], dict]
+Evaluator = Callable[[CheckpointJob], dict]
 
 
-def evaluate_in_process(job: EvalJob) -> dict[str, Any]:
-    """The default evaluator: load the model in this process (any format) and run the
-    lm-eval tasks, as ``compare`` does (same cache). ``{"model": ModelInfo fields, "runs":
-    {task: run}}``, all JSON."""
+def evaluate_in_process(job: CheckpointJob) -> dict[str, Any]:
+    """The default evaluator: :func:`modelkit.comparison.evaluate_model` in this process,
+    as ``compare`` evaluates each model (same cache, same engines: in process by default;
+    with ``engine="lm-eval"`` the lm-eval CLI, its temporary export in ``job.scratch``,
+    which the watcher removes). ``{"model": ModelInfo fields, "runs": {task: run}}``, JSON."""
     from .comparison import evaluate_model
 
+    engine_options = dict(job.engine_options)
+    if job.engine == "lm-eval" and job.scratch and "work_dir" not in engine_options:
+        engine_options["work_dir"] = job.scratch
     info, runs = evaluate_model(job.ref, job.tasks, role="base" if job.role == "baseline" else "trained",
                                 label=job.label, options=job.options, include_path=job.include_path,
                                 limit=job.limit, num_fewshot=job.num_fewshot, batch_size=job.batch_size,
-                                progress=False)
+                                progress=False, engine=job.engine, engine_options=engine_options or None)
     return {"model": asdict(info), "runs": runs}
+
+
+def evaluate_quietly(job: CheckpointJob) -> dict[str, Any]:
+    """:func:`evaluate_in_process` with what the libraries print (lm-eval's progress bars,
+    ``git`` complaints) captured (:func:`modelkit.quiet.captured`): the watcher's own
+    lines stay readable. Main thread only (it redirects the process's stderr)."""
+    from .quiet import captured
+
+    with captured():
+        return evaluate_in_process(job)
 
 
 # --------------------------------------------------------------------------- the watcher
@@ -179,8 +216,9 @@ class Watcher:
 
     ``poll()`` does one pass; ``run()`` polls until ``stop`` is set (or, with ``once``,
     after one pass). ``on_event(entry)`` is called after each settled checkpoint (the
-    notebook panel and the CLI print from it). ``evaluator`` evaluates one :class:`EvalJob`
-    (default :func:`evaluate_in_process`; an executor's submit-and-wait fits here).
+    notebook panel and the CLI print from it). ``evaluator`` evaluates one :class:`CheckpointJob`
+    (default :func:`evaluate_in_process`, or :func:`evaluate_quietly` with ``quiet``; an
+    executor's submit-and-wait fits here).
     """
 
     def __init__(self, run_dir: str | Path, tasks: str | Sequence[str], baseline: str | Path | None = None, *,
@@ -189,8 +227,10 @@ class Watcher:
                  state_dir: str | Path | None = None, settle: float = SETTLE_SECONDS,
                  interval: float = INTERVAL_SECONDS, attempts: int = ATTEMPTS,
                  evaluator: Evaluator | None = None, on_event: Callable[[Entry], None] | None = None,
-                 wandb: bool = False, wandb_project: str = "modelkit-watch"):
+                 quiet: bool = False, wandb: bool = False, wandb_project: str = "modelkit-watch",
+                 engine: str | None = None, engine_options: dict | None = None):
         from .comparison import _check_settings, _task_names, result_settings
+        from .engines import get_engine
         from .evaluation import find_tasks
 
         self.run_dir = Path(run_dir).expanduser().absolute()
@@ -201,25 +241,30 @@ class Watcher:
         if not isinstance(attempts, int) or attempts < 1:
             raise WatchError(f"attempts must be an integer >= 1; got {attempts!r}")
         self.catalog = find_tasks(self.tasks, include_path)    # unknown tasks refused before any work
-        self.settings = result_settings(self.catalog, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size)
+        runner = get_engine(engine, **(engine_options or {}))     # a bad engine refused before any work
+        self.settings = result_settings(self.catalog, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
+                                        engine=runner)
         self.job_defaults = {"tasks": self.tasks, "limit": limit, "num_fewshot": num_fewshot,
                              "batch_size": batch_size, "options": dict(options or {}),
-                             "include_path": str(include_path) if include_path else None}
+                             "include_path": str(include_path) if include_path else None,
+                             "engine": engine, "engine_options": dict(engine_options or {})}
         self.baseline_ref = str(baseline) if baseline is not None else None
         self.ledger = Ledger.open(state_dir or default_state_dir(self.run_dir), run_dir=self.run_dir)
         self.settle, self.interval, self.attempts = float(settle), float(interval), attempts
-        self.evaluator = evaluator or evaluate_in_process
+        self.evaluator = evaluator or (evaluate_quietly if quiet else evaluate_in_process)
         self.on_event = on_event
         self.stop_event = threading.Event()
         self.baseline: Entry | None = None
         self.entries: dict[str, Entry] = {}
         self._seen: dict[str, tuple[tuple, float]] = {}     # name -> (snapshot, monotonic time first seen so)
         self._keys: dict[tuple[str, str], str] = {}          # (name, snapshot digest) -> ledger key
+        self._queue: tuple[int, dict[str, str]] = (-1, {})   # queue.jsonl size when read, its entries
         self._aliases = {(r["key"], r["name"]) for r in self.ledger.records if r["event"] == "same"}
         self._settings_hash = hashlib.sha256(json.dumps(
             {"tasks": self.tasks, "hashes": self.catalog.hashes, "limit": limit, "num_fewshot": num_fewshot,
-             "options": self.job_defaults["options"]}, sort_keys=True, default=str).encode()).hexdigest()[:12]
-        self.wandb = None
+             "options": self.job_defaults["options"], "engine": runner.identity()},
+            sort_keys=True, default=str).encode()).hexdigest()[:12]
+        self.wandb, self.wandb_run = None, None
         if wandb:
             from .watch_report import WandbLog
 
@@ -234,7 +279,7 @@ class Watcher:
         with self.ledger.locked():
             try:
                 self.poll()
-                if once:
+                if once and any(e.status == "pending" for e in self.entries.values()):
                     self.stop_event.wait(self.settle)
                     self.poll(final=True)
                 while not once and not self.stop_event.is_set():
@@ -246,7 +291,7 @@ class Watcher:
                     self.poll()
             finally:
                 if self.wandb is not None:
-                    self.wandb.finish(self.result())
+                    self.wandb_run = self.wandb.finish(self.result())
         return self.result()
 
     def stop(self) -> None:
@@ -325,10 +370,8 @@ class Watcher:
 
     def _inspect(self, c: Candidate) -> list[dict] | None:
         """Inspect findings as dicts; None when the folder went away meanwhile."""
-        from .inspection import inspect
-
         try:
-            report = inspect(c.path)
+            report = audit(c.path)
         except ModelkitError as e:
             if not c.path.is_dir():
                 return None
@@ -338,7 +381,7 @@ class Watcher:
         return [f.to_dict() for f in report.findings]
 
     def _evaluate(self, c: Candidate, key: str, snap: tuple) -> Entry | None:
-        job = EvalJob(ref=str(c.path), role="checkpoint", label=c.name, **self.job_defaults)
+        job = CheckpointJob(ref=str(c.path), role="checkpoint", label=c.name, **self.job_defaults)
 
         def moved() -> str | None:
             now = snapshot(c.path)
@@ -352,7 +395,7 @@ class Watcher:
             return None
         return self._settled(c, key, self.ledger.final(key))
 
-    def _attempt(self, job: EvalJob, key: str, *, name: str, step: int | None,
+    def _attempt(self, job: CheckpointJob, key: str, *, name: str, step: int | None,
                  moved: Callable[[], str | None]) -> str:
         """Evaluate ``job`` within the attempts left for ``key`` and record the outcome:
         "done" or "failed"; or "deleted" / "changed" (what ``moved()`` says happened to the
@@ -400,7 +443,7 @@ class Watcher:
             raise WatchError(f"cannot read the baseline {ref!r}: {e}") from None
         key = f"{self._settings_hash}-baseline-{fp}"
         if self.ledger.final(key) is None:
-            job = EvalJob(ref=ref, role="baseline", label="baseline", **self.job_defaults)
+            job = CheckpointJob(ref=ref, role="baseline", label="baseline", **self.job_defaults)
             self._attempt(job, key, name="baseline", step=None,
                           moved=lambda: None if folder.is_dir() else "deleted")
         record = self.ledger.final(key)
@@ -470,6 +513,12 @@ class Watcher:
 
     def _queued(self) -> dict[str, str]:
         """``{checkpoint name: snapshot digest}`` the training callback queued for this run."""
+        try:
+            size = self.ledger.queue_path.stat().st_size
+        except FileNotFoundError:
+            return {}
+        if self._queue[0] == size:
+            return self._queue[1]
         out = {}
         for q in self.ledger.queued():
             try:
@@ -477,15 +526,16 @@ class Watcher:
             except (KeyError, ValueError, OSError):
                 continue
             out[name] = q.get("snapshot")
+        self._queue = (size, out)
         return out
 
     def result(self) -> "WatchResult":
         entries = sorted(self.entries.values(), key=lambda e: Candidate(e.name, Path(), e.step).order)
         return WatchResult(str(self.run_dir), self.tasks, self.baseline, entries, dict(self.settings),
-                           str(self.ledger.folder))
+                           str(self.ledger.folder), self.wandb_run)
 
 
-def _check_result(result: Any, job: EvalJob) -> None:
+def _check_result(result: Any, job: CheckpointJob) -> None:
     """An evaluator's answer must hold the model's provenance and a run per task."""
     if not isinstance(result, dict) or "model" not in result or "runs" not in result:
         raise CompareError(f"the evaluator returned {type(result).__name__}, not {{'model': ..., 'runs': ...}}")
@@ -514,6 +564,7 @@ class WatchResult:
     entries: list[Entry]
     settings: dict[str, Any]
     state_dir: str
+    wandb_run: str | None = None             # the W&B run's local folder (``--wandb``)
     _frame: Any = field(default=None, repr=False)
 
     @property
@@ -579,10 +630,10 @@ class WatchResult:
 
     def summary(self) -> str:
         counts = self.counts()
-        head = (f"modelkit watch {self.run_dir}: " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-                                                      or "no checkpoints yet")
-                + f"; tasks {', '.join(self.tasks)}, limit {self.settings.get('limit')}")
-        lines = [head, f"  state   {self.state_dir}"]
+        label = "PROBLEMS" if self.exit_code else "OK" if counts else "NOTHING YET"
+        head = (f"{label}: " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no checkpoint found")
+                + f" — watch of {self.run_dir}; tasks {', '.join(self.tasks)}, limit {self.settings.get('limit')}")
+        lines = [head, f"  state   {self.state_dir}"] + ([f"  W&B run {self.wandb_run}"] if self.wandb_run else [])
         if self.baseline is not None and self.baseline.result:
             lines.append(f"  baseline {self.baseline.result['model']['ref']} "
                          f"(fingerprint {self.baseline.result['model']['fingerprint']})")
@@ -600,7 +651,7 @@ class WatchResult:
         from .comparison import _records
 
         return {"run_dir": self.run_dir, "tasks": self.tasks, "settings": self.settings,
-                "state_dir": self.state_dir,
+                "state_dir": self.state_dir, "wandb_run": self.wandb_run,
                 "baseline": None if self.baseline is None or not self.baseline.result else self.baseline.result["model"],
                 "checkpoints": [{k: v for k, v in asdict(e).items() if k != "result"} for e in self.entries],
                 "table": _records(self.to_frame())}
@@ -624,13 +675,14 @@ def _ci(lo: Any, hi: Any) -> str:
 
 def watch(run_dir: str | Path, tasks: str | Sequence[str], baseline: str | Path | None = None, *,
           once: bool = False, interval: float = INTERVAL_SECONDS, settle: float = SETTLE_SECONDS,
-          timeout: float | None = None, **options: Any) -> WatchResult:
+          timeout: float | None = None, quiet: bool = True, **options: Any) -> WatchResult:
     """Watch ``run_dir`` and evaluate each new complete checkpoint against ``baseline``
     (see :class:`Watcher` for ``options``: ``limit``, ``num_fewshot``, ``batch_size``,
     ``include_path``, ``options`` (load options), ``state_dir``, ``attempts``, ``evaluator``,
     ``on_event``, ``wandb``). ``once``: evaluate what is there, then return; otherwise
-    poll every ``interval`` seconds until Ctrl-C or ``timeout``."""
-    watcher = Watcher(run_dir, tasks, baseline, settle=settle, interval=interval, **options)
+    poll every ``interval`` seconds until Ctrl-C or ``timeout``. ``quiet``: what the
+    libraries print while evaluating is captured, not shown."""
+    watcher = Watcher(run_dir, tasks, baseline, settle=settle, interval=interval, quiet=quiet, **options)
     try:
         return watcher.run(once=once, timeout=timeout)
     except KeyboardInterrupt:

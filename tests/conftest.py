@@ -53,3 +53,21 @@ def catalog(tmp_path_factory) -> dict[str, Path]:
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def demo_pair(tmp_path_factory) -> dict[str, Path]:
+    """The demo base model and its LoRA fine-tune (see modelkit.demo_pair)."""
+    from modelkit.demo_pair import write_demo_pair
+
+    return write_demo_pair(tmp_path_factory.mktemp("demo-pair"))
+
+
+@pytest.fixture(scope="session")
+def training_run(demo_pair, tmp_path_factory) -> Path:
+    """The simulated training run of modelkit.testing.training_run, already written."""
+    from modelkit.testing.training_run import write_run
+
+    run = tmp_path_factory.mktemp("runs") / "run"
+    write_run(run, demo_pair["base"], demo_pair["trained"])
+    return run

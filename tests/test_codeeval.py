@@ -7,7 +7,6 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -22,17 +21,18 @@ FULLY_ISOLATED = not FULL.missing
 needs_full_sandbox = pytest.mark.skipif(not FULLY_ISOLATED, reason=f"full isolation unavailable: {FULL.missing}")
 
 
-def sandbox_processes() -> list[int]:
-    """Pids of live processes owned by any sandbox uid."""
+def live_processes(uids=range(UID_BASE, UID_BASE + UID_COUNT), argv: str | None = None) -> list[int]:
+    """Pids of live processes owned by one of ``uids`` (or whose command line is ``argv``)."""
     found = []
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
         try:
             uid_line = next(ln for ln in (d / "status").read_text().splitlines() if ln.startswith("Uid:"))
+            cmdline = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
         except (OSError, StopIteration):
             continue
-        if UID_BASE <= int(uid_line.split()[1]) < UID_BASE + UID_COUNT:
+        if int(uid_line.split()[1]) in uids or (argv is not None and cmdline == argv):
             found.append(int(d.name))
     return found
 
@@ -83,7 +83,7 @@ TRUNCATE = "HumanEval/2"          # truncate_number; its test uses abs()
 CLOSE = "HumanEval/0"             # has_close_elements
 
 
-def attacks(tmp: Path, port: int) -> dict[str, tuple[str, str, str]]:
+def attacks(tmp: Path, port: int, marker: str) -> dict[str, tuple[str, str, str]]:
     """name -> (task id, completion, expected status)."""
     canary = tmp / "outside.txt"
     close_body = next(p for p in HE if p.task_id == CLOSE).canonical_solution
@@ -99,9 +99,10 @@ def attacks(tmp: Path, port: int) -> dict[str, tuple[str, str, str]]:
                                            "builtins.exec = lambda *a, **k: None\nos._exit = lambda *a: None\n", "fail"),
         "kill the parent": (CLOSE, "    import os, signal\n    os.kill(os.getppid(), signal.SIGKILL)\n"
                                    "    os.kill(1, signal.SIGKILL)\n", "fail"),
-        "setsid and fork to escape": (CLOSE, "    import os, time\n    if os.fork() == 0:\n        os.setsid()\n"
-                                             "        if os.fork() == 0:\n            time.sleep(60)\n        os._exit(0)\n"
-                                             "    return True\n", "fail"),
+        "setsid and fork to escape": (CLOSE, "    import os\n    if os.fork() == 0:\n        os.setsid()\n"
+                                             "        if os.fork() == 0:\n"
+                                             f"            os.execv('/bin/sleep', ['sleep', {marker!r}])\n"
+                                             "        os._exit(0)\n    return True\n", "fail"),
         "fork bomb": (CLOSE, "    import os\n    while True:\n        try:\n            os.fork()\n"
                              "        except OSError:\n            pass\n", "timeout"),
         "allocate 10 GB": (CLOSE, "    x = bytearray(10 * 1024 ** 3)\n    return True\n", "fail"),
@@ -121,8 +122,8 @@ def test_cheating_and_attacking_programs_fail_and_leave_nothing_behind(tmp_path)
     listener.bind(("127.0.0.1", 0))
     listener.listen()
     listener.settimeout(0.1)
-    cases = attacks(tmp_path, listener.getsockname()[1])
-    scratch_before = set(Path(tempfile.gettempdir()).glob("modelkit-grade-*"))
+    marker = f"60.{os.getpid()}{abs(hash(str(tmp_path))) % 10**6}"        # the escaped child's argv: "sleep <marker>"
+    cases = attacks(tmp_path, listener.getsockname()[1], marker)
     samples = [Sample(task, completion=completion) for task, completion, _ in cases.values()]
     report = grade(HE.select(task_ids=[CLOSE, TRUNCATE]), samples, timeout=3, workers=2, check_problems=False)
 
@@ -138,8 +139,9 @@ def test_cheating_and_attacking_programs_fail_and_leave_nothing_behind(tmp_path)
         listener.accept()                                        # nothing reached the grader's host
     listener.close()
     assert not (tmp_path / "outside.txt").exists() and not (Path.cwd() / "pwned.txt").exists()
-    assert sandbox_processes() == []                             # escaped children and bombs are gone
-    assert set(Path(tempfile.gettempdir()).glob("modelkit-grade-*")) == scratch_before
+    assert report.isolation["uids"] and live_processes(report.isolation["uids"]) == []   # bombs are gone
+    assert live_processes((), argv=f"sleep {marker}") == []       # so is the child that escaped its group
+    assert report.isolation["scratch"] and not any(Path(d).exists() for d in report.isolation["scratch"])
 
 
 def test_the_isolation_in_force_is_stated_and_full_here():
@@ -254,3 +256,14 @@ def test_bad_samples_and_subsets_are_refused(tmp_path, capsys):
         grade(None, unknown, check_problems=False)
     with pytest.raises(ProblemFileError, match="unknown task id"):
         HE.select(task_ids=["HumanEval/0", "HumanEval/999"])
+
+
+@needs_full_sandbox
+def test_nothing_a_program_leaves_in_tmp_reaches_the_next_program():
+    p = next(q for q in HE if q.task_id == CLOSE)
+    writer = "    open('/tmp/residue', 'w').write('x')\n    open('/dev/shm/residue', 'w').write('x')\n" + p.canonical_solution
+    reader = "    import os\n    assert not os.path.exists('/tmp/residue') and not os.path.exists('/dev/shm/residue')\n" \
+             + p.canonical_solution
+    report = grade(HE.select(task_ids=[CLOSE]), [Sample(CLOSE, completion=writer), Sample(CLOSE, completion=reader)],
+                   workers=1, check_problems=False)            # one worker: the same fork server runs both
+    assert [r.status for r in report.results] == ["pass", "pass"], report.summary()

@@ -131,6 +131,9 @@ def test_cli_takes_the_missing_facts(runs, tied, capsys):
     assert main(["inspect", ckpt, "--base", str(tied), "--lora-alpha", str(ALPHA), "--json"]) == 0
     details = json.loads(capsys.readouterr().out)["details"]
     assert "lora_alpha=8" in details["supplied by the user"] and "base=" in details["supplied by the user"]
+    out = runs["early"].parent / "cli-export"
+    assert main(["export", ckpt, str(out), "--base", str(tied), "--lora-alpha", str(ALPHA), "--expert", "1"]) == 0
+    assert json.loads((out / "modelkit_export.json").read_text())["options"]["supplied"]["lora_alpha"] == ALPHA
 
 
 # -- item 5: the middle era's second copy -------------------------------------------------------
@@ -168,3 +171,91 @@ def test_config_rewritten_by_the_real_loader_is_an_error(tmp_path, tied):
     assert cfg["model_type"] == "gemma" and cfg["_dylora_original_type"] == "dylora-moe"
     report = modelkit.inspect(root / "best_model")
     assert any(f.code == "inconsistent-config" and "rewritten" in f.message for f in report.errors)
+
+
+# -- items 2 and 3: diff of a mixture ---------------------------------------------------------
+def test_diff_of_a_mixture_is_per_expert(tmp_path, tied):
+    trained = write_dylora(tmp_path / "trained", "c", tied)
+    empty = write_dylora(tmp_path / "empty", "c", tied, fault="untrained")
+    t = modelkit.diff(tied, trained, progress=False)
+    e = modelkit.diff(tied, empty, progress=False)
+    assert t.verdict == "different" and e.verdict == "identical"
+    table = t.by_expert().set_index("part")
+    assert list(table.index) == ["expert_0", "expert_1", "router.gate.weight", "router.gate.bias"]
+    assert (table.loc[["expert_0", "expert_1"], "verdict"] == "changed").all()
+    assert (table.loc[["expert_0", "expert_1"], "rel_change"] > 0.01).all()
+    assert (e.by_expert().set_index("part").loc[["expert_0", "expert_1"], "verdict"] == "unchanged").all()
+    assert t.summary().startswith("DIFFERENT: 2 of 2 experts differ")
+    assert e.summary().startswith("IDENTICAL: none of the 2 experts changes anything")
+    frame = t.to_frame()
+    assert set(frame.expert.dropna()) == {0, 1}
+    json.loads(t.to_json())  # serialisable
+
+
+def test_cli_diff_of_a_mixture(tmp_path, tied, capsys):
+    from modelkit.cli import main
+
+    trained = write_dylora(tmp_path / "trained", "b", tied)
+    main(["diff", str(tied), str(trained)])
+    out = capsys.readouterr().out
+    assert "expert_0" in out and "expert_1" in out and "router.gate.weight" in out and "IDENTICAL" not in out
+
+
+def test_a_stored_head_equal_to_the_embeddings_is_a_tied_duplicate_in_diff(tmp_path, tied):
+    folder = write_dylora(tmp_path / "a", "a-full-config", tied)
+    result = modelkit.diff(tied, folder, options_b={"expert": 0}, progress=False)
+    head = next(r for r in result.rows if r["name"] == "lm_head.weight")
+    assert head["status"] in ("compared", "dtype-changed") and not head["changed"]
+    assert "tied duplicate" in head["note"]
+    assert result.count("added") == 0
+
+
+# -- export --expert K --verify over the tied base, loaded by stock transformers --------------------
+def test_export_expert_verify_over_a_tied_base_loads_in_stock_transformers(tmp_path, tied, runs):
+    for i, (src, extra) in enumerate(((write_dylora(tmp_path / "c", "c", tied), {}),
+                                      (runs["early"] / "checkpoint-100", {"base": tied, "lora_alpha": ALPHA}))):
+        out = tmp_path / f"export-{i}"
+        result = modelkit.export(src, out, expert=1, verify=True, progress=False, dtype="float32", **extra)
+        assert result.ok and result.written, result.summary()
+        if extra:
+            record = json.loads((out / "modelkit_export.json").read_text())
+            assert record["options"]["supplied"] == {"lora_alpha": ALPHA, "base": str(tied)}
+        reference = modelkit.load(src, expert=1, dtype="float32", **extra).model
+        ids = [[2, 7, 9, 4, 11]]
+        code = ("import json, sys, torch\nfrom transformers import AutoModelForCausalLM\n"
+                f"m = AutoModelForCausalLM.from_pretrained({str(out)!r}, dtype=torch.float32)\n"
+                f"print(json.dumps(m(torch.tensor({ids})).logits.tolist()))")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                              env={**__import__("os").environ, "PYTHONPATH": ""})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        with torch.no_grad():
+            torch.testing.assert_close(torch.tensor(json.loads(proc.stdout)), reference(torch.tensor(ids)).logits,
+                                       atol=1e-5, rtol=0)
+
+
+def test_alpha_keyword_is_the_same_supplied_fact(runs, tied):
+    ckpt = runs["early"] / "checkpoint-100"
+    for kw in ({"expert": 1}, {"routing": "expert:1"}):
+        report = modelkit.load(ckpt, base=tied, alpha=ALPHA, **kw).report
+        assert report.options["supplied"]["lora_alpha"] == ALPHA
+
+
+def test_two_mixtures_diff_expert_by_expert(tmp_path, tied, runs):
+    a, b = runs["late"] / "checkpoint-50", runs["late"] / "checkpoint-100"
+    result = modelkit.diff(a, b, progress=False)
+    table = result.by_expert().set_index("part")
+    assert list(table.index) == ["expert_0", "expert_1", "router.gate.weight", "router.gate.bias"]
+    assert (table.verdict == "changed").all(), table   # each checkpoint its own experts and router
+    three = write_dylora(tmp_path / "three", "c", tied, num_experts=3)
+    with pytest.raises(ModelkitError, match="different experts"):
+        modelkit.diff(a, three, progress=False)
+
+
+def test_compare_over_a_tied_base_with_per_token_routing(tmp_path, tied):
+    from modelkit.comparison import compare
+
+    trained = write_dylora(tmp_path / "b", "b", tied)
+    result = compare(tied, trained, tasks=["mk_count"], limit=8, progress=False, use_cache=False,
+                     trained_options={"routing": "token"})
+    frame = result.to_frame()
+    assert len(frame) >= 1 and "routing=token" in " ".join(frame["model"].astype(str))

@@ -66,7 +66,7 @@ def _widget_models(nb) -> list[dict]:
 
 
 def test_there_is_a_notebook_per_operation():
-    assert NAMES == ["01-inspect", "02-export", "03-diff", "04-compare"]
+    assert NAMES == ["01-inspect", "02-export", "03-diff", "04-compare", "05-watch"]
     assert set(NAMES) == set(notebook_parameters("demo"))
 
 
@@ -146,8 +146,23 @@ def _check_04_compare(out: Path, nb) -> None:
     assert "mk_topic   acc       n=20   better" in _checked_text(nb)
 
 
+def _check_05_watch(out: Path, nb) -> None:
+    rec = json.loads((out / "05-watch.json").read_text())
+    status = {c["name"]: c["status"] for c in rec["checkpoints"]}
+    assert status == {"checkpoint-10": "done", "checkpoint-20": "done", "checkpoint-30": "done",
+                      "checkpoint-40": "done", "checkpoint-60": "rejected", "best_model": "done"}
+    acc = {r["checkpoint"]: r for r in rec["table"] if r["metric"] == "acc"}
+    assert acc["checkpoint-30"]["verdict"] == "better" and acc["checkpoint-30"]["n"] == 20
+    assert [acc[c]["step"] for c in ("checkpoint-10", "checkpoint-20", "checkpoint-30", "checkpoint-40")] == [10, 20, 30, 40]
+    assert (out / "05-watch.png").stat().st_size > 10_000
+    assert "checkpoint-30 mk_topic acc: better" in _checked_text(nb)
+    # the live panel was built over the demo root: its run picker lists the demo run
+    pickers = [m for m in _widget_models(nb) if "mk-run-picker" in m.get("_dom_classes", [])]
+    assert pickers and "pair/run" in pickers[0]["_options_labels"]
+
+
 CHECKS = {"01-inspect": _check_01_inspect, "02-export": _check_02_export, "03-diff": _check_03_diff,
-          "04-compare": _check_04_compare}
+          "04-compare": _check_04_compare, "05-watch": _check_05_watch}
 
 
 @slow

@@ -31,19 +31,14 @@ EVALUATED = ["checkpoint-10", "checkpoint-20", "checkpoint-30", "checkpoint-40"]
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory) -> dict[str, Path]:
-    from modelkit.demo_pair import write_demo_pair
-
-    return write_demo_pair(tmp_path_factory.mktemp("demo-pair"))
+@pytest.fixture
+def pair(demo_pair) -> dict[str, Path]:
+    return demo_pair
 
 
-@pytest.fixture(scope="module")
-def finished_run(pair, tmp_path_factory) -> Path:
-    """The whole simulated run, already written (what a watcher finds after the fact)."""
-    run = tmp_path_factory.mktemp("runs") / "run"
-    write_run(run, pair["base"], pair["trained"])
-    return run
+@pytest.fixture
+def finished_run(training_run) -> Path:
+    return training_run
 
 
 @pytest.fixture
@@ -217,6 +212,28 @@ def test_the_state_is_kept_outside_the_run_and_locked(run, tmp_path):
         watch(tmp_path / "nowhere", TASKS)
 
 
+def test_wandb_logs_each_checkpoint_against_its_training_step(run):
+    from modelkit.testing.wandb_offline import history, metrics, wait_until_written
+
+    result = watch(run, TASKS, limit=LIMIT, once=True, settle=0.1, wandb=True)
+    folder = Path(result.wandb_run)
+    assert "offline-run" in folder.name
+    wait_until_written(folder)
+    assert {"name": "", "glob_name": "watch/*", "step_metric": "trainer/global_step"} in metrics(folder)
+    rows = [r for r in history(folder) if "trainer/global_step" in r]
+    frame = result.to_frame()
+    acc = frame[frame["metric"] == "acc"].set_index("checkpoint")
+    # one row per evaluated checkpoint with a step, each carrying its own step: a result
+    # that finishes out of order still lands on its step
+    assert [r["trainer/global_step"] for r in rows] == [10, 20, 30, 40]
+    for r in rows:
+        name = f"checkpoint-{r['trainer/global_step']}"
+        assert r["watch/mk_topic/acc"] == acc.loc[name, "trained"]
+        assert r["watch/mk_topic/acc/delta"] == pytest.approx(acc.loc[name, "delta"])
+    assert list(folder.glob("files/media/table/watch_final/table_*.table.json"))
+    assert list(folder.glob("files/media/images/watch_final/plot_*.png"))
+
+
 def test_a_torn_last_ledger_line_is_ignored(tmp_path):
     ledger = Ledger.open(tmp_path / "s")
     ledger.append("started", "k1", name="checkpoint-1")
@@ -321,3 +338,17 @@ def test_kill_minus_9_at_random_points_loses_and_duplicates_nothing(finished_run
     assert len(started) <= len(done) + kills                                # only killed ones were redone
     assert {r["checkpoint"] for r in data["table"]} == {*EVALUATED, "best_model"}
     gc.collect()
+
+
+@pytest.mark.slow
+def test_the_lm_eval_engine_evaluates_checkpoints_and_leaves_no_export(finished_run, pair, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run / "checkpoint-30", run / "checkpoint-30")
+    here = watch(run, TASKS, pair["base"], limit=LIMIT, once=True, settle=0.1, state_dir=tmp_path / "a")
+    there = watch(run, TASKS, pair["base"], limit=LIMIT, once=True, settle=0.1, state_dir=tmp_path / "b",
+                  engine="lm-eval", engine_options={"device": "cpu"})
+    assert statuses(there) == {"checkpoint-30": "done"}
+    assert there.evaluated[0].result["model"]["engine"]["engine"] == "lm-eval"
+    cols = ["metric", "base", "trained", "delta", "verdict"]
+    assert there.to_frame()[cols].equals(here.to_frame()[cols])     # two engines, one answer
+    assert not any((tmp_path / "b" / "scratch").rglob("*"))          # temporary folders removed

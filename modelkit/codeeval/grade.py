@@ -190,7 +190,8 @@ def grade(problems: ProblemSet | str | Path | None, samples: Sequence[Sample] | 
         if check_problems:
             self_check(pset, sandbox=sandbox, workers=workers, progress=progress)
         results = run_all(pset, items, sandbox=sandbox, workers=workers, progress=progress)
-        iso = {"statement": sandbox.isolation.statement(), **sandbox.isolation.to_dict()}
+        iso = {"statement": sandbox.isolation.statement(), **sandbox.isolation.to_dict(),
+               "uids": sorted(sandbox.used_uids), "scratch": sandbox.scratch_dirs}
     return GradeReport(pset.source, sample_src, results, iso, asdict(limits), seconds=time.perf_counter() - t0)
 
 

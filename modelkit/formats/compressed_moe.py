@@ -48,7 +48,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..errors import BaseModelUnavailableError, ConfigError, ModelkitError
+from ..errors import BaseModelUnavailableError, ConfigError, ModelkitError, UnknownFormatError
 from ..findings import Finding, error, info, warning
 from ..tensors import FLOAT_DTYPES, PickleFile, StoredTensor, torch_dtype
 from ..views import LazyTensor, TensorView, stored_tensor
@@ -70,6 +70,8 @@ STATS_FILES = (("compression_statistics.yaml", "."), ("compression_stats.yaml", 
 TRAINER_WEIGHTS = "model.safetensors"   # the HF Trainer's own save of the compressed model
 TRAINER_FILES = ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin")
 ZERO_SHOT_LAYOUTS = ("checkpoint-0", "early-compressed", "tmp")
+LOGIT_CHECK_MAX_PARAMS = 200_000_000   # inspect --deep measures the two forms' logits below this size
+UNUSABLE = "unusable"   # detected so that opening it says why (a crashed or empty save), never a model
 CORE_CHOICES = {"copies": "each expert's own core copy (the Trainer's model.safetensors): what the trained "
                           "forward multiplied by",
                 "shared": "the saved shared core (layer_{i}/{proj}.pt) with each expert's wrappers"}
@@ -488,7 +490,9 @@ class CompressedMoEArtifact(Artifact):
         if self.has_trainer_weights:
             out += self.entries_of(TRAINER_WEIGHTS)
         for (layer, proj), rel in self.layer_files.items():
-            out += [dataclasses.replace(t, name=_layer_name(layer, proj, t.key)) for t in self.entries_of(rel)]
+            # the constructor, not dataclasses.replace: 10^5 wrapper tensors in a real checkpoint
+            out += [StoredTensor(_layer_name(layer, proj, t.key), t.shape, t.dtype, t.file, t.key)
+                    for t in self.entries_of(rel)]
         for (layer, proj), rel in self.extracted_files.items():
             for t in self.entries_of(rel):
                 parts = t.key.split(".")
@@ -584,10 +588,14 @@ class CompressedMoEArtifact(Artifact):
         """The original MoE config: the checkpoint's ``config.json``, else the original's."""
         from ..architectures import load_config
 
+        return load_config(self.architecture())
+
+    def architecture(self):
+        """config()'s config.json (a cached audit of it imports no transformers)."""
         if (self.folder / "config.json").is_file():
-            return load_config(self.path("config.json"))
+            return self.path("config.json")
         if self.base is not None and self.base.path is not None:
-            return load_config(self.base.path)
+            return self.base.path / "config.json"
         name = self.base.name if self.base is not None else self.original_name()
         why = self.base.how if self.base is not None else "not looked up"
         raise BaseModelUnavailableError(
@@ -603,7 +611,7 @@ class CompressedMoEArtifact(Artifact):
         from ..architectures import expected_tensors
 
         out = {}
-        for name in expected_tensors(config if config is not None else self.config()):
+        for name in expected_tensors(config if config is not None else self.config_facts()):
             m = _EXPERT_SLOT.match(name)
             if m:
                 out[(int(m["layer"]), m["proj"], int(m["e"]), m["kind"])] = name
@@ -638,7 +646,7 @@ class CompressedMoEArtifact(Artifact):
         copies = self.core_copies() if core == "copies" else {}
         from ..architectures import expected_tensors
 
-        config = self.config()
+        config = self.config_facts()
         expected = expected_tensors(config)
         slots = self._slots(config)
         targets = self.compressed_targets
@@ -685,7 +693,8 @@ class CompressedMoEArtifact(Artifact):
                 tensors[name] = LazyTensor(tuple(g.core.shape), dtype,
                                            f"compressed:{g.file or NON_MOE}[expert {e}"
                                            + (", own core copy]" if copies else "]"),
-                                           functools.partial(produce_as, torch_dtype(dtype)),
+                                           # the dtype resolved when producing: a view costs no torch import
+                                           functools.partial(_produce_in, produce_as, dtype),
                                            compute=produce_as)
                 if e in g.biases or g.bias_matrix is not None:
                     bias_name = slots.get((layer, proj, e, "bias"))
@@ -763,11 +772,20 @@ class CompressedMoEArtifact(Artifact):
             return b.to(torch_dtype(dtype))
         return produce
 
+    def reference_model(self, **options) -> tuple[Any, str] | None:
+        """The stored low-rank form materialised in float64 by
+        :mod:`modelkit.formats.compressed_reference` (``core`` as in the view)."""
+        from .compressed_reference import reference_model
+
+        if not self.layer_files:
+            return None  # compressed parts only under in-memory names: no second path
+        return reference_model(self, self.base.path if self.base is not None else None, core=options.get("core"))
+
     # -- checks ------------------------------------------------------------------------
     def check(self, base: Artifact | None, deep: bool = False) -> list[Finding]:
         findings = self._settings_findings()
         try:
-            config = self.config()
+            config = self.config_facts()
             slots = self._slots(config)
         except BaseModelUnavailableError:
             config, slots = None, None
@@ -833,13 +851,14 @@ class CompressedMoEArtifact(Artifact):
         if worst is not None:
             dw, rel, core_diff, n_diff, n = worst
             if n_diff:
+                logit = self._logit_difference()
                 out.append(warning(
                     "trained-form-differs",
                     f"the saved compressed form (shared core + wrappers) is not the model that was trained: the "
                     f"trained forward multiplied by each expert's own core copy ({TRAINER_WEIGHTS}), and {n_diff} "
                     f"of {n} copies differ from their shared core (by up to {core_diff:.3g}); the experts differ "
-                    f"by up to {dw:.3g} (max |dW|, {rel:.3g} of max |W|). Load, export and diff use the copies "
-                    "by default (core='copies'); core='shared' gives the saved shared core",
+                    f"by up to {dw:.3g} (max |dW|, {rel:.3g} of max |W|), {logit}. Load, export and diff use "
+                    "the copies by default (core='copies'); core='shared' gives the saved shared core",
                     [t.name for c in copies.values() for t in c.values()], file=str(self.folder / TRAINER_WEIGHTS)))
             else:
                 self.reconciled = (f"every per-expert core copy in {TRAINER_WEIGHTS} equals its shared core "
@@ -851,6 +870,30 @@ class CompressedMoEArtifact(Artifact):
                                f"{len(disagree)} tensor(s) (max |diff| {max(d for _, d in disagree):.3g}); "
                                "the compressed save's are used", [n for n, _ in disagree]))
         return out
+
+    def _logit_difference(self) -> str:
+        """How far the two forms' logits are apart on verify's fixed prompts (both float64
+        references), or why that was not measured."""
+        import torch
+
+        from ..architectures import expected_tensors
+        from ..verify import prompt_ids
+        from .compressed_reference import reference_model
+
+        params = sum(t.numel for t in expected_tensors(self.config_facts()).values())
+        if params > LOGIT_CHECK_MAX_PARAMS:
+            return (f"logits not checked ({params / 1e9:.1f}B parameters: two float64 forwards would need "
+                    f"{2 * 8 * params / 2**30:.0f} GiB; compare exports made with core='copies' and 'shared')")
+        base = self.base.path if self.base is not None else None
+        try:
+            trained, _ = reference_model(self, base, core="copies")
+            shared, _ = reference_model(self, base, core="shared")
+        except ModelkitError as e:
+            return f"logits not checked ({e.problem})"
+        ids = prompt_ids(None, trained.config.get_text_config().vocab_size)
+        with torch.no_grad():
+            diff = max((trained(input_ids=x).logits - shared(input_ids=x).logits).abs().max().item() for x in ids)
+        return f"the logits by up to {diff:.3g} (float64, {len(ids)} fixed prompts)"
 
     def _measure_copies(self, copies):
         """(max |dW| between the two forms, relative to max |W|, max |copy - core|, copies that
@@ -1132,6 +1175,10 @@ class CompressedMoEArtifact(Artifact):
         return out
 
 
+def _produce_in(produce_as: Callable[[Any], Any], dtype: str):
+    return produce_as(torch_dtype(dtype))
+
+
 def _num_experts(config) -> int | None:
     for attr in ("num_experts", "num_local_experts", "n_routed_experts"):
         v = getattr(config, attr, None)
@@ -1253,6 +1300,20 @@ def choose_checkpoint(states: list[CheckpointState]) -> tuple[CheckpointState | 
     return None, "no usable compressed save"
 
 
+def _unusable_checkpoint(folder: Path) -> bool:
+    """A ``checkpoints/checkpoint-N/`` without a compressed save, in an experiment folder
+    that has compression settings or other compressed saves (a crashed Trainer save)."""
+    if not (_CHECKPOINT.match(folder.name) and folder.parent.name == "checkpoints" and folder.is_dir()):
+        return False
+    experiment = folder.parent.parent
+    return _has_settings(experiment) or any(s.layout for s in survey_experiment(experiment))
+
+
+def _has_settings(experiment: Path) -> bool:
+    """The experiment folder holds the compression settings (or statistics)."""
+    return any((experiment / n).is_file() for n, where in SETTINGS_FILES + STATS_FILES if where != ".")
+
+
 def experiment_checkpoints(base: Path) -> list[Path]:
     """``base/checkpoints/checkpoint-N/`` folders in a compressed layout, oldest first."""
     return [s.path for s in survey_experiment(base) if s.step is not None and s.layout]
@@ -1269,14 +1330,22 @@ class CompressedMoE(Format):
         folder = Path(folder)
         layout = layout_of(folder)
         if layout is None:
-            chosen, _ = choose_checkpoint(survey_experiment(folder))
-            layout = chosen.layout if chosen else None
+            states = survey_experiment(folder)
+            chosen, _ = choose_checkpoint(states)
+            layout = chosen.layout if chosen else UNUSABLE if states and _has_settings(folder) else None
+        if layout is None and _unusable_checkpoint(folder):
+            layout = UNUSABLE
         return layout
 
     def open(self, folder: Path, layout: str, source=None) -> Artifact:
         from ..sources import Source
 
         folder = Path(folder).resolve()
+        if layout == UNUSABLE:
+            experiment = folder if (folder / "checkpoints").is_dir() else folder.parent.parent
+            states = survey_experiment(experiment)
+            listing = "; ".join(f"{s.label} {s.problem or 'usable'}" for s in states)
+            raise UnknownFormatError(f"no usable compressed-MoE save here ({listing})", folder)
         if source is None:
             source = Source(str(folder), "local", folder, folder)
         experiment, chosen_why = None, ""

@@ -248,12 +248,11 @@ class DyLoRAArtifact(Artifact):
         mt = self.cfg.get("model_type")
         if mt and mt != MODEL_TYPE:
             return mt
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        from ..archfacts import causal_lm_type  # transformers' own mapping, cached on disk
 
-        by_class = {cls: t for t, cls in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items() if isinstance(cls, str)}
         for arch in self.cfg.get("architectures") or []:
-            if arch in by_class:
-                return by_class[arch]
+            if isinstance(arch, str) and causal_lm_type(arch):
+                return causal_lm_type(arch)
         if self.base is not None and self.base.path is not None:
             mt = _json_or_empty(self.base.path / "config.json").get("model_type")
             if mt:
@@ -271,11 +270,21 @@ class DyLoRAArtifact(Artifact):
         if (self.base is None or self.base.path is None) and self.run_config is not None:
             return config_from_dict(self.run_config, str(self.folder / SIBLING_CONFIG),
                                     model_type=DyLoRAArtifact(self.folder / "../best_model", "b").base_type())
+        return load_config(self.architecture())
+
+    def architecture(self):
+        """config() as raw input (a dict, or the base's config.json): a cached audit of it
+        imports no transformers."""
+        if self.full_config:
+            return {**self.cfg, "model_type": self.base_type()}
+        if (self.base is None or self.base.path is None) and self.run_config is not None:
+            return {**self.run_config,
+                    "model_type": DyLoRAArtifact(self.folder / "../best_model", "b").base_type()}
         if self.base is None or self.base.path is None:
             raise BaseModelUnavailableError(
                 f"config.json only names the base model ({self.base_name()!r}), which is not "
                 "available for its architecture; pass --base FOLDER", self.folder)
-        return load_config(self.base.path)
+        return self.base.path / "config.json"
 
     # -- files ----------------------------------------------------------------------------
     @cached_property
@@ -500,6 +509,21 @@ class DyLoRAArtifact(Artifact):
             "assumed": [k for k in ROUTER_DEFAULTS if k not in scalars],
         }
 
+    # -- the mixture, part by part ---------------------------------------------------------
+    def variants(self) -> dict[str, dict[str, Any]]:
+        """One dense view per expert: the routed mixture is none of them, all of them together."""
+        return {f"expert_{e.index}": {"expert": e.index} for e in self.experts()}
+
+    def unviewed(self) -> dict[str, Any]:
+        """The router (no dense model has a place for it), as ``router.gate.*``."""
+        parts = self._router_parts
+        if parts is None:
+            return {}
+        out = {"router.gate.weight": self._read(parts["weight"])}
+        if parts["bias"] is not None:
+            out["router.gate.bias"] = self._read(parts["bias"])
+        return out
+
     # -- the view -------------------------------------------------------------------------
     def view(self, base: Artifact | None = None, *, expert: int | None = None,
              alpha: float | None = None, **options) -> TensorView:
@@ -637,7 +661,8 @@ class DyLoRAArtifact(Artifact):
                 f"{self.cfg.get('model_type')!r} (originally {self.cfg['_dylora_original_type']!r}, per "
                 "_dylora_original_type)" + (f", {', '.join(nulls)} null" if nulls else "") + ": transformers now "
                 "loads this folder as the plain base model and drops every expert and the router, so 'trained' "
-                "scores of that load are the base model's. modelkit reads the experts regardless",
+                "scores of that load are the base model's. Restore the config.json the training code wrote "
+                "(model_type dylora-moe) before loading or exporting",
                 file=str(self.folder / "config.json")))
         elif not self.cfg:
             findings.append(info(
@@ -709,11 +734,11 @@ class DyLoRAArtifact(Artifact):
         own num_experts), not to DyLoRA."""
         if not self.full_config:
             return False
-        try:
-            from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+        from ..archfacts import declares_field
 
-            return hasattr(CONFIG_MAPPING[self.base_type()](), field)
-        except Exception:  # unknown architecture: the field is DyLoRA's
+        try:
+            return declares_field(self.base_type(), field)
+        except ConfigError:  # unknown architecture: the field is DyLoRA's
             return False
 
     def _count_findings(self, experts: list[ExpertAdapter]) -> list[Finding]:

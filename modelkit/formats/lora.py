@@ -141,7 +141,7 @@ class LoraAdapter:
         alpha, r = self.alpha_of(module), self.rank_of(module)
         if alpha is None:
             raise LoadError(f"{self.name}: lora_alpha is recorded nowhere in the artifact, so "
-                            "the merge scale alpha/r is unknown; pass alpha=<value> to choose one")
+                            "the merge scale alpha/r is unknown; give it (lora_alpha=<value>, --lora-alpha)")
         if not r:
             raise LoadError(f"{self.name}: no rank for {module} (no lora_A, no r in the config)")
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
@@ -327,7 +327,7 @@ def merge_adapter(tensors: Mapping[str, LazyTensor], adapter: LoraAdapter,
 def _merged_weight(w: LazyTensor, m: LoraModule, scaling: float, adapter: LoraAdapter) -> LazyTensor:
     read, transpose = adapter.read, m.embedding or adapter.fan_in_fan_out
 
-    def produce():
+    def compute(dtype):
         import torch
 
         base = w.produce()
@@ -337,12 +337,12 @@ def _merged_weight(w: LazyTensor, m: LoraModule, scaling: float, adapter: LoraAd
             rows = merged.T if adapter.fan_in_fan_out else merged
             factor = read(m.magnitude).produce().float() / torch.linalg.norm(rows, dim=1)
             merged = merged * (factor.view(1, -1) if adapter.fan_in_fan_out else factor.view(-1, 1))
-        # over a bf16/fp16 base the merge stays float32: whoever consumes it casts to the dtype
-        # asked for (a float32 load must not see W + sBA rounded to the base's bf16; an export
-        # in the stored dtype rounds once, as before)
-        return merged if base.dtype in (torch.bfloat16, torch.float16) else merged.to(base.dtype)
+        return merged.to(dtype or base.dtype)
 
-    return LazyTensor(w.shape, w.dtype, f"lora-merge:{adapter.name}:{m.A.file}", produce)
+    # computed in float32 and cast once: to W's dtype by default, to the dtype a load or
+    # export asks for through produce_as (a float32 load over a bf16 base is not rounded to bf16)
+    return LazyTensor(w.shape, w.dtype, f"lora-merge:{adapter.name}:{m.A.file}", lambda: compute(None),
+                      compute=compute)
 
 
 def _merged_bias(b: LazyTensor, m: LoraModule, scaling: float, adapter: LoraAdapter) -> LazyTensor:

@@ -47,11 +47,15 @@ class PeftLoraArtifact(Artifact):
         """The base model's config (an adapter has none of its own)."""
         from ..architectures import load_config
 
+        return load_config(self.architecture())
+
+    def architecture(self):
+        """The base model's config.json (a cached audit of it imports no transformers)."""
         if self.base is None or self.base.path is None:
             raise BaseModelUnavailableError(
                 f"the adapter's architecture is its base model's ({self.base_name()!r}), "
                 "which is not available; pass --base FOLDER", self.folder)
-        return load_config(self.base.path)
+        return self.base.path / "config.json"
 
     def adapter(self) -> LoraAdapter:
         """The adapter as data: settings, modules, lazy access to A/B (PEFT naming)."""

@@ -28,9 +28,13 @@ class PlainHFArtifact(Artifact):
                 wm = data.get("weight_map")
                 if not isinstance(wm, dict):
                     raise ConfigError("index has no `weight_map` object", self.folder / index)
+                checked: set[str] = set()  # a shard is checked once, not once per tensor
                 for name, rel in wm.items():
                     if not isinstance(rel, str):
                         raise ConfigError(f"weight_map[{name!r}] is not a file name", self.folder / index)
+                    if rel in checked:
+                        continue
+                    checked.add(rel)
                     try:
                         check_inside(self.trust_root, self.folder / rel)
                     except UnsafePathError:

@@ -38,7 +38,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..formats.base import Artifact
 
 from .dylora_config import (  # noqa: F401  (re-exported)
-    MODEL_TYPE, ROUTING_NOTES, ROUTINGS, TARGET_MODULES, DyLoRAMoEConfig, _base_type, describe_routing, expert_name, parse_routing)
+    MODEL_TYPE, ROUTER_PASSES, ROUTING_NOTES, ROUTINGS, TARGET_MODULES, DyLoRAMoEConfig, _base_type, describe_routing,
+    expert_name, parse_router_pass, parse_routing)
 
 
 # --------------------------------------------------------------------------- module
@@ -60,7 +61,8 @@ class DyLoRARouter(nn.Module):
 class Routing:
     """A routing decision for a batch: ``weights[b, i]`` is expert i's LoRA weight for sequence b."""
 
-    weights: torch.Tensor                    # [B, E]: one-hot ("router", "expert:K") or a mixture ("mean")
+    weights: torch.Tensor                    # [B, E]: one-hot ("router", "expert:K"), a mixture ("mean",
+                                             # "vote": of logits); [B, T, E] per token ("token")
     router_weights: torch.Tensor | None = None  # [B, E]: sequence-mean router weights the choice came from
     mask: torch.Tensor | None = None         # [B, T]: the tokens averaged over
 
@@ -151,8 +153,15 @@ class DyLoRAMoEForCausalLM(PreTrainedModel, GenerationMixin):
     def routing(self) -> str:
         return self.config.routing
 
-    def set_routing(self, routing: str) -> None:
-        """Switch between ``"router"``, ``"mean"`` and ``"expert:K"``."""
+    def set_routing(self, routing: str, router_pass: str | None = None) -> None:
+        """Switch between ``"router"``, ``"token"``, ``"vote"``, ``"mean"`` and ``"expert:K"``;
+        ``router_pass``: ``"base"`` (adapters off) or ``"expert:K"`` (expert K active while
+        the router reads the hidden states, as the original did with whatever was active)."""
+        if router_pass is not None:
+            k_pass = parse_router_pass(router_pass)
+            if k_pass is not None and not 0 <= k_pass < self.config.num_experts:
+                raise ValueError(f"router_pass={router_pass!r}: no expert {k_pass}")
+            self.config.router_pass = router_pass
         kind, k = parse_routing(routing)
         if kind == "expert" and not 0 <= k < self.config.num_experts:
             raise ValueError(f"no expert {k}: this model has {self.config.num_experts}")
@@ -233,20 +242,36 @@ class DyLoRAMoEForCausalLM(PreTrainedModel, GenerationMixin):
         if not self.router_loaded:
             raise LoadError(f"routing={kind!r} needs the trained router, which this model does not have")
         mask = real_tokens(input_ids, attention_mask, self._pad_id(), ref.shape[:2], device)
-        with self.foundation_model.disable_adapter():
-            hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                        position_ids=position_ids, inputs_embeds=inputs_embeds,
-                                        use_cache=False).last_hidden_state
-        logits = self.router(hidden).float()                                      # [B, T, E]
+        logits = self.router_logits(input_ids, attention_mask, position_ids, inputs_embeds)  # [B, T, E]
         dense = kind == "mean" or self.config.router_dense
         per_token = (F.softmax(logits / self.config.router_temperature, dim=-1) if dense
                      else _top_k_weights(logits, self.config.router_top_k))
+        if kind == "token":
+            return Routing(per_token * mask.to(per_token.dtype).unsqueeze(-1), None, mask)
         m = mask.to(per_token.dtype).unsqueeze(-1)
         seq = (per_token * m).sum(1) / m.sum(1).clamp(min=1.0)                    # [B, E]
-        if kind == "mean":
+        if kind in ("mean", "vote"):
             return Routing(seq, seq, mask)
         choice = seq.argmax(-1)                                                    # first index on ties
         return Routing(F.one_hot(choice, self.config.num_experts).to(seq.dtype), seq, mask)
+
+    def router_logits(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                      position_ids: torch.LongTensor | None = None,
+                      inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, T, E]`` float32 router logits from the last hidden state (after the final
+        norm) of the router pass: the base model (``router_pass="base"``) or the base with
+        expert K active (``"expert:K"``)."""
+        k = parse_router_pass(self.config.router_pass)
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      inputs_embeds=inputs_embeds, use_cache=False)
+        if k is None:
+            with self.foundation_model.disable_adapter():
+                hidden = self.lm.base_model(**inputs).last_hidden_state
+        else:
+            batch = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+            out = self.foundation_model(adapter_names=[expert_name(k)] * batch, output_hidden_states=True, **inputs)
+            hidden = out.hidden_states[-1]
+        return self.router(hidden).float()
 
     def _pad_id(self) -> int:
         pad = self.config.get_text_config().pad_token_id
@@ -286,7 +311,13 @@ class DyLoRAMoEForCausalLM(PreTrainedModel, GenerationMixin):
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                       past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
                       use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
-        if _is_one_hot(weights):
+        kind = parse_routing(self.routing)[0]
+        if weights.dim() == 3 and weights.shape[1] != ref.shape[1]:
+            raise ValueError(f"per-token routing_weights cover {weights.shape[1]} tokens, the input has "
+                             f"{ref.shape[1]}")
+        if kind == "vote" and weights.dim() == 2 and not _is_one_hot(weights):
+            out = self._vote(weights, inputs)
+        elif weights.dim() == 2 and _is_one_hot(weights):
             names = [self.expert_names[i] for i in weights.argmax(-1).tolist()]
             out = self.foundation_model(adapter_names=names, **inputs)   # PEFT mixed-batch inference
         else:
@@ -298,8 +329,31 @@ class DyLoRAMoEForCausalLM(PreTrainedModel, GenerationMixin):
             routing_weights=weights, router_weights=router_weights)
         return output.to_tuple() if return_dict is False else output
 
+    def _vote(self, weights: torch.Tensor, inputs: dict[str, Any]):
+        """Every expert with a share runs the sequence alone; logits (and loss) mixed by share."""
+        out = None
+        for i, name in enumerate(self.expert_names):
+            w = weights[:, i]
+            if not bool((w != 0).any()):
+                continue
+            o = self.foundation_model(adapter_names=[name] * weights.shape[0], **inputs)
+            shape = (-1,) + (1,) * (o.logits.dim() - 1)
+            if out is None:
+                out, logits = o, o.logits * w.to(o.logits.dtype).view(shape)
+            else:
+                logits = logits + o.logits * w.to(o.logits.dtype).view(shape)
+        out.logits = logits
+        if inputs.get("labels") is not None:
+            out.loss = self.lm.loss_function(logits, inputs["labels"], vocab_size=logits.shape[-1])
+        return out
+
     def generate(self, inputs: torch.Tensor | None = None, generation_config: Any = None, **kwargs: Any):
-        """``GenerationMixin.generate`` with the routing decided once, from the prompt."""
+        """``GenerationMixin.generate`` with the routing decided once, from the prompt
+        (``"token"`` and ``"vote"`` re-route the whole sequence at every step, without a cache)."""
+        if parse_routing(self.routing)[0] in ("token", "vote"):
+            kwargs["use_cache"] = False
+            kwargs.pop("routing_weights", None)
+            return super().generate(inputs, generation_config, **kwargs)
         if kwargs.get("routing_weights") is None:
             ids = inputs if inputs is not None else kwargs.get("input_ids")
             embeds = kwargs.get("inputs_embeds")
@@ -329,6 +383,7 @@ class DyLoRAMoEForCausalLM(PreTrainedModel, GenerationMixin):
         from ..loading import load
 
         routing = kwargs.pop("routing", None) or getattr(config, "routing", None) or "router"
+        router_pass = kwargs.pop("router_pass", None) or getattr(config, "router_pass", None) or "base"
         dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
         if dtype == "auto":
             dtype = None
@@ -343,7 +398,8 @@ class DyLoRAMoEForCausalLM(PreTrainedModel, GenerationMixin):
             raise LoadError(f"a DyLoRA-MoE folder is opened by modelkit, which does not take "
                             f"{', '.join(unknown) or 'positional model arguments'}", pretrained_model_name_or_path)
         result = load(str(pretrained_model_name_or_path), base=kwargs.pop("base", None), dtype=dtype,
-                      device=device, routing=routing, allow_untrained=kwargs.pop("allow_untrained", False))
+                      device=device, routing=routing, allow_untrained=kwargs.pop("allow_untrained", False),
+                      router_pass=router_pass)
         model = result.model
         model.load_report = result.report
         return model
@@ -387,9 +443,11 @@ def _is_one_hot(w: torch.Tensor) -> bool:
 
 
 def _expand(weights: torch.Tensor, batch: int) -> torch.Tensor:
-    """``[B, E]`` -> ``[batch, E]`` when generate() repeats each sequence (beams, samples)."""
-    if weights.dim() != 2:
-        raise ValueError(f"routing_weights must be [batch, num_experts], got {list(weights.shape)}")
+    """``[B, E]`` (or per token ``[B, T, E]``) -> ``[batch, ...]`` when generate() repeats
+    each sequence (beams, samples)."""
+    if weights.dim() not in (2, 3):
+        raise ValueError(f"routing_weights must be [batch, num_experts] or [batch, tokens, num_experts], "
+                         f"got {list(weights.shape)}")
     n = weights.shape[0]
     if n == batch:
         return weights
@@ -412,18 +470,20 @@ def _cache_length(cache: Any) -> int:
 @contextlib.contextmanager
 def _mixture(lm: nn.Module, names: list[str], weights: torch.Tensor) -> Iterator[None]:
     """While active, every PEFT LoRA layer of ``lm`` adds ``sum_i w[b, i] * scaling_i * B_i A_i x``
-    to its (adapters-off) output, using its own lora_A / lora_B / scaling / dropout."""
+    (per token, ``w[b, t, i]``, for ``[B, T, E]`` weights) to its (adapters-off) output, using
+    its own lora_A / lora_B / scaling / dropout."""
     from peft.tuners.lora import LoraLayer
 
     def hook(module, args, output):
         x = args[0]
-        shape = (-1,) + (1,) * (output.dim() - 1)
         for i, name in enumerate(names):
             if name not in module.lora_A:
                 continue
             a, b = module.lora_A[name], module.lora_B[name]
             delta = b(a(module.lora_dropout[name](x.to(a.weight.dtype)))) * module.scaling[name]
-            output = output + weights[:, i].to(output.dtype).view(shape) * delta.to(output.dtype)
+            w = weights[..., i].to(output.dtype)
+            w = w.reshape(w.shape + (1,) * (output.dim() - w.dim()))
+            output = output + w * delta.to(output.dtype)
         return output
 
     handles = [m.register_forward_hook(hook) for m in lm.modules() if isinstance(m, LoraLayer)]
@@ -455,7 +515,7 @@ def _refuse(message: str):
 
 def build_dylora_model(artifact: "Artifact", base_artifact: "Artifact | None" = None, routing: str = "router",
                        dtype: "torch.dtype | str | None" = None, *,
-                       allow_empty_experts: bool = False) -> DyLoRAMoEForCausalLM:
+                       allow_empty_experts: bool = False, router_pass: str = "base") -> DyLoRAMoEForCausalLM:
     """The routed module filled from a DyLoRA-MoE artifact (``formats.dylora``).
 
     Base weights come from the artifact's view (the artifact itself in layout a, else
@@ -539,6 +599,10 @@ def build_dylora_model(artifact: "Artifact", base_artifact: "Artifact | None" = 
                         f"{_few([f'{t.file}:{t.key}' for t in left])}", artifact.folder)
     model.origins = _origins(model, view, experts, router)
     model.foundation_model.to(dtype)
+    try:
+        model.set_routing(routing, router_pass)
+    except (ValueError, LoadError) as e:
+        raise LoadError(str(e), artifact.folder) from None
     return model.eval()
 
 

@@ -12,8 +12,10 @@ from ..errors import ConfigError
 
 MODEL_TYPE = "dylora-moe"
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-ROUTINGS = ("router", "mean", "expert:K")
-_ROUTING = re.compile(r"^(router|mean|expert:(\d+))$")
+ROUTINGS = ("router", "token", "vote", "mean", "expert:K")
+ROUTER_PASSES = ("base", "expert:K")
+_ROUTING = re.compile(r"^(router|token|vote|mean|expert:(\d+))$")
+_ROUTER_PASS = re.compile(r"^(base|expert:(\d+))$")
 # DyLoRA-MoE's own field names in config.json -> this config's fields
 _DYLORA_FIELDS = {"_dylora_num_experts": "num_experts", "_dylora_lora_r": "lora_r",
                   "_dylora_lora_alpha": "lora_alpha", "_dylora_lora_dropout": "lora_dropout"}
@@ -21,7 +23,12 @@ _DYLORA_FIELDS = {"_dylora_num_experts": "num_experts", "_dylora_lora_r": "lora_
 _DYLORA_EXTRAS = {"saved_at", "checkpoint_type", "_note", "auto_map", "model_type"}
 ROUTING_NOTES = {
     "router": "the trained router picks one expert per sequence: argmax of its inference-mode "
-              "weights averaged over the real tokens (base model, adapters off, last hidden state)",
+              "weights averaged over the real tokens (as DyLoRA-MoE's generate() does)",
+    "token": "each token runs the expert(s) the router gives it: every adapted layer adds "
+             "sum_i r_t,i s_i B_i A_i x_t with the router's inference-mode weights r_t (the "
+             "fork-era evaluation forward)",
+    "vote": "every expert runs the whole sequence alone; the logits are mixed by each expert's "
+            "share of the router's per-token votes (the pre-fork evaluation forward)",
     "mean": "every expert runs, weighted per sequence by the mean over real tokens of "
             "softmax(router logits / temperature)",
     "expert": "expert {k} runs every sequence (the dense merge of expert {k})",
@@ -39,6 +46,14 @@ def parse_routing(routing: str) -> tuple[str, int | None]:
     if m is None:
         raise ValueError(f"unknown routing {routing!r}; use one of {', '.join(ROUTINGS)}")
     return ("expert", int(m.group(2))) if m.group(2) is not None else (m.group(1), None)
+
+
+def parse_router_pass(router_pass: str) -> int | None:
+    """``"base"`` (adapters off) -> None; ``"expert:K"`` (expert K active) -> K; ValueError otherwise."""
+    m = _ROUTER_PASS.match(str(router_pass).strip())
+    if m is None:
+        raise ValueError(f"unknown router_pass {router_pass!r}; use one of {', '.join(ROUTER_PASSES)}")
+    return int(m.group(2)) if m.group(2) is not None else None
 
 
 def describe_routing(routing: str) -> str:
@@ -71,6 +86,7 @@ class DyLoRAMoEConfig(PretrainedConfig):
     router_top_k: int = 1
     router_dense: bool = False                    # an immature expert: the router stays dense at inference
     routing: str = "router"
+    router_pass: str = "base"                     # adapters active while the router reads the hidden states
     base_model_name_or_path: str | None = None
 
     def __post_init__(self, **kwargs):
@@ -90,6 +106,7 @@ class DyLoRAMoEConfig(PretrainedConfig):
         if self.target_modules is None:
             self.target_modules = list(TARGET_MODULES)
         parse_routing(self.routing)
+        parse_router_pass(self.router_pass)
         if isinstance(self.text_config, PretrainedConfig):  # keep the base's attention / experts kernels
             for key in ("attn_implementation", "experts_implementation"):
                 kwargs.setdefault(key, getattr(self.text_config, f"_{key}", None))

@@ -86,6 +86,22 @@ def text_docs(n: int, seed: int) -> list[dict]:
     return [{"text": ". ".join(sentence(rng)[0] for _ in range(4)) + "."} for _ in range(n)]
 
 
+def code_topic_problems() -> list[dict]:
+    """``mk_code_topic``: HumanEval-form problems the demo fine-tune can solve. The prompt
+    ``Sentence: cat\nTopic:`` is Python once completed (``Topic: animal`` is an annotation,
+    kept as a string under ``from __future__ import annotations``); the test reads it back.
+    An empty completion leaves a syntax error; a wrong word fails the assert."""
+    rows = []
+    for kind in LABELS:
+        for thing in KINDS[kind]:
+            rows.append({"task_id": f"mk_code_topic/{len(rows)}",
+                         "prompt": f"from __future__ import annotations\n\nSentence: {thing}\nTopic:",
+                         "canonical_solution": f" {kind}\n", "entry_point": "topic",
+                         "test": "def topic():\n    return __annotations__.get('Topic')\n\n\n"
+                                 f"def check(candidate):\n    assert candidate() == {kind!r}\n"})
+    return rows
+
+
 def write_task_data(folder: Path = DATA_DIR) -> list[Path]:
     """(Re)write the shipped JSONL files; seeds fixed, output deterministic."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -95,6 +111,7 @@ def write_task_data(folder: Path = DATA_DIR) -> list[Path]:
         "count_train.jsonl": count_docs(50, seed=21),
         "count_test.jsonl": count_docs(200, seed=22),
         "text_test.jsonl": text_docs(100, seed=31),
+        "code_topic.jsonl": code_topic_problems(),
     }
     paths = []
     for name, docs in files.items():

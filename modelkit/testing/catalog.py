@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from ..tensors import torch_dtype
+
 from . import compressed, dylora, faults
 from ._files import one_thread
 from .peft_lora import write_peft_lora
@@ -75,6 +76,16 @@ def _dylora(name: str, layout: str, codes: tuple[str, ...] = (), fault: str | No
                  (("base-required",) if partial else ()) + codes, fault, "base-gemma", notes=notes)
 
 
+def _dylora_run(name: str, era: str, folder: str, codes: tuple[str, ...] = (), fault: str | None = None,
+                base: str = "base-gemma-tied", notes: str = "", label: str | None = None) -> Entry:
+    """One folder of a whole DyLoRA-MoE training run as one era of the real code leaves it."""
+    recorded = folder == "best_model"   # checkpoints of the early and middle eras name no base
+    partial = not (era.startswith("early") and folder == "best_model")
+    return Entry(name, "dylora", "dylora-moe", f"{era}:{folder}",
+                 lambda d, p: dylora.write_dylora_run(d, era, p[base], fault=fault) / folder,
+                 (("base-required",) if partial and recorded else ()) + codes, label or fault, base, notes=notes)
+
+
 def _compressed(name: str, layout: str, codes: tuple[str, ...] = (), fault: str | None = None,
                 notes: str = "", label: str | None = None, **kw) -> Entry:
     partial = layout in ("checkpoint-0", "early-compressed", "tmp")
@@ -96,6 +107,8 @@ ENTRIES: tuple[Entry, ...] = (
     _plain("plain-llama", "safetensors", notes="also the base of every peft-lora entry"),
     _plain("base-gemma", "safetensors", family="gemma", tie=False,
            notes="DyLoRA base: untied gemma, lm_head a copy of embed_tokens"),
+    _plain("base-gemma-tied", "safetensors", family="gemma", dtype=torch_dtype("bfloat16"),
+           notes="the real DyLoRA base's properties: lm_head tied to embed_tokens, config in bfloat16"),
     _plain("original-qwen3-moe", "safetensors", family="qwen3_moe",
            notes="compressed-MoE original; experts stored per expert (mlp.experts.{e}.*_proj.weight)"),
     _plain("plain-sharded", "sharded-safetensors", shards=3),
@@ -127,6 +140,21 @@ ENTRIES: tuple[Entry, ...] = (
             notes="config.json is the plain gemma base config (no _dylora_*), weights are the wrapper's"),
     _dylora("dylora-remote-code", "b", ("remote-code",), "remote-code",
             notes="auto_map in config.json; importing modeling_dylora.py would create REMOTE_CODE_EXECUTED"),
+    _dylora_run("dylora-early-best", "early", "best_model",
+                notes="tied base; whole wrapper incl. lm_head = embed_tokens; dylo_moe_state/ beside it"),
+    _dylora_run("dylora-early-checkpoint", "early", "checkpoint-100", ("inconsistent-config", "base-unavailable"),
+                label="facts-not-recorded",
+                notes="Trainer-only checkpoint: no config.json, no dylo_moe_state/; alpha and base recorded nowhere"),
+    _dylora_run("dylora-middle-checkpoint", "middle", "checkpoint-100", ("inconsistent-config", "base-unavailable"),
+                label="facts-not-recorded",
+                notes="flat peft_adapters/expert_k.pt + own dylo_moe_state/ + the Trainer's model.safetensors"),
+    _dylora_run("dylora-late-best", "late", "best_model", notes="layout b over the tied bf16 base"),
+    _dylora_run("dylora-late-checkpoint", "late", "checkpoint-100",
+                notes="layout c with README.md per expert, training_args.bin listed"),
+    _dylora_run("dylora-loader-rewrote-config", "late", "best_model", ("inconsistent-config",),
+                "loader-rewrote-config",
+                notes="config.json as the real evaluation loader rewrites it: model_type gemma, "
+                      "_dylora_original_type, lora_r/lora_alpha null"),
     _compressed("compressed-checkpoint-N", "checkpoint-N"),
     _compressed("compressed-checkpoint-0", "checkpoint-0"),
     _compressed("compressed-documented", "documented"),

@@ -10,6 +10,7 @@ runs it as its own process (``S`` seconds between saves). Built on the demo pair
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import time
@@ -84,6 +85,24 @@ def write_run(run_dir: str | Path, base: str | Path, adapter: str | Path, pace: 
     time.sleep(pace)
     shutil.copytree(run / "checkpoint-30", run / "best_model")
     return dict(EXPECTED)
+
+
+def write_demo_run(folder: str | Path, base: str | Path, adapter: str | Path) -> Path:
+    """The simulated run, written once into ``folder`` for the demo (built beside it,
+    then renamed: a folder with ``best_model/`` is complete and reused)."""
+    folder = Path(folder)
+    if (folder / "best_model").is_dir():
+        return folder
+    staging = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        write_run(staging, base, adapter)
+        if folder.exists():
+            shutil.rmtree(folder)
+        staging.rename(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
 
 
 def main(argv: list[str] | None = None) -> int:

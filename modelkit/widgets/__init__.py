@@ -11,6 +11,8 @@ from .diff_panel import DiffPanel
 from .export_panel import ExportPanel
 from .inspect_panel import InspectPanel
 from .picker import ArtifactPicker, discover, is_artifact
+from .watch_panel import RunFolderPicker, WatchPanel, discover_runs
 
 __all__ = ["ArtifactPicker", "ComparePanel", "DiffPanel", "ExportPanel", "InspectPanel", "RunButton",
-           "discover", "is_artifact", "mime_bundle", "output_text", "show"]
+           "RunFolderPicker", "WatchPanel", "discover", "discover_runs", "is_artifact", "mime_bundle", "output_text",
+           "show"]

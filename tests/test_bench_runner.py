@@ -1,0 +1,95 @@
+"""`make bench` (benchmarks/run_all.py): every benchmark runs even after one misses or
+crashes, one summary table and one JSON record come out, and the exit status says whether
+any target was missed. The real benchmarks run in quick mode (small sizes) so the runner
+and every benchmark's correctness checks are exercised in `make test`."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+
+FAKE = """
+import sys
+sys.path.insert(0, {bench!r})
+from summary import agrees, at_most, finish, info
+{body}
+"""
+
+
+def fake(tmp_path: Path, name: str, body: str) -> Path:
+    p = tmp_path / f"{name}.py"
+    p.write_text(FAKE.format(bench=str(BENCH), body=body))
+    return p
+
+
+def run_all(*args, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCH / "run_all.py"), *map(str, args)],
+                          capture_output=True, text=True, env={**os.environ, **(env or {})})
+
+
+def test_every_benchmark_runs_and_a_miss_or_crash_fails_the_run(tmp_path):
+    missing = fake(tmp_path, "bench_misses", "sys.exit(finish('bench_misses', ["
+                   "at_most('export time', 2.0, 1.0, 's', baseline='seed', baseline_value=4.0, on_ratio=False),"
+                   "agrees('outputs agree', True)]))")
+    crash = fake(tmp_path, "bench_crashes", "raise RuntimeError('boom')")
+    good = fake(tmp_path, "bench_meets", "sys.exit(finish('bench_meets', ["
+                "at_most('memory ratio', 100.0, 0.4, 'MB', baseline='peft', baseline_value=400.0, on_ratio=True),"
+                "info('throughput', 250.0, 'MB/s')]))")
+    results = tmp_path / "results"
+    out = run_all(missing, crash, good, "--results", results)
+    assert out.returncode == 1, out.stdout + out.stderr
+    # all three ran, in order, after the first one missed
+    assert out.stdout.index("== bench_misses.py") < out.stdout.index("== bench_crashes.py") \
+        < out.stdout.index("== bench_meets.py")
+    summary = out.stdout[out.stdout.index("Summary"):]
+    assert "| bench_misses | export time | 2 s | seed 4 s | 0.5 | <= 1 s | MISSED |" in summary
+    assert "| bench_meets | memory ratio | 100 MB | peft 400 MB | 0.25 | ratio <= 0.4 | met |" in summary
+    assert "| bench_crashes | benchmark ran to the end |" in summary
+    [record_file] = results.glob("bench-*.json")
+    record = json.loads(record_file.read_text())
+    assert record["missed"] == 2
+    assert [r["bench"] for r in record["runs"]] == ["bench_misses", "bench_crashes", "bench_meets"]
+    assert record["runs"][1]["exit"] != 0
+    by = {(f["bench"], f["name"]): f for f in record["figures"]}
+    assert by[("bench_meets", "memory ratio")]["met"] is True
+    assert by[("bench_meets", "throughput")]["met"] is None
+    assert by[("bench_crashes", "benchmark ran to the end")]["met"] is False
+    assert "load_before" in record["machine"]
+
+
+def test_all_targets_met_exits_zero(tmp_path):
+    good = fake(tmp_path, "bench_meets", "sys.exit(finish('bench_meets', [agrees('same output', True)]))")
+    out = run_all(good, "--results", tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "0 missed" in out.stdout
+
+
+def test_a_wrong_answer_is_a_miss(tmp_path):
+    wrong = fake(tmp_path, "bench_wrong", "sys.exit(finish('bench_wrong', [agrees('exports agree', False)]))")
+    out = run_all(wrong, "--results", tmp_path)
+    assert out.returncode == 1
+    assert "| bench_wrong | exports agree |" in out.stdout and "MISSED" in out.stdout
+
+
+@pytest.mark.slow
+def test_real_benchmarks_in_quick_mode_run_and_agree_with_their_baselines(tmp_path):
+    out = run_all("--quick", "--results", tmp_path, env={"PYTHONPATH": str(ROOT)})
+    [record_file] = tmp_path.glob("bench-*-quick.json")
+    record = json.loads(record_file.read_text())
+    benches = sorted(p.stem for p in BENCH.glob("bench_*.py"))
+    assert [r["bench"] for r in record["runs"]] == benches
+    for bench in benches:
+        figures = [f for f in record["figures"] if f["bench"] == bench]
+        assert figures, bench
+        assert not any(f["name"] == "benchmark ran to the end" for f in figures), (bench, out.stdout[-3000:])
+        # correctness holds at any size; the speed targets mean nothing at quick sizes
+        wrong = [f["name"] for f in figures if f["target"] == "outputs agree" and not f["met"]]
+        assert not wrong, (bench, wrong)
+    assert out.returncode == (1 if record["missed"] else 0)

@@ -1,0 +1,70 @@
+"""The watch panel without a browser: pick a run, click Watch, see the table and the plot
+update as checkpoints land, click Stop. Errors are shown in the panel."""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from modelkit.widgets import WatchPanel, discover_runs, output_text
+
+TASKS = "mk_topic"
+
+
+def wait_for(condition, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the panel did not get there in time")
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def runs(training_run, tmp_path) -> Path:
+    root = tmp_path / "experiments"
+    (root / "empty").mkdir(parents=True)
+    (root / "growing").mkdir()
+    shutil.copytree(training_run, root / "done")
+    return root
+
+
+def test_the_picker_lists_run_folders(runs):
+    assert discover_runs(runs) == {"done": str(runs / "done")}          # an empty folder is no run yet
+    (runs / "growing" / "checkpoint-1").mkdir()
+    assert list(discover_runs(runs)) == ["done", "growing"]
+
+
+def test_table_and_plot_update_as_checkpoints_land_and_stop_ends_the_watch(runs, demo_pair, training_run):
+    run = runs / "growing"
+    panel = WatchPanel(root=runs, run_dir=run, baseline=demo_pair["base"], tasks=TASKS, limit=8, interval=0.2,
+                       settle=0.4)
+    assert panel.picker.value == str(run)
+    panel.button.click()
+    assert panel.runner.exception is None, panel.runner.error.value
+    assert panel.running and not panel.stop_button.disabled
+    for name in ("checkpoint-10", "checkpoint-30"):                     # the run saves a checkpoint
+        shutil.copytree(training_run / name, run / name)
+        wait_for(lambda: f"{name}" in output_text(panel.table) and "done" in output_text(panel.table))
+        wait_for(lambda: name in output_text(panel.scores))
+    scores = output_text(panel.scores)
+    assert "<table" in scores and "better" in scores                    # checkpoint-30 learned the task
+    assert any("image/png" in o["data"] for o in panel.plot.outputs)
+    assert "watching" in panel.live.value and "2 done" in panel.live.value
+    panel.stop(wait=60)
+    assert not panel.running and "stopped" in panel.live.value and panel.stop_button.disabled
+    assert [e.name for e in panel.result.entries] == ["checkpoint-10", "checkpoint-30"]
+
+
+def test_errors_are_shown_in_the_panel(runs, tmp_path):
+    panel = WatchPanel(root=runs, run_dir=runs / "done", tasks="")
+    panel.button.click()
+    assert "pick a run folder and name at least one task" in panel.runner.error.value and not panel.running
+    panel = WatchPanel(root=runs, run_dir=runs / "done", baseline=tmp_path / "no-such-model", tasks=TASKS,
+                       limit=8, settle=0.1)
+    panel.button.click()
+    wait_for(lambda: not panel.running, 60)
+    line = panel.thread_error.value.split("<details")[0]                # what the user reads first
+    assert "WatchError" in line and "no-such-model" in line and "Traceback" not in line
+    assert not panel.runner.button.disabled
