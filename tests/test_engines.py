@@ -278,3 +278,64 @@ def test_the_vllm_command_carries_the_parallel_sizes_and_an_exported_adapter(pai
         LmEvalEngine(model_args={"pretrained": "/elsewhere"})
     with pytest.raises(CompareError, match="vLLM parallelises itself"):
         LmEvalEngine(backend="vllm", launcher="accelerate")
+
+
+def _grade_report(path: Path, passed: dict[str, list[bool]], problems: str = "HumanEval.jsonl.gz",
+                  error: bool = False) -> Path:
+    """A ``modelkit grade --json`` report, written by codeeval's own GradeReport."""
+    from modelkit.codeeval.grade import GradeReport, SampleResult
+
+    rows = [SampleResult(task_id=t, index=i, status="pass" if ok else "fail", detail="", seconds=0.1)
+            for t, oks in passed.items() for i, ok in enumerate(oks)]
+    if error:
+        rows[0].status = "error"
+    report = GradeReport(problems=problems, samples=str(path.with_suffix(".jsonl")), results=rows,
+                         isolation={}, limits={"timeout": 10})
+    path.write_text(report.to_json())
+    return path
+
+
+def _evalplus(path: Path, passed: dict[str, list[tuple[str, str]]], dataset_hash: str = "hash-humaneval") -> Path:
+    """An EvalPlus ``eval_results.json``: per problem, per sample base/plus status."""
+    evals = {t: [{"task_id": t, "solution": "def f(): pass", "base_status": b, "plus_status": p,
+                  "base_fail_tests": [], "plus_fail_tests": []} for b, p in rows] for t, rows in passed.items()}
+    path.write_text(json.dumps({"date": "2026-12-01 12:00", "hash": dataset_hash, "eval": evals}))
+    return path
+
+
+def test_compare_results_pairs_code_grades_per_problem(tmp_path):
+    from modelkit.result_comparison import compare_results
+
+    tasks = [f"HumanEval/{i}" for i in range(30)]
+    base = _grade_report(tmp_path / "base.json", {t: [i % 3 == 0] for i, t in enumerate(tasks)})
+    trained = _grade_report(tmp_path / "trained.json", {t: [True] for t in tasks})
+    row = compare_results(base, trained).to_frame().iloc[0]
+    assert row["task"] == "grade_HumanEval" and row["metric"] == "pass@1" and row["n"] == 30
+    assert row["base"] == pytest.approx(10 / 30) and row["trained"] == 1.0
+    assert row["p_mcnemar"] < 1e-4 and row["verdict"] == "better"       # 20 problems only the trained solves
+    fewer = _grade_report(tmp_path / "fewer.json", {t: [True] for t in tasks[:-1]})
+    with pytest.raises(CompareError, match="different documents"):
+        compare_results(base, fewer)
+    broken = _grade_report(tmp_path / "broken.json", {t: [True] for t in tasks}, error=True)
+    with pytest.raises(CompareError, match="incomplete"):
+        compare_results(base, broken)
+    mbpp = _grade_report(tmp_path / "mbpp.json", {t: [True] for t in tasks}, problems="Mbpp.jsonl")
+    with pytest.raises(CompareError, match="different tasks"):
+        compare_results(base, mbpp)
+
+
+def test_compare_results_reads_evalplus_base_and_plus_tests(tmp_path):
+    from modelkit.result_comparison import compare_results
+
+    tasks = [f"HumanEval/{i}" for i in range(12)]
+    base = _evalplus(tmp_path / "base_eval_results.json", {t: [("pass", "fail" if i % 2 else "pass")]
+                                                            for i, t in enumerate(tasks)})
+    trained = _evalplus(tmp_path / "trained_eval_results.json", {t: [("pass", "pass")] for t in tasks})
+    frame = compare_results(base, trained).to_frame().set_index("task")
+    assert frame.loc["evalplus_base", "delta"] == 0.0 and frame.loc["evalplus_base", "n"] == 12
+    assert frame.loc["evalplus_plus", "base"] == 0.5 and frame.loc["evalplus_plus", "trained"] == 1.0
+    other = _evalplus(tmp_path / "other_eval_results.json", {t: [("pass", "pass")] for t in tasks}, "hash-v2")
+    with pytest.raises(CompareError, match="different configs"):
+        compare_results(base, other)                                        # another dataset version
+    with pytest.raises(CompareError, match="cannot pair"):
+        compare_results(base, _grade_report(tmp_path / "g.json", {t: [True] for t in tasks}))
