@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 STAMP := $(VENV)/.modelkit-installed
 
-.PHONY: install test test-fast demo bench bench-quick clean-reports browser-deps
+.PHONY: install test test-fast demo bench bench-quick clean-reports browser-deps screenshots
 
 install: $(STAMP)
 
@@ -36,6 +36,12 @@ bench: install
 
 bench-quick: install
 	$(PY) benchmarks/run_all.py --quick
+
+# The README's screenshots: the browser test run with its screenshots written into the repo
+# (`make test` writes them to a temp folder and never touches tracked files).
+screenshots: install
+	MODELKIT_SCREENSHOTS=$(CURDIR)/reports/screenshots $(PY) -m pytest tests/test_browser.py -q -p no:cacheprovider
+	rm -f reports/screenshots/failure-*.png
 
 browser-deps:
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)

@@ -41,8 +41,8 @@ _LAZY = {
     "compare": ("modelkit.comparison", "compare"),
     "CompareResult": ("modelkit.comparison", "CompareResult"),
     "compare_results": ("modelkit.result_comparison", "compare_results"),
-    "watch": ("modelkit.watch", "watch"),
-    "WatchResult": ("modelkit.watch", "WatchResult"),
+    "watch": ("modelkit.watching", "watch"),
+    "WatchResult": ("modelkit.watching", "WatchResult"),
 }
 
 

@@ -30,6 +30,7 @@ import os
 import re
 import tempfile
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -79,7 +80,25 @@ def config_from_dict(d: Mapping[str, Any], source: str, *, model_type: str | Non
     """
     known, _ = split_config_dict(d, source, model_type=model_type, strip_unknown=strip_unknown)
     cls = _config_class(known, source)
-    return _build_config(cls, known, source)
+    config = _build_config(cls, known, source)
+    if len(_SOURCES) > 4096:
+        for key in [k for k, (ref, _) in _SOURCES.items() if ref() is None]:
+            del _SOURCES[key]
+    _SOURCES[id(config)] = (weakref.ref(config), source)
+    return config
+
+
+# config object -> the file it was read from, so later errors can name it (configs are
+# unhashable, hence id() and a weak reference that proves the id was not reused)
+_SOURCES: dict[int, tuple[Any, str]] = {}
+
+
+def config_source(config) -> str | None:
+    """The file (or description) a config built here came from, if known."""
+    entry = _SOURCES.get(id(config))
+    if entry is None or entry[0]() is not config:
+        return None
+    return entry[1]
 
 
 def split_config_dict(d: Mapping[str, Any], source: str = "<config>", *,
@@ -119,18 +138,14 @@ def _config_file(path: Path) -> Path:
 
 
 def _read_config_json(file: Path) -> dict[str, Any]:
-    try:
-        text = file.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read config ({e})", file) from None
-    try:
-        d = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"malformed JSON at line {e.lineno} column {e.colno}: {e.msg}",
-                          file) from None
+    """config.json read like every artifact file (confined, regular, size-capped; see
+    modelkit.files) and checked against its schema (modelkit.schemas)."""
+    from . import files, schemas
+
+    d = files.read_json(file)
     if not isinstance(d, dict):
         raise ConfigError(f"config is a JSON {type(d).__name__}, not an object", file)
-    return d
+    return schemas.validate(d, file)
 
 
 def _config_class(d: Mapping[str, Any], source: str):
@@ -459,7 +474,10 @@ def meta_model(config: "PretrainedConfig | Mapping[str, Any] | Path | str") -> "
     import torch
     from transformers import AutoModelForCausalLM
 
-    config = _plain_config(_as_config(config))
+    source = str(config) if isinstance(config, (str, Path)) else None
+    config = _as_config(config)
+    source = source or config_source(config) or getattr(config, "_name_or_path", None) or f"<{config.model_type} config>"
+    config = _plain_config(config)
     cls = _causal_lm_class(config)  # a clear ConfigError for configs with no causal-LM class
     try:
         with torch.device("meta"):
@@ -467,8 +485,7 @@ def meta_model(config: "PretrainedConfig | Mapping[str, Any] | Path | str") -> "
     except Exception as e:  # a config that validates but describes no buildable model
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"{cls.__name__} cannot be built from this config: "
-                          f"{type(e).__name__}: {first}",
-                          getattr(config, "_name_or_path", None) or None) from e
+                          f"{type(e).__name__}: {first}", source) from None
 
 
 def _savable_state(model, state_dict: dict[str, Any]) -> dict[str, Any]:

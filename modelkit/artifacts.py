@@ -4,6 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
+from .errors import guarded
+from .files import trusting
 from .formats import Artifact, BaseRef, detect
 from .sources import Source, resolve, resolve_base
 
@@ -18,6 +20,7 @@ def split_facts(options: Mapping[str, Any] | None) -> tuple[dict[str, Any], dict
     return {k: v for k, v in facts.items() if v is not None}, options
 
 
+@guarded()
 def open_artifact(ref: str | Path | Source, base: str | Path | None = None, *,
                   facts: Mapping[str, Any] | None = None) -> Artifact:
     """Resolve ``ref`` (folder, ``wandb:...``, ``hf:...``), detect its format and open it.
@@ -29,8 +32,9 @@ def open_artifact(ref: str | Path | Source, base: str | Path | None = None, *,
     Reads configs and file headers only.
     """
     source = ref if isinstance(ref, Source) else resolve(ref)
-    fmt, layout = detect(source.folder)
-    artifact = fmt.open(source.folder, layout, source)
+    with trusting(source.trust_root):  # detection reads files before any Artifact exists
+        fmt, layout = detect(source.folder)
+        artifact = fmt.open(source.folder, layout, source)
     artifact.supply(**dict(facts or {}))
     name = artifact.base_name()
     if name is not None or base is not None:

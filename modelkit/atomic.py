@@ -5,7 +5,8 @@ OUT's parent (same filesystem, so the final ``rename`` is atomic). On success ev
 and folder in it is fsynced and it is renamed to OUT; on any exception it is removed. A
 process killed outright (SIGKILL, power loss) cannot clean up, so the next
 :func:`atomic_folder` for the same OUT removes leftovers whose owning process is gone.
-Either OUT does not exist or it is complete.
+Either OUT does not exist or it is complete; an OUT replaced with ``force`` stays in place
+until the new one is (see :func:`_publish`).
 """
 from __future__ import annotations
 
@@ -45,7 +46,16 @@ def check_target(out: Path, *, force: bool = False, protect: Iterable[Path] = ()
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    """The process umask, read without changing it where Linux allows (os.umask would set
+    it for an instant, and files created by another thread meanwhile would get umask 022)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
@@ -69,27 +79,84 @@ def atomic_folder(out: Path, *, force: bool = False, protect: Iterable[Path] = (
 
 
 def _publish(tmp: Path, out: Path, force: bool) -> None:
-    """Rename ``tmp`` to ``out`` (moving an existing ``out`` aside first with ``force``)."""
-    old = None
-    if out.exists() or out.is_symlink():
-        if not force:  # appeared while we were writing
-            raise OutputExistsError("appeared while the export was running; nothing replaced", out)
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
-        os.rename(out, old / "previous")
-    os.rename(tmp, out)
+    """Make ``tmp`` be ``out``. An existing ``out`` (with ``force``) is replaced
+    transactionally: the old folder stays at OUT until the new one is there.
+
+    Where the kernel has it (Linux ``renameat2(RENAME_EXCHANGE)``), the two folders swap
+    names in one atomic step and the old one, now at ``tmp``, is deleted. Elsewhere the old
+    OUT is first renamed into a stash ``.{OUT}.old-{pid}-*`` and put back if the second
+    rename fails; a process killed between the two renames leaves the stash, which the next
+    export restores (never deletes) when OUT is missing."""
+    if not (out.exists() or out.is_symlink()):
+        os.rename(tmp, out)
+        fsync_dir(out.parent)
+        return
+    if not force:  # appeared while we were writing
+        raise OutputExistsError("appeared while the export was running; nothing replaced", out)
+    if exchange(tmp, out):
+        fsync_dir(out.parent)
+        shutil.rmtree(tmp, ignore_errors=True)  # the previous OUT, now under the temporary name
+        return
+    stash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
+    os.rename(out, stash / "previous")
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(stash / "previous", out)  # restore, then let the error out
+        os.rmdir(stash)
+        raise
     fsync_dir(out.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(stash, ignore_errors=True)  # restored nothing: the new OUT is in place
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap the names of ``a`` and ``b`` atomically (Linux ``renameat2`` with
+    ``RENAME_EXCHANGE``, through ctypes). False where the platform or filesystem has no
+    such call (then nothing happened); other failures raise OSError."""
+    import ctypes
+    import ctypes.util
+    import errno as _errno
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (_errno.ENOSYS, _errno.EINVAL, _errno.ENOTSUP, getattr(_errno, "EOPNOTSUPP", _errno.ENOTSUP)):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def sweep_leftovers(out: Path) -> list[Path]:
-    """Remove ``.{out}.partial-*`` / ``.old-*`` folders left by processes that died."""
+    """Clean up after exports whose process died: ``.{out}.partial-*`` folders are removed;
+    a ``.{out}.old-*`` stash (the previous OUT, moved aside by the fallback replace) is put
+    back when OUT is missing, and otherwise left alone: a stash is only ever deleted by the
+    process that made it, after the new OUT is in place."""
     removed = []
     if not out.parent.is_dir():
         return removed
-    for p in out.parent.iterdir():
+    for p in sorted(out.parent.iterdir()):
         m = _LEFTOVER.match(p.name)
         if m is None or m.group("name") != out.name or _alive(int(m.group("pid"))):
+            continue
+        if ".old-" in p.name:
+            previous = p / "previous"
+            if previous.exists() and not (out.exists() or out.is_symlink()):
+                os.rename(previous, out)
+                fsync_dir(out.parent)
+                os.rmdir(p)
             continue
         shutil.rmtree(p, ignore_errors=True)
         removed.append(p)
@@ -117,21 +184,27 @@ def fsync_tree(folder: Path) -> None:
 
 
 def fsync_file(path: Path) -> None:
+    """fsync one written file, and give it the permissions of an ordinary file (0666 less
+    the umask): some writers (safetensors) create files 0600."""
     fd = os.open(path, os.O_RDONLY)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
 def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
+    """fsync a folder. Filesystems that do not support it (EINVAL, ENOTSUP) are fine; a
+    real failure (EIO: the data may not be on disk) raises ExportError naming the folder."""
+    import errno as _errno
+
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on directories
+    except OSError as e:
+        if e.errno not in (_errno.EINVAL, _errno.ENOTSUP, getattr(_errno, "EOPNOTSUPP", _errno.ENOTSUP), _errno.EBADF):
+            raise ExportError(f"cannot flush the folder to disk ({e.strerror or e}); the export may "
+                              "not survive a crash", path) from None
     finally:
         os.close(fd)

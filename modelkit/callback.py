@@ -54,7 +54,7 @@ class AuditCallback(TrainerCallback):
         self.reports: dict[int, Any] = {}
 
     def on_save(self, args, state, control, **kwargs):
-        from .watch import audit
+        from .watching import audit
 
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if not folder.is_dir():          # saved elsewhere (hyper-parameter search trial folders)
@@ -80,7 +80,7 @@ class AuditCallback(TrainerCallback):
 
     def _enqueue(self, folder: Path, step: int, report: Any, run_dir: str) -> None:
         from .ledger import append_jsonl, default_state_dir
-        from .watch import snapshot, snapshot_digest
+        from .watching import snapshot, snapshot_digest
 
         state = Path(self.queue) if not isinstance(self.queue, bool) else default_state_dir(run_dir)
         state.mkdir(parents=True, exist_ok=True)

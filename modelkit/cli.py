@@ -2,15 +2,25 @@
 
 Exit codes: 0 fine, 1 an error finding (or a failed verification / comparison), 2 the
 input cannot be read at all (unknown ref or format, unreadable config, bad arguments).
+``diff`` exits like diff(1): 0 identical, 1 different, 2 incomplete or unreadable;
+``compare`` exits 1 when a trained model is significantly worse on any metric;
+``report`` exits with its notebook's verdict (the worst one over a batch), 2 if a cell failed
+(see modelkit.verdicts).
+Every error is one line on stderr, ``modelkit inspect: CorruptFileError: <file>: <problem>``
+(``MODELKIT_DEBUG=1`` adds the traceback).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 from typing import Sequence
 
-from .errors import ModelkitError
+from .errors import translate
+
+PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg", ".webp", ".eps", ".ps", ".tif", ".tiff")
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -24,12 +34,10 @@ def _inspect(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from .exporting import export
 
-    expert = args.expert
-    if expert is not None and expert != "all":
-        expert = int(expert)
     result = export(args.ref, args.out, base=args.base, dtype=args.dtype,
-                    max_shard_size=args.max_shard_size, expert=expert,
-                    verify=args.verify, force=args.force, **_facts(args), **_options(args.option))
+                    max_shard_size=args.max_shard_size, expert=args.expert,
+                    verify=args.verify, force=args.force, allow_untrained=args.allow_untrained,
+                    **_facts(args), **_options(args.option))
     print(result.to_json(indent=1) if args.json else result.summary())
     return 0 if result.ok else 1
 
@@ -43,7 +51,13 @@ def _diff(args: argparse.Namespace) -> int:
     if args.plot:
         result.plot(args.plot)
     print(result.to_json(indent=1) if args.json else result.summary())
-    return 0
+    return _verdict_code(result)
+
+
+def _verdict_code(result) -> int:
+    from .verdicts import verdict_of
+
+    return verdict_of(result).exit_code
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -72,8 +86,13 @@ def _compare(args: argparse.Namespace) -> int:
                      executor=executor)
     if args.plot:
         result.plot(args.plot)
-    print(result.to_json(indent=1) if args.json else result.summary())
-    return 0
+    if args.markdown:
+        from .presentation import markdown_table
+
+        print(markdown_table(result))
+    else:
+        print(result.to_json(indent=1) if args.json else result.summary())
+    return _verdict_code(result)
 
 
 def _engine_options(args: argparse.Namespace) -> dict:
@@ -95,8 +114,13 @@ def _compare_results(args: argparse.Namespace) -> int:
     result = compare_results(args.base, *args.trained)
     if args.plot:
         result.plot(args.plot)
-    print(result.to_json(indent=1) if args.json else result.summary())
-    return 0
+    if args.markdown:
+        from .presentation import markdown_table
+
+        print(markdown_table(result))
+    else:
+        print(result.to_json(indent=1) if args.json else result.summary())
+    return _verdict_code(result)
 
 
 def _grade(args: argparse.Namespace) -> int:
@@ -111,7 +135,7 @@ def _grade(args: argparse.Namespace) -> int:
 
 
 def _watch(args: argparse.Namespace) -> int:
-    from .watch import watch
+    from .watching import watch
 
     stream = sys.stderr if args.json else sys.stdout
 
@@ -133,19 +157,53 @@ def _watch(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .report import run_notebook
+    from .report import NotebookError, read_verdict, run_batch, run_notebook
 
     params = {k: _parse_value(v) for k, v in args.parameter}
+    if args.refs:
+        code, entries = run_batch(args.notebook, args.refs, params, args.output_dir, over=args.over)
+        print(f"index: {args.output_dir.rstrip('/')}/index.html  (exit code {code})")
+        return code
     paths = run_notebook(args.notebook, parameters=params, output_dir=args.output_dir)
     for p in paths:
         print(p)
-    return 0
+    verdict = read_verdict(args.output_dir, paths[0].stem)
+    if verdict is None:
+        raise NotebookError("the notebook recorded no verdict (modelkit.report.record)", args.notebook)
+    print(f"{verdict['label']}: {verdict['detail']}")
+    return verdict["exit_code"]
 
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import main as demo_main
 
     return demo_main(args.root, notebooks=not args.no_notebooks)
+
+
+def _expert_arg(text: str) -> int | str:
+    """``--expert``: a non-negative integer or ``all``."""
+    if text == "all":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an expert index (an integer >= 0) or 'all'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expert indices start at 0")
+    return value
+
+
+def _plot_arg(text: str) -> str:
+    """``--plot FILE``: checked before any work, so a typo does not cost a whole diff."""
+    path = Path(text).expanduser()
+    if path.suffix.lower() not in PLOT_SUFFIXES:
+        raise argparse.ArgumentTypeError(f"{text!r}: the figure needs a file name ending in one of "
+                                         f"{', '.join(PLOT_SUFFIXES)}")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r}: the folder {str(path.parent)!r} does not exist")
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder; give a file name")
+    return str(path)
 
 
 def _facts(args: argparse.Namespace) -> dict:
@@ -173,11 +231,34 @@ def _parse_value(text: str):
         return text
 
 
+EXIT_CODES = """exit codes: 0 fine, 1 the result fails its gate (an error finding, a failed
+verification, a diff that differs, a model that got worse), 2 the input cannot be used.
+Every subcommand has examples: modelkit SUBCOMMAND --help"""
+
+
+def _examples(*lines: str) -> dict:
+    """A subcommand's epilog: examples, then (last line) its exit codes."""
+    *examples, codes = lines
+    text = "examples:\n" + "\n".join(f"  {e}" for e in examples) + f"\n\n{codes}"
+    return {"epilog": text, "formatter_class": argparse.RawDescriptionHelpFormatter}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (``modelkit export: error: argument --expert: ...``)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="modelkit", description=__doc__.splitlines()[0])
+    p = _Parser(prog="modelkit", description=__doc__.splitlines()[0],
+                epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("inspect", help="what an artifact stores, needs and gets wrong")
+    s = sub.add_parser("inspect", help="what an artifact stores, needs and gets wrong", **_examples(
+        "modelkit inspect runs/dylora/best_model --deep",
+        "modelkit inspect wandb:me/proj/best-model:v3 --json > report.json",
+        "exit code: 0 OK or warnings, 1 an error finding, 2 unreadable input"))
     s.add_argument("ref", help="folder, wandb:entity/project/name:vN, or hf:org/name")
     s.add_argument("--base", help="base model folder or ref (overrides the recorded name)")
     s.add_argument("--deep", action="store_true", help="also read tensor data (e.g. all-zero LoRA B)")
@@ -185,36 +266,48 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the full report as JSON")
     s.set_defaults(func=_inspect)
 
-    s = sub.add_parser("export", help="write a standard Hugging Face folder")
-    s.add_argument("ref")
-    s.add_argument("out")
-    s.add_argument("--base")
+    s = sub.add_parser("export", help="write a standard Hugging Face folder", **_examples(
+        "modelkit export runs/plain/checkpoint-500 out/plain --verify",
+        "modelkit export runs/dylora out/dylora --expert all --dtype bfloat16 --verify",
+        "exit code: 0 written, 1 verification failed (nothing written), 2 cannot export"))
+    s.add_argument("ref", help="the artifact: folder, wandb:entity/project/name:vN, or hf:org/name")
+    s.add_argument("out", help="folder to write (must not exist, unless --force)")
+    s.add_argument("--base", help="base model folder or ref (default: the one the artifact records)")
     s.add_argument("--dtype", help="float32, bfloat16 or float16 (default: as stored)")
-    s.add_argument("--max-shard-size", default="2GB")
-    s.add_argument("--expert", help="DyLoRA-MoE: expert index to merge, or 'all' (one folder each)")
+    s.add_argument("--max-shard-size", default="2GB", help="largest weight file, e.g. 500MB (default 2GB)")
+    s.add_argument("--expert", type=_expert_arg,
+                   help="DyLoRA-MoE: expert index to merge, or 'all' (one folder each)")
     s.add_argument("--verify", action="store_true", help="reload OUT and compare logits with the source")
     _add_fact_flags(s)
     s.add_argument("--force", action="store_true", help="replace an existing OUT")
+    s.add_argument("--allow-untrained", action="store_true",
+                   help="export even an untrained or empty adapter (it equals its base model)")
     s.add_argument("--option", action="append", metavar="KEY=VALUE",
                    help="view option, e.g. core=shared (compressed MoE: which core the experts use)")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print the full result as JSON")
     s.set_defaults(func=_export)
 
-    s = sub.add_parser("diff", help="compare two artifacts weight by weight")
-    s.add_argument("a")
-    s.add_argument("b")
-    s.add_argument("--base-a")
-    s.add_argument("--base-b")
+    s = sub.add_parser("diff", help="compare two artifacts weight by weight", **_examples(
+        "modelkit diff hf:Qwen/Qwen3-30B-A3B runs/compressed/checkpoint-900 --plot diff.png",
+        "modelkit diff base/ runs/dylora --option-b expert=0",
+        "exit code (as diff(1)): 0 identical, 1 different, 2 incomplete or unreadable"))
+    s.add_argument("a", help="side A: folder, wandb:entity/project/name:vN, or hf:org/name")
+    s.add_argument("b", help="side B: folder, wandb:entity/project/name:vN, or hf:org/name")
+    s.add_argument("--base-a", help="base model of A, if it needs one (default: recorded)")
+    s.add_argument("--base-b", help="base model of B, if it needs one (default: recorded)")
     s.add_argument("--option-a", action="append", metavar="KEY=VALUE", help="view option for A, e.g. expert=0")
     s.add_argument("--option-b", action="append", metavar="KEY=VALUE", help="view option for B, e.g. expert=0")
     s.add_argument("--rank", action="store_true", help="estimate the effective rank of 2-D deltas")
-    s.add_argument("--plot", help="save the heatmap/top-changes figure to this file")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--plot", type=_plot_arg, help="save the heatmap/top-changes figure to this file")
+    s.add_argument("--json", action="store_true", help="print the full result as JSON")
     s.set_defaults(func=_diff)
 
-    s = sub.add_parser("compare", help="benchmark base vs trained with lm-evaluation-harness")
-    s.add_argument("base")
-    s.add_argument("trained", nargs="+")
+    s = sub.add_parser("compare", help="benchmark base vs trained with lm-evaluation-harness", **_examples(
+        "modelkit compare base/ runs/lora --tasks mk_topic,mk_count --limit 100",
+        "modelkit compare base/ runs/lora --tasks arc_easy --markdown >> RESULTS.md",
+        "exit code: 0 no model worse, 1 a trained model significantly worse on some metric"))
+    s.add_argument("base", help="the base model: folder, wandb:entity/project/name:vN, or hf:org/name")
+    s.add_argument("trained", nargs="+", help="one or more trained models (any format modelkit loads)")
     s.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
     s.add_argument("--include-path", help="folder of your own lm-eval task YAMLs")
     s.add_argument("--limit", type=int)
@@ -224,8 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--option-b", action="append", metavar="KEY=VALUE", help="load option for trained")
     s.add_argument("--no-cache", action="store_true")
     s.add_argument("--wandb", action="store_true", help="log table and plots to a W&B run")
-    s.add_argument("--plot")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--plot", type=_plot_arg, help="save the comparison figure to this file")
+    s.add_argument("--json", action="store_true", help="print the full result as JSON")
+    s.add_argument("--markdown", action="store_true", help="print the results as a Markdown table (paper, PR)")
     e = s.add_argument_group("engine (who evaluates) and executor (where)")
     e.add_argument("--engine", choices=["inprocess", "lm-eval"], default="inprocess",
                    help="inprocess: modelkit.load + lm-eval here (default); lm-eval: the lm-eval CLI in a "
@@ -296,10 +390,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_watch)
 
-    s = sub.add_parser("report", help="run a notebook with papermill into reports/")
-    s.add_argument("notebook")
-    s.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
-    s.add_argument("--output-dir", default="reports")
+    s = sub.add_parser("report", help="run a notebook with papermill into a shareable HTML report", **_examples(
+        "modelkit report notebooks/01-inspect.ipynb -p artifact runs/dylora -p deep true",
+        "modelkit report notebooks/01-inspect.ipynb runs/*/best_model --output-dir reports/inspect-all",
+        "exit code: the notebook's verdict (inspect: 1 on an error finding; the worst over a batch), "
+        "2 a cell failed"))
+    s.add_argument("notebook", help="the notebook to run, e.g. notebooks/01-inspect.ipynb")
+    s.add_argument("refs", nargs="*", metavar="REF",
+                   help="batch: run once per artifact (one folder each, plus index.html)")
+    s.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                   help="a notebook parameter (VALUE as JSON when it parses, else text)")
+    s.add_argument("--over", help="batch: the parameter each REF sets (default: artifact, trained or b)")
+    s.add_argument("--output-dir", default="reports", help="where reports go (default: reports)")
     s.set_defaults(func=_report)
 
     s = sub.add_parser("demo", help="generate demo artifacts and run the notebooks on them")
@@ -313,9 +415,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ModelkitError as e:
-        print(f"modelkit {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"modelkit {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one line for anything; the traceback only on request
+        if os.environ.get("MODELKIT_DEBUG"):
+            raise
+        err = translate(e)
+        if err is None:
+            print(f"modelkit {args.command}: internal error: {type(e).__name__}: {_one_line(str(e))} "
+                  "(a modelkit bug; MODELKIT_DEBUG=1 shows the traceback)", file=sys.stderr)
+        else:
+            print(f"modelkit {args.command}: {type(err).__name__}: {_one_line(str(err))}", file=sys.stderr)
         return 2
+
+
+def _one_line(text: str) -> str:
+    out = ""
+    for line in (x.strip() for x in text.strip().splitlines()):
+        if line:
+            out += ("" if not out else " " if out.endswith(":") else "; ") + line.removeprefix("- ")
+    return out
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -40,7 +40,7 @@ def notebook_parameters(root: str | Path, output_dir: str | Path = "reports") ->
     base = {"root": str(root), "output_dir": str(Path(output_dir).expanduser().absolute())}
     return {
         "01-inspect": {**base, "artifact": str(root / "compressed-no-non-moe")},
-        "02-export": {**base, "artifact": str(root / "dylora-b"), "expert": 0},
+        "02-export": {**base, "artifact": str(root / "dylora-b")},
         "03-diff": {**base, "a": str(root / "original-qwen3-moe"), "b": str(root / "compressed-checkpoint-N")},
         "04-compare": {**base, "base": str(root / "pair" / "base"), "trained": str(root / "pair" / "lora"),
                        "tasks": ["mk_topic", "mk_count"], "limit": 20},

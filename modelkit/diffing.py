@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from .artifacts import open_artifact, open_base, split_facts
+from .errors import guarded
 from .formats import Artifact
 from .pairstats import (RANK_MAX_ELEMENTS, PairSums, Source, Spans, Workers, compare_pair,
                         effective_rank, open_source, single_norm)
@@ -585,6 +586,7 @@ class DiffResult:
 # --------------------------------------------------------------------------- diff
 
 
+@guarded()
 def diff(a: "str | Path | Artifact | TensorView", b: "str | Path | Artifact | TensorView",
          base_a: "str | Path | Artifact | None" = None, base_b: "str | Path | Artifact | None" = None,
          options_a: Mapping[str, Any] | None = None, options_b: Mapping[str, Any] | None = None,

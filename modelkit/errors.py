@@ -64,3 +64,75 @@ class VerificationError(ExportError):
 
 class CompareError(ModelkitError):
     """A benchmark comparison that cannot be run as asked."""
+
+
+# -- the one place where other exceptions become ModelkitErrors ---------------------------
+def _first_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def translate(e: BaseException, path: str | Path | None = None,
+              kind: type[ModelkitError] | None = None) -> ModelkitError | None:
+    """The ModelkitError for an OS, JSON, YAML, schema or library error, or None when ``e``
+    is not one of those (a bug, which must stay visible).
+
+    ``path`` names the file when the exception does not (an OSError's own filename wins);
+    ``kind`` is the class for OS errors (CorruptFileError by default, ExportError where the
+    caller writes)."""
+    import errno
+    import json
+    import pickle
+    import zipfile
+
+    if isinstance(e, ModelkitError):
+        return e
+    if isinstance(e, OSError):
+        where = e.filename if e.filename is not None else path
+        if e.errno == errno.ENOSPC:
+            return ExportError("no space left on the device; nothing was left behind. Free space "
+                               "or choose another output folder", where)
+        return (kind or CorruptFileError)(f"cannot access the file ({_first_line(e)})", where)
+    if isinstance(e, json.JSONDecodeError):
+        return ConfigError(f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}", path)
+    name = type(e).__name__
+    module = type(e).__module__ or ""
+    if module.startswith("yaml"):
+        return ConfigError(f"not valid YAML ({_first_line(e)})", path)
+    if module.startswith("pydantic") and name == "ValidationError":
+        return ConfigError(f"does not match its schema ({_first_line(e)})", path)
+    if name == "SafetensorError" or isinstance(e, (zipfile.BadZipFile, pickle.UnpicklingError, EOFError)):
+        text = _first_line(e)
+        if "No space left on device" in text or "os error 28" in text:
+            return ExportError("no space left on the device; nothing was left behind. Free space "
+                               "or choose another output folder", path)
+        return CorruptFileError(f"cannot read the file ({name}: {text})", path)
+    if isinstance(e, RecursionError):
+        return CorruptFileError("nested too deeply for modelkit to read", path)
+    if isinstance(e, (OverflowError, UnicodeError)):
+        return CorruptFileError(f"holds a value modelkit cannot represent ({name}: {_first_line(e)})", path)
+    return None
+
+
+def guarded(kind: type[ModelkitError] | None = None):
+    """Decorator for public entry points: OS, JSON, YAML, schema and library errors leave
+    as ModelkitErrors (see :func:`translate`), named by the file or the first argument."""
+    import functools
+
+    def wrap(func):
+        @functools.wraps(func)
+        def inner(*args, **kwargs):
+            try:
+                return func(*args, **kwargs)
+            except ModelkitError:
+                raise
+            except Exception as e:
+                err = translate(e, args[0] if args and isinstance(args[0], (str, Path)) else None, kind)
+                if err is None:
+                    raise
+                raise err from None
+        return inner
+
+    return wrap

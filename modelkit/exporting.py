@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import errno
 import json
-import shutil
+import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -27,8 +27,9 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from . import files, schemas
 from .atomic import atomic_folder, fsync_file
-from .errors import ExportError, ModelkitError
+from .errors import ExportError, ModelkitError, guarded
 from .formats import Artifact
 from .inspection import human_bytes
 from .artifacts import split_facts
@@ -120,6 +121,7 @@ def _verification_line(v: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- export
 
 
+@guarded()
 def export(ref: Any, out: str | Path, base: Any = None, dtype: Any = None,
            max_shard_size: int | str = "2GB", expert: int | str | None = None,
            verify: bool = False, force: bool = False, *, allow_untrained: bool = False,
@@ -328,19 +330,32 @@ def write_weights(folder: Path, tensors: dict[str, LazyTensor], out_dtype, max_s
                   progress: bool = True, desc: str = "export") -> dict[str, Any]:
     """Stream ``tensors`` into shards in ``folder``; returns the index plus a cast tally.
 
-    One shard's tensors are produced, written with ``save_file`` and released before the
-    next shard starts; each written shard is fsynced by a background thread while the
-    next one is computed (``os.fsync`` releases the GIL), and every fsync has finished,
-    its errors raised, before this returns."""
+    One shard's tensors are produced, then written with ``save_file`` and fsynced by a
+    writer thread (file writes and ``os.fsync`` release the GIL) while the next shard is
+    produced: computing and writing overlap, and at most two shards are held. When no
+    tensor is computed (stored tensors, LoRA merges: reading is the cost) each shard is
+    written before the next is produced, so only one shard is held, and the fsync alone
+    runs behind. Every write and fsync has finished, its errors raised, before this returns.
+    Computed experts are produced in batches (:func:`modelkit.lowrank.batched_experts`)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm.auto import tqdm
 
+    from .lowrank import batched_experts
+
     files, total = plan_shards(tensors, out_dtype, max_shard_size)
+    overlap = any(lt.compute is not None for lt in tensors.values())
     weight_map, cast, params = {}, Counter(), 0
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="modelkit-fsync") as syncer, \
-            tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress, leave=False) as bar:
-        pending = []
+
+    def write(shard: dict, filename: str) -> None:
+        save_file(shard, folder / filename, metadata={"format": "pt"})
+        shard.clear()
+        fsync_file(folder / filename)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="modelkit-write") as writer, \
+            tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress, leave=False) as bar, \
+            batched_experts():
+        pending = None
         for filename, names in files.items():
             shard, storages = {}, set()
             for name in names:
@@ -356,15 +371,18 @@ def write_weights(folder: Path, tensors: dict[str, LazyTensor], out_dtype, max_s
                 params += t.numel()
                 weight_map[name] = filename
                 bar.update(t.numel() * t.element_size())
-            save_file(shard, folder / filename, metadata={"format": "pt"})
+            if pending is not None:
+                pending.result()  # the previous shard is written (its error raised) first
+                pending = None
+            if overlap:
+                pending = writer.submit(write, shard, filename)
+            else:
+                save_file(shard, folder / filename, metadata={"format": "pt"})
+                pending = writer.submit(fsync_file, folder / filename)
             del shard
             release_all()  # unmap the source pages this shard consumed
-            for f in [f for f in pending if f.done()]:
-                f.result()  # an fsync error surfaces at the next shard
-                pending.remove(f)
-            pending.append(syncer.submit(fsync_file, folder / filename))
-        for f in pending:
-            f.result()  # raises the first fsync error (EIO, ENOSPC on some filesystems)
+        if pending is not None:
+            pending.result()  # raises the last write or fsync error (EIO, ENOSPC)
     index = {"metadata": {"total_parameters": params, "total_size": total}, "weight_map": weight_map}
     (folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return {"files": list(files), "total_size": total, "cast": dict(cast)}
@@ -428,11 +446,11 @@ def causal_lm_class_name(config) -> str:
 
 def _copy_generation_config(folder: Path, artifact: Artifact, base_art: Artifact | None,
                             part: ExportResult) -> None:
-    for src in [artifact.folder] + ([base_art.folder] if base_art else []):
-        p = Path(src) / "generation_config.json"
-        if p.is_file():
-            shutil.copyfile(p, folder / p.name)
-            part.notes.append(f"generation_config.json from {src}")
+    for art in [artifact] + ([base_art] if base_art else []):
+        p = Path(art.folder) / "generation_config.json"
+        if os.path.lexists(p):  # a FIFO or an escaping symlink is refused, not skipped
+            files.copy_confined(p, folder / p.name, art.trust_root)
+            part.notes.append(f"generation_config.json from {art.folder}")
             return
 
 
@@ -442,16 +460,19 @@ def _copy_tokenizer(folder: Path, artifact: Artifact, base_art: Artifact | None,
     if src is None:
         part.notes.append("no tokenizer found in the artifact or its base: none exported")
         return
+    # every file read or copied is confined to the trust root of whoever holds it
+    root = base_art.trust_root if base_art is not None and src == Path(base_art.folder) else artifact.trust_root
     for name in TOKENIZER_FILES:
         p = src / name
-        if p.is_file():
-            if name == "tokenizer_config.json":
-                data = json.loads(p.read_text())
-                if isinstance(data, dict) and data.pop("auto_map", None) is not None:
-                    part.notes.append("tokenizer_config.json: auto_map (remote code) removed")
-                (folder / name).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-            else:
-                shutil.copyfile(p, folder / name)
+        if not os.path.lexists(p):
+            continue
+        if name == "tokenizer_config.json":
+            data = schemas.validate(files.read_json(p, root), p)
+            if data.pop("auto_map", None) is not None:
+                part.notes.append("tokenizer_config.json: auto_map (remote code) removed")
+            (folder / name).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+        else:
+            files.copy_confined(p, folder / name, root)
     part.notes.append(f"tokenizer from {src}")
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from .artifacts import open_artifact, open_base
-from .errors import BaseModelUnavailableError, LoadError, UnsafePickleError
+from .errors import BaseModelUnavailableError, LoadError, ModelkitError, UnsafePickleError, guarded
+from .files import read_json
 from .findings import Finding, Severity, error, info, warning
 from .formats import Artifact
 
@@ -131,6 +132,7 @@ def human_bytes(n: float) -> str:
     return str(n)
 
 
+@guarded()
 def inspect(ref: str | Path, base: str | Path | None = None, deep: bool = False, *,
             facts: dict[str, Any] | None = None) -> InspectionReport:
     """Inspect an artifact: format, stored tensors, completeness audit, findings.
@@ -194,8 +196,8 @@ def _remote_code_findings(artifact: Artifact) -> list[Finding]:
     out = []
     for cfg in artifact.config_sources():
         try:
-            data = json.loads(cfg.read_text())
-        except (OSError, ValueError):
+            data = read_json(cfg, artifact.trust_root)
+        except ModelkitError:
             continue
         if isinstance(data, dict) and data.get("auto_map"):
             out.append(warning("remote-code",

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .artifacts import open_artifact, open_base, split_facts
-from .errors import BaseModelUnavailableError, LoadError
+from .errors import BaseModelUnavailableError, LoadError, guarded
+from .files import check_files
 from .findings import Finding, Severity
 from .formats import Artifact
 from .views import LazyTensor, TensorView
@@ -264,6 +265,7 @@ def torch_dtype_of(dtype: Any):
 # --------------------------------------------------------------------------- load
 
 
+@guarded()
 def load(ref: Any, base: Any = None, dtype: Any = None, device: str | None = None, *,
          merge: bool = True, routing: str | None = None, allow_untrained: bool = False,
          **format_options: Any) -> LoadResult:
@@ -475,6 +477,8 @@ def load_tokenizer(artifact: Artifact, base_art: Artifact | None) -> tuple[Any, 
     folder = tokenizer_folder(artifact, base_art)
     if folder is None:
         return None, None, "no tokenizer files in the artifact or its base"
+    owner = base_art if base_art is not None and folder == Path(base_art.folder) else artifact
+    check_files(folder, TOKENIZER_FILES + ("config.json",), owner.trust_root)  # nothing from outside it
     try:
         tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except Exception as e:  # transformers raises many types for unreadable tokenizers

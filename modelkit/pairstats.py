@@ -253,17 +253,27 @@ def _as_work(chunk, buf, work):
 def _compare_chunks(sources: list[Source], starts: Sequence[int], bufs: _Buffers) -> PairSums:
     """Running sums of a same-shape pair over the chunks at ``starts``.
 
-    A chunk equal bit for bit needs only ``A.A``. Otherwise: A in the working dtype,
+    bfloat16 and float32 pairs take one fused pass (:mod:`modelkit.fusedsums`). Otherwise a chunk equal bit for bit needs only ``A.A``. Otherwise: A in the working dtype,
     ``D = B - A``, then ``A.A``, ``A.D``, ``D.D``; ``B.B`` and ``A.B`` follow exactly from
     them unless B is much smaller than A (cancellation), when they are taken directly.
     Changed elements are counted as ``sign(D).sign(D)`` (exact, cheaper than count_nonzero).
     """
     import torch
 
+    from . import fusedsums
+
     work = _work_dtype(sources[0].dtype, sources[1].dtype)
     abuf, bbuf, dbuf = bufs.work(work)
     acc = PairSums()
     for ra, rb in _stream(sources, starts, bufs):
+        fused = fusedsums.pair_sums(ra, rb)  # one pass, all sums (None: not for these dtypes)
+        if fused is not None:
+            sq_a, sq_b, dot, sq_d, mx, changed = fused
+            if all(map(math.isfinite, fused[:5])):
+                acc.add(sq_a, sq_b, dot, sq_d, mx, changed)
+            else:  # non-finite values, or float32 overflow: exact bookkeeping in float64
+                acc.add(*_careful_chunk(_as_work(ra, abuf, work), _as_work(rb, bbuf, work)))
+            continue
         a = _as_work(ra, abuf, work)
         if _same_bits(ra, rb):
             sq = float(torch.dot(a, a))

@@ -27,7 +27,7 @@ TABLE_CSS = [  # compact, left-aligned text, numbers right-aligned, no wrapping 
     {"selector": "", "props": "border-collapse:collapse;font-size:12px;margin:4px 0"},
     {"selector": "th", "props": "text-align:left;padding:3px 8px;border-bottom:1px solid #999;"
                                 "white-space:nowrap;background:#f5f5f5"},
-    {"selector": "td", "props": "padding:2px 8px;border-bottom:1px solid #e4e4e4;vertical-align:top"},
+    {"selector": "td", "props": "padding:2px 8px;border-bottom:1px solid #e4e4e4;vertical-align:top;text-align:left"},
 ]
 
 
@@ -39,15 +39,13 @@ class Note(str):
 
 
 def human_bytes(n: Any) -> str:
-    """``1536`` -> ``"1.5 KiB"`` (binary units, stated as such); blank for missing."""
+    """``1536`` -> ``"1.5 KB"``: the kit's one byte format (as every summary prints it);
+    blank for missing."""
+    from .inspection import human_bytes as fmt
+
     if n is None or (isinstance(n, float) and math.isnan(n)):
         return ""
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+    return fmt(float(n))
 
 
 def _blank(fmt: Callable[[Any], str]) -> Callable[[Any], str]:
@@ -71,6 +69,7 @@ signed = _blank(lambda x: f"{float(x):+.3f}")
 score = _blank(lambda x: f"{float(x):.3f}")
 pvalue = _blank(lambda x: "<0.001" if float(x) < 1e-3 else f"{float(x):.3f}")
 size = _blank(human_bytes)
+text = _blank(str)
 
 
 def shape(x: Any) -> str:
@@ -93,10 +92,10 @@ def styled(frame: "pd.DataFrame", formats: dict[str, Callable[[Any], str]] | Non
     styles = list(TABLE_CSS)
     styles += [{"selector": f"td.col{i}", "props": "white-space:nowrap"}
                for i, c in enumerate(frame.columns) if c not in wrap]
-    styles += [{"selector": f"td.col{i}", "props": "white-space:normal;min-width:24em;max-width:60em"}
+    styles += [{"selector": f"td.col{i}", "props": "white-space:normal;min-width:12em;max-width:50em"}
                for i, c in enumerate(frame.columns) if c in wrap]
-    numeric = [c for c in frame.columns if c in (formats or {}) and formats[c] is not shape]
-    st = st.set_properties(subset=numeric, **{"text-align": "right"}) if numeric else st
+    styles += [{"selector": f"td.col{i}", "props": "text-align:right"} for i, c in enumerate(frame.columns)
+               if c in (formats or {}) and formats[c] not in (shape, text)]   # numbers: right-aligned
     st = st.set_table_styles(styles)
     if level is not None and level_column in frame.columns:
         def colour(row: "pd.Series") -> list[str]:
@@ -144,7 +143,7 @@ def findings_table(report: Any) -> "Styler | Note":
     frame = report.findings_frame()
     if frame.empty:
         return Note("No findings: nothing missing, unexpected or inconsistent.")
-    return styled(frame, {"tensors": integer}, ["severity", "code", "message", "tensors", "file"],
+    return styled(frame, {"tensors": integer, "file": text}, ["severity", "code", "message", "tensors", "file"],
                   wrap=["message"], level=SEVERITY_LEVEL.get, level_column="severity")
 
 
@@ -209,15 +208,19 @@ def experts_frame(report: Any, deep: bool | None = None) -> "pd.DataFrame":
         n = int(n) if n is not None else None
     except (TypeError, ValueError):
         n = None
-    lora = frame[frame.role == "lora"] if "role" in frame else frame.iloc[:0]
+    if frame.empty:
+        return pd.DataFrame()
+    frame = frame.assign(expert=[_expert_index(e, name, file) for e, name, file
+                                 in zip(frame.expert, frame.name, frame.file)])
+    lora = frame[frame.role == "lora"]
     if n is None or (lora.empty and not n):
         return pd.DataFrame()
-    deep = bool(deep if deep is not None else getattr(report, "deep", False))
     untrained: dict[int, str] = {}
     for f in report.findings:
-        if f.code not in ("untrained-adapter", "empty-adapter", "empty-expert"):
+        if f.code not in ("untrained-adapter", "empty-adapter"):
             continue
-        named = {int(e) for e in frame[frame.name.isin(f.tensors)].expert.dropna()} if f.tensors else set()
+        named = {_expert_index(None, t, "") for t in f.tensors} | {_expert_index(None, f.file or "", "")}
+        named.discard(None)
         for e in (named or (set(range(n)) if f.code == "untrained-adapter" else set())):
             untrained[e] = f.code
     rows = []
@@ -232,10 +235,24 @@ def experts_frame(report: Any, deep: bool | None = None) -> "pd.DataFrame":
         rows.append({"expert": str(e), "tensors": len(part), "parameters": int(part.numel.sum()),
                      "bytes": int(part.bytes.sum()), "trained": trained})
     router = frame[frame.role == "router"] if "role" in frame else frame.iloc[:0]
-    state = str(report.details.get("router", "present" if len(router) else "not stored"))
+    state = str(report.details.get("router") or ("stored" if len(router) else "not stored"))
+    state = state if state.upper().startswith(("MISSING", "NOT", "NO ")) else f"stored: {state}"
     rows.append({"expert": "router", "tensors": len(router), "parameters": int(router.numel.sum()),
                  "bytes": int(router.bytes.sum()), "trained": state})
     return pd.DataFrame(rows, columns=["expert", "trained", "tensors", "parameters", "bytes"])
+
+
+def _expert_index(value: Any, name: str, file: Any) -> int | None:
+    """The expert a stored tensor belongs to: the report's ``expert`` column, else the
+    ``expert_K`` its name or file carries (how every DyLoRA-MoE save era names them)."""
+    import re
+
+    import pandas as pd
+
+    if value is not None and not pd.isna(value):
+        return int(value)
+    m = re.search(r"expert[_-]?(\d+)", f"{name} {file or ''}")
+    return int(m.group(1)) if m else None
 
 
 def _trained_level(text: Any) -> str | None:

@@ -81,11 +81,18 @@ def resolve(ref: str | Path, *, download: bool = True) -> Source:
                 f"({hf_cache_root()}); modelkit never downloads weights. Download it where "
                 "you have network (`hf download REPO`) or pass a local folder instead", text)
         return _select(text, "hf", path, trust_root=_hf_repo_folder(path))
-    local = Path(text).expanduser()
-    if local.exists():
+    try:
+        local = Path(text).expanduser()
+        exists = local.exists()
+    except (OSError, RuntimeError, ValueError) as e:  # ~nouser, a name too long, a NUL byte
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
+        raise RefNotFoundError(f"not a usable path ({why})", text) from None
+    if exists:
         if not local.is_dir():
             raise RefNotFoundError("is a file; pass the folder that holds the checkpoint", text)
-        return _select(text, "local", local)
+        # a Hugging Face cache snapshot (what snapshot_download() returns) links into
+        # ../../blobs: trusted up to its cache repo folder, never beyond it
+        return _select(text, "local", local, trust_root=_hf_repo_folder(local) if is_hf_snapshot(local) else None)
     m = WANDB_REF.match(text)
     if m and (text.startswith("wandb:") or not local.exists()):
         return wandb_download(text, **m.groupdict(), download=download)
@@ -128,10 +135,10 @@ def wandb_download(ref: str, entity: str, project: str, name: str, version: str,
         raise RefNotFoundError(f"not downloaded yet (looked in {target})", ref)
     if wandb_api_key() is None:
         raise RefNotFoundError(
-            f"not downloaded yet (looked in {target}) and there is no W&B API key here "
-            "(WANDB_API_KEY unset, no `wandb login` entry in ~/.netrc); modelkit never prompts for "
-            "one. Set WANDB_API_KEY or run `wandb login` in a terminal, or download the artifact "
-            "where you can and pass its folder", ref)
+            "no W&B API key here (WANDB_API_KEY unset, no `wandb login` entry in ~/.netrc) and the "
+            "artifact is not downloaded yet; modelkit never prompts for one. Set WANDB_API_KEY or run "
+            "`wandb login` in a terminal, or download the artifact where you can and pass its folder "
+            f"(looked in {target})", ref)
     try:
         import wandb
 
@@ -178,6 +185,14 @@ def hf_cached_snapshot(repo_id: str) -> Path | None:
         return None
 
 
+def is_hf_snapshot(folder: Path) -> bool:
+    """``<cache>/models--org--name/snapshots/<rev>`` with its ``blobs/`` beside."""
+    folder = Path(os.path.abspath(folder))
+    repo = folder.parent.parent
+    return (folder.parent.name == "snapshots" and repo.name.startswith(("models--", "datasets--"))
+            and (repo / "blobs").is_dir())
+
+
 def _hf_repo_folder(snapshot: Path) -> Path:
     # <cache>/models--org--name/snapshots/<rev>: blobs live two levels up
     return snapshot.parent.parent if snapshot.parent.name == "snapshots" else snapshot
@@ -208,20 +223,32 @@ def resolve_base(name: str | None, *, explicit: str | Path | None = None,
 
 
 # -- fingerprints ----------------------------------------------------------------------
-def fingerprint_folder(folder: Path) -> str:
+def fingerprint_folder(folder: Path, root: Path | None = None) -> str:
     """A content fingerprint: each file's relative name, size and the sha256 of its first
     and last 64 KiB (safetensors headers and pickles' tails). Stable under copying and
-    touching; cheap for multi-GB shards."""
+    touching; cheap for multi-GB shards. Only regular files inside ``root`` (default: the
+    folder, or its Hugging Face cache repo) are read; for anything else (a symlink out of
+    the artifact, a FIFO) only the name counts. Symlinked folders are not entered."""
+    from .errors import ModelkitError
+    from .files import default_root, open_regular
+
     h = hashlib.sha256()
     folder = Path(folder)
-    for p in sorted(folder.rglob("*")):
-        if not p.is_file() or p.name == COMPLETE_MARKER:
-            continue
-        size = p.stat().st_size
-        h.update(f"{p.relative_to(folder)}\0{size}\0".encode())
-        with open(p, "rb") as f:
-            h.update(f.read(65536))
-            if size > 131072:
-                f.seek(size - 65536)
+    root = root or default_root(folder / "_")
+    paths = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        paths += [Path(dirpath) / n for n in filenames if n != COMPLETE_MARKER]
+    for p in sorted(paths):
+        rel = p.relative_to(folder)
+        try:
+            with open_regular(p, root) as f:
+                size = os.fstat(f.fileno()).st_size
+                h.update(f"{rel}\0{size}\0".encode())
                 h.update(f.read(65536))
+                if size > 131072:
+                    f.seek(size - 65536)
+                    h.update(f.read(65536))
+        except ModelkitError:
+            h.update(f"{rel}\0unreadable\0".encode())
     return h.hexdigest()[:16]

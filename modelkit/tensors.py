@@ -20,6 +20,7 @@ import json
 import math
 import os
 import pickle
+import stat
 import struct
 import sys
 import weakref
@@ -29,7 +30,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import CorruptFileError, UnsafePathError, UnsafePickleError
+from .errors import CorruptFileError, UnsafePickleError
 from .zipmembers import read_zip_member
 
 # safetensors dtype tags -> torch dtype names (the names used everywhere in modelkit)
@@ -45,7 +46,11 @@ DTYPE_BYTES = {
     "uint16": 2, "uint32": 4, "uint64": 8,
 }
 FLOAT_DTYPES = {"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"}
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
+MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit (MAX_HEADER_SIZE in its Rust code)
+MAX_PICKLE_BYTES = 128 * 1024 * 1024  # a zip pickle's data.pkl (a 50k-tensor state dict: ~8 MB)
+MAX_NODES = 4_000_000  # containers and leaves walked in one pickle's structure
+MAX_DEPTH = 200        # nesting of dicts / lists in one pickle
+_U64 = 2**64
 
 
 def torch_dtype(name: str):
@@ -81,13 +86,9 @@ class StoredTensor:
 
 def check_inside(root: Path, path: Path) -> Path:
     """``path`` resolved, refused with UnsafePathError when it leaves ``root``."""
-    resolved = path.resolve()
-    root_resolved = root.resolve()
-    if resolved != root_resolved and root_resolved not in resolved.parents:
-        raise UnsafePathError(
-            f"points outside the artifact folder {root_resolved} (to {resolved}); "
-            "modelkit only reads files inside the artifact", path)
-    return resolved
+    from .files import confine
+
+    return confine(path, root)
 
 
 _OPEN: "weakref.WeakSet[TensorFile]" = weakref.WeakSet()
@@ -137,72 +138,110 @@ class TensorFile:
 
 
 class SafetensorsFile(TensorFile):
-    """A ``.safetensors`` file; header validated before anything else is trusted."""
+    """A ``.safetensors`` file; header validated before anything else is trusted.
 
-    def _validate_header(self) -> dict:
-        size = self.path.stat().st_size
-        if size < 8:
-            raise CorruptFileError(f"truncated safetensors file ({size} bytes, no header)", self.path)
-        with open(self.path, "rb") as f:
+    The checks are those of the safetensors format and its Rust implementation
+    (``Metadata::validate``), which the library applies only when a file is opened for
+    reading: an 8-byte little-endian header length within the format's limit, a UTF-8 JSON
+    object starting with ``{`` (no BOM), unique keys, ``__metadata__`` a str -> str map,
+    known dtypes, shapes and offsets unsigned 64-bit integers, each tensor's byte length
+    equal to its element count times its dtype size (with no overflow), and the tensors,
+    sorted by offset, covering the data buffer exactly: no hole, no overlap, no trailing
+    byte. Anything else is a CorruptFileError naming the file.
+    """
+
+    def _parse_header(self) -> tuple[dict, dict[str, str]]:
+        from .files import open_regular
+
+        # Artifact.path() confined the path; here only "a regular file" is checked
+        with open_regular(self.path, error=CorruptFileError, confined=False) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 8:
+                raise CorruptFileError(f"truncated safetensors file ({size} bytes, no header)", self.path)
             (n,) = struct.unpack("<Q", f.read(8))
             if n > MAX_HEADER_BYTES or n > size - 8:
                 raise CorruptFileError(
                     f"safetensors header length {n} is impossible for a file of {size} bytes "
                     "(truncated or not a safetensors file)", self.path)
             raw = f.read(n)
+        if not raw.startswith(b"{"):
+            raise CorruptFileError("safetensors header does not start with '{' (a BOM or other bytes "
+                                   "before the JSON; the safetensors library refuses it)", self.path)
         try:
-            header = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CorruptFileError(f"safetensors header is not valid JSON ({e})", self.path) from None
+            header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+        except _DuplicateKey as e:
+            raise CorruptFileError(f"safetensors header names {e.args[0]!r} twice", self.path) from None
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise CorruptFileError(f"safetensors header is not valid JSON ({_first_line(e)})", self.path) from None
         if not isinstance(header, dict):
             raise CorruptFileError("safetensors header is not a JSON object", self.path)
-        data_size = size - 8 - n
+        metadata = header.pop("__metadata__", None)
+        if metadata is None:
+            metadata = {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise CorruptFileError("safetensors __metadata__ is not a map of strings to strings", self.path)
         spans = []
         for name, meta in header.items():
-            if name == "__metadata__":
-                continue
-            try:
-                dtype = SAFETENSORS_DTYPES[meta["dtype"]]
-                shape = tuple(int(d) for d in meta["shape"])
-                begin, end = (int(o) for o in meta["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise CorruptFileError(f"tensor {name!r} has a malformed header entry {meta!r}",
-                                       self.path) from None
-            numel = 1
-            for d in shape:
-                numel *= d
-            if end > data_size or begin < 0 or end < begin:
-                raise CorruptFileError(
-                    f"tensor {name!r} has offsets [{begin}, {end}) outside the {data_size} data "
-                    "bytes of the file (truncated file?)", self.path)
-            if end - begin != numel * DTYPE_BYTES[dtype]:
-                raise CorruptFileError(
-                    f"tensor {name!r}: offsets hold {end - begin} bytes but shape {list(shape)} "
-                    f"of {dtype} needs {numel * DTYPE_BYTES[dtype]}", self.path)
-            spans.append((begin, end, name))
+            spans.append(self._check_entry(name, meta))
         spans.sort()
-        for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
-            if b1 < e0:
-                raise CorruptFileError(f"tensors {n0!r} and {n1!r} overlap in the file", self.path)
-        return header
+        pos = 0
+        for begin, end, name in spans:
+            if begin != pos:
+                what = "overlaps the previous tensor" if begin < pos else f"leaves a hole of {begin - pos} bytes before it"
+                raise CorruptFileError(f"tensor {name!r} starts at byte {begin}: it {what} "
+                                       "(tensors must cover the data buffer exactly)", self.path)
+            pos = end
+        data_size = size - 8 - n
+        if pos != data_size:
+            if pos > data_size:
+                raise CorruptFileError(
+                    f"tensors need {pos} data bytes but the file holds {data_size} after the header "
+                    "(truncated file?)", self.path)
+            raise CorruptFileError(f"{data_size - pos} trailing bytes after the last tensor "
+                                   "(the safetensors library refuses the file)", self.path)
+        return header, metadata
+
+    def _check_entry(self, name: str, meta: Any) -> tuple[int, int, str]:
+        if not isinstance(meta, dict) or not {"dtype", "shape", "data_offsets"} <= meta.keys():
+            raise CorruptFileError(f"tensor {name!r} has a malformed header entry {_short(meta)}", self.path)
+        dtype = SAFETENSORS_DTYPES.get(meta["dtype"]) if isinstance(meta["dtype"], str) else None
+        if dtype is None:
+            raise CorruptFileError(f"tensor {name!r} has an unknown dtype {_short(meta['dtype'])}", self.path)
+        shape, offsets = meta["shape"], meta["data_offsets"]
+        if not (isinstance(shape, list) and all(type(d) is int and 0 <= d < _U64 for d in shape)):
+            raise CorruptFileError(f"tensor {name!r} has shape {_short(shape)}: dimensions must be "
+                                   "unsigned integers", self.path)
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(type(o) is int and 0 <= o < _U64 for o in offsets)):
+            raise CorruptFileError(f"tensor {name!r} has data_offsets {_short(offsets)}: two unsigned "
+                                   "integers expected", self.path)
+        begin, end = offsets
+        if end < begin:
+            raise CorruptFileError(f"tensor {name!r} has offsets [{begin}, {end}) that end before they begin",
+                                   self.path)
+        nbytes = math.prod(shape) * DTYPE_BYTES[dtype]
+        if nbytes >= _U64:
+            raise CorruptFileError(f"tensor {name!r}: shape {shape} overflows 64-bit sizes", self.path)
+        if end - begin != nbytes:
+            raise CorruptFileError(
+                f"tensor {name!r}: offsets hold {end - begin} bytes but shape {shape} "
+                f"of {dtype} needs {nbytes}", self.path)
+        return begin, end, name
+
+    @cached_property
+    def _parsed(self) -> tuple[dict, dict[str, str]]:
+        return self._parse_header()
 
     @cached_property
     def entries(self) -> dict[str, StoredTensor]:
-        header = self._validate_header()
-        out = {}
-        for name, meta in header.items():
-            if name == "__metadata__":
-                continue
-            out[name] = StoredTensor(name, tuple(meta["shape"]),
-                                     SAFETENSORS_DTYPES[meta["dtype"]], self.rel, name)
-        return out
+        header, _ = self._parsed
+        rel = self.rel
+        return {name: StoredTensor(name, tuple(meta["shape"]), SAFETENSORS_DTYPES[meta["dtype"]], rel, name)
+                for name, meta in header.items()}
 
     @cached_property
     def metadata(self) -> dict[str, str]:
-        self.entries  # validates
-        with open(self.path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            return json.loads(f.read(n)).get("__metadata__") or {}
+        return self._parsed[1]
 
     @cached_property
     def _handle(self):
@@ -242,7 +281,7 @@ class PickleFile(TensorFile):
     def entries(self) -> dict[str, StoredTensor]:
         tree = self.skeleton if self.skeleton is not None else self.obj
         return {key: StoredTensor(key, tuple(t.shape), dtype_name(t.dtype), self.rel, key)
-                for key, t in flatten_tensors(tree)}
+                for key, t in flatten_tensors(tree, path=self.path)}
 
     def read(self, key: str):
         obj = self.obj
@@ -253,7 +292,32 @@ class PickleFile(TensorFile):
     def scalars(self) -> dict[str, Any]:
         """Non-tensor leaves (ints, strings, ...) of the pickle, by dotted key."""
         tree = self.skeleton if self.skeleton is not None else self.obj
-        return dict(flatten_scalars(tree))
+        return dict(flatten_scalars(tree, path=self.path))
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise _DuplicateKey(k)
+            seen.add(k)
+    return d
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def load_pickle(path: Path) -> Any:
@@ -261,11 +325,7 @@ def load_pickle(path: Path) -> Any:
     import torch
 
     path = Path(path)
-    if not path.is_file():
-        raise CorruptFileError("file does not exist", path)
-    if path.stat().st_size == 0:
-        raise CorruptFileError("file is empty (0 bytes)", path)
-    mmap = zipfile.is_zipfile(path)
+    mmap = _check_pickle_file(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
@@ -277,10 +337,53 @@ def load_pickle(path: Path) -> Any:
                 "pickle would import non-tensor code" + (f" ({culprit})" if culprit else "")
                 + "; refused (modelkit loads pickles with weights_only=True and never executes "
                 "code from an artifact)", path) from None
-        raise CorruptFileError(f"cannot unpickle: {text.splitlines()[0]}", path) from None
-    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, zipfile.BadZipFile) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CorruptFileError(f"cannot read torch pickle: {first}", path) from None
+        raise CorruptFileError(f"cannot unpickle: {text.splitlines()[0] if text else 'UnpicklingError'}",
+                               path) from None
+    except RecursionError:
+        raise CorruptFileError("cannot read torch pickle: nested too deeply", path) from None
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, TypeError, IndexError, KeyError,
+            OverflowError, MemoryError, zipfile.BadZipFile) as e:
+        raise CorruptFileError(f"cannot read torch pickle: {_first_line(e)}", path) from None
+
+
+def _require_regular(path: Path) -> None:
+    """CorruptFileError unless ``path`` is a non-empty regular file (stat only, no open)."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise CorruptFileError(f"cannot open the file ({e.strerror or e})", path) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise CorruptFileError("is not a regular file; modelkit reads only regular files", path)
+    if st.st_size == 0:
+        raise CorruptFileError("file is empty (0 bytes)", path)
+
+
+def _check_pickle_file(path: Path) -> bool:
+    """Refuse what torch.load must not be handed: a non-regular or empty file, a zip whose
+    members are compressed (torch.save never compresses; a 7 MB member can inflate to
+    gigabytes) or whose ``data.pkl`` is over :data:`MAX_PICKLE_BYTES`. Returns whether it is
+    a zip (then tensors are memory-mapped)."""
+    from .files import open_regular
+
+    with open_regular(path, error=CorruptFileError, confined=False) as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            raise CorruptFileError("file is empty (0 bytes)", path)
+        if not zipfile.is_zipfile(f):
+            return False
+        try:
+            with zipfile.ZipFile(f) as z:
+                infos = z.infolist()
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+            raise CorruptFileError(f"cannot read torch pickle: broken zip ({_first_line(e)})", path) from None
+    for info in infos:
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise CorruptFileError(
+                f"zip member {info.filename!r} is compressed; torch.save never compresses, and a "
+                f"compressed member can inflate without bound (it claims {info.file_size:,} bytes)", path)
+        if info.filename.endswith("data.pkl") and info.file_size > MAX_PICKLE_BYTES:
+            raise CorruptFileError(f"pickle {info.filename!r} is {info.file_size:,} bytes, over modelkit's "
+                                   f"limit of {MAX_PICKLE_BYTES:,}", path)
+    return True
 
 
 def _children(obj: Any) -> Iterator[tuple[str, Any]]:
@@ -299,27 +402,51 @@ def _is_tensor(obj: Any) -> bool:
     return torch is not None and isinstance(obj, torch.Tensor)
 
 
-def flatten_tensors(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """(dotted key, tensor or TensorHeader) for every tensor inside nested dicts/lists,
-    depth first in stored order (iterative: a layer file holds ~500 of them)."""
-    stack = [(prefix, obj)]
+def walk(obj: Any, prefix: str = "", path: Path | str | None = None) -> Iterator[tuple[str, Any]]:
+    """(dotted key, leaf) for every leaf (tensor or scalar) of nested dicts, lists and
+    tuples, depth-first in order.
+
+    Bounded whatever the input: iterative (no RecursionError), at most :data:`MAX_DEPTH`
+    levels and :data:`MAX_NODES` nodes, and memo-aware: a pickle can reach one container by
+    many paths (300 bytes of shared references 30 levels deep are 2^30 paths), so a
+    container met a second time is a CorruptFileError instead of a walk without end. A
+    state dict is a tree; tensors shared between keys (tied weights) are leaves and fine."""
+    seen: dict[int, str] = {}
+    stack: list[tuple[str, Any, int]] = [(prefix, obj, 0)]
+    nodes = 0
     while stack:
-        key, o = stack.pop()
-        if type(o) is TensorHeader or _is_tensor(o):
-            yield key, o
-        elif isinstance(o, (dict, list, tuple)):
-            items = o.items() if isinstance(o, dict) else enumerate(o)
-            stack.extend(reversed([(f"{key}.{k}" if key else str(k), v) for k, v in items]))
+        key, node, depth = stack.pop()
+        nodes += 1
+        if nodes > MAX_NODES:
+            raise CorruptFileError(f"the pickle's structure has over {MAX_NODES:,} entries; refused", path)
+        if type(node) is TensorHeader or _is_tensor(node) or not isinstance(node, (dict, list, tuple)):
+            yield key, node
+            continue
+        if not node:
+            continue
+        if depth >= MAX_DEPTH:
+            raise CorruptFileError(f"the pickle nests containers over {MAX_DEPTH} levels deep (at {key!r})", path)
+        if id(node) in seen:
+            raise CorruptFileError(f"the pickle reaches one container both as {seen[id(node)]!r} and as "
+                                   f"{key!r}; a state dict is a tree, refused", path)
+        seen[id(node)] = key
+        children = list(_children(node))
+        for k, v in reversed(children):
+            stack.append((f"{key}.{k}" if key else k, v, depth + 1))
 
 
-def flatten_scalars(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    if _is_tensor(obj):
-        return
-    if isinstance(obj, (dict, list, tuple)):
-        for k, v in _children(obj):
-            yield from flatten_scalars(v, f"{prefix}.{k}" if prefix else k)
-    else:
-        yield prefix, obj
+def flatten_tensors(obj: Any, prefix: str = "", path: Path | str | None = None) -> Iterator[tuple[str, Any]]:
+    """(dotted key, tensor or TensorHeader) for every tensor inside nested dicts/lists."""
+    for key, leaf in walk(obj, prefix, path):
+        if _is_tensor(leaf):
+            yield key, leaf
+
+
+def flatten_scalars(obj: Any, prefix: str = "", path: Path | str | None = None) -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) for every non-tensor leaf inside nested dicts/lists."""
+    for key, leaf in walk(obj, prefix, path):
+        if not _is_tensor(leaf):
+            yield key, leaf
 
 
 def split_key(obj: Any, key: str) -> list:
@@ -379,8 +506,16 @@ class TensorHeader:
     dtype: str
 
 
+class _BadTensor(Exception):
+    """A tensor record no torch.save writes (negative, fractional or absurd sizes)."""
+
+
 def _rebuild_tensor(storage: str, offset: int, size: Any, *rest: Any) -> TensorHeader:
-    return TensorHeader(tuple(map(int, size)), storage)
+    if not (isinstance(size, tuple) and len(size) <= 64 and all(type(d) is int and 0 <= d < 2**63 for d in size)):
+        raise _BadTensor(f"a tensor has size {_short(size)}: dimensions must be non-negative integers")
+    if type(offset) is not int or offset < 0:
+        raise _BadTensor(f"a tensor has storage offset {_short(offset)}")
+    return TensorHeader(size, storage)
 
 
 def _rebuild_parameter(data: TensorHeader, *rest: Any) -> TensorHeader:
@@ -411,11 +546,21 @@ class _SkeletonUnpickler(pickle.Unpickler):
 
 
 def read_pickle_skeleton(path: Path) -> Any | None:
-    """The structure of a zip-format torch pickle with tensors as TensorHeader, or None."""
-    try:
-        if not zipfile.is_zipfile(path):
-            return None
+    """The structure of a zip-format torch pickle with tensors as TensorHeader, or None when
+    it is not a plain tensor pickle (then torch.load(weights_only=True) decides).
+    CorruptFileError for what no torch.save writes (see :func:`_check_pickle_file`)."""
+    path = Path(path)
+    _require_regular(path)  # a FIFO would hang the first read
+    try:  # fast path: only an uncompressed member of a plain zip (see modelkit.zipmembers)
         data = read_zip_member(path, lambda n: n.endswith("/data.pkl") and n.count("/") == 1)
+    except Exception:
+        data = None
+    if data is not None and len(data) > MAX_PICKLE_BYTES:
+        raise CorruptFileError(f"pickle data.pkl is {len(data):,} bytes, over modelkit's limit of "
+                               f"{MAX_PICKLE_BYTES:,}", path)
+    if data is None and not _check_pickle_file(path):  # refuses compressed members
+        return None
+    try:
         if data is None:  # not the plain layout torch.save writes: the zipfile module decides
             with zipfile.ZipFile(path) as z:
                 pkl = [n for n in z.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
@@ -423,5 +568,7 @@ def read_pickle_skeleton(path: Path) -> Any | None:
                     return None
                 data = z.read(pkl[0])
         return _SkeletonUnpickler(io.BytesIO(data)).load()
+    except _BadTensor as e:
+        raise CorruptFileError(f"cannot read torch pickle: {e}", path) from None
     except Exception:  # anything unusual: let torch.load (weights_only) decide
         return None

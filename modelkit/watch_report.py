@@ -1,4 +1,4 @@
-"""Views of a :class:`~modelkit.watch.WatchResult`: the score-vs-step figure (matplotlib
+"""Views of a :class:`~modelkit.watching.WatchResult`: the score-vs-step figure (matplotlib
 ``Figure``, no pyplot) built from its table, and its W&B run, where every score is logged
 against the training step (``define_metric``), so results that finish out of order land
 on the right step."""
@@ -13,7 +13,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
     from matplotlib.figure import Figure
 
-    from .watch import WatchResult
+    from .watching import WatchResult
 
 MAX_PANELS = 12
 STEP_METRIC = "trainer/global_step"

@@ -220,8 +220,10 @@ def test_load_config_errors_name_the_file_and_the_problem(tmp_path):
         load_config(tmp_path / "empty")
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nowhere.json")
-    with pytest.raises(ConfigError, match="invalid llama config"):
+    with pytest.raises(ConfigError, match="num_hidden_layers: Input should be a valid integer"):
         load_config(write(tmp_path, '{"model_type": "llama", "num_hidden_layers": "two"}'))
+    with pytest.raises(ConfigError, match="invalid llama config"):  # transformers' own validation
+        load_config(write(tmp_path, '{"model_type": "llama", "rope_parameters": "two"}'))
     err = pytest.raises(ConfigError, load_config, write(tmp_path, "{")).value
     assert err.path == str(tmp_path / "config.json")
     # valid field by field, but no model can be built from it

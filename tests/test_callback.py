@@ -72,7 +72,7 @@ def test_log_mode_keeps_training_and_logs_the_findings(tmp_path, caplog):
 
 
 def test_a_sound_run_is_clean_and_queued_for_the_watcher(tmp_path, monkeypatch):
-    from modelkit.watch import Watcher
+    from modelkit.watching import Watcher
 
     state = tmp_path / "state"
     callback = AuditCallback(queue=state)
@@ -87,7 +87,7 @@ def test_a_sound_run_is_clean_and_queued_for_the_watcher(tmp_path, monkeypatch):
     calls = []
 
     def evaluator(job):
-        from modelkit.watch import evaluate_in_process
+        from modelkit.watching import evaluate_in_process
 
         calls.append(job.label)
         return evaluate_in_process(job)

@@ -90,6 +90,13 @@ def attacks(tmp: Path, port: int, marker: str) -> dict[str, tuple[str, str, str]
     return {
         "print TEST_PASSED": (CLOSE, "    print('TEST_PASSED')\n    print('All tests passed')\n    return None\n", "fail"),
         "return a constant": (CLOSE, "    return True\n", "fail"),
+        "return an always-equal object": (CLOSE, "    class E:\n        def __eq__(self, other):\n            return True\n"
+                                                 "    return E()\n", "fail"),
+        "patch type() then return an always-equal object": (
+            CLOSE, "    class E:\n        def __eq__(self, other):\n            return True\n    return E()\n"
+                   "import builtins\nbuiltins.type = lambda *a: int\nbuiltins.isinstance = lambda *a: True\n", "fail"),
+        "return an always-equal int": (CLOSE, "    class E(int):\n        def __eq__(self, other):\n            return True\n"
+                                              "    return E()\n", "fail"),
         "sys.exit(0) before the tests": (CLOSE, "    pass\nimport sys\nsys.exit(0)\n", "fail"),
         "os._exit(0) before the tests": (CLOSE, "    pass\nimport os\nos._exit(0)\n", "fail"),
         "exit(0) inside the candidate": (CLOSE, "    raise SystemExit(0)\n", "fail"),
@@ -163,10 +170,10 @@ def test_without_bubblewrap_the_statement_says_what_is_missing():
 
 
 def test_a_harness_that_cannot_start_is_an_error_never_a_fail(tmp_path):
-    sandbox = Sandbox(isolation="process", interpreter=str(tmp_path / "no-such-python"))
     p = HE.problems[0]
-    results = run_all(HE.select(task_ids=[p.task_id]), [Sample(p.task_id, completion=p.canonical_solution)],
-                      sandbox=sandbox, workers=1)
+    with Sandbox(isolation="process", interpreter=str(tmp_path / "no-such-python")) as sandbox:
+        results = run_all(HE.select(task_ids=[p.task_id]), [Sample(p.task_id, completion=p.canonical_solution)],
+                          sandbox=sandbox, workers=1)
     assert [r.status for r in results] == ["error"]
     assert "could not start" in results[0].detail
 

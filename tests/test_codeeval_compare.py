@@ -11,6 +11,7 @@ import pytest
 from modelkit.codeeval import GradingError, Sandbox
 from modelkit.codeeval.lm_task import problem_changes, write_task_yaml
 from modelkit.comparison import compare
+from test_notebooks import kernel  # noqa: F401  (the python3 kernelspec fixture)
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +120,23 @@ def test_an_mbpp_form_problem_file_becomes_a_compare_task(pair, tmp_path):
     docs = res.runs[res.base.label]["mk_code_mbpp_mini"]["leaves"]["mk_code_mbpp_mini"]["docs"]
     assert [d["target"] for d in docs] == ["11", "12"]
     assert "Your code should pass these tests" in docs[0]["prompt"] or "[BEGIN]" in docs[0]["prompt"]
+
+
+@pytest.mark.slow
+def test_the_compare_notebook_shows_the_problems_newly_solved(pair, result, kernel, tmp_path):
+    """04-compare.ipynb run unattended on a code task (the models' results come from the cache)."""
+    import nbformat
+
+    from modelkit.report import run_notebook
+
+    params = {"root": str(pair["base"].parent), "base": str(pair["base"]), "trained": str(pair["trained"]),
+              "tasks": ["mk_code_topic"], "limit": None, "output_dir": str(tmp_path)}
+    paths = run_notebook(Path(__file__).resolve().parents[1] / "notebooks" / "04-compare.ipynb", parameters=params,
+                         output_dir=tmp_path, kernel=kernel)
+    nb = nbformat.read(paths[0], as_version=4)
+    assert not [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
+    text = "".join(o.get("text", "") + o.get("data", {}).get("text/plain", "") for c in nb.cells
+                   for o in c.get("outputs", []))
+    assert "code mk_code_topic [lora]: newly solved" in text and "modelkit-grade: pass" in text
+    rec = json.loads((tmp_path / "04-compare.json").read_text())
+    assert rec["table"][0]["verdict"] == "better" and rec["n_disagreements"] == len(result.disagreements())

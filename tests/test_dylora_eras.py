@@ -259,3 +259,17 @@ def test_compare_over_a_tied_base_with_per_token_routing(tmp_path, tied):
                      trained_options={"routing": "token"})
     frame = result.to_frame()
     assert len(frame) >= 1 and "routing=token" in " ".join(frame["model"].astype(str))
+
+
+def test_only_the_first_expert_trained_is_a_warning_and_loads(tmp_path, tied):
+    """The real code's optimizer held only expert_0: experts 1.. keep B = 0. Faithful to load
+    (the mixture is what was trained), loud in inspect; all experts untrained stays an error."""
+    best = write_dylora(tmp_path / "b", "b", tied)
+    path = best / "peft_adapters" / "expert_1.pt"
+    state = torch.load(path, weights_only=True)
+    torch.save({k: torch.zeros_like(v) if ".lora_B." in k else v for k, v in state.items()}, path)
+    report = modelkit.inspect(best, deep=True)
+    assert [f.code for f in report.warnings] == ["untrained-adapter"] and not report.errors
+    assert "expert_1" in report.warnings[0].message
+    model, _, load_report = modelkit.load(best, routing="token", dtype="float32")
+    assert any("untrained-adapter" in w for w in load_report.warnings)

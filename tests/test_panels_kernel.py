@@ -145,7 +145,7 @@ def test_inspect_panel_in_a_kernel(executed):
     assert "missing-router" in shown["verdict"]
     text = shown["text"]
     assert "router" in text and "MISSING" in text           # the per-expert table's router row
-    assert "KiB" in text and "no findings" not in text
+    assert " KB" in text and "no findings" not in text
     assert "bytes" not in _visible(shown["log"])             # libraries' noise, if any, is collapsed
     visible = _failed(executed, "inspect-bad-config", "ConfigError")
     assert "config" in visible

@@ -156,6 +156,22 @@ def test_hf_ref_and_base_names_resolve_from_the_local_cache_only(plain):
     assert path == snap and "cache" in how
 
 
+def test_a_cache_snapshot_folder_is_accepted_its_links_stay_inside_the_cache_repo(plain, tmp_path):
+    snap = _cache_snapshot(tmp_path / "hub", "tiny-org/tiny-llama", plain)   # what snapshot_download() returns
+    src = resolve(str(snap))
+    assert src.kind == "local" and src.trust_root == (tmp_path / "hub" / "models--tiny-org--tiny-llama").resolve()
+    report = modelkit.inspect(snap)
+    assert report.format == "plain-hf" and not report.errors
+    # a link leaving the cache repo is still refused
+    weights = snap / "model.safetensors"
+    outside = tmp_path / "outside.safetensors"
+    shutil.copy(weights, outside)
+    weights.unlink()
+    os.symlink(outside, weights)
+    with pytest.raises(modelkit.errors.UnsafePathError):
+        modelkit.inspect(snap)
+
+
 def test_unknown_refs_say_how_to_provide_them():
     with pytest.raises(RefNotFoundError, match="hf:nobody/nothing.*local cache"):
         resolve("hf:nobody/nothing")

@@ -23,7 +23,7 @@ import pytest
 
 from modelkit.ledger import Ledger, LedgerError, read_jsonl
 from modelkit.testing.training_run import EXPECTED, write_run
-from modelkit.watch import WatchError, evaluate_in_process, find_checkpoints, snapshot, watch
+from modelkit.watching import WatchError, evaluate_in_process, find_checkpoints, snapshot, watch
 
 TASKS = ["mk_topic"]
 LIMIT = 8
@@ -129,6 +129,24 @@ def test_once_evaluates_exactly_the_complete_checkpoints_each_once_in_step_order
     data = json.loads(result.to_json())
     assert [c["name"] for c in data["checkpoints"]] == [*EVALUATED, "checkpoint-60", "best_model"]
     assert {r["checkpoint"] for r in data["table"]} == {*EVALUATED, "best_model"}
+
+
+def test_a_compressed_moe_distillation_run_is_watched_against_the_original(catalog, tmp_path):
+    # the compressed-MoE researcher's layout: <experiment>/checkpoints/checkpoint-N/, settings
+    # two levels up; one save without non_moe_weights.pt, one with per-expert core copies
+    exp = tmp_path / "experiment"
+    shutil.copytree(catalog["compressed-checkpoint-N"].parent.parent, exp)
+    shutil.copytree(catalog["compressed-no-non-moe"], exp / "checkpoints" / "checkpoint-20")
+    shutil.copytree(catalog["compressed-duplicated-buffers"], exp / "checkpoints" / "checkpoint-30")
+    before = tree(exp)
+    result = watch(exp, TASKS, catalog["original-qwen3-moe"], limit=4, once=True, settle=0.1)
+    assert statuses(result) == {"checkpoints/checkpoint-10": "done", "checkpoints/checkpoint-20": "rejected",
+                                "checkpoints/checkpoint-30": "done"}      # a warning does not block evaluation
+    assert "missing-tensors" in result.entries[1].detail
+    frame = result.to_frame()
+    assert set(frame["checkpoint"]) == {"checkpoints/checkpoint-10", "checkpoints/checkpoint-30"}
+    assert list(frame.drop_duplicates("checkpoint")["step"]) == [10, 30] and (frame["n"] == 4).all()
+    assert tree(exp) == before
 
 
 def test_statistics_are_those_of_compare(run, pair):
@@ -352,3 +370,11 @@ def test_the_lm_eval_engine_evaluates_checkpoints_and_leaves_no_export(finished_
     cols = ["metric", "base", "trained", "delta", "verdict"]
     assert there.to_frame()[cols].equals(here.to_frame()[cols])     # two engines, one answer
     assert not any((tmp_path / "b" / "scratch").rglob("*"))          # temporary folders removed
+
+
+def test_modelkit_watch_stays_the_function_once_every_module_is_imported():
+    import modelkit
+    import modelkit.callback  # noqa: F401
+    import modelkit.watching
+
+    assert modelkit.watch is modelkit.watching.watch and modelkit.WatchResult is modelkit.watching.WatchResult

@@ -68,3 +68,45 @@ def test_errors_are_shown_in_the_panel(runs, tmp_path):
     line = panel.thread_error.value.split("<details")[0]                # what the user reads first
     assert "WatchError" in line and "no-such-model" in line and "Traceback" not in line
     assert not panel.runner.button.disabled
+
+
+@pytest.mark.slow
+def test_in_a_live_kernel_the_panel_updates_from_its_thread_and_the_cells_stay_clean(runs, demo_pair, training_run,
+                                                                                      tmp_path):
+    """JupyterLab's machinery (nbclient, a real ipykernel): Watch is clicked in one cell, a
+    checkpoint lands while the kernel is idle, later cells read what the panel shows."""
+    import json
+
+    import nbformat
+    from ipykernel.kernelspec import write_kernel_spec
+    from nbclient import NotebookClient
+
+    run = runs / "growing"
+    spec = tmp_path / "jupyter-path"
+    write_kernel_spec(spec / "kernels" / "python3")
+    cells = [
+        "from modelkit.widgets import WatchPanel, output_text\n"
+        f"p = WatchPanel(root={str(runs)!r}, run_dir={str(run)!r}, baseline={str(demo_pair['base'])!r},"
+        " tasks='mk_topic', limit=8, interval=0.2, settle=0.4)\np.button.click()\np",
+        f"import shutil, time\nshutil.copytree({str(training_run / 'checkpoint-30')!r}, {str(run / 'checkpoint-30')!r})\n"
+        "deadline = time.monotonic() + 240\n"
+        "while 'better' not in output_text(p.scores) and time.monotonic() < deadline:\n    time.sleep(0.2)",
+        "p.stop(wait=120)\nimport json\nprint('@@' + json.dumps({'live': p.live.value, 'table': output_text(p.table),"
+        " 'scores': output_text(p.scores), 'error': p.thread_error.value, 'running': p.running}))",
+    ]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JUPYTER_PATH", str(spec))
+        NotebookClient(nb, kernel_name="python3", timeout=400, resources={"metadata": {"path": str(tmp_path)}}).execute()
+    line = next(line for o in nb.cells[2].outputs if o.output_type == "stream" for line in o.text.splitlines()
+                if line.startswith("@@"))
+    shown = json.loads(line[2:])
+    assert shown["error"] == "" and not shown["running"] and "stopped" in shown["live"]
+    assert "checkpoint-30" in shown["table"] and "done" in shown["table"] and "better" in shown["scores"]
+    # the evaluations ran in their own process: nothing of lm-eval's reached the cells
+    for cell in nb.cells:
+        noise = [o for o in cell.outputs if o.output_type == "stream" and o.name == "stderr"]
+        assert not noise, noise
+        assert not [o for o in cell.outputs if o.output_type == "error"]
+    state = nb.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    assert any("mk-watch" in m["state"].get("_dom_classes", []) for m in state.values())

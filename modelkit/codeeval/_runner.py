@@ -119,6 +119,44 @@ def _wait(pid, deadline):
             os.close(pidfd)
 
 
+def _plain_guard(candidate, _type=type, _id=id, _list=list, _set=set, _dict=dict, _tuple=tuple,
+                 _TypeError=TypeError, scalars=frozenset((int, float, complex, str, bytes, bool, type(None))),
+                 sequences=frozenset((list, tuple, set, frozenset))):
+    """``candidate`` wrapped so that it may only return plain values (builtin scalars and
+    containers of them, exact types): an object whose ``__eq__`` always says True cannot
+    pass a test of the form ``assert candidate(x) == y``. Every builtin it uses is bound
+    when the server starts, before any program could patch one."""
+
+    def plain(value):
+        stack, seen = [(value, 0)], _set()
+        while stack:
+            v, depth = stack.pop()
+            t = _type(v)
+            if t in scalars:
+                continue
+            if depth > 100 or (t not in sequences and t is not _dict):
+                return False
+            if _id(v) in seen:
+                continue
+            seen.add(_id(v))
+            items = _list(v.items()) if t is _dict else v
+            for item in items:
+                if _type(item) is _tuple and t is _dict:
+                    stack.append((item[0], depth + 1))
+                    stack.append((item[1], depth + 1))
+                else:
+                    stack.append((item, depth + 1))
+        return True
+
+    def guarded(*args, **kwargs):
+        result = candidate(*args, **kwargs)
+        if not plain(result):
+            raise _TypeError("the candidate returned a %s, not a plain value" % _type(result).__name__)
+        return result
+
+    return guarded
+
+
 def _child(req, cfg, work, fds, token, code):
     """In the forked child: isolate, drop, limit, run the program and its test."""
     _exit, _write, _close, _exec, _compile = os._exit, os.write, os.close, exec, compile
@@ -155,7 +193,7 @@ def _child(req, cfg, work, fds, token, code):
         namespace["__builtins__"] = dict(pristine)
         _exec(test, namespace)
         if calls_check:
-            namespace["check"](namespace[entry_point])
+            namespace["check"](_plain_guard(namespace[entry_point]))
     except BaseException:
         try:
             import traceback

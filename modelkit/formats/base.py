@@ -10,14 +10,14 @@ registers it (``register(MyFormat())``). It answers three questions:
 """
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..errors import ConfigError, CorruptFileError, ModelkitError, UnsafePickleError
+from ..errors import CorruptFileError, ModelkitError, UnsafePickleError
+from .. import files, schemas
 from ..tensors import StoredTensor, TensorFile, check_inside
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -98,16 +98,15 @@ class Artifact(ABC):
             raise self.file_errors[0]
 
     def read_json(self, rel: str) -> dict[str, Any]:
+        """A JSON file of the artifact: confined, regular, size-capped, parsed and checked
+        against its schema (:mod:`modelkit.schemas`); ConfigError names the file."""
         p = self.path(rel)
-        try:
-            data = json.loads(p.read_text())
-        except FileNotFoundError:
-            raise ConfigError("file is missing", p) from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"not valid JSON ({e})", p) from None
-        if not isinstance(data, dict):
-            raise ConfigError("expected a JSON object", p)
-        return data
+        return schemas.validate(files.read_json(p, self.trust_root), p)
+
+    def read_config(self, rel: str) -> dict[str, Any]:
+        """:meth:`read_json` for JSON or YAML (by suffix)."""
+        p = self.path(rel)
+        return schemas.validate(files.read_config(p, self.trust_root), p)
 
     # -- what every format answers ----------------------------------------------------
     @abstractmethod
@@ -174,7 +173,7 @@ class Artifact(ABC):
         """A content fingerprint of the artifact folder (see sources.fingerprint_folder)."""
         from ..sources import fingerprint_folder
 
-        return fingerprint_folder(self.folder)
+        return fingerprint_folder(self.folder, self.trust_root)
 
 
 class Format(ABC):

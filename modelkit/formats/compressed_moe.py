@@ -48,6 +48,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from .. import files, schemas
 from ..errors import BaseModelUnavailableError, ConfigError, ModelkitError, UnknownFormatError
 from ..findings import Finding, error, info, warning
 from ..tensors import FLOAT_DTYPES, PickleFile, StoredTensor, torch_dtype
@@ -410,10 +411,14 @@ class CompressedMoEArtifact(Artifact):
         p = self._find(candidates)
         if p is None:
             return {}, None, None
-        try:
-            text = p.read_text()
+        try:  # confined, regular, size-capped (modelkit.files); then checked against its schema
+            text = files.read_text(p, self.trust_root)
             data = json.loads(text) if p.suffix == ".json" else read_settings_yaml(text)
-        except (OSError, ValueError, RecursionError, yaml.YAMLError) as e:
+            if isinstance(data, dict):
+                data = schemas.validate(data, p)
+        except ModelkitError as e:
+            return {}, p, f"cannot use {p.name} ({e.problem})"
+        except (ValueError, RecursionError, yaml.YAMLError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             return {}, p, f"cannot parse {p.name} ({first})"
         if not isinstance(data, dict):
@@ -763,8 +768,33 @@ class CompressedMoEArtifact(Artifact):
         w = g.wrappers[e]
 
         def produce(dtype):
+            from ..lowrank import batching
+
+            if batching():  # an export walking every expert: batches of them
+                return self._batches(g, core is not g.core).get(e, dtype)
             return materialize(self._read(core), *(self._read(w[p]) for p in WRAPPER_PARTS), dtype=dtype)
         return produce
+
+    def _batches(self, g: CompressedLayer, own_cores: bool = False):
+        """The group's :class:`~modelkit.lowrank.ExpertBatches` (experts from the shared core,
+        or with ``own_cores`` from each expert's core copy)."""
+        from ..lowrank import ExpertBatches
+
+        cache = self.__dict__.setdefault("_expert_batches", {})
+        key = (g.layer, g.proj, own_cores)
+        if key not in cache:
+            def load(experts):
+                import torch
+
+                if own_cores:
+                    copies = self.core_copies()[(g.layer, g.proj)]
+                    core = torch.stack([self._read(copies[e]) for e in experts])
+                else:
+                    core = self._read(g.core)
+                return (core,
+                        *(torch.stack([self._read(g.wrappers[e][p]) for e in experts]) for p in WRAPPER_PARTS))
+            cache[key] = ExpertBatches([e for e in sorted(g.wrappers) if not g.expert_problem(e)], load)
+        return cache[key]
 
     def _bias_producer(self, g: CompressedLayer, e: int, dtype: str) -> Callable[[], Any]:
         def produce():

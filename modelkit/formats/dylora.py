@@ -25,7 +25,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from ..errors import BaseModelUnavailableError, ConfigError, LoadError, UnknownFormatError
+from .. import files
+from ..errors import BaseModelUnavailableError, ConfigError, LoadError, ModelkitError, UnknownFormatError
 from ..findings import Finding, error, info, warning
 from ..tensors import MAX_HEADER_BYTES, PickleFile, StoredTensor, check_inside
 from ..views import TensorView, stored_tensor
@@ -65,8 +66,8 @@ class ExpertAdapter(LoraAdapter):
 # -- detection (cheap: config, directory listing, safetensors header keys) ------------------
 def _json_or_empty(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        data = files.read_json(path)  # confined, regular, size-capped (modelkit.files)
+    except ModelkitError:
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -74,19 +75,20 @@ def _json_or_empty(path: Path) -> dict[str, Any]:
 def _header_keys(path: Path) -> list[str]:
     """Tensor names in a safetensors header, or [] when it cannot be read."""
     try:
-        with open(path, "rb") as f:
+        with files.open_regular(path) as f:
             (n,) = struct.unpack("<Q", f.read(8))
             if n > MAX_HEADER_BYTES:
                 return []
             header = json.loads(f.read(n))
-    except (OSError, ValueError, struct.error):
+    except (OSError, ValueError, RecursionError, struct.error, ModelkitError):
         return []
     return [k for k in header if k != "__metadata__"] if isinstance(header, dict) else []
 
 
 def _wrapper_keys(folder: Path) -> list[str]:
     if (folder / WRAPPER_INDEX).is_file():
-        return list((_json_or_empty(folder / WRAPPER_INDEX).get("weight_map") or {}))
+        wm = _json_or_empty(folder / WRAPPER_INDEX).get("weight_map")
+        return list(wm) if isinstance(wm, dict) else []
     return _header_keys(folder / "model.safetensors") if (folder / "model.safetensors").is_file() else []
 
 
@@ -815,11 +817,16 @@ class DyLoRAArtifact(Artifact):
         if deep:
             zero = [e for e in trained if e.all_b_zero()]
             if zero:
-                findings.append(error(
+                # all untrained: the "trained" mixture is the base model (error). Some untrained is
+                # how the real code usually ends (the optimizer only held expert_0): the mixture is
+                # still what was trained, but sequences routed there get the base model (warning)
+                everything = len(zero) == len(trained)
+                findings.append((error if everything else warning)(
                     "untrained-adapter",
                     f"every LoRA B matrix of {', '.join(e.name for e in zero)} is zero: "
-                    + ("no expert changes the base, so the routed model is the base model"
-                       if len(zero) == len(trained) else "those experts change nothing"),
+                    + ("no expert changes the base, so the routed model is the base model" if everything
+                       else "those experts change nothing (the real training code often leaves every "
+                       "expert but the first untrained): sequences the router sends there get the base model"),
                     [m.B.name for e in zero for m in e.modules.values() if m.B is not None]))
         elif trained:
             findings.append(not_checked_finding("each expert"))

@@ -5,12 +5,12 @@ is the base model's view with each adapted weight merged (see :mod:`.lora`).
 """
 from __future__ import annotations
 
-import json
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from ..errors import BaseModelUnavailableError, LoadError
+from .. import files
+from ..errors import BaseModelUnavailableError, LoadError, ModelkitError
 from ..findings import Finding, error, info
 from ..tensors import StoredTensor
 from ..views import TensorView, stored_tensor
@@ -226,8 +226,8 @@ class PeftLora(Format):
         if not cfg.is_file():
             return None
         try:
-            data = json.loads(cfg.read_text())
-        except (OSError, ValueError):
+            data = files.read_json(cfg)  # confined, regular, size-capped (modelkit.files)
+        except ModelkitError:
             data = {}
         if isinstance(data, dict) and str(data.get("peft_type", "LORA")).upper() != "LORA":
             return None

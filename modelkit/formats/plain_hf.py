@@ -5,7 +5,7 @@ from collections import Counter
 from functools import cached_property
 from pathlib import Path
 
-from ..errors import ConfigError, UnsafePathError
+from ..errors import UnsafePathError
 from ..findings import Finding, warning
 from ..tensors import FLOAT_DTYPES, StoredTensor, check_inside
 from ..views import TensorView, stored_tensor
@@ -24,24 +24,17 @@ class PlainHFArtifact(Artifact):
         """tensor name -> file (relative), from the index or the single file."""
         for index in INDEXES:
             if (self.folder / index).exists():
-                data = self.read_json(index)
-                wm = data.get("weight_map")
-                if not isinstance(wm, dict):
-                    raise ConfigError("index has no `weight_map` object", self.folder / index)
-                checked: set[str] = set()  # a shard is checked once, not once per tensor
-                for name, rel in wm.items():
-                    if not isinstance(rel, str):
-                        raise ConfigError(f"weight_map[{name!r}] is not a file name", self.folder / index)
-                    if rel in checked:
-                        continue
-                    checked.add(rel)
+                wm = self.read_json(index)["weight_map"]  # a str -> str map (modelkit.schemas)
+                # confined once per distinct file: 10^6 entries name a handful of shards
+                for rel in set(wm.values()):
                     try:
                         check_inside(self.trust_root, self.folder / rel)
-                    except UnsafePathError:
+                    except UnsafePathError as e:
+                        name = next(n for n, r in wm.items() if r == rel)
                         raise UnsafePathError(
-                            f"weight_map sends {name!r} to {rel!r}, outside the artifact folder; refused",
+                            f"weight_map sends {name!r} to {rel!r}: {e.problem}; refused",
                             self.folder / index) from None
-                return dict(wm)
+                return wm
         for single in SINGLE:
             if (self.folder / single).exists():
                 return {t.name: single for t in self.entries_of(single)}
@@ -85,8 +78,28 @@ class PlainHFArtifact(Artifact):
             findings.append(Finding("error", "missing-tensors",
                                     f"the index names shard(s) that are not in the folder: {', '.join(absent)}",
                                     names))
+        findings += self._index_findings(set(absent))
         findings += mixed_dtype_findings(self.stored())
         return findings
+
+    def _index_findings(self, absent: set[str]) -> list[Finding]:
+        """Index entries whose (present, readable) shard does not hold the tensor."""
+        held: dict[str, set[str]] = {}
+        unheld = []
+        for name, rel in self.weight_map.items():
+            if rel in absent:
+                continue
+            if rel not in held:
+                held[rel] = {t.name for t in self.entries_of(rel)}
+                if not held[rel] and any(e.path and Path(e.path).name == Path(rel).name for e in self.file_errors):
+                    absent.add(rel)  # unreadable: reported as corrupt-file
+                    continue
+            if name not in held[rel]:
+                unheld.append(name)
+        if not unheld:
+            return []
+        return [Finding("error", "missing-tensors",
+                        f"the index names {len(unheld)} tensor(s) that their shard does not hold", unheld)]
 
 
 def mixed_dtype_findings(stored: list[StoredTensor], what: str = "the checkpoint") -> list[Finding]:

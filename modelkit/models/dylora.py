@@ -299,6 +299,7 @@ class DyLoRAMoEForCausalLM(PreTrainedModel, GenerationMixin):
         """
         ref = input_ids if input_ids is not None else inputs_embeds
         return_dict = kwargs.pop("return_dict", None)
+        past_key_values = kwargs.pop("cache", past_key_values)   # transformers 5 name (past_key_values is deprecated)
         router_weights = None
         if routing_weights is None:
             if _cache_length(past_key_values) > 0 and parse_routing(self.routing)[0] != "expert":
@@ -309,7 +310,7 @@ class DyLoRAMoEForCausalLM(PreTrainedModel, GenerationMixin):
             routing_weights, router_weights = r.weights, r.router_weights
         weights = _expand(routing_weights.to(ref.device), ref.shape[0])
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
+                      cache=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
                       use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
         kind = parse_routing(self.routing)[0]
         if weights.dim() == 3 and weights.shape[1] != ref.shape[1]:

@@ -21,7 +21,7 @@ import ipywidgets as widgets
 from ..errors import ModelkitError
 
 TEXT_WIDTH = 300   # characters of a table cell shown before "..."
-LINE_WIDTH = 400   # characters of an error message shown on its line (all of it: under "details")
+LINE_WIDTH = 220   # characters of an error message shown on its line (all of it: under "details")
 
 
 class InvalidInput(ModelkitError):
@@ -104,7 +104,7 @@ def hint_for(exc: BaseException) -> str:
         return own
     if "allow_untrained" in str(exc):
         return UNTRAINED_HINT
-    if str(exc).startswith(("wandb:", "hf:")):   # the message says how to get the artifact
+    if str(getattr(exc, "path", "") or "").startswith(("wandb:", "hf:")):   # its message says how
         return ""
     for cls in type(exc).__mro__:
         if cls.__name__ in HINTS:
@@ -117,10 +117,12 @@ def hint_for(exc: BaseException) -> str:
 
 
 def error_line(exc: BaseException) -> str:
-    """The one line a user reads: the error class and its message's first line."""
+    """The one line a user reads: the error class and its message (without the path it
+    names, shown beside it), cut at :data:`LINE_WIDTH` characters (all of it: "details")."""
     if isinstance(exc, KeyboardInterrupt):
         return "Cancelled"
-    first = " ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip())
+    message = exc.problem if isinstance(exc, ModelkitError) and exc.path else str(exc)
+    first = " ".join(line.strip() for line in message.strip().splitlines() if line.strip())
     if len(first) > LINE_WIDTH:
         first = first[:LINE_WIDTH - 1] + "…"
     name = type(exc).__name__
@@ -130,16 +132,17 @@ def error_line(exc: BaseException) -> str:
 
 
 def error_html(exc: BaseException) -> str:
-    """An exception as HTML: one line (class and message), what to do about it, and the
-    rest of the message and the traceback only behind a closed "details" disclosure."""
+    """An exception as HTML: one line (class and message), the file it is about, what to
+    do about it, and the whole message and the traceback behind a closed "details"."""
     head = html.escape(error_line(exc))
     hint = hint_for(exc)
-    rest = str(exc).strip() if len(str(exc).strip()) > LINE_WIDTH else ""
+    where = getattr(exc, "path", None) if isinstance(exc, ModelkitError) else None
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    more = (f"{html.escape(rest)}\n\n" if rest else "") + html.escape(tb)
+    more = f"{html.escape(str(exc).strip())}\n\n{html.escape(tb)}"
     return (f"<div class='mk-error-box' style='color:#b00020;border-left:6px solid #b00020;"
             f"background:#fde7ea;padding:6px 10px;margin:4px 0'>"
-            f"<div class='mk-error-line'><b>✖ {head}</b></div>"
+            f"<div class='mk-error-line'>✖ {head}</div>"
+            + (f"<div class='mk-where' style='color:#555;font-size:12px'>in {html.escape(where)}</div>" if where else "")
             + (f"<div class='mk-hint' style='color:#333'>{html.escape(hint)}</div>" if hint else "")
             + f"<details class='mk-details'><summary style='color:#666;font-size:12px'>details</summary>"
             f"<pre style='font-size:11px;white-space:pre-wrap;color:#333'>{more}</pre></details></div>")

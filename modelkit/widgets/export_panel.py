@@ -11,7 +11,7 @@ from ..verdicts import verdict_of
 from ._base import InvalidInput, Panel, RunButton, optional, show
 from .picker import ArtifactPicker
 
-DTYPES = [("as stored", None), ("float32", "float32"), ("bfloat16", "bfloat16"), ("float16", "float16")]
+DTYPES = [("as stored", "as stored"), ("float32", "float32"), ("bfloat16", "bfloat16"), ("float16", "float16")]
 
 
 def parse_expert(text: str) -> int | str | None:
@@ -40,7 +40,7 @@ class ExportPanel(Panel):
                                 placeholder="folder to write (must not exist unless 'replace')")
         self.base = widgets.Text(value=str(base or ""), description="base", layout=wide,
                                  placeholder="optional: base model folder or ref")
-        self.dtype = widgets.Dropdown(options=DTYPES, value=dtype, description="dtype")
+        self.dtype = widgets.Dropdown(options=DTYPES, value=dtype or "as stored", description="dtype")
         self.expert = widgets.Text(value="" if expert is None else str(expert), description="expert",
                                    placeholder="DyLoRA-MoE: K or all")
         self.verify = widgets.Checkbox(value=verify, description="verify logits against the source")
@@ -61,7 +61,7 @@ class ExportPanel(Panel):
         ref, out = self.picker.value, optional(self.out.value)
         if ref is None or out is None:
             raise InvalidInput("Pick an artifact and give an output folder (out).")
-        return modelkit.export(ref, out, base=optional(self.base.value), dtype=self.dtype.value,
+        return modelkit.export(ref, out, base=optional(self.base.value), dtype=None if self.dtype.value == "as stored" else self.dtype.value,
                                expert=parse_expert(self.expert.value), verify=self.verify.value,
                                force=self.force.value, allow_untrained=self.allow_untrained.value)
 

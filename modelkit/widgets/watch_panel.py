@@ -1,8 +1,10 @@
 """Watch panel: pick a training run folder, watch it, and see each checkpoint's scores
 against the baseline land in a live table and a score-vs-step plot; stop when done.
 
-The watcher (:class:`modelkit.watch.Watcher`) runs in a background thread, so the
-notebook stays usable; every settled checkpoint refreshes the table and the plot.
+The watcher (:class:`modelkit.watching.Watcher`) runs in a background thread, so the
+notebook stays usable, and evaluates each checkpoint in a fresh process (``isolated``):
+the model's memory and the libraries' output never reach the kernel. Every settled
+checkpoint refreshes the table and the plot.
 **Stop** lets the current evaluation finish, then ends the thread. The ledger is the
 watcher's own (outside the run folder): stopping and watching again resumes.
 """
@@ -25,7 +27,7 @@ SKIP_DIRS = {"__pycache__", "node_modules", ".git", ".ipynb_checkpoints"}
 def discover_runs(root: str | Path, depth: int = 3) -> dict[str, str]:
     """Run folders under ``root`` (folders holding ``checkpoint-N/``, ``checkpoints/checkpoint-N/``
     or ``best_model/``): ``{path relative to root: absolute path}``, sorted."""
-    from ..watch import find_checkpoints
+    from ..watching import find_checkpoints
 
     root = Path(os.path.abspath(Path(root).expanduser()))
     found: dict[str, str] = {}
@@ -90,12 +92,12 @@ class RunFolderPicker(widgets.VBox):
 
 
 class WatchPanel(Panel):
-    """:class:`modelkit.watch.Watcher` as a widget: **Watch** starts it in a thread,
-    **Stop** ends it; ``result`` is the live :class:`~modelkit.watch.WatchResult`."""
+    """:class:`modelkit.watching.Watcher` as a widget: **Watch** starts it in a thread,
+    **Stop** ends it; ``result`` is the live :class:`~modelkit.watching.WatchResult`."""
 
     def __init__(self, root: str | Path | None = None, run_dir: str | Path | None = None,
                  baseline: str | Path | None = None, tasks: Sequence[str] | str = (), limit: int | None = 20,
-                 interval: float = 10.0, settle: float = 5.0, **watch_options: Any):
+                 interval: float = 10.0, settle: float = 5.0, isolated: bool = True, **watch_options: Any):
         self.picker = RunFolderPicker(root, run_dir)
         self.baseline = widgets.Text(value=str(baseline or ""), description="baseline",
                                      placeholder="optional: default is the base an adapter names",
@@ -117,7 +119,7 @@ class WatchPanel(Panel):
         self.scores = widgets.Output()
         self.plot = widgets.Output()
         self.summary = widgets.Output()
-        self.watch_options = watch_options
+        self.watch_options = {"isolated": isolated, **watch_options}
         self.watcher = None
         self.thread: threading.Thread | None = None
         self.exception: BaseException | None = None
@@ -135,7 +137,7 @@ class WatchPanel(Panel):
 
     # -- start / stop -----------------------------------------------------------------
     def _start(self):
-        from ..watch import Watcher
+        from ..watching import Watcher
 
         if self.running:
             raise InvalidInput("already watching; press Stop first")

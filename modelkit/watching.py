@@ -218,7 +218,9 @@ class Watcher:
     after one pass). ``on_event(entry)`` is called after each settled checkpoint (the
     notebook panel and the CLI print from it). ``evaluator`` evaluates one :class:`CheckpointJob`
     (default :func:`evaluate_in_process`, or :func:`evaluate_quietly` with ``quiet``; an
-    executor's submit-and-wait fits here).
+    executor's submit-and-wait fits here: ``isolated`` runs each evaluation in a fresh
+    process through :func:`modelkit.executors.evaluator_on`, which a watcher thread in a
+    notebook kernel needs so that the libraries' output and memory stay out of the kernel).
     """
 
     def __init__(self, run_dir: str | Path, tasks: str | Sequence[str], baseline: str | Path | None = None, *,
@@ -227,7 +229,8 @@ class Watcher:
                  state_dir: str | Path | None = None, settle: float = SETTLE_SECONDS,
                  interval: float = INTERVAL_SECONDS, attempts: int = ATTEMPTS,
                  evaluator: Evaluator | None = None, on_event: Callable[[Entry], None] | None = None,
-                 quiet: bool = False, wandb: bool = False, wandb_project: str = "modelkit-watch",
+                 quiet: bool = False, isolated: bool = False, wandb: bool = False,
+                 wandb_project: str = "modelkit-watch",
                  engine: str | None = None, engine_options: dict | None = None):
         from .comparison import _check_settings, _task_names, result_settings
         from .engines import get_engine
@@ -251,6 +254,10 @@ class Watcher:
         self.baseline_ref = str(baseline) if baseline is not None else None
         self.ledger = Ledger.open(state_dir or default_state_dir(self.run_dir), run_dir=self.run_dir)
         self.settle, self.interval, self.attempts = float(settle), float(interval), attempts
+        if evaluator is None and isolated:      # each evaluation in a fresh process: its memory and output stay there
+            from .executors import LocalPool, evaluator_on
+
+            evaluator = evaluator_on(LocalPool(max_workers=1), evaluate_quietly)
         self.evaluator = evaluator or (evaluate_quietly if quiet else evaluate_in_process)
         self.on_event = on_event
         self.stop_event = threading.Event()

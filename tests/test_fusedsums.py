@@ -1,0 +1,77 @@
+"""Diff's fused one-pass sums agree with float64 and with the eager torch path they
+replace; a machine without a compiler gets the same diff from the eager path."""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from modelkit import fusedsums
+from modelkit.diffing import diff
+from modelkit.testing import write_plain_hf
+
+needs_kernel = pytest.mark.skipif(not fusedsums.available(), reason="no C compiler: eager path only")
+
+
+def reference(a: torch.Tensor, b: torch.Tensor) -> tuple:
+    a64, b64 = a.double(), b.double()
+    d = (b.float() - a.float()).double()
+    return (float(a64 @ a64), float(b64 @ b64), float(a64 @ b64), float(d @ d),
+            float(d.abs().max()) if d.numel() else 0.0, int(torch.count_nonzero(d)))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n", [1, 1000, 1025, 1 << 19])
+def test_fused_sums_match_float64(dtype, n):
+    g = torch.Generator().manual_seed(n)
+    a = (torch.randn(n, generator=g) * 0.02).to(dtype)
+    b = a.clone()
+    b[::3] += (1e-3 * torch.randn(b[::3].shape, generator=g)).to(dtype)
+    got, want = fusedsums.pair_sums(a, b), reference(a, b)
+    for x, y in zip(got[:4], want[:4]):
+        assert math.isclose(x, y, rel_tol=1e-5, abs_tol=1e-12), (got, want)
+    assert got[4] == want[4] and got[5] == want[5]
+
+
+@needs_kernel
+def test_identical_and_nonfinite_chunks():
+    a = torch.randn(4096).bfloat16()
+    same = fusedsums.pair_sums(a, a.clone())
+    assert same[3] == 0.0 and same[4] == 0.0 and same[5] == 0
+    b = a.clone()
+    b[7] = float("nan")
+    assert not math.isfinite(fusedsums.pair_sums(a, b)[1])  # the caller's careful path takes over
+
+
+def test_what_the_kernel_does_not_take_is_left_to_torch():
+    a = torch.randn(16).half()
+    assert fusedsums.pair_sums(a, a) is None                      # float16
+    assert fusedsums.pair_sums(a.float(), a.double()) is None     # mixed dtypes
+    wide = torch.randn(4, 8).bfloat16()
+    assert fusedsums.pair_sums(wide[:, ::2].reshape(-1)[:1].expand(4), wide[0, :4]) is None  # not contiguous
+
+
+def test_diff_is_the_same_with_and_without_the_kernel(tmp_path):
+    a = write_plain_hf(tmp_path / "a", "llama", seed=1)
+    b = write_plain_hf(tmp_path / "b", "llama", seed=2)
+    code = ("import json, sys; from modelkit.diffing import diff\n"
+            "r = diff(sys.argv[1], sys.argv[2], progress=False)\n"
+            "print(json.dumps({x['name']: [x['norm_diff'], x['changed'], x['max_abs_diff'], x['cosine']] for x in r.rows}))")
+    runs = []
+    for setting in ("on", "off"):
+        env = {**os.environ, "MODELKIT_FUSED_SUMS": setting}
+        out = subprocess.run([sys.executable, "-c", code, str(a), str(b)], env=env, check=True,
+                             capture_output=True, text=True).stdout
+        runs.append(__import__("json").loads(out.strip().splitlines()[-1]))
+    fused, eager = runs
+    assert fused.keys() == eager.keys() and fused
+    for name in fused:
+        f, e = fused[name], eager[name]
+        assert f[1] == e[1] and f[2] == pytest.approx(e[2], rel=1e-6), name
+        assert f[0] == pytest.approx(e[0], rel=1e-4) and f[3] == pytest.approx(e[3], abs=1e-6), name
+    assert diff(a, a, progress=False).identical
