@@ -21,12 +21,21 @@ from typing import Any
 
 from .errors import ModelkitError
 from .models import install_auto_registration
+from .models.loader_slot import set_artifact_loader
 
 __version__ = "0.1.0"
 
 # `dylora-moe` for AutoConfig / AutoModelForCausalLM: now if transformers is imported, else
 # right after it is (never imported from here: `import modelkit` stays cheap)
 install_auto_registration()
+
+
+def _load_artifact(*args: Any, **kwargs: Any) -> Any:
+    """:func:`modelkit.load`, imported on first use: how the Auto class opens DyLoRA-MoE folders."""
+    return __getattr__("load")(*args, **kwargs)
+
+
+set_artifact_loader(_load_artifact)
 
 _LAZY = {
     "open_artifact": ("modelkit.artifacts", "open_artifact"),

@@ -1,5 +1,6 @@
-"""Views of a :class:`~modelkit.compare.CompareResult`: its matplotlib figure (no pyplot
-global state) and its W&B run (table, disagreements, figure)."""
+"""Views of a comparison built from its tables (never from the result object, so this module
+depends on nothing above it): the matplotlib figure (no pyplot global state) and the W&B run
+(table, disagreements, figure)."""
 from __future__ import annotations
 
 import math
@@ -7,27 +8,25 @@ import os
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
     from matplotlib.figure import Figure
-
-    from .comparison import CompareResult
 
 MAX_PANELS = 24
 COLORS = {"better": "#2a9d3f", "worse": "#c0392b"}
 NEUTRAL = "#7f8c8d"
 
 
-def compare_figure(result: "CompareResult") -> "Figure":
-    """One row per (task, metric): values ± stderr per model (left), and each trained
+def compare_figure(frame: "pd.DataFrame", labels: list[str]) -> "Figure":
+    """One row per (task, metric) of ``frame`` (``CompareResult.to_frame()``): values ± stderr
+    per model (left; ``labels`` = base first, then each trained model), and each trained
     model's delta with its paired bootstrap interval (right)."""
     from matplotlib.figure import Figure
 
-    frame = result.to_frame()
     keys = list(dict.fromkeys(zip(frame["task"], frame["metric"])))
     shown = keys[:MAX_PANELS]
     rows = max(len(shown), 1)
     fig = Figure(figsize=(11.0, 1.0 + 1.55 * rows), layout="constrained")
     axes = fig.subplots(rows, 2, squeeze=False, width_ratios=[1.0, 1.2])
-    labels = [m.label for m in result.models]
     for (ax_val, ax_delta), (task, metric) in zip(axes, shown):
         sub = frame[(frame["task"] == task) & (frame["metric"] == metric)]
         first = sub.iloc[0]
@@ -104,22 +103,17 @@ def wandb_mode() -> str:
         return "offline"
 
 
-def log_to_wandb(result: "CompareResult", project: str = "modelkit-compare", run: Any = None) -> str:
-    """Log the table, the disagreements and the figure into ``run`` (or a new run in
-    ``project``); returns the run's local folder."""
+def log_to_wandb(frame: "pd.DataFrame", dis: "pd.DataFrame", fig: "Figure", config: dict[str, Any],
+                 project: str = "modelkit-compare", run: Any = None) -> str:
+    """Log the table ``frame``, the disagreements ``dis`` and the figure into ``run`` (or a
+    new run in ``project`` recording ``config``: its ``models`` list of dicts with a
+    ``label`` each, ``tasks`` and the settings); returns the run's local folder."""
     import wandb
 
     own = run is None
     if own:
-        config = {"models": [{k: getattr(m, k) for k in ("role", "label", "ref", "format", "fingerprint",
-                                                          "options", "dtype", "lm_eval_version", "task_hashes")}
-                             for m in result.models],
-                  "tasks": result.tasks, **result.settings}
         run = wandb.init(project=project, job_type="compare", config=config, mode=wandb_mode(),
-                         name="compare " + " vs ".join(m.label for m in result.models)[:100])
-    frame = result.to_frame()
-    fig = result.plot()
-    dis = result.disagreements()
+                         name="compare " + " vs ".join(m["label"] for m in config["models"])[:100])
     run.log({"compare/table": wandb.Table(dataframe=_plain(frame)),
              "compare/disagreements": wandb.Table(dataframe=_plain(dis)),
              "compare/plot": wandb.Image(_png(fig))})

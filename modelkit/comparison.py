@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from . import stats
-from .errors import CompareError, ModelkitError
+from .errors import CompareError, ModelkitError, about_model
 from .evaluation import TaskCatalog, find_tasks, lm_eval_version
 from .sources import cache_dir
 
@@ -175,7 +175,7 @@ def _identify(role: str, ref: str | Path, options: dict | None) -> ModelInfo:
     try:
         artifact, base_art = open_for_load(ref, opts.get("base"))
     except ModelkitError as e:
-        raise _about(e, role, ref) from None
+        raise about_model(e, role, ref) from None
     afp = artifact.fingerprint
     bfp = base_art.fingerprint if base_art is not None else None
     fp = afp if bfp is None else hashlib.sha256(f"{afp}+{bfp}".encode()).hexdigest()[:16]
@@ -183,14 +183,6 @@ def _identify(role: str, ref: str | Path, options: dict | None) -> ModelInfo:
                      fingerprint=fp, artifact_fingerprint=afp, base_fingerprint=bfp,
                      base_folder=str(base_art.folder) if base_art is not None else None,
                      options=opts, dtype=str(opts["dtype"]) if opts.get("dtype") else None)
-
-
-def _about(e: ModelkitError, role: str, ref: Any) -> ModelkitError:
-    """The same error class, its message prefixed with which model it is about."""
-    try:
-        return type(e)(f"cannot load the {role} model {str(ref)!r}: {e.problem}", e.path)
-    except TypeError:
-        return CompareError(f"cannot load the {role} model {str(ref)!r}: {e}")
 
 
 def _refuse_self_compare(models: list[ModelInfo]) -> None:
@@ -413,7 +405,7 @@ class CompareResult:
         """Values with stderr bars per task and model, and each delta with its interval."""
         from .compare_report import compare_figure
 
-        fig = compare_figure(self)
+        fig = compare_figure(self.to_frame(), [m.label for m in self.models])
         if path is not None:
             fig.savefig(path, dpi=120)
         return fig
@@ -422,7 +414,12 @@ class CompareResult:
         """Log table, disagreements and plot to W&B (offline unless logged in); the run's folder."""
         from .compare_report import log_to_wandb
 
-        self.wandb_run = log_to_wandb(self, project=project, run=run)
+        config = {"models": [{k: getattr(m, k) for k in ("role", "label", "ref", "format", "fingerprint",
+                                                          "options", "dtype", "lm_eval_version", "task_hashes")}
+                             for m in self.models],
+                  "tasks": self.tasks, **self.settings}
+        self.wandb_run = log_to_wandb(self.to_frame(), self.disagreements(), self.plot(), config,
+                                      project=project, run=run)
         return self.wandb_run
 
     def summary(self) -> str:

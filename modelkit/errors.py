@@ -50,6 +50,11 @@ class LoadError(ModelkitError):
     """An artifact that cannot be turned into a faithful in-memory model."""
 
 
+class UnknownOptionError(LoadError):
+    """A load / view keyword the artifact's format does not declare (the message lists the
+    ones it accepts)."""
+
+
 class ExportError(ModelkitError):
     """An export that cannot be completed; nothing is left at the output path."""
 
@@ -64,6 +69,15 @@ class VerificationError(ExportError):
 
 class CompareError(ModelkitError):
     """A benchmark comparison that cannot be run as asked."""
+
+
+def about_model(e: ModelkitError, role: str, ref: object) -> ModelkitError:
+    """The same error class, its message prefixed with which model (``role``: base/trained)
+    it is about; a :class:`CompareError` where that class takes other arguments."""
+    try:
+        return type(e)(f"cannot load the {role} model {str(ref)!r}: {e.problem}", e.path)
+    except TypeError:
+        return CompareError(f"cannot load the {role} model {str(ref)!r}: {e}")
 
 
 # -- the one place where other exceptions become ModelkitErrors ---------------------------

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ class InspectionReport:
     findings: list[Finding]
     details: dict[str, Any] = field(default_factory=dict)
     checkpoints: list[str] = field(default_factory=list)
+    options: list[dict[str, Any]] = field(default_factory=list)   # the keywords load() accepts for it
 
     @property
     def parameters(self) -> int:
@@ -65,7 +66,7 @@ class InspectionReport:
             "base_model": self.base_model, "tensors": self.tensors, "parameters": self.parameters,
             "bytes": self.bytes, "groups": self.groups,
             "findings": [f.to_dict() for f in self.findings],
-            "details": self.details, "checkpoints": self.checkpoints,
+            "details": self.details, "checkpoints": self.checkpoints, "options": self.options,
         }
 
     def to_json(self, **kw) -> str:
@@ -100,6 +101,8 @@ class InspectionReport:
                      f"{human_bytes(self.bytes)}")
         for k, v in self.details.items():
             lines.append(f"  {k:<7} {v}")
+        lines.append("  options " + ("; ".join(f"{o['name']}= ({o['type']}, default {o['default']!r})"
+                                               for o in self.options) or "none (load takes no format options)"))
         if self.checkpoints:
             lines.append(f"  checkpoints beside it: {', '.join(self.checkpoints)}")
         if self.groups:
@@ -189,6 +192,7 @@ def inspect_artifact(artifact: Artifact, deep: bool = False, ref: str | None = N
         ref=ref or str(artifact.folder), folder=str(artifact.folder), format=artifact.format,
         layout=artifact.layout, base_model=base_info, tensors=rows, groups=groups,
         findings=findings, details=artifact.describe(),
+        options=[asdict(o) for o in artifact.options],
         checkpoints=[str(p) for p in (src.checkpoints if src else [])])
 
 

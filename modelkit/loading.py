@@ -123,13 +123,13 @@ def open_for_load(ref: Any, base: Any = None, facts: dict[str, Any] | None = Non
 
 
 def is_dylora(artifact: Artifact) -> bool:
-    """A DyLoRA-MoE mixture (routed; dense only one expert at a time)."""
-    return artifact.format.startswith("dylora")
+    """A mixture (routed; dense only one expert at a time), as its format declares."""
+    return artifact.family == "mixture"
 
 
 def is_peft(artifact: Artifact) -> bool:
-    """A PEFT adapter on a base model."""
-    return artifact.format.startswith("peft")
+    """An adapter on a base model, as its format declares."""
+    return artifact.family == "adapter"
 
 
 def check_artifact(artifact: Artifact, base_art: Artifact | None, *, allow_untrained: bool = False,
@@ -283,6 +283,7 @@ def load(ref: Any, base: Any = None, dtype: Any = None, device: str | None = Non
     """
     facts, format_options = split_facts(format_options)
     artifact, base_art = open_for_load(ref, base, facts)
+    artifact.check_options(format_options)  # typed error listing what this format accepts
     tdtype = torch_dtype_of(dtype)
     if routing is not None and not is_dylora(artifact):
         raise LoadError(f"routing= applies to DyLoRA-MoE artifacts only (this is {artifact.format})",

@@ -194,7 +194,7 @@ def browser():
             b.close()
 
 
-def _open_notebook(browser, lab, name: str):
+def _open_notebook(browser, lab, name: str, ready: str):
     from playwright.sync_api import expect
 
     base, token, work, log = lab
@@ -203,8 +203,15 @@ def _open_notebook(browser, lab, name: str):
     page.goto(f"{base}/lab/tree/notebooks/{name}?token={token}", timeout=120_000)
     page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
     expect(page.get_by_text("Python 3 (ipykernel) | Idle")).to_be_visible(timeout=120_000)
-    page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
-    page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+    for attempt in range(3):   # a click that lands before the kernel is ready runs nothing: retry
+        page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+        page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+        try:
+            expect(page.locator(ready)).to_be_visible(timeout=120_000 if attempt < 2 else 180_000)
+            break
+        except AssertionError:
+            if attempt == 2:
+                raise
     return page, offline
 
 
@@ -228,14 +235,15 @@ def _assert_one_line_error(page, panel: str, line: str) -> None:
     assert page.locator(f"{panel} .mk-verdict-area").inner_text().strip() == ""
     expect(page.locator(f"{panel} .mk-status")).to_contain_text("failed")
     # nothing of it leaked into the notebook's own output as a traceback
-    assert page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']").count() == 0
+    cell = page.locator(f".jp-Cell:has({panel})")
+    assert cell.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']").count() == 0
 
 
 def test_pick_a_faulty_artifact_click_inspect_see_its_error(lab, browser, shots):
     from playwright.sync_api import expect
 
     t0 = time.perf_counter()
-    page, offline = _open_notebook(browser, lab, "01-inspect.ipynb")
+    page, offline = _open_notebook(browser, lab, "01-inspect.ipynb", ".mk-inspect .mk-picker select")
     try:
         picker = page.locator(".mk-inspect .mk-picker select")
         expect(picker).to_be_visible(timeout=180_000)
@@ -283,7 +291,7 @@ def test_pick_a_faulty_artifact_click_inspect_see_its_error(lab, browser, shots)
 def test_export_diff_compare_panels_show_their_verdict_or_one_line_error(lab, browser, shots):
     from playwright.sync_api import expect
 
-    page, offline = _open_notebook(browser, lab, "panels.ipynb")
+    page, offline = _open_notebook(browser, lab, "panels.ipynb", ".mk-compare button.mk-run")
     try:
         expect(page.locator(".mk-compare button.mk-run")).to_be_visible(timeout=180_000)
         page.keyboard.press("Control+b")

@@ -242,3 +242,26 @@ def test_works_with_lm_eval_hflm_in_process(catalog):
     requests = [Instance("loglikelihood", {}, ("def f(x):\n    return x *", c), i) for i, c in enumerate((" 1", " 2"))]
     scores = lm.loglikelihood(requests)
     assert len(scores) == 2 and all(s[0] < 0 for s in scores)
+
+
+@pytest.mark.parametrize("name", ["plain-llama", "peft-lora", "dylora-b", "compressed-checkpoint-N"])
+def test_an_unknown_option_is_refused_with_the_accepted_ones(catalog, name):
+    from modelkit.errors import UnknownOptionError
+
+    accepted = modelkit.open_artifact(catalog[name]).options
+    with pytest.raises(UnknownOptionError, match="unknown option.* colour=") as caught:
+        modelkit.load(catalog[name], colour="blue")
+    for option in accepted:  # the message lists what the format takes instead
+        assert f"{option.name}=" in caught.value.problem
+    if not accepted:
+        assert "no options" in caught.value.problem
+    report = modelkit.inspect(catalog[name])  # and inspect says which options load takes
+    assert [o["name"] for o in report.options] == [o.name for o in accepted]
+    assert "options " in report.summary()
+
+
+def test_a_plain_folder_refuses_a_mixture_option(catalog):
+    from modelkit.errors import UnknownOptionError
+
+    with pytest.raises(UnknownOptionError, match="expert=.*plain-hf artifact; it accepts: no options"):
+        modelkit.load(catalog["plain-llama"], expert=0)

@@ -4,11 +4,10 @@ DyLoRA-MoE mixture) and the cheapest for small models."""
 from __future__ import annotations
 
 import gc
-import importlib
 import time
 from typing import Any
 
-from ..errors import CompareError, ModelkitError
+from ..errors import CompareError, ModelkitError, about_model
 from .base import Engine, EngineRun, EvalJob
 
 GC_ABOVE_BYTES = 1 << 30             # gc.collect() (~0.25 s) only after models this large
@@ -40,13 +39,12 @@ class InProcessEngine(Engine):
 
 def load_model(role: str, ref: str, options: dict):
     """:func:`modelkit.load` with errors that say which model they are about."""
-    from ..comparison import _about
+    from ..loading import load  # resolved per call: a test may replace modelkit.loading.load
 
-    loading = importlib.import_module("modelkit.loading")
     try:
-        result = loading.load(ref, **options)
+        result = load(ref, **options)
     except ModelkitError as e:
-        raise _about(e, role, ref) from None
+        raise about_model(e, role, ref) from None
     except Exception as e:  # torch / transformers failures while building the model
         raise CompareError(f"cannot load the {role} model {ref!r} ({type(e).__name__}: {e})") from e
     if result.tokenizer is None:

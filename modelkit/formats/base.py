@@ -7,6 +7,12 @@ registers it (``register(MyFormat())``). It answers three questions:
 * ``open(folder, layout, source)``: an :class:`Artifact` that lists what is stored
   (metadata only), names its base model, and builds a :class:`~modelkit.views.TensorView`;
 * ``Artifact.check(...)``: findings only this format can make.
+
+What an artifact offers is declared, so operations ask the protocol instead of testing a
+format's name: ``family`` (``"dense"``: a view is the model; ``"adapter"``: a view merges it
+into its base; ``"mixture"``: no single dense view is the model, the format builds one) and
+``options`` (every keyword :func:`modelkit.load` / ``view()`` accepts for it, with type,
+default and help; anything else is refused by :meth:`Artifact.check_options`).
 """
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..errors import CorruptFileError, ModelkitError, UnsafePickleError
+from ..errors import CorruptFileError, ModelkitError, UnknownOptionError, UnsafePickleError
 from .. import files, schemas
 from ..tensors import StoredTensor, TensorFile, check_inside
 
@@ -40,10 +46,38 @@ class BaseRef:
         return self.path is not None
 
 
+@dataclass(frozen=True)
+class Option:
+    """One keyword a format's load / view accepts (shown by ``modelkit inspect``)."""
+
+    name: str
+    type: str                        # as shown to the user: "int", "float", "str"
+    default: Any
+    help: str
+
+    def describe(self) -> str:
+        return f"{self.name}= ({self.type}, default {self.default!r}): {self.help}"
+
+
+FAMILIES = ("dense", "adapter", "mixture")
+
+
 class Artifact(ABC):
     """An artifact folder opened by its format. Reads metadata only until asked."""
 
     format: ClassVar[str] = ""
+    family: ClassVar[str] = "dense"                  # one of FAMILIES
+    options: ClassVar[tuple[Option, ...]] = ()       # the keywords load/view accept
+
+    def check_options(self, given: Any) -> None:
+        """UnknownOptionError (listing the accepted ones) for any keyword in ``given`` this
+        format does not declare in :attr:`options`."""
+        accepted = {o.name for o in self.options}
+        unknown = sorted(set(given) - accepted)
+        if unknown:
+            listed = "; ".join(o.describe() for o in self.options) or "no options"
+            raise UnknownOptionError(f"unknown option(s) {', '.join(f'{k}=' for k in unknown)} for a "
+                                     f"{self.format} artifact; it accepts: {listed}", self.folder)
 
     def __init__(self, folder: Path, layout: str, source: "Source | None" = None):
         self.folder = Path(folder)

@@ -54,7 +54,7 @@ from ..findings import Finding, error, info, warning
 from ..tensors import FLOAT_DTYPES, PickleFile, StoredTensor, torch_dtype
 from ..views import LazyTensor, TensorView, stored_tensor
 from . import register
-from .base import Artifact, Format
+from .base import Artifact, Format, Option
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -309,6 +309,8 @@ class CompressedLayer:
 
 class CompressedMoEArtifact(Artifact):
     format = "compressed-moe"
+    options = (Option("core", "str", None, "which core each expert is materialised from: " + " or ".join(
+        CORE_CHOICES) + " (default: the copies when present)"),)
     survey: list["CheckpointState"] = []   # every save of the experiment folder (set by open)
     chosen_why: str = ""                   # why this save was opened, when the experiment was given
     reconciled: str = ""                   # set by check(deep=True) when both forms agree
@@ -637,9 +639,8 @@ class CompressedMoEArtifact(Artifact):
         """``core``: which core each expert is materialised from, ``"copies"`` (each
         expert's own copy in the Trainer's ``model.safetensors``: what the trained forward
         used) or ``"shared"`` (the saved shared core); default: the copies when present."""
+        self.check_options(options)
         core = options.pop("core", None)
-        if options:
-            raise ConfigError(f"the compressed-MoE view takes only core= (got {sorted(options)})", self.folder)
         default = self.default_core()
         if core is None:
             core = default

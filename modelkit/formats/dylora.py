@@ -31,7 +31,7 @@ from ..findings import Finding, error, info, warning
 from ..tensors import MAX_HEADER_BYTES, PickleFile, StoredTensor, check_inside
 from ..views import TensorView, stored_tensor
 from . import register
-from .base import Artifact, Format
+from .base import Artifact, Format, Option
 from .lora import (PEFT_PREFIX, LoraAdapter, base_layer_name, collect_adapter, merge_adapter,
                    parse_lora_key, plan_merge, strip_prefix)
 from .peft_lora import adapter_findings, fit_findings, not_checked_finding
@@ -155,6 +155,13 @@ def inner_folder(root: Path) -> tuple[Path, str] | None:
 # -- the artifact -------------------------------------------------------------------------
 class DyLoRAArtifact(Artifact):
     format = "dylora-moe"
+    family = "mixture"
+    options = (
+        Option("expert", "int", None, "the dense model of expert K merged into the base (else the routed "
+               "mixture, see routing=)"),
+        Option("alpha", "float", None, "the LoRA alpha when the checkpoint does not record it (same as lora_alpha=)"),
+        Option("router_pass", "str", "base", "which forward feeds the router of a routed load: base or expert:K"),
+    )
 
     def __init__(self, folder: Path, layout: str, source=None, kind: str | None = None,
                  root: Path | None = None):
@@ -532,9 +539,7 @@ class DyLoRAArtifact(Artifact):
         """The base model's tensors (from the artifact in layout a, else from ``base``);
         ``expert=K`` merges expert K (``alpha`` overrides an unrecorded lora_alpha).
         The router has no place in a dense model and is left out."""
-        if options:
-            raise LoadError(f"unknown view option(s) {sorted(options)}; DyLoRA-MoE takes expert=K "
-                            "and alpha=", self.folder)
+        self.check_options(options)
         if self.kind == "a":
             tensors = {n: self._read(t) for n, t in self._wrapper["base"].items()}
             unplaced, notes = self._wrapper["other"] + self._stray_lora, []

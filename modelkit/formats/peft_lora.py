@@ -25,6 +25,7 @@ PEFT_DEFAULT_ALPHA = 8
 
 class PeftLoraArtifact(Artifact):
     format = "peft-lora"
+    family = "adapter"
 
     @cached_property
     def adapter_config(self) -> dict[str, Any]:
@@ -75,8 +76,7 @@ class PeftLoraArtifact(Artifact):
 
     def view(self, base: Artifact | None = None, **options) -> TensorView:
         """The base's view with this adapter merged. No options."""
-        if options:
-            raise LoadError(f"view options {sorted(options)} do not apply to a PEFT LoRA adapter", self.folder)
+        self.check_options(options)
         if base is None:
             raise BaseModelUnavailableError(
                 f"merging the adapter needs its base model {self.base_name()!r}; pass --base FOLDER",

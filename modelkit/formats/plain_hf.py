@@ -62,6 +62,7 @@ class PlainHFArtifact(Artifact):
         return self.folder / "config.json"
 
     def view(self, base: Artifact | None = None, **options) -> TensorView:
+        self.check_options(options)  # a plain folder takes none
         tensors = {}
         for rel in self.files():
             if (self.folder / rel).exists():

@@ -381,8 +381,9 @@ class DyLoRAMoEForCausalLM(PreTrainedModel, GenerationMixin):
         the artifact's recorded one is not found), ``dtype`` / ``torch_dtype``,
         ``device_map`` (one device), ``allow_untrained``. Never runs remote code.
         """
-        from ..loading import load
+        from .loader_slot import artifact_loader
 
+        load = artifact_loader()
         routing = kwargs.pop("routing", None) or getattr(config, "routing", None) or "router"
         router_pass = kwargs.pop("router_pass", None) or getattr(config, "router_pass", None) or "base"
         dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
@@ -736,12 +737,12 @@ def _base_entries(artifact: "Artifact", view: Any) -> set[tuple[str, str]]:
 
 
 def _register() -> None:
-    """Importing this module puts the real class in the Auto mapping (replacing the stand-in)."""
-    from . import _done, register_config
+    """Importing this module puts the real class in the Auto mapping (replacing the stand-in;
+    :func:`modelkit.models.register_model` finds it in ``sys.modules`` from then on)."""
+    from transformers import AutoConfig
 
-    register_config()
+    AutoConfig.register(MODEL_TYPE, DyLoRAMoEConfig, exist_ok=True)
     AutoModelForCausalLM.register(DyLoRAMoEConfig, DyLoRAMoEForCausalLM, exist_ok=True)
-    _done.add("model")
 
 
 _register()
