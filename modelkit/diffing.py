@@ -102,13 +102,7 @@ def _release(artifacts: Iterable[Artifact]) -> None:
     """Close every open file handle, unmapping the pages read so far (safetensors and
     torch pickles are memory-mapped; resident pages count until the mapping goes)."""
     for art in artifacts:
-        for f in list(getattr(art, "_files", {}).values()):
-            release = getattr(f, "release", None)
-            if callable(release):
-                release()
-            else:
-                f.__dict__.pop("_handle", None)   # SafetensorsFile's safe_open (mmap)
-                f.__dict__.pop("obj", None)       # PickleFile's torch.load(mmap=True)
+        art.release()
 
 
 # --------------------------------------------------------------------------- per tensor

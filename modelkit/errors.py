@@ -63,10 +63,6 @@ class OutputExistsError(ExportError):
     """The output path exists and overwriting was not requested."""
 
 
-class VerificationError(ExportError):
-    """An exported model whose logits disagree with its source beyond tolerance."""
-
-
 class CompareError(ModelkitError):
     """A benchmark comparison that cannot be run as asked."""
 

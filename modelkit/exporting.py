@@ -242,8 +242,7 @@ def _targets(artifact: Artifact, expert: int | str | None) -> list[tuple[str, in
             raise ExportError(f"--expert applies to DyLoRA-MoE artifacts only (this is {artifact.format})",
                               artifact.folder)
         return [("", None)]
-    experts = list(artifact.experts()) if hasattr(artifact, "experts") else []
-    count = len(experts)
+    count = len(artifact.variants())  # one dense view per expert
     if expert is None:
         raise ExportError(
             f"this is a DyLoRA-MoE mixture of {count} LoRA experts chosen per sequence by a "

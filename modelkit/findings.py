@@ -27,7 +27,6 @@ CODES = {
     "remote-code": "the config asks for code from the artifact (auto_map)",
     "corrupt-file": "a weight file cannot be read",
     "unsafe-pickle": "a pickle would import or call non-tensor code",
-    "non-finite": "tensors hold NaN or infinite values",
     "not-checked": "a check that could not be made",
     "incomplete-checkpoint": "a save in the folder cannot be used (crashed, empty, partial); another was opened",
     "trained-form-differs": "the saved form differs from the copy of the model that was actually trained",

@@ -12,7 +12,6 @@ nothing (unless ``allow_untrained=True``) is a :class:`~modelkit.errors.LoadErro
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import warnings
@@ -26,6 +25,7 @@ from .errors import BaseModelUnavailableError, LoadError, guarded
 from .files import check_files
 from .findings import Finding, Severity
 from .formats import Artifact
+from .tensors import recording_reads
 from .views import LazyTensor, TensorView
 
 UNTRAINED_CODES = ("empty-adapter", "untrained-adapter")
@@ -209,30 +209,6 @@ def dense_view(artifact: Artifact, base_art: Artifact | None, **options) -> Dens
 
 def _few(items: list[str], n: int = 4) -> str:
     return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
-
-
-@contextlib.contextmanager
-def recording_reads() -> Iterator[set[tuple[str, str]]]:
-    """Record every stored tensor read (``(file path, key)``) while the block runs: what a
-    load consumed is what it read, whatever the format's producers do."""
-    from .tensors import PickleFile, SafetensorsFile
-
-    seen: set[tuple[str, str]] = set()
-    originals = {cls: cls.read for cls in (SafetensorsFile, PickleFile)}
-
-    def recorder(fn):
-        def read(self, key):
-            seen.add((str(self.path), key))
-            return fn(self, key)
-        return read
-
-    for cls, fn in originals.items():
-        cls.read = recorder(fn)
-    try:
-        yield seen
-    finally:
-        for cls, fn in originals.items():
-            cls.read = fn
 
 
 def split_consumed(artifact: Artifact, seen: set[tuple[str, str]]) -> tuple[list[str], list[str]]:

@@ -15,6 +15,7 @@ Every failure becomes a :class:`~modelkit.errors.CorruptFileError` or
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
 import json
 import math
@@ -92,6 +93,24 @@ def check_inside(root: Path, path: Path) -> Path:
 
 
 _OPEN: "weakref.WeakSet[TensorFile]" = weakref.WeakSet()
+_READ_LOGS: list[set[tuple[str, str]]] = []   # open recording_reads() blocks (any thread reads)
+
+
+@contextlib.contextmanager
+def recording_reads() -> Iterator[set[tuple[str, str]]]:
+    """Record every stored tensor read (``(file path, key)``) while the block runs, in any
+    thread: what a load consumed is what it read, whatever the format's producers do."""
+    seen: set[tuple[str, str]] = set()
+    _READ_LOGS.append(seen)
+    try:
+        yield seen
+    finally:
+        _READ_LOGS.remove(seen)
+
+
+def _note_read(path: Path, key: str) -> None:
+    for seen in list(_READ_LOGS):
+        seen.add((str(path), key))
 
 
 def release_all() -> None:
@@ -259,6 +278,7 @@ class SafetensorsFile(TensorFile):
             raise CorruptFileError(f"cannot open safetensors file: {e}", self.path) from None
 
     def read(self, key: str):
+        _note_read(self.path, key)
         if key not in self.entries:
             raise KeyError(f"{self.path}: no tensor {key!r}")
         try:
@@ -289,6 +309,7 @@ class PickleFile(TensorFile):
                 for key, t in flatten_tensors(tree, path=self.path)}
 
     def read(self, key: str):
+        _note_read(self.path, key)
         obj = self.obj
         for part in split_key(obj, key):
             obj = obj[part]
@@ -475,19 +496,6 @@ def split_key(obj: Any, key: str) -> list:
         else:
             raise KeyError(key)
     return parts
-
-
-def weight_files(folder: Path) -> list[Path]:
-    """Weight files directly inside ``folder`` (not recursive), sorted."""
-    out = []
-    for p in sorted(folder.iterdir()):
-        if p.suffix in (".safetensors", ".bin", ".pt") and (p.is_file() or p.is_symlink()):
-            out.append(p)
-    return out
-
-
-def file_size(path: Path) -> int:
-    return os.stat(path).st_size
 
 
 # -- header-only reading of torch's zip pickles -------------------------------------------

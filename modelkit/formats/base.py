@@ -125,6 +125,12 @@ class Artifact(ABC):
                 self.file_errors.append(e)
             return []
 
+    def release(self) -> None:
+        """Close every weight file opened so far, unmapping the pages read (the metadata
+        stays; a later read reopens the file)."""
+        for f in list(self._files.values()):
+            f.release()
+
     def raise_file_errors(self) -> None:
         """Raise the first unreadable-file error met so far (for load and export)."""
         self.stored()

@@ -90,7 +90,6 @@ HINTS = {  # what to do about each kind of error (the message says what is wrong
     "UnsafePathError": "A link or index entry points outside the artifact: copy the real files in.",
     "BaseModelUnavailableError": "Give the base model's folder or ref in the 'base' field.",
     "OutputExistsError": "Choose another output folder, or tick 'replace'.",
-    "VerificationError": "Nothing was written. Try dtype 'as stored', or inspect the source.",
     "CompareError": "Check the task names (lm-eval tasks, or YAMLs in 'task dir') and the models.",
     "LoadError": "Inspect the artifact (deep) to see what it lacks.",
 }
