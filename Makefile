@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 STAMP := $(VENV)/.modelkit-installed
 
-.PHONY: install test test-fast demo bench bench-quick clean-reports browser-deps screenshots
+.PHONY: install test test-fast fuzz demo bench bench-quick clean-reports browser-deps screenshots
 
 install: $(STAMP)
 
@@ -25,6 +25,14 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -m "not slow"
+
+# the long fuzz profile: thousands of random hostile artifacts (make test runs ~240 fixed ones);
+# outcome counts go to reports/fuzz-counts.json (see README, Reliability)
+FUZZ_EXAMPLES ?= 700
+fuzz: install
+	mkdir -p reports
+	MODELKIT_FUZZ=long MODELKIT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) MODELKIT_FUZZ_REPORT=reports/fuzz-counts.json \
+		$(PY) -m pytest tests/test_fuzz.py -q
 
 demo: install
 	$(VENV)/bin/modelkit demo --root demo

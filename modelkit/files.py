@@ -186,6 +186,60 @@ def read_yaml(path: Path | str, root: Path | str | None = None, *, limit: int = 
         raise error(f"not valid YAML ({_why(e)})", path) from None
 
 
+MAX_YAML_NODES = 1_000_000
+
+
+def check_yaml_expansion(text: str, path: Path | str | None, *, limit: int = MAX_YAML_NODES,
+                         error: type[ModelkitError] = ConfigError) -> None:
+    """Refuse YAML whose aliases expand to more than ``limit`` nodes for whoever walks the
+    result (a few hundred bytes of nested aliases are billions of nodes). For loaders that
+    must accept aliases (omegaconf dumps refer back to ``_parent``): the composed node graph
+    is sized with memoization, ``_parent`` links and cycles counted once."""
+    import yaml
+
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise error(f"not valid YAML ({first})", path) from None
+    except RecursionError:
+        raise error("not valid YAML for modelkit: nested too deeply", path) from None
+    if root is None:
+        return
+    sizes: dict[int, int] = {}
+    # iterative post-order over the graph: (node, children pushed?)
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    in_progress: set[int] = set()
+    while stack:
+        node, expanded = stack.pop()
+        key = id(node)
+        if key in sizes:
+            continue
+        children = _yaml_children(node)
+        if not expanded:
+            if key in in_progress:  # a cycle: counted once
+                sizes[key] = 1
+                continue
+            in_progress.add(key)
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if id(c) not in sizes and id(c) not in in_progress)
+            continue
+        in_progress.discard(key)
+        sizes[key] = 1 + sum(sizes.get(id(c), 1) for c in children)
+        if sizes[key] > limit:
+            raise error(f"YAML aliases expand to over {limit:,} nodes; refused", path)
+
+
+def _yaml_children(node: Any) -> list:
+    import yaml
+
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [v for k, v in node.value if not (isinstance(k, yaml.ScalarNode) and k.value == "_parent")]
+    return []
+
+
 def read_config(path: Path | str, root: Path | str | None = None, **kw) -> Any:
     """JSON or YAML by suffix."""
     if Path(path).suffix in (".yaml", ".yml"):

@@ -1,12 +1,14 @@
 """Per-sample logs produced anywhere, read back into the runs ``compare`` pairs.
 
-Three producers are understood:
+Four producers are understood:
 
 * lm-eval ``--log_samples`` output: a folder holding ``results_<time>.json`` and one
   ``samples_<task>_<time>.jsonl`` per leaf task (lm-eval writes them under
   ``<output_path>/<model name>/``), or that results file itself;
 * EvalPlus ``*eval_results.json`` (``{"hash", "eval": {task_id: [per-sample status]}}``):
   pass@1 per problem, on the base tests and on base + extra tests;
+* ``modelkit grade --json`` reports: pass@1 per problem (a report with harness errors
+  is refused: those samples were not graded);
 * the folder ``modelkit compare --engine lm-eval --samples-dir`` keeps: lm-eval's own
   output plus ``modelkit_run.json``, the engine's provenance (what was evaluated, its
   fingerprint, the exact command).
@@ -89,6 +91,8 @@ def read_samples(path: str | Path) -> SampleLog:
         data = _json(p)
         if isinstance(data, dict) and isinstance(data.get("eval"), dict):
             return read_evalplus(p, data)
+        if isinstance(data, dict) and isinstance(data.get("results"), list) and "pass_at_1" in data:
+            return read_grade_report(p, data)
     return read_lm_eval(p)
 
 
@@ -303,6 +307,41 @@ def read_evalplus(path: Path, data: dict | None = None) -> SampleLog:
                                                              "fingerprint_checked": False},
                      leaves=leaves, config_hashes={n: ident for n in leaves}, limit=None,
                      engine_version=None, results=data)
+
+
+# --------------------------------------------------------------------------- modelkit grade
+
+
+def read_grade_report(path: Path, data: dict | None = None) -> SampleLog:
+    """``modelkit grade --json`` output: per problem, the fraction of its samples passing
+    (pass@1). A report with harness errors is refused (those samples were not graded)."""
+    data = _json(path) if data is None else data
+    rows = data.get("results")
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) and "task_id" in r for r in rows):
+        raise CompareError("not a modelkit grade report (no per-sample 'results')", path)
+    if not data.get("complete", True) or any(r.get("status") == "error" for r in rows):
+        raise CompareError("the grade report is incomplete: the harness failed on some samples, which were "
+                           "not graded; grade them again before comparing", path)
+    by_task: dict[str, list[bool]] = {}
+    for r in rows:
+        by_task.setdefault(str(r["task_id"]), []).append(r.get("status") == "pass")
+    ids = sorted(by_task)
+    name = "grade_" + Path(str(data.get("problems") or "problems")).name.split(".")[0]
+    values = [sum(v) / len(v) for v in (by_task[t] for t in ids)]
+    docs = [{"doc_id": t, "prompt": "", "target": "", "response": "", "doc_hash": hashlib.sha256(t.encode()).hexdigest()}
+            for t in ids]
+    leaf = {"task": name, "output_type": "generate_until", "n": len(ids), "n_shot": 0, "doc_ids": ids,
+            "metrics": {"pass@1,none": {"metric": "pass@1", "filter": "none", "value": sum(values) / len(values),
+                                        "stderr": None, "higher_is_better": True, "samples": values,
+                                        "aggregation": "mean"}},
+            "docs": docs}
+    ident = {"problems": Path(str(data.get("problems"))).name, "limits": data.get("limits"),
+             "samples_per_task": sorted({len(v) for v in by_task.values()})}
+    config = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return SampleLog(path=str(path), kind="modelkit-grade",
+                     model={"name": Path(str(data.get("samples") or path)).stem, "fingerprint": None,
+                            "fingerprint_checked": False},
+                     leaves={name: leaf}, config_hashes={name: config}, limit=None, results=data)
 
 
 # --------------------------------------------------------------------------- pairing

@@ -187,7 +187,12 @@ class SafetensorsFile(TensorFile):
             raise CorruptFileError("safetensors header does not start with '{' (a BOM or other bytes "
                                    "before the JSON; the safetensors library refuses it)", self.path)
         try:
-            header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+            text = raw.decode("utf-8")
+            header = json.loads(text)
+            # a duplicated tensor name leaves fewer entries than "data_offsets" keys; only then
+            # is the header parsed again, slowly, to name the duplicate
+            if isinstance(header, dict) and raw.count(b'"data_offsets"') != len(header) - ("__metadata__" in header):
+                header = json.loads(text, object_pairs_hook=_unique_keys)
         except _DuplicateKey as e:
             raise CorruptFileError(f"safetensors header names {e.args[0]!r} twice", self.path) from None
         except (UnicodeDecodeError, ValueError, RecursionError) as e:

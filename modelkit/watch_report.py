@@ -47,7 +47,8 @@ def watch_figure(frame: "pd.DataFrame", title: str = "") -> "Figure":
             lo = base + stepped["ci_low"].astype(float).to_numpy()
             hi = base + stepped["ci_high"].astype(float).to_numpy()
             ax.fill_between(x, lo, hi, color="#3478b5", alpha=0.2, linewidth=0, label="paired 95% CI")
-            ax.plot(x, y, "o-", color="#3478b5", label="checkpoint")
+            ax.errorbar(x, y, yerr=[abs(y - lo), abs(hi - y)], fmt="o-", color="#3478b5", capsize=3,
+                        label="checkpoint")   # the bars show the interval of a lone checkpoint too
         hib = {True: " (higher is better)", False: " (lower is better)"}.get(sub["higher_is_better"].iloc[0], "")
         ax.set_title(f"{task} · {metric}{hib}", fontsize=9, loc="left")
         ax.set_xlabel("training step", fontsize=8)

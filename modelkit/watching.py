@@ -94,9 +94,12 @@ def find_checkpoints(run_dir: str | Path) -> list[Candidate]:
 
 
 def _trainer_step(folder: Path) -> int | None:
-    try:
-        step = json.loads((folder / "trainer_state.json").read_text()).get("global_step")
-    except (OSError, ValueError, AttributeError):
+    from .errors import ModelkitError
+    from .files import read_json
+
+    try:  # confined, regular, size-capped: a FIFO named trainer_state.json must not hang a watch
+        step = read_json(folder / "trainer_state.json").get("global_step")
+    except (ModelkitError, AttributeError):
         return None
     return step if isinstance(step, int) and not isinstance(step, bool) else None
 

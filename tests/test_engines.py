@@ -216,3 +216,126 @@ def test_a_routed_mixture_is_refused_before_anything_runs(pair, tmp_path):
     dylora = write_dylora(tmp_path / "dylora", "b", base_dir=pair["base"])
     with pytest.raises(CompareError, match="routed DyLoRA-MoE mixture"):
         compare(pair["base"], dylora, tasks=["mk_topic"], limit=2, progress=False, engine="lm-eval")
+
+
+def test_accelerate_data_parallel_gives_the_one_process_results(pair, via_cli, tmp_path, monkeypatch):
+    """Two processes under ``accelerate launch`` (gloo on CPUs), the documents shared out
+    between them by lm-eval and gathered on rank 0, read back as one run."""
+    from modelkit.comparison import _identify
+    from modelkit.engines import EvalJob, LmEvalEngine
+
+    # lm-eval 0.4.13 shares documents out only when it counts more than one CUDA device:
+    # each process counts its world size, so its real data-parallel path runs on CPUs
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(
+        "import os\nif os.environ.get('WORLD_SIZE'):\n    import torch\n"
+        "    torch.cuda.device_count = lambda: int(os.environ['WORLD_SIZE'])\n")
+    import os
+
+    monkeypatch.setenv("PYTHONPATH", f"{shim}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    m = _identify("base", pair["base"], None)
+    job = EvalJob(role="base", label="base", ref=m.ref, options={}, fingerprint=m.fingerprint,
+                  artifact_fingerprint=m.artifact_fingerprint, base_fingerprint=None, tasks=["mk_topic", "mk_text"],
+                  limit=LIMIT)
+    engine = LmEvalEngine(launcher="accelerate", num_processes=2, cpu=True, work_dir=str(tmp_path / "work"))
+    done = engine.evaluate(job)
+    assert "accelerate.commands.launch --multi_gpu --num_processes 2" in done.provenance["command"]
+    assert done.provenance["command"].startswith("ACCELERATE_USE_CPU=true ")
+    for name in ("mk_topic", "mk_text"):
+        assert_same_samples(via_cli.runs["base"][name], done.runs[name])
+
+
+def test_the_vllm_command_carries_the_parallel_sizes_and_an_exported_adapter(pair, tmp_path):
+    """vLLM cannot run on this machine: the command modelkit would run is checked instead."""
+    from modelkit.comparison import _identify
+    from modelkit.engines import EvalJob, LmEvalEngine
+    from modelkit.engines.plans import plan_commands
+
+    engine = LmEvalEngine(backend="vllm", tensor_parallel_size=4, data_parallel_size=2, gpu_memory_utilization=0.85,
+                          model_args={"max_model_len": 2048}, dtype="bfloat16", batch_size="auto")
+    m = _identify("trained", pair["trained"], None)
+    job = EvalJob(role="trained", label="lora", ref=m.ref, options={}, fingerprint=m.fingerprint,
+                  artifact_fingerprint=m.artifact_fingerprint, base_fingerprint=m.base_fingerprint,
+                  tasks=["mk_topic"], limit=LIMIT)
+    prepared = engine.choose(job, tmp_path)
+    assert prepared.how == "export" and prepared.peft is None      # vLLM gets a merged, verified folder
+    argv = engine.command(job, prepared, tmp_path / "out", "/tasks")
+    assert argv[1:4] == ["-m", "lm_eval", "run"]
+    args = dict(kv.split("=", 1) for kv in argv[argv.index("--model_args") + 1].split(","))
+    assert argv[argv.index("--model") + 1] == "vllm"
+    assert args == {"pretrained": str(tmp_path / "model"), "dtype": "bfloat16", "tensor_parallel_size": "4",
+                    "data_parallel_size": "2", "gpu_memory_utilization": "0.85", "max_model_len": "2048"}
+    assert argv[argv.index("--batch_size") + 1] == "auto" and "--log_samples" in argv and "--device" not in argv
+    with pytest.raises(CompareError, match="vLLM, which is not installed"):
+        engine.evaluate(job)
+    lines = plan_commands(pair["base"], pair["trained"], tasks=["mk_topic"], limit=LIMIT,
+                          engine_options={"backend": "vllm", "tensor_parallel_size": 4})
+    assert [line.split()[0] for line in lines if not line.startswith("#")] == \
+        ["python", "modelkit", "python", "cp", "rm", "modelkit"]
+    assert lines[-1].startswith("modelkit compare-results modelkit-samples/base modelkit-samples/lora")
+    with pytest.raises(CompareError, match="may not set pretrained"):
+        LmEvalEngine(model_args={"pretrained": "/elsewhere"})
+    with pytest.raises(CompareError, match="vLLM parallelises itself"):
+        LmEvalEngine(backend="vllm", launcher="accelerate")
+
+
+def _grade_report(path: Path, passed: dict[str, list[bool]], problems: str = "HumanEval.jsonl.gz",
+                  error: bool = False) -> Path:
+    """A ``modelkit grade --json`` report, written by codeeval's own GradeReport."""
+    from modelkit.codeeval.grade import GradeReport, SampleResult
+
+    rows = [SampleResult(task_id=t, index=i, status="pass" if ok else "fail", detail="", seconds=0.1)
+            for t, oks in passed.items() for i, ok in enumerate(oks)]
+    if error:
+        rows[0].status = "error"
+    report = GradeReport(problems=problems, samples=str(path.with_suffix(".jsonl")), results=rows,
+                         isolation={}, limits={"timeout": 10})
+    path.write_text(report.to_json())
+    return path
+
+
+def _evalplus(path: Path, passed: dict[str, list[tuple[str, str]]], dataset_hash: str = "hash-humaneval") -> Path:
+    """An EvalPlus ``eval_results.json``: per problem, per sample base/plus status."""
+    evals = {t: [{"task_id": t, "solution": "def f(): pass", "base_status": b, "plus_status": p,
+                  "base_fail_tests": [], "plus_fail_tests": []} for b, p in rows] for t, rows in passed.items()}
+    path.write_text(json.dumps({"date": "2026-12-01 12:00", "hash": dataset_hash, "eval": evals}))
+    return path
+
+
+def test_compare_results_pairs_code_grades_per_problem(tmp_path):
+    from modelkit.result_comparison import compare_results
+
+    tasks = [f"HumanEval/{i}" for i in range(30)]
+    base = _grade_report(tmp_path / "base.json", {t: [i % 3 == 0] for i, t in enumerate(tasks)})
+    trained = _grade_report(tmp_path / "trained.json", {t: [True] for t in tasks})
+    row = compare_results(base, trained).to_frame().iloc[0]
+    assert row["task"] == "grade_HumanEval" and row["metric"] == "pass@1" and row["n"] == 30
+    assert row["base"] == pytest.approx(10 / 30) and row["trained"] == 1.0
+    assert row["p_mcnemar"] < 1e-4 and row["verdict"] == "better"       # 20 problems only the trained solves
+    fewer = _grade_report(tmp_path / "fewer.json", {t: [True] for t in tasks[:-1]})
+    with pytest.raises(CompareError, match="different documents"):
+        compare_results(base, fewer)
+    broken = _grade_report(tmp_path / "broken.json", {t: [True] for t in tasks}, error=True)
+    with pytest.raises(CompareError, match="incomplete"):
+        compare_results(base, broken)
+    mbpp = _grade_report(tmp_path / "mbpp.json", {t: [True] for t in tasks}, problems="Mbpp.jsonl")
+    with pytest.raises(CompareError, match="different tasks"):
+        compare_results(base, mbpp)
+
+
+def test_compare_results_reads_evalplus_base_and_plus_tests(tmp_path):
+    from modelkit.result_comparison import compare_results
+
+    tasks = [f"HumanEval/{i}" for i in range(12)]
+    base = _evalplus(tmp_path / "base_eval_results.json", {t: [("pass", "fail" if i % 2 else "pass")]
+                                                            for i, t in enumerate(tasks)})
+    trained = _evalplus(tmp_path / "trained_eval_results.json", {t: [("pass", "pass")] for t in tasks})
+    frame = compare_results(base, trained).to_frame().set_index("task")
+    assert frame.loc["evalplus_base", "delta"] == 0.0 and frame.loc["evalplus_base", "n"] == 12
+    assert frame.loc["evalplus_plus", "base"] == 0.5 and frame.loc["evalplus_plus", "trained"] == 1.0
+    other = _evalplus(tmp_path / "other_eval_results.json", {t: [("pass", "pass")] for t in tasks}, "hash-v2")
+    with pytest.raises(CompareError, match="different configs"):
+        compare_results(base, other)                                        # another dataset version
+    with pytest.raises(CompareError, match="cannot pair"):
+        compare_results(base, _grade_report(tmp_path / "g.json", {t: [True] for t in tasks}))

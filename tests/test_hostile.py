@@ -560,3 +560,16 @@ def test_the_source_is_never_modified_and_no_pickle_runs(catalog, tmp_path):
         modelkit.export(art, tmp_path / "out", progress=False)
     assert {p: p.read_bytes() for p in art.rglob("*") if p.is_file()} == before
     assert not list(tmp_path.rglob("PWNED"))
+
+
+def test_yaml_alias_bomb_in_compression_settings(catalog, tmp_path):
+    """Nine levels of nine aliases: 387 million nodes for whoever walks the settings."""
+    comp = copy(catalog, "compressed-checkpoint-N", tmp_path)
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)]
+    (comp / "compression_config.yaml").write_text("\n".join(lines) + "\n")
+    before = peak_rss_mb()
+    t = time.perf_counter()
+    report = modelkit.inspect(comp)
+    assert time.perf_counter() - t < 20 and peak_rss_mb() - before < 200
+    assert any("expand to over" in f.message for f in report.findings)

@@ -64,7 +64,11 @@ class LmEvalEngine(Engine):
     ``data_parallel_size``). ``model_args`` pass through to ``--model_args``; ``device``,
     ``dtype``, ``batch_size`` override the defaults. ``samples_dir`` keeps each model's
     lm-eval output (and ``modelkit_run.json``) under ``samples_dir/<label>`` for
-    ``modelkit compare-results``; ``work_dir`` is where temporary exports go."""
+    ``modelkit compare-results``; ``work_dir`` is where temporary exports go.
+
+    ``cpu=True`` with accelerate: the processes form a gloo group on CPUs. lm-eval 0.4.13's
+    hf backend shares the documents out only when ``torch.cuda.device_count() > 1``, so
+    CPU data parallel exercises the path (tests) rather than saving time."""
 
     name: ClassVar[str] = "lm-eval"
     backend: str = "hf"
@@ -210,7 +214,7 @@ class LmEvalEngine(Engine):
         argv[0] = "python"
         if self.launcher == "accelerate":
             argv = ["accelerate", "launch"] + argv[3:]
-        lines.append(shlex.join(argv))
+        lines.append(" ".join([f"{k}={v}" for k, v in self.launch_env().items()] + [shlex.join(argv)]))
         if prepared.how == "export":   # keep the export's record beside the log, then remove the export
             lines.append(shlex.join(["cp", str(Path(prepared.pretrained) / "modelkit_export.json"),
                                      str(Path(samples_dir) / _safe(job.label))]))
@@ -234,9 +238,11 @@ class LmEvalEngine(Engine):
         args.update(self.model_args)
         argv: list[str] = []
         if self.launcher == "accelerate":
+            # --multi_gpu: torchrun starts the processes (accelerate's --cpu would start one);
+            # on CPUs ACCELERATE_USE_CPU=true (see launch_env) makes them a gloo group
             argv = [self.python, "-m", "accelerate.commands.launch"]
-            if self.cpu:
-                argv.append("--cpu")
+            if (self.num_processes or 1) > 1:
+                argv.append("--multi_gpu")
             argv += ["--num_processes", str(self.num_processes or 1), "--num_machines", "1",
                      "--mixed_precision", "no", "--dynamo_backend", "no"]
             if port is not None:
@@ -257,6 +263,10 @@ class LmEvalEngine(Engine):
         if device and self.backend == "hf":
             argv += ["--device", device]
         return argv + list(self.extra_args)
+
+    def launch_env(self) -> dict[str, str]:
+        """Environment variables the command needs beyond the caller's."""
+        return {"ACCELERATE_USE_CPU": "true"} if self.launcher == "accelerate" and self.cpu else {}
 
     # -- 3 + 4. run, check, read back ---------------------------------------------------
     def evaluate(self, job: EvalJob, catalog: Any = None) -> EngineRun:
@@ -280,13 +290,14 @@ class LmEvalEngine(Engine):
             argv = self.command(job, prepared, out, include,
                                 port=_free_port() if self.launcher == "accelerate" else None)
             t0 = time.time()
-            _run(argv, workdir / "lm-eval.log")
+            _run(argv, workdir / "lm-eval.log", self.launch_env())
             seconds = time.time() - t0
             log = read_lm_eval(out)
             checks = check_run(log, prepared, job, started=t0)
             runs = runs_from(built, {**log.results, "samples": log.samples})
             provenance = {"engine": self.name, "backend": self.backend, "version": lm_eval_version(),
-                          "backend_version": _backend_version(self.backend), "command": shlex.join(argv),
+                          "backend_version": _backend_version(self.backend),
+                          "command": " ".join([f"{k}={v}" for k, v in self.launch_env().items()] + [shlex.join(argv)]),
                           "prepared": prepared.how, "evaluated": {"pretrained": prepared.pretrained,
                                                                    "peft": prepared.peft, "dtype": prepared.dtype},
                           "checks": checks, "notes": prepared.notes}
@@ -397,11 +408,11 @@ def _include_path(paths: list[str], workdir: Path | None) -> str:
     return str(both)
 
 
-def _run(argv: list[str], log_file: Path) -> None:
+def _run(argv: list[str], log_file: Path, extra_env: dict[str, str] | None = None) -> None:
     """Run ``argv`` with its output in ``log_file``; CompareError with the tail on failure."""
     import subprocess
 
-    env = dict(os.environ)
+    env = {**os.environ, **(extra_env or {})}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     with open(log_file, "w") as f:
         proc = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)

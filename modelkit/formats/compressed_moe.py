@@ -415,6 +415,8 @@ class CompressedMoEArtifact(Artifact):
             return {}, None, None
         try:  # confined, regular, size-capped (modelkit.files); then checked against its schema
             text = files.read_text(p, self.trust_root)
+            if p.suffix != ".json":
+                files.check_yaml_expansion(text, p)  # aliases: bounded expansion
             data = json.loads(text) if p.suffix == ".json" else read_settings_yaml(text)
             if isinstance(data, dict):
                 data = schemas.validate(data, p)

@@ -62,6 +62,7 @@ class RunFolderPicker(widgets.VBox):
         self.dropdown.add_class("mk-run-picker")
         self.typed = widgets.Text(description="or folder", continuous_update=False,
                                   placeholder="a run folder (overrides the list)", layout=widgets.Layout(width="60%"))
+        self.typed.add_class("mk-run-folder")
         self.root.observe(lambda _: self.scan(), "value")
         self.scan_button.on_click(lambda _: self.scan())
         super().__init__([widgets.HBox([self.root, self.scan_button]), self.dropdown, self.typed])
@@ -116,8 +117,11 @@ class WatchPanel(Panel):
         self.thread_error = widgets.HTML()
         self.thread_error.add_class("mk-error")
         self.table = widgets.Output()
+        self.table.add_class("mk-watch-table")
         self.scores = widgets.Output()
+        self.scores.add_class("mk-watch-scores")
         self.plot = widgets.Output()
+        self.plot.add_class("mk-watch-plot")
         self.summary = widgets.Output()
         self.watch_options = {"isolated": isolated, **watch_options}
         self.watcher = None
@@ -189,6 +193,7 @@ class WatchPanel(Panel):
         if result is None:
             return
         with self._lock:
+            self.runner.status.value = ""       # "done in 0.0 s" of the start click says nothing
             counts = ", ".join(f"{n} {s}" for s, n in sorted(result.counts().items())) or "no checkpoint yet"
             state = "stopped" if final else "watching"
             colour = "#b00020" if result.exit_code else "#2a6f2a"
