@@ -135,8 +135,8 @@ def test_the_compare_notebook_shows_the_problems_newly_solved(pair, result, kern
                          output_dir=tmp_path, kernel=kernel)
     nb = nbformat.read(paths[0], as_version=4)
     assert not [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
-    text = "".join(o.get("text", "") + o.get("data", {}).get("text/plain", "") for c in nb.cells
-                   for o in c.get("outputs", []))
+    text = "".join(o.get("text", "") + o.get("data", {}).get("text/plain", "") + o.get("data", {}).get("text/html", "")
+                   for c in nb.cells for o in c.get("outputs", []))   # tables are Styler HTML
     assert "code mk_code_topic [lora]: newly solved" in text and "modelkit-grade: pass" in text
     rec = json.loads((tmp_path / "04-compare.json").read_text())
     assert rec["table"][0]["verdict"] == "better" and rec["n_disagreements"] == len(result.disagreements())

@@ -264,7 +264,7 @@ def test_plot_writes_a_png(llama, tmp_path):
 def test_cli_diff_json_and_plot(llama, tmp_path, capsys):
     b = edited_copy(llama, tmp_path / "b", lambda t: t.__setitem__(Q1, t[Q1] * 1.1))
 
-    assert main(["diff", str(llama), str(b), "--json", "--plot", str(tmp_path / "p.png")]) == 0
+    assert main(["diff", str(llama), str(b), "--json", "--plot", str(tmp_path / "p.png")]) == 1  # 1 = different
     data = json.loads(capsys.readouterr().out)
     assert data["verdict"] == "different" and data["counts"]["changed"] == 1
     assert [t["name"] for t in data["tensors"] if not t["identical"]] == [Q1]
