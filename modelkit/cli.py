@@ -84,6 +84,11 @@ def _compare(args: argparse.Namespace) -> int:
                      base_options=_options(args.option_a), trained_options=_options(args.option_b),
                      engine=args.engine, engine_options=engine_options if args.engine == "lm-eval" else None,
                      executor=executor)
+    return _show_comparison(result, args)
+
+
+def _show_comparison(result, args: argparse.Namespace) -> int:
+    """What ``compare`` and ``compare-results`` print (plot, Markdown, JSON or summary); the exit code."""
     if args.plot:
         result.plot(args.plot)
     if args.markdown:
@@ -112,15 +117,7 @@ def _compare_results(args: argparse.Namespace) -> int:
     from .result_comparison import compare_results
 
     result = compare_results(args.base, *args.trained)
-    if args.plot:
-        result.plot(args.plot)
-    if args.markdown:
-        from .presentation import markdown_table
-
-        print(markdown_table(result))
-    else:
-        print(result.to_json(indent=1) if args.json else result.summary())
-    return _verdict_code(result)
+    return _show_comparison(result, args)
 
 
 def _grade(args: argparse.Namespace) -> int:
