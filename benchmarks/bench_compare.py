@@ -37,8 +37,8 @@ def direct(paths: dict, limit: int | None, batch_size: int) -> tuple[float, floa
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from modelkit.evaluation import STDERR_BOOTSTRAP_ITERS, quiet_logs
-    from modelkit.tasks import TASKS_DIR
+    from modelkit.bench.evaluation import STDERR_BOOTSTRAP_ITERS, quiet_logs
+    from modelkit.bench.tasks import TASKS_DIR
 
     t0, c0, scores = time.perf_counter(), time.process_time(), []
     with quiet_logs():
@@ -54,7 +54,7 @@ def direct(paths: dict, limit: int | None, batch_size: int) -> tuple[float, floa
 
 
 def via_compare(paths: dict, limit: int | None, batch_size: int, use_cache: bool) -> tuple[float, float]:
-    from modelkit.comparison import compare
+    from modelkit.ops.compare import compare
 
     t0, c0 = time.perf_counter(), time.process_time()
     result = compare(paths["base"], paths["trained"], tasks=TASKS, limit=limit, batch_size=batch_size,
@@ -68,7 +68,7 @@ def via_compare(paths: dict, limit: int | None, batch_size: int, use_cache: bool
 
 
 def cold_cached(paths: dict, limit: int | None) -> float:
-    code = ("import sys, time; t=time.perf_counter(); from modelkit.cli import main; "
+    code = ("import sys, time; t=time.perf_counter(); from modelkit.ui.cli import main; "
             f"main(['compare', {str(paths['base'])!r}, {str(paths['trained'])!r}, '--tasks', {','.join(TASKS)!r}"
             + (f", '--limit', '{limit}'" if limit else "") + "]); "
             "print('SECONDS', time.perf_counter()-t, file=sys.stderr)")
@@ -98,7 +98,7 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from modelkit.demo_pair import write_demo_pair
+    from modelkit.ui.demo_pair import write_demo_pair
 
     try:
         paths = write_demo_pair(args.root or work / "pair")

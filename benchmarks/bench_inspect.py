@@ -132,7 +132,7 @@ def model_config(layers: int):
 
 def write_real_layout(folder: Path, layers: int, shards: int = 16) -> int:
     """A Qwen3-30B-A3B-layout checkpoint of ``layers`` layers; returns its tensor count."""
-    from modelkit.architectures import expected_tensors
+    from modelkit.architecture.bridge import expected_tensors
 
     folder.mkdir(parents=True, exist_ok=True)
     config = model_config(layers)
@@ -162,7 +162,7 @@ def write_real_compressed(base: Path, layers: int) -> tuple[Path, int]:
     import torch
     import yaml
 
-    from modelkit.architectures import expected_tensors
+    from modelkit.architecture.bridge import expected_tensors
 
     config = model_config(layers)
     ckpt = base / "checkpoints" / "checkpoint-100"
@@ -197,7 +197,7 @@ def write_real_compressed(base: Path, layers: int) -> tuple[Path, int]:
 CLI_CHILD = r"""
 import contextlib, io, json, resource, sys, time
 t = time.perf_counter()
-from modelkit.cli import main
+from modelkit.ui.cli import main
 with contextlib.redirect_stdout(io.StringIO()):
     rc = main(["inspect", sys.argv[1]])
 print(json.dumps({"rc": rc, "wall": time.perf_counter() - t,
@@ -213,7 +213,7 @@ MEASURE = ("import json,os,subprocess,sys,time\n"
 
 def whole_command(path: Path, env: dict) -> dict:
     """Wall time (interpreter start included) and peak RSS of `modelkit inspect PATH` run
-    the way the console script runs it (``modelkit.cli.main``), in a fresh process that is
+    the way the console script runs it (``modelkit.ui.cli.main``), in a fresh process that is
     the only child of its measuring wrapper."""
     out = subprocess.run([sys.executable, "-c", MEASURE, sys.executable, "-c", CLI_CHILD, str(path)],
                          capture_output=True, text=True, env=env, check=True)

@@ -41,7 +41,7 @@ def make_run(folder: Path, base: Path, n: int) -> Path:
 
 def measure(run: Path, base: Path, limit: int, cache: Path) -> dict:
     """Watch ``run`` once; wall time, evaluation time, number of evaluations."""
-    from modelkit.watching import evaluate_in_process, watch
+    from modelkit.ops.watch import evaluate_in_process, watch
 
     os.environ["MODELKIT_CACHE"] = str(cache)           # nothing cached: every evaluation runs
     spent = {"eval": 0.0, "n": 0}
@@ -67,8 +67,8 @@ def measure(run: Path, base: Path, limit: int, cache: Path) -> dict:
 
 def idle_poll(run: Path, base: Path, limit: int, state: Path, extra: int) -> float:
     """One poll of a settled run whose ledger holds ``extra`` other records."""
-    from modelkit.ledger import Ledger
-    from modelkit.watching import Watcher
+    from modelkit.ops.watch_ledger import Ledger
+    from modelkit.ops.watch import Watcher
 
     import json
 
@@ -95,7 +95,7 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(1)
-    from modelkit.demo_pair import write_demo_pair
+    from modelkit.ui.demo_pair import write_demo_pair
 
     sizes = (1, 2) if quick() else (1, 4, 16)
     tmp = Path(tempfile.mkdtemp(prefix="modelkit-bench-watch-"))

@@ -19,9 +19,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .errors import ModelkitError
-from .models import install_auto_registration
-from .models.loader_slot import set_artifact_loader
+from modelkit.errors import ModelkitError
+from modelkit.models import install_auto_registration
+from modelkit.models.loader_slot import set_artifact_loader
 
 __version__ = "0.1.0"
 
@@ -38,20 +38,20 @@ def _load_artifact(*args: Any, **kwargs: Any) -> Any:
 set_artifact_loader(_load_artifact)
 
 _LAZY = {
-    "open_artifact": ("modelkit.artifacts", "open_artifact"),
-    "inspect": ("modelkit.inspection", "inspect"),
-    "InspectionReport": ("modelkit.inspection", "InspectionReport"),
-    "load": ("modelkit.loading", "load"),
-    "LoadResult": ("modelkit.loading", "LoadResult"),
-    "export": ("modelkit.exporting", "export"),
-    "ExportResult": ("modelkit.exporting", "ExportResult"),
-    "diff": ("modelkit.diffing", "diff"),
-    "DiffResult": ("modelkit.diffing", "DiffResult"),
-    "compare": ("modelkit.comparison", "compare"),
-    "CompareResult": ("modelkit.comparison", "CompareResult"),
-    "compare_results": ("modelkit.result_comparison", "compare_results"),
-    "watch": ("modelkit.watching", "watch"),
-    "WatchResult": ("modelkit.watching", "WatchResult"),
+    "open_artifact": ("modelkit.ops.open", "open_artifact"),
+    "inspect": ("modelkit.ops.inspect", "inspect"),
+    "InspectionReport": ("modelkit.ops.inspect", "InspectionReport"),
+    "load": ("modelkit.ops.load", "load"),
+    "LoadResult": ("modelkit.ops.load", "LoadResult"),
+    "export": ("modelkit.ops.export", "export"),
+    "ExportResult": ("modelkit.ops.export", "ExportResult"),
+    "diff": ("modelkit.ops.diff", "diff"),
+    "DiffResult": ("modelkit.ops.diff", "DiffResult"),
+    "compare": ("modelkit.ops.compare", "compare"),
+    "CompareResult": ("modelkit.ops.compare", "CompareResult"),
+    "compare_results": ("modelkit.ops.compare_results", "compare_results"),
+    "watch": ("modelkit.ops.watch", "watch"),
+    "WatchResult": ("modelkit.ops.watch", "WatchResult"),
 }
 
 

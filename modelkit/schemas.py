@@ -20,9 +20,17 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, StringConstraints, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+)
 
-from .errors import ConfigError
+from modelkit.errors import ConfigError
 
 # -- building blocks -------------------------------------------------------------------
 Int = Annotated[int, Strict()]

@@ -42,10 +42,10 @@ class Verdict:
 
 def verdict_of(result: Any) -> Verdict:
     """The verdict of an inspect, export, diff or compare result."""
-    from .comparison import CompareResult
-    from .diffing import DiffResult
-    from .exporting import ExportResult
-    from .inspection import InspectionReport
+    from modelkit.ops.compare import CompareResult
+    from modelkit.ops.diff import DiffResult
+    from modelkit.ops.export import ExportResult
+    from modelkit.ops.inspect import InspectionReport
 
     if isinstance(result, InspectionReport):
         return _inspection(result)

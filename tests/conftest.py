@@ -57,8 +57,8 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def demo_pair(tmp_path_factory) -> dict[str, Path]:
-    """The demo base model and its LoRA fine-tune (see modelkit.demo_pair)."""
-    from modelkit.demo_pair import write_demo_pair
+    """The demo base model and its LoRA fine-tune (see modelkit.ui.demo_pair)."""
+    from modelkit.ui.demo_pair import write_demo_pair
 
     return write_demo_pair(tmp_path_factory.mktemp("demo-pair"))
 

@@ -14,7 +14,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "modelkit"
 UI_LIBRARIES = ("ipywidgets", "IPython", "matplotlib.pyplot")
-UI_MODULES = ("modelkit.widgets", "modelkit.cli", "modelkit.demo", "modelkit.demo_pair")
+UI_MODULES = ("modelkit.ui.widgets", "modelkit.ui.cli", "modelkit.ui.demo", "modelkit.ui.demo_pair")
 
 
 def _modules() -> dict[str, Path]:
@@ -122,8 +122,8 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_graph_sees_deferred_imports():
     # models.dylora builds with architectures.disk_to_model inside a function
-    assert "modelkit.architectures" in internal_graph()["modelkit.models.dylora"]
-    assert "modelkit.loading" in internal_graph()["modelkit.exporting"]
+    assert "modelkit.architecture.bridge" in internal_graph()["modelkit.models.dylora"]
+    assert "modelkit.ops.load" in internal_graph()["modelkit.ops.export"]
 
 
 def test_the_cycle_finder_finds_a_cycle():

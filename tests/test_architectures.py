@@ -1,4 +1,4 @@
-"""modelkit.architectures, used the way the rest of the kit uses it.
+"""modelkit.architecture.bridge, used the way the rest of the kit uses it.
 
 Every fixture is a tiny model that transformers itself saves; the kit's answers are held
 against what ``save_pretrained`` wrote and what ``from_pretrained`` loads.
@@ -17,12 +17,10 @@ from transformers import (AutoModelForCausalLM, GemmaConfig, LlamaConfig, Mixtra
                           Qwen3MoeConfig)
 from transformers.core_model_loading import dot_natural_key
 
-from modelkit import architectures as arch
-from modelkit.architectures import (ExpectedTensor, TensorRole, classify, config_from_dict,
-                                    disk_to_model, expected_tensors, load_config, model_to_disk,
-                                    tied_tensors)
+from modelkit.architecture import bridge as arch
+from modelkit.architecture.bridge import ExpectedTensor, TensorRole, classify, config_from_dict, disk_to_model, expected_tensors, load_config, model_to_disk, tied_tensors
 from modelkit.errors import ConfigError, LoadError
-from modelkit.tensors import SafetensorsFile
+from modelkit.io.tensors import SafetensorsFile
 
 TINY = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=4, max_position_embeddings=64)
@@ -191,7 +189,7 @@ def test_expected_tensors_are_cached_on_disk(private_cache, monkeypatch):
 
 
 def test_import_is_light():
-    code = ("import sys, modelkit.architectures; "
+    code = ("import sys, modelkit.architecture.bridge; "
             "print('torch' in sys.modules, 'transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]

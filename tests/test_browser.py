@@ -97,7 +97,7 @@ def _group_alive(pgid: int) -> bool:
         return False
 
 
-PANELS = """from modelkit.widgets import ComparePanel, DiffPanel, ExportPanel
+PANELS = """from modelkit.ui.widgets import ComparePanel, DiffPanel, ExportPanel
 ExportPanel(root="../demo", ref="../demo/peft-lora-untrained", out="../exports/untrained")
 DiffPanel(root="../demo", a="../demo/original-qwen3-moe", b="../demo/compressed-checkpoint-N")
 ComparePanel(root="../demo", base="../demo/pair/base", trained="../demo/pair/lora", tasks="mk_topc", limit=4)
@@ -128,7 +128,7 @@ def lab(catalog, tmp_path_factory):
     """A running JupyterLab over a copy of notebooks/ beside the demo artifacts; yields its URL and token."""
     from ipykernel.kernelspec import write_kernel_spec
 
-    from modelkit.demo_pair import write_demo_pair
+    from modelkit.ui.demo_pair import write_demo_pair
 
     tmp_path = tmp_path_factory.mktemp("lab")
     write_demo_pair(catalog["plain-llama"].parent / "pair")
@@ -328,7 +328,7 @@ def test_the_html_report_opens_offline_and_reads_as_a_report(catalog, browser, s
     from ipykernel.kernelspec import write_kernel_spec
     from playwright.sync_api import expect
 
-    from modelkit.report import run_notebook
+    from modelkit.ui.notebooks import run_notebook
 
     write_kernel_spec(tmp_path / "kernels" / "kernels" / "python3")
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "kernels"))

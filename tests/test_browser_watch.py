@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.browser,
 def lab(catalog, tmp_path):
     from ipykernel.kernelspec import write_kernel_spec
 
-    from modelkit.demo import write_demo
+    from modelkit.ui.demo import write_demo
 
     root = catalog["plain-llama"].parent
     write_demo(root)                                   # the demo pair and its simulated run

@@ -10,14 +10,14 @@ import sys
 import pytest
 import torch
 
-from modelkit.callback import AuditCallback, CheckpointAuditError
+from modelkit.ops.watch_callback import AuditCallback, CheckpointAuditError
 
 MAX_STEPS, SAVE_STEPS = 6, 2
 
 
 class Lines(torch.utils.data.Dataset):
     def __init__(self, tokenizer, n: int = 24):
-        from modelkit.tasks.synthetic import pretraining_text
+        from modelkit.bench.tasks.synthetic import pretraining_text
 
         self.rows = [tokenizer(t, truncation=True, max_length=24)["input_ids"] for t in pretraining_text(n)]
 
@@ -63,7 +63,7 @@ def test_a_save_that_drops_weights_stops_the_run_at_that_save(tmp_path):
 def test_log_mode_keeps_training_and_logs_the_findings(tmp_path, caplog):
     callback = AuditCallback(on_error="log")
     trainer = trainer_for(tmp_path / "out", callback, drop="model.layers.1.")
-    with caplog.at_level(logging.WARNING, logger="modelkit.callback"):
+    with caplog.at_level(logging.WARNING, logger="modelkit.ops.watch_callback"):
         trainer.train()
     assert trainer.state.global_step == MAX_STEPS
     assert sorted(callback.reports) == [2, 4, 6]
@@ -72,7 +72,7 @@ def test_log_mode_keeps_training_and_logs_the_findings(tmp_path, caplog):
 
 
 def test_a_sound_run_is_clean_and_queued_for_the_watcher(tmp_path, monkeypatch):
-    from modelkit.watching import Watcher
+    from modelkit.ops.watch import Watcher
 
     state = tmp_path / "state"
     callback = AuditCallback(queue=state)
@@ -87,7 +87,7 @@ def test_a_sound_run_is_clean_and_queued_for_the_watcher(tmp_path, monkeypatch):
     calls = []
 
     def evaluator(job):
-        from modelkit.watching import evaluate_in_process
+        from modelkit.ops.watch import evaluate_in_process
 
         calls.append(job.label)
         return evaluate_in_process(job)
@@ -101,7 +101,7 @@ def test_a_sound_run_is_clean_and_queued_for_the_watcher(tmp_path, monkeypatch):
 
 
 def test_the_callback_imports_no_ui_libraries():
-    code = ("import sys, modelkit.callback; bad = [m for m in ('ipywidgets', 'matplotlib', 'IPython') "
+    code = ("import sys, modelkit.ops.watch_callback; bad = [m for m in ('ipywidgets', 'matplotlib', 'IPython') "
             "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from modelkit.cli import main as cli
+from modelkit.ui.cli import main as cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +42,7 @@ def test_export_allow_untrained_flag_lets_an_untrained_adapter_through(catalog, 
 
 @pytest.mark.slow
 def test_compare_markdown_table_and_exit_code(catalog, capsys):
-    from modelkit.demo_pair import write_demo_pair
+    from modelkit.ui.demo_pair import write_demo_pair
 
     pair = write_demo_pair(catalog["plain-llama"].parent / "pair")
     code = cli(["compare", str(pair["base"]), str(pair["trained"]), "--tasks", "mk_topic", "--limit", "8",

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from modelkit.codeeval import GradingError, ProblemFileError, Sample, grade, load_humaneval, load_problems, self_check
-from modelkit.codeeval.grade import run_all
-from modelkit.codeeval.sandbox import UID_BASE, UID_COUNT, Limits, Sandbox
+from modelkit.bench.codeeval import GradingError, ProblemFileError, Sample, load_humaneval, load_problems, self_check
+from modelkit.bench.codeeval import grade
+from modelkit.bench.codeeval.grade import run_all
+from modelkit.bench.codeeval.sandbox import UID_BASE, UID_COUNT, Limits, Sandbox
 
 HE = load_humaneval()
 FULL = Sandbox(isolation="auto").isolation
@@ -58,7 +59,7 @@ def test_pass_completions_fail_every_problem(tmp_path):
 
 
 def test_cli_grade_reports_per_sample_status_and_pass_at_1(tmp_path, capsys):
-    from modelkit.cli import main
+    from modelkit.ui.cli import main
 
     ids = ["HumanEval/0", "HumanEval/2", "HumanEval/3"]
     problems = {p.task_id: p for p in HE}
@@ -253,7 +254,7 @@ def test_bad_problem_files_are_named_typed_errors(tmp_path, content, message):
 
 
 def test_bad_samples_and_subsets_are_refused(tmp_path, capsys):
-    from modelkit.cli import main
+    from modelkit.ui.cli import main
 
     bad = write_jsonl(tmp_path / "s.jsonl", [{"task_id": "HumanEval/0"}])
     assert main(["grade", "--samples", str(bad)]) == 2

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from modelkit.codeeval import GradingError, Sandbox
-from modelkit.codeeval.lm_task import problem_changes, write_task_yaml
-from modelkit.comparison import compare
+from modelkit.bench.codeeval import GradingError, Sandbox
+from modelkit.bench.codeeval.lm_task import problem_changes, write_task_yaml
+from modelkit.ops.compare import compare
 from test_notebooks import kernel  # noqa: F401  (the python3 kernelspec fixture)
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory) -> dict[str, Path]:
-    from modelkit.demo_pair import write_demo_pair
+    from modelkit.ui.demo_pair import write_demo_pair
 
     return write_demo_pair(tmp_path_factory.mktemp("demo-pair"))
 
@@ -31,7 +31,7 @@ def no_model_load(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(importlib.import_module("modelkit.loading"), "load", boom)
+    monkeypatch.setattr(importlib.import_module("modelkit.ops.load"), "load", boom)
 
 
 def test_the_fine_tune_newly_solves_code_problems_with_mcnemar_significance(result):
@@ -53,7 +53,7 @@ def test_the_fine_tune_newly_solves_code_problems_with_mcnemar_significance(resu
 
 
 def test_rerun_comes_from_the_cache_without_loading_or_grading(pair, result, no_model_load, monkeypatch):
-    from modelkit.codeeval import lm_task
+    from modelkit.bench.codeeval import lm_task
 
     monkeypatch.setattr(lm_task, "grade_responses", lambda *a: (_ for _ in ()).throw(AssertionError("graded")))
     again = compare(pair["base"], pair["trained"], tasks=["mk_code_topic"], progress=False)
@@ -61,7 +61,7 @@ def test_rerun_comes_from_the_cache_without_loading_or_grading(pair, result, no_
 
 
 def test_cli_compare_on_a_code_task(pair, result, capsys):
-    from modelkit.cli import main
+    from modelkit.ui.cli import main
 
     assert main(["compare", str(pair["base"]), str(pair["trained"]), "--tasks", "mk_code_topic", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -74,7 +74,7 @@ def test_a_user_problem_file_whose_self_check_fails_is_refused_before_any_model_
     problems = tmp_path / "mine.jsonl"
     problems.write_text("".join(json.dumps(r) + "\n" for r in rows))
     yaml_path = write_task_yaml(problems, tmp_path / "tasks", name="my_code")
-    assert "!function modelkit.codeeval.lm_task.grade_responses" in yaml_path.read_text()
+    assert "!function modelkit.bench.codeeval.lm_task.grade_responses" in yaml_path.read_text()
     with pytest.raises(GradingError, match=r"canonical solution does not pass: u/0"):
         compare(pair["base"], pair["trained"], tasks=["my_code"], include_path=tmp_path / "tasks", progress=False)
 
@@ -127,7 +127,7 @@ def test_the_compare_notebook_shows_the_problems_newly_solved(pair, result, kern
     """04-compare.ipynb run unattended on a code task (the models' results come from the cache)."""
     import nbformat
 
-    from modelkit.report import run_notebook
+    from modelkit.ui.notebooks import run_notebook
 
     params = {"root": str(pair["base"].parent), "base": str(pair["base"]), "trained": str(pair["trained"]),
               "tasks": ["mk_code_topic"], "limit": None, "output_dir": str(tmp_path)}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from modelkit.comparison import CompareResult, compare
+from modelkit.ops.compare import CompareResult, compare
 from modelkit.errors import CompareError, ModelkitError
 
 TASKS = ["mk_topic", "mk_topic_gen", "mk_count", "mk_text"]
@@ -19,7 +19,7 @@ TASKS = ["mk_topic", "mk_topic_gen", "mk_count", "mk_text"]
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory) -> dict[str, Path]:
-    from modelkit.demo_pair import write_demo_pair
+    from modelkit.ui.demo_pair import write_demo_pair
 
     return write_demo_pair(tmp_path_factory.mktemp("demo-pair"))
 
@@ -35,7 +35,7 @@ def no_model_load(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(importlib.import_module("modelkit.loading"), "load", boom)
+    monkeypatch.setattr(importlib.import_module("modelkit.ops.load"), "load", boom)
 
 
 def row(frame, task, metric, model=None):
@@ -207,7 +207,7 @@ def test_wandb_offline_run_holds_the_table(result):
 
 
 def test_cli_compare_json(pair, result, capsys, tmp_path):
-    from modelkit.cli import main
+    from modelkit.ui.cli import main
 
     code = main(["compare", str(pair["base"]), str(pair["trained"]), "--tasks", "mk_topic,mk_count",
                  "--json", "--plot", str(tmp_path / "p.png")])
@@ -221,7 +221,7 @@ def test_cli_compare_json(pair, result, capsys, tmp_path):
 
 def _user_task(folder: Path, n: int) -> Path:
     """An lm-eval task of the user's own: local JSON lines, absolute data path."""
-    from modelkit.tasks.synthetic import LABELS
+    from modelkit.bench.tasks.synthetic import LABELS
 
     tasks = folder / "my-tasks"
     tasks.mkdir()
@@ -236,6 +236,6 @@ def _user_task(folder: Path, n: int) -> Path:
 
 
 def _write_docs(tasks: Path, n: int, seed: int) -> None:
-    from modelkit.tasks.synthetic import topic_docs
+    from modelkit.bench.tasks.synthetic import topic_docs
 
     (tasks / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in topic_docs(n, seed=seed)))

@@ -13,13 +13,13 @@ import pytest
 import torch
 
 import modelkit
-from modelkit.cli import main
+from modelkit.ui.cli import main
 from modelkit.errors import BaseModelUnavailableError, ConfigError
 from modelkit.formats.compressed_moe import read_settings_yaml
-from modelkit.formats.compressed_reference import reference_model
+from modelkit.formats.compressed_moe.reference import reference_model
 from modelkit.testing import write_compressed_moe, write_plain_hf
 from modelkit.testing.compressed import expert_key, naive_expert, trained_expert_weights
-from modelkit.verify import prompt_ids, tolerance_for
+from modelkit.ops.verify import prompt_ids, tolerance_for
 
 BF16 = torch.bfloat16
 # (name, layout, writer options): every era of the real code, clean
@@ -67,7 +67,7 @@ def logits(model, ids) -> list[torch.Tensor]:
 
 
 def max_diff_and_tolerance(reference: list[torch.Tensor], other: list[torch.Tensor]) -> tuple[float, float]:
-    """Max |logit diff| and the float32-vs-float64 tolerance of modelkit.verify for it."""
+    """Max |logit diff| and the float32-vs-float64 tolerance of modelkit.ops.verify for it."""
     diff = max((a - b).abs().max().item() for a, b in zip(reference, other))
     return diff, tolerance_for("float32", max(a.abs().max().item() for a in reference), wide_reference=True)[0]
 
@@ -324,7 +324,7 @@ def test_export_verify_then_stock_transformers_in_a_fresh_process(made, tmp_path
 
 def test_verify_fails_an_export_whose_experts_were_rounded(made, tmp_path, monkeypatch):
     # the old bug: experts rounded to the non-expert dtype on the way; the independent reference sees it
-    from modelkit.views import LazyTensor
+    from modelkit.formats.view import LazyTensor
 
     ckpt = made("checkpoint-N", dtype=BF16, transformers_version="4")
     original = LazyTensor.produce_as

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import modelkit
-import modelkit.diffing  # noqa: F401  (imported first on purpose: modelkit.diff must stay callable)
-import modelkit.pairstats as pairstats
-from modelkit.cli import main
+import modelkit.ops.diff  # noqa: F401  (imported first on purpose: modelkit.diff must stay callable)
+import modelkit.ops.diff_stats as pairstats
+from modelkit.ui.cli import main
 from modelkit.testing import reconstruct_expert, write_compressed_moe, write_dylora, write_peft_lora, write_plain_hf
 
 Q1 = "model.layers.1.self_attn.q_proj.weight"

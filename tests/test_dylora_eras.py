@@ -125,7 +125,7 @@ def test_early_checkpoint_loads_with_supplied_facts(runs, tied):
 
 
 def test_cli_takes_the_missing_facts(runs, tied, capsys):
-    from modelkit.cli import main
+    from modelkit.ui.cli import main
 
     ckpt = str(runs["early"] / "checkpoint-100")
     assert main(["inspect", ckpt, "--base", str(tied), "--lora-alpha", str(ALPHA), "--json"]) == 0
@@ -193,7 +193,7 @@ def test_diff_of_a_mixture_is_per_expert(tmp_path, tied):
 
 
 def test_cli_diff_of_a_mixture(tmp_path, tied, capsys):
-    from modelkit.cli import main
+    from modelkit.ui.cli import main
 
     trained = write_dylora(tmp_path / "trained", "b", tied)
     main(["diff", str(tied), str(trained)])
@@ -252,7 +252,7 @@ def test_two_mixtures_diff_expert_by_expert(tmp_path, tied, runs):
 
 
 def test_compare_over_a_tied_base_with_per_token_routing(tmp_path, tied):
-    from modelkit.comparison import compare
+    from modelkit.ops.compare import compare
 
     trained = write_dylora(tmp_path / "b", "b", tied)
     result = compare(tied, trained, tasks=["mk_count"], limit=8, progress=False, use_cache=False,

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import modelkit  # noqa: F401  (registers dylora-moe with transformers' Auto classes)
-from modelkit.artifacts import open_artifact, open_base
+from modelkit.ops.open import open_artifact, open_base
 from modelkit.errors import BaseModelUnavailableError, LoadError
 from modelkit.models.dylora import DyLoRAMoEConfig, DyLoRAMoEForCausalLM, build_dylora_model
 from modelkit.testing import tiny_tokenizer, write_dylora, write_plain_hf
@@ -182,7 +182,7 @@ def test_padding_changes_neither_choice_nor_logits(model_b, side):
 
 
 def test_expert_k_equals_the_dense_merge_exported_by_the_format(fx, model_b, ref):
-    from modelkit.architectures import disk_to_model
+    from modelkit.architecture.bridge import disk_to_model
 
     art = open_artifact(fx.layout("b"))
     base = open_base(art)

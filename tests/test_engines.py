@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from modelkit.comparison import compare
+from modelkit.ops.compare import compare
 from modelkit.errors import CompareError
 
 TASKS = ["mk_topic", "mk_count", "mk_text"]      # multiple_choice x2, loglikelihood_rolling
@@ -24,7 +24,7 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory) -> dict[str, Path]:
-    from modelkit.demo_pair import write_demo_pair
+    from modelkit.ui.demo_pair import write_demo_pair
 
     return write_demo_pair(tmp_path_factory.mktemp("demo-pair"))
 
@@ -98,8 +98,8 @@ def test_provenance_records_engine_version_exact_command_and_checks(via_cli, pai
 
 
 def test_compare_results_on_the_kept_logs_equals_compare(inproc, via_cli, dirs, capsys):
-    from modelkit.cli import main
-    from modelkit.result_comparison import compare_results
+    from modelkit.ui.cli import main
+    from modelkit.ops.compare_results import compare_results
 
     logged = compare_results(dirs["samples"] / "base", dirs["samples"] / "lora")
     assert_same_table(inproc, logged)
@@ -110,7 +110,7 @@ def test_compare_results_on_the_kept_logs_equals_compare(inproc, via_cli, dirs, 
 
 
 def test_a_plain_lm_eval_folder_is_read_with_the_fingerprint_not_checked(inproc, dirs, tmp_path):
-    from modelkit.result_comparison import compare_results
+    from modelkit.ops.compare_results import compare_results
 
     for label in ("base", "lora"):
         shutil.copytree(dirs["samples"] / label, tmp_path / label)
@@ -127,7 +127,7 @@ def _copy_log(src: Path, dest: Path) -> tuple[Path, Path]:
 
 
 def test_mismatched_documents_configs_and_limits_are_refused(dirs, tmp_path):
-    from modelkit.result_comparison import compare_results
+    from modelkit.ops.compare_results import compare_results
 
     base = dirs["samples"] / "base"
     results, fewer = _copy_log(dirs["samples"] / "lora", tmp_path / "fewer")
@@ -163,16 +163,16 @@ def test_mismatched_documents_configs_and_limits_are_refused(dirs, tmp_path):
 
 
 def test_a_run_that_is_not_what_was_prepared_is_refused(pair, dirs, via_cli):
-    from modelkit.engines.base import EvalJob
-    from modelkit.engines.lm_eval_cli import Prepared, check_run
-    from modelkit.sample_logs import read_lm_eval
+    from modelkit.bench.engines.base import EvalJob
+    from modelkit.bench.engines.lm_eval_cli import Prepared, check_run
+    from modelkit.bench.sample_logs import read_lm_eval
 
     lora = via_cli.trained[0]
     log = read_lm_eval(dirs["samples"] / "lora")
     job = EvalJob(role="trained", label="lora", ref=str(pair["trained"]), options={}, fingerprint=lora.fingerprint,
                   artifact_fingerprint=lora.artifact_fingerprint, base_fingerprint=lora.base_fingerprint,
                   tasks=TASKS, limit=LIMIT)
-    from modelkit.sources import fingerprint_folder
+    from modelkit.io.sources import fingerprint_folder
 
     prints = {str(pair["base"]): fingerprint_folder(pair["base"]), str(pair["trained"]): fingerprint_folder(pair["trained"])}
     ok = Prepared("peft", str(pair["base"]), peft=str(pair["trained"]), fingerprints=prints)
@@ -221,8 +221,8 @@ def test_a_routed_mixture_is_refused_before_anything_runs(pair, tmp_path):
 def test_accelerate_data_parallel_gives_the_one_process_results(pair, via_cli, tmp_path, monkeypatch):
     """Two processes under ``accelerate launch`` (gloo on CPUs), the documents shared out
     between them by lm-eval and gathered on rank 0, read back as one run."""
-    from modelkit.comparison import _identify
-    from modelkit.engines import EvalJob, LmEvalEngine
+    from modelkit.ops.compare import _identify
+    from modelkit.bench.engines import EvalJob, LmEvalEngine
 
     # lm-eval 0.4.13 shares documents out only when it counts more than one CUDA device:
     # each process counts its world size, so its real data-parallel path runs on CPUs
@@ -248,9 +248,9 @@ def test_accelerate_data_parallel_gives_the_one_process_results(pair, via_cli, t
 
 def test_the_vllm_command_carries_the_parallel_sizes_and_an_exported_adapter(pair, tmp_path):
     """vLLM cannot run on this machine: the command modelkit would run is checked instead."""
-    from modelkit.comparison import _identify
-    from modelkit.engines import EvalJob, LmEvalEngine
-    from modelkit.engines.plans import plan_commands
+    from modelkit.ops.compare import _identify
+    from modelkit.bench.engines import EvalJob, LmEvalEngine
+    from modelkit.bench.engines.plans import plan_commands
 
     engine = LmEvalEngine(backend="vllm", tensor_parallel_size=4, data_parallel_size=2, gpu_memory_utilization=0.85,
                           model_args={"max_model_len": 2048}, dtype="bfloat16", batch_size="auto")
@@ -283,7 +283,7 @@ def test_the_vllm_command_carries_the_parallel_sizes_and_an_exported_adapter(pai
 def _grade_report(path: Path, passed: dict[str, list[bool]], problems: str = "HumanEval.jsonl.gz",
                   error: bool = False) -> Path:
     """A ``modelkit grade --json`` report, written by codeeval's own GradeReport."""
-    from modelkit.codeeval.grade import GradeReport, SampleResult
+    from modelkit.bench.codeeval.grade import GradeReport, SampleResult
 
     rows = [SampleResult(task_id=t, index=i, status="pass" if ok else "fail", detail="", seconds=0.1)
             for t, oks in passed.items() for i, ok in enumerate(oks)]
@@ -304,7 +304,7 @@ def _evalplus(path: Path, passed: dict[str, list[tuple[str, str]]], dataset_hash
 
 
 def test_compare_results_pairs_code_grades_per_problem(tmp_path):
-    from modelkit.result_comparison import compare_results
+    from modelkit.ops.compare_results import compare_results
 
     tasks = [f"HumanEval/{i}" for i in range(30)]
     base = _grade_report(tmp_path / "base.json", {t: [i % 3 == 0] for i, t in enumerate(tasks)})
@@ -325,7 +325,7 @@ def test_compare_results_pairs_code_grades_per_problem(tmp_path):
 
 
 def test_compare_results_reads_evalplus_base_and_plus_tests(tmp_path):
-    from modelkit.result_comparison import compare_results
+    from modelkit.ops.compare_results import compare_results
 
     tasks = [f"HumanEval/{i}" for i in range(12)]
     base = _evalplus(tmp_path / "base_eval_results.json", {t: [("pass", "fail" if i % 2 else "pass")]

@@ -10,8 +10,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from modelkit.comparison import compare
-from modelkit.executors import LocalPool, RayExecutor, SubmititExecutor, get_executor
+from modelkit.ops.compare import compare
+from modelkit.bench.executors import LocalPool, RayExecutor, SubmititExecutor, get_executor
 
 TASKS = ["mk_count"]
 LIMIT = 8
@@ -19,7 +19,7 @@ LIMIT = 8
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory) -> dict[str, Path]:
-    from modelkit.demo_pair import write_demo_pair
+    from modelkit.ui.demo_pair import write_demo_pair
 
     return write_demo_pair(tmp_path_factory.mktemp("demo-pair"))
 

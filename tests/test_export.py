@@ -17,8 +17,7 @@ import pytest
 import torch
 
 import modelkit
-from modelkit.errors import (BaseModelUnavailableError, CorruptFileError, ExportError, LoadError,
-                             ModelkitError, OutputExistsError)
+from modelkit.errors import BaseModelUnavailableError, CorruptFileError, ExportError, LoadError, ModelkitError, OutputExistsError
 
 PROMPT = "def add(a, b):\n    return a + b"
 
@@ -135,7 +134,7 @@ def test_round_trip(catalog, tmp_path, name):
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert all(s.startswith("model-") and "-of-" in s for s in shards)
-    from modelkit.architectures import expected_tensors
+    from modelkit.architecture.bridge import expected_tensors
 
     assert set(index["weight_map"]) == set(expected_tensors(out / "config.json"))
     record = json.loads((out / "modelkit_export.json").read_text())
@@ -165,7 +164,7 @@ def test_moe_export_uses_per_expert_names(catalog, tmp_path):
 def test_compressed_export_keeps_trained_router(catalog, tmp_path):
     from safetensors import safe_open
 
-    from modelkit.tensors import load_pickle
+    from modelkit.io.tensors import load_pickle
 
     src = catalog["compressed-checkpoint-N"]
     out = tmp_path / "moe"
@@ -250,7 +249,7 @@ def test_low_precision_verify_catches_a_dropped_merge(catalog, tmp_path, monkeyp
     not under the comparison with the source rounded the same way."""
     from safetensors import safe_open
 
-    ex = importlib.import_module("modelkit.exporting")
+    ex = importlib.import_module("modelkit.ops.export")
     name = "model.layers.0.self_attn.q_proj.weight"
     with safe_open(str(catalog["plain-llama"] / "model.safetensors"), "pt") as f:
         unmerged = f.get_tensor(name)
@@ -285,7 +284,7 @@ def test_streams_one_shard_at_a_time(catalog, tmp_path, monkeypatch, entry):
     a writer thread while the next shard is computed, so at most one shard is produced
     ahead of the one being written; stored tensors are written before the next shard is
     produced. No shard is bigger than the shard size."""
-    ex = importlib.import_module("modelkit.exporting")  # the module, not the lazy function
+    ex = importlib.import_module("modelkit.ops.export")  # the module, not the lazy function
 
     produced, shards = [], []
     real_produce, real_save = ex.produce, ex.save_file
@@ -460,7 +459,7 @@ def test_truncated_shard(catalog, tmp_path):
 
 
 def test_full_disk_leaves_nothing(catalog, tmp_path, monkeypatch):
-    ex = importlib.import_module("modelkit.exporting")  # the module, not the lazy function
+    ex = importlib.import_module("modelkit.ops.export")  # the module, not the lazy function
 
     calls = []
 
@@ -481,7 +480,7 @@ def test_full_disk_leaves_nothing(catalog, tmp_path, monkeypatch):
 
 def test_failed_fsync_leaves_nothing(catalog, tmp_path, monkeypatch):
     """Shards are fsynced in the background; an I/O error there still fails the export."""
-    ex = importlib.import_module("modelkit.exporting")
+    ex = importlib.import_module("modelkit.ops.export")
 
     def broken(path):
         raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
@@ -540,8 +539,8 @@ def test_stale_partial_folders_are_swept(catalog, tmp_path):
 
 _KILL_CHILD = textwrap.dedent('''
     import importlib, sys, time
-    at = importlib.import_module("modelkit.atomic")
-    ex = importlib.import_module("modelkit.exporting")  # the module, not the lazy function
+    at = importlib.import_module("modelkit.io.atomic")
+    ex = importlib.import_module("modelkit.ops.export")  # the module, not the lazy function
 
     src, out, point, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     counts = {"produce": 0, "shard": 0}
@@ -635,7 +634,7 @@ def test_sigkill_leaves_no_out_or_a_complete_one(catalog, tmp_path, point, n, co
 
 
 def test_cli_export(catalog, tmp_path, capsys):
-    from modelkit.cli import main
+    from modelkit.ui.cli import main
 
     out = tmp_path / "cli"
     assert main(["export", str(catalog["dylora-b"]), str(out), "--expert", "0", "--verify", "--json"]) == 0

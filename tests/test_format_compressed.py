@@ -10,13 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from modelkit.architectures import expected_tensors, load_config
-from modelkit.artifacts import open_artifact, open_base
-from modelkit.cli import main
+from modelkit.architecture.bridge import expected_tensors, load_config
+from modelkit.ops.open import open_artifact, open_base
+from modelkit.ui.cli import main
 from modelkit.errors import BaseModelUnavailableError
 from modelkit.formats import detect
 from modelkit.formats.compressed_moe import materialize, parse_compressed_name
-from modelkit.inspection import inspect
+from modelkit.ops.inspect import inspect
 from modelkit.testing import naive_expert, write_compressed_moe, write_plain_hf
 
 LAYOUTS = ("checkpoint-N", "checkpoint-0", "documented")

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from modelkit.artifacts import open_artifact, open_base
-from modelkit.cli import main
+from modelkit.ops.open import open_artifact, open_base
+from modelkit.ui.cli import main
 from modelkit.errors import LoadError
 from modelkit.formats import detect
-from modelkit.inspection import inspect
+from modelkit.ops.inspect import inspect
 from modelkit.testing import build_dylora, write_dylora, write_plain_hf
 
 LAYOUTS = ("a-tiny-config", "a-full-config", "b", "c", "d")
@@ -146,7 +146,7 @@ def test_describe_and_base(clean):
 # -- the view ------------------------------------------------------------------------------
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_view_has_the_base_on_disk_names_and_no_router(clean, base, layout):
-    from modelkit.architectures import expected_tensors
+    from modelkit.architecture.bridge import expected_tensors
 
     art = open_artifact(clean[layout])
     view = art.view(open_base(art))

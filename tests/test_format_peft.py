@@ -14,12 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from modelkit.artifacts import open_artifact, open_base
-from modelkit.cli import main
+from modelkit.ops.open import open_artifact, open_base
+from modelkit.ui.cli import main
 from modelkit.errors import BaseModelUnavailableError, LoadError
 from modelkit.formats import detect
 from modelkit.formats.plain_hf import PlainHF
-from modelkit.inspection import inspect
+from modelkit.ops.inspect import inspect
 from modelkit.testing import write_peft_lora, write_plain_hf
 from modelkit.testing._files import quiet
 from modelkit.testing.peft_lora import load_base, lora_config, shrink_lora_b
@@ -83,7 +83,7 @@ def test_stored_lists_lora_tensors_as_named_in_the_file(tiny):
 
 # -- the merged view -----------------------------------------------------------------------
 def test_view_has_the_base_on_disk_names(tiny):
-    from modelkit.architectures import expected_tensors
+    from modelkit.architecture.bridge import expected_tensors
 
     art = open_artifact(tiny["adapter"])
     view = art.view(open_base(art))

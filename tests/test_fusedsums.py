@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from modelkit import fusedsums
-from modelkit.diffing import diff
+from modelkit.ops import diff_sums as fusedsums
+from modelkit.ops.diff import diff
 from modelkit.testing import write_plain_hf
 
 needs_kernel = pytest.mark.skipif(not fusedsums.available(), reason="no C compiler: eager path only")
@@ -59,7 +59,7 @@ def test_what_the_kernel_does_not_take_is_left_to_torch():
 def test_diff_is_the_same_with_and_without_the_kernel(tmp_path):
     a = write_plain_hf(tmp_path / "a", "llama", seed=1)
     b = write_plain_hf(tmp_path / "b", "llama", seed=2)
-    code = ("import json, sys; from modelkit.diffing import diff\n"
+    code = ("import json, sys; from modelkit.ops.diff import diff\n"
             "r = diff(sys.argv[1], sys.argv[2], progress=False)\n"
             "print(json.dumps({x['name']: [x['norm_diff'], x['changed'], x['max_abs_diff'], x['cosine']] for x in r.rows}))")
     runs = []

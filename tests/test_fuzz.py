@@ -383,7 +383,7 @@ def test_fuzz_escapes(warm, data):
 
 def test_the_runner_sees_each_failure_kind(catalog, tmp_path, monkeypatch):
     """The judge is not blind: a hang, an executed pickle and a modified source are caught."""
-    import modelkit.inspection
+    import modelkit.ops.inspect
 
     folder = tmp_path / "art"
     shutil.copytree(catalog["plain-llama"], folder)
@@ -393,27 +393,27 @@ def test_the_runner_sees_each_failure_kind(catalog, tmp_path, monkeypatch):
     def hang(*a, **k):
         import time
         time.sleep(60)
-    monkeypatch.setattr(modelkit.inspection, "inspect_artifact", hang)
+    monkeypatch.setattr(modelkit.ops.inspect, "inspect_artifact", hang)
     assert run_case(folder, seconds=2).kind == "hang"
 
     def execute(artifact, **k):
         (tmp_path / SENTINEL).write_text("ran")
         raise RuntimeError("boom")
-    monkeypatch.setattr(modelkit.inspection, "inspect_artifact", execute)
+    monkeypatch.setattr(modelkit.ops.inspect, "inspect_artifact", execute)
     assert run_case(folder, sentinel_root=tmp_path).kind == "executed"
     (tmp_path / SENTINEL).unlink()
 
-    monkeypatch.setattr(modelkit.inspection, "inspect_artifact", lambda artifact, **k: 1 / 0)
+    monkeypatch.setattr(modelkit.ops.inspect, "inspect_artifact", lambda artifact, **k: 1 / 0)
     assert run_case(folder).kind == "traceback"
 
     def modify(artifact, **k):
         (folder / "config.json").write_text("{}")
         raise modelkit.errors.ConfigError("x")
-    monkeypatch.setattr(modelkit.inspection, "inspect_artifact", modify)
+    monkeypatch.setattr(modelkit.ops.inspect, "inspect_artifact", modify)
     assert run_case(folder).kind == "modified"
 
     def blow(artifact, **k):
         return bytearray(2 * 2**30)
-    monkeypatch.setattr(modelkit.inspection, "inspect_artifact", blow)
+    monkeypatch.setattr(modelkit.ops.inspect, "inspect_artifact", blow)
     assert run_case(folder, memory_mb=512).kind == "memory"
     assert SECRET not in (folder / "config.json").read_bytes()

@@ -24,8 +24,7 @@ import pytest
 import torch
 
 import modelkit
-from modelkit.errors import (ConfigError, ExportError, ModelkitError, RefNotFoundError,
-                             UnsafePathError)
+from modelkit.errors import ConfigError, ExportError, ModelkitError, RefNotFoundError, UnsafePathError
 
 SECRET = "TOKEN-hf_do_not_upload_0123456789"
 
@@ -106,7 +105,7 @@ def test_unreadable_file_without_root(catalog, request_cleanup):
     code = textwrap.dedent(f"""
         import os, sys
         import modelkit
-        from modelkit.cli import main
+        from modelkit.ui.cli import main
         modelkit.inspect({str(clean)!r})
         if os.geteuid() == 0:
             os.setgid(65534); os.setuid(65534)
@@ -247,7 +246,7 @@ def test_five_thousand_digit_integer(catalog, tmp_path):
 def test_full_disk_inside_safetensors_is_an_export_error(catalog, tmp_path, monkeypatch):
     from safetensors import SafetensorError
 
-    ex = importlib.import_module("modelkit.exporting")
+    ex = importlib.import_module("modelkit.ops.export")
 
     def full(tensors, filename, metadata=None):
         raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
@@ -261,10 +260,10 @@ def test_full_disk_inside_safetensors_is_an_export_error(catalog, tmp_path, monk
 
 
 def test_cli_argument_errors_are_one_line_and_come_before_the_work(catalog, tmp_path, monkeypatch, capsys):
-    from modelkit import cli
+    from modelkit.ui import cli
 
     called = []
-    monkeypatch.setattr("modelkit.diffing.diff", lambda *a, **k: called.append(a))
+    monkeypatch.setattr("modelkit.ops.diff.diff", lambda *a, **k: called.append(a))
     with pytest.raises(SystemExit) as e:
         cli.main(["export", str(catalog["dylora-b"]), str(tmp_path / "o"), "--expert", "one"])
     assert e.value.code == 2
@@ -278,7 +277,7 @@ def test_cli_argument_errors_are_one_line_and_come_before_the_work(catalog, tmp_
 
 
 def test_cli_prints_one_line_for_a_corrupt_file(catalog, tmp_path, capsys):
-    from modelkit.cli import main
+    from modelkit.ui.cli import main
 
     art = copy(catalog, "plain-llama", tmp_path)
     (art / "config.json").write_text('{"model_type": "llama", "hidden_size": "big"}')
@@ -440,7 +439,7 @@ def test_headers_the_safetensors_library_refuses_are_corrupt_at_inspect(catalog,
 
 
 def test_clean_headers_are_accepted_exactly_like_the_library(catalog):
-    from modelkit.tensors import SafetensorsFile
+    from modelkit.io.tensors import SafetensorsFile
 
     for path in Path(catalog["plain-llama"]).parent.rglob("*.safetensors"):
         if "bad-" in str(path) or path.is_symlink():
@@ -465,7 +464,7 @@ def test_index_naming_tensors_no_shard_holds(catalog, tmp_path):
 
 def test_force_keeps_the_old_out_until_the_new_one_is_in_place(catalog, tmp_path, monkeypatch):
     """Fallback replace (no atomic exchange): the second rename fails; the old OUT is back."""
-    at = importlib.import_module("modelkit.atomic")
+    at = importlib.import_module("modelkit.io.atomic")
     out = tmp_path / "out"
     modelkit.export(catalog["plain-llama"], out, progress=False)
     (out / "mine.txt").write_text("previous export")
@@ -497,7 +496,7 @@ def test_a_dead_exports_stash_is_restored_never_deleted(catalog, tmp_path):
 
 
 def test_force_replaces_with_an_atomic_exchange(catalog, tmp_path):
-    from modelkit.atomic import exchange
+    from modelkit.io.atomic import exchange
 
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
@@ -527,7 +526,7 @@ def test_exported_files_get_the_umask_permissions(catalog, tmp_path):
 
 
 def test_eio_on_the_folder_fsync_is_an_error(catalog, tmp_path, monkeypatch):
-    at = importlib.import_module("modelkit.atomic")
+    at = importlib.import_module("modelkit.io.atomic")
     real = os.fsync
 
     def fsync(fd):
@@ -542,7 +541,7 @@ def test_eio_on_the_folder_fsync_is_an_error(catalog, tmp_path, monkeypatch):
 
 
 def test_unbuildable_config_error_names_its_source(catalog, tmp_path):
-    from modelkit.architectures import expected_tensors
+    from modelkit.architecture.bridge import expected_tensors
 
     art = copy(catalog, "plain-llama", tmp_path)
     cfg = json.loads((art / "config.json").read_text())

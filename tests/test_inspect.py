@@ -14,7 +14,7 @@ import pytest
 
 import modelkit
 from modelkit import errors
-from modelkit.cli import main
+from modelkit.ui.cli import main
 from modelkit.testing.catalog import ENTRIES
 
 READABLE = [e for e in ENTRIES if e.raises is None or e.expected_codes]

@@ -1,6 +1,6 @@
 """A warm-cache `modelkit inspect` of every catalog format imports neither torch nor
 transformers (their imports cost 1.5-4 s and 250-450 MB; the facts inspect needs are
-cached on disk by modelkit.archfacts), and reports exactly what a cold inspect reports."""
+cached on disk by modelkit.architecture.facts), and reports exactly what a cold inspect reports."""
 from __future__ import annotations
 
 import json
@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import modelkit
-from modelkit.archfacts import causal_lm_type, config_facts, declares_field
-from modelkit.architectures import load_config
+from modelkit.architecture.facts import causal_lm_type, config_facts, declares_field
+from modelkit.architecture.bridge import load_config
 from modelkit.testing.catalog import ENTRIES
 
 # every readable artifact of the four formats (the bad-file group has no format of its own)
@@ -19,7 +19,7 @@ FORMAT_ENTRIES = [e.name for e in ENTRIES if e.group != "bad" and e.raises is No
 
 CHILD = r"""
 import contextlib, io, json, sys
-from modelkit.cli import main
+from modelkit.ui.cli import main
 first = {}
 for path in sys.argv[1:]:
     with contextlib.redirect_stdout(io.StringIO()) as out:

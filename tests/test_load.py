@@ -88,7 +88,7 @@ def test_wrong_options_are_refused(catalog):
 def test_load_is_callable_whatever_was_imported_first():
     import importlib
 
-    module = importlib.import_module("modelkit.loading")  # binds modelkit.loading, not modelkit.load
+    module = importlib.import_module("modelkit.ops.load")  # binds modelkit.ops.load, not modelkit.load
     assert callable(modelkit.load) and modelkit.load is module.load
     assert module.LoadResult is modelkit.LoadResult
 
@@ -139,8 +139,8 @@ def test_base_with_mismatching_shapes(catalog):
 
 
 def test_compressed_moe_materializes_experts_and_keeps_router(catalog):
-    from modelkit.architectures import model_to_disk
-    from modelkit.tensors import load_pickle
+    from modelkit.architecture.bridge import model_to_disk
+    from modelkit.io.tensors import load_pickle
     from modelkit.testing import naive_expert
 
     src = catalog["compressed-checkpoint-N"]

@@ -9,9 +9,9 @@ import torch
 from safetensors import safe_open
 
 import modelkit
-from modelkit.artifacts import open_artifact
+from modelkit.ops.open import open_artifact
 from modelkit.formats.compressed_moe import materialize
-from modelkit.lowrank import ExpertBatches, batched_experts, materialize_experts
+from modelkit.formats.compressed_moe.lowrank import ExpertBatches, batched_experts, materialize_experts
 from modelkit.testing import naive_expert
 
 

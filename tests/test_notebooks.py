@@ -16,10 +16,10 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from modelkit.cli import main as cli
-from modelkit.demo import main as demo_main
-from modelkit.demo import notebook_parameters, write_demo
-from modelkit.report import CHECK_OUTPUT, strip_volatile
+from modelkit.ui.cli import main as cli
+from modelkit.ui.demo import main as demo_main
+from modelkit.ui.demo import notebook_parameters, write_demo
+from modelkit.ui.notebooks import CHECK_OUTPUT, strip_volatile
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]-*.ipynb"))
@@ -73,7 +73,7 @@ def test_there_is_a_notebook_per_operation():
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=NAMES)
 def test_committed_notebooks_carry_no_volatile_output(path):
     nb = nbformat.read(path, as_version=4)
-    assert nb == strip_volatile(path, write=False), "run modelkit.report.strip_volatile on it"
+    assert nb == strip_volatile(path, write=False), "run modelkit.ui.notebooks.strip_volatile on it"
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert "parameters" in code[0].metadata.get("tags", []), "first code cell must be tagged parameters"
     assert "output_dir" in code[0].source
@@ -171,7 +171,7 @@ CHECKS = {"01-inspect": _check_01_inspect, "02-export": _check_02_export, "03-di
 @slow
 @pytest.mark.parametrize("name", NAMES)
 def test_papermill_runs_the_notebook_and_records_its_results(name, demo_root, kernel, tmp_path, monkeypatch):
-    from modelkit.report import run_notebook
+    from modelkit.ui.notebooks import run_notebook
 
     monkeypatch.chdir(os.path.commonpath([demo_root, tmp_path]))   # where a user would type the command
     params = notebook_parameters(demo_root, tmp_path)[name]

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 DRIVER = '''
 import json
-from modelkit.widgets import output_text
+from modelkit.ui.widgets import output_text
 
 def shown(panel):
     """What the panel shows, by area, plus its verdict and error lines."""
@@ -40,21 +40,21 @@ def _visible(html_text: str) -> str:
 
 
 CASES = {
-    "inspect-ok": ("from modelkit.widgets import InspectPanel\n"
+    "inspect-ok": ("from modelkit.ui.widgets import InspectPanel\n"
                    "p = InspectPanel(root=ROOT, ref=ROOT + '/dylora-missing-router', deep=True); p.run()"),
     "inspect-bad-config": ("p = InspectPanel(root=ROOT, ref=ROOT + '/bad-malformed-config/model'); p.run()"),
     "inspect-typo": "p = InspectPanel(root=ROOT, ref=ROOT + '/plain-lama'); p.run()",
     "inspect-wandb": "p = InspectPanel(root=ROOT, ref='wandb:me/proj/model:v1'); p.run()",
-    "export-ok": ("from modelkit.widgets import ExportPanel\n"
+    "export-ok": ("from modelkit.ui.widgets import ExportPanel\n"
                   "p = ExportPanel(root=ROOT, ref=ROOT + '/plain-llama', out=OUT + '/plain', verify=True); p.run()"),
     "export-untrained": ("p = ExportPanel(root=ROOT, ref=ROOT + '/peft-lora-untrained', out=OUT + '/untrained');"
                          " p.run()"),
-    "diff-ok": ("from modelkit.widgets import DiffPanel\n"
+    "diff-ok": ("from modelkit.ui.widgets import DiffPanel\n"
                 "p = DiffPanel(root=ROOT, a=ROOT + '/original-qwen3-moe', b=ROOT + '/compressed-checkpoint-N');"
                 " p.run()"),
     "diff-bad-option": ("p = DiffPanel(root=ROOT, a=ROOT + '/base-gemma', b=ROOT + '/dylora-b');"
                         " p.options_b.value = 'expert'; p.run()"),
-    "compare-ok": ("from modelkit.widgets import ComparePanel\n"
+    "compare-ok": ("from modelkit.ui.widgets import ComparePanel\n"
                    "p = ComparePanel(root=ROOT, base=PAIR + '/base', trained=PAIR + '/lora', tasks='mk_topic',"
                    " limit=8); p.run()"),
     "compare-unknown-task": ("p = ComparePanel(root=ROOT, base=PAIR + '/base', trained=PAIR + '/lora',"
@@ -68,7 +68,7 @@ def executed(catalog, tmp_path_factory):
     from ipykernel.kernelspec import write_kernel_spec
     from nbclient import NotebookClient
 
-    from modelkit.demo_pair import write_demo_pair
+    from modelkit.ui.demo_pair import write_demo_pair
 
     root = catalog["plain-llama"].parent
     pair = write_demo_pair(root / "pair")["base"].parent

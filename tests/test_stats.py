@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from modelkit.stats import aggregate, binomial_two_sided_half, is_binary, mcnemar_exact, paired_bootstrap
+from modelkit.bench.paired_stats import aggregate, binomial_two_sided_half, is_binary, mcnemar_exact, paired_bootstrap
 
 
 def test_mcnemar_exact_p_matches_the_binomial_tail_by_hand():

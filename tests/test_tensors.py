@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from modelkit.errors import UnsafePickleError
-from modelkit.tensors import PickleFile, flatten_scalars, flatten_tensors, load_pickle
+from modelkit.io.tensors import PickleFile, flatten_scalars, flatten_tensors, load_pickle
 
 
 def _pickles(root: Path) -> list[Path]:

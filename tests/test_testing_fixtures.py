@@ -16,22 +16,7 @@ from safetensors.torch import load_file
 
 import modelkit.errors
 from modelkit.findings import CODES
-from modelkit.testing import (
-    ENTRIES,
-    build_dylora,
-    build_tiny_model,
-    expected_expert_weights,
-    load_catalog,
-    naive_expert,
-    reconstruct_expert,
-    tiny_config,
-    tiny_tokenizer,
-    write_catalog,
-    write_compressed_moe,
-    write_dylora,
-    write_plain_hf,
-    write_tokenizer,
-)
+from modelkit.testing import ENTRIES, build_dylora, build_tiny_model, expected_expert_weights, load_catalog, naive_expert, reconstruct_expert, tiny_config, tiny_tokenizer, write_catalog, write_compressed_moe, write_dylora, write_plain_hf, write_tokenizer
 from modelkit.testing.tokenizer import VOCAB_SIZE
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from modelkit.ledger import Ledger, LedgerError, read_jsonl
+from modelkit.ops.watch_ledger import Ledger, LedgerError, read_jsonl
 from modelkit.testing.training_run import EXPECTED, write_run
-from modelkit.watching import WatchError, evaluate_in_process, find_checkpoints, snapshot, watch
+from modelkit.ops.watch import WatchError, evaluate_in_process, find_checkpoints, snapshot, watch
 
 TASKS = ["mk_topic"]
 LIMIT = 8
@@ -58,7 +58,7 @@ class Recorder:
     """The default evaluator, counting its calls and the models alive at each load."""
 
     def __init__(self, monkeypatch, fail: dict[str, int] | None = None, before=None):
-        import modelkit.loading as loading
+        import modelkit.ops.load as loading
 
         self.calls: list[str] = []
         self.fail = dict(fail or {})
@@ -150,7 +150,7 @@ def test_a_compressed_moe_distillation_run_is_watched_against_the_original(catal
 
 
 def test_statistics_are_those_of_compare(run, pair):
-    from modelkit.comparison import compare
+    from modelkit.ops.compare import compare
 
     result = watch(run, TASKS, limit=LIMIT, once=True, settle=0.1)
     mine = result.to_frame().set_index(["checkpoint", "metric"])
@@ -264,7 +264,7 @@ def test_a_torn_last_ledger_line_is_ignored(tmp_path):
 
 
 def test_cli_watch_once_json(run, capsys):
-    from modelkit.cli import main
+    from modelkit.ui.cli import main
 
     code = main(["watch", str(run), "--tasks", "mk_topic", "--limit", str(LIMIT), "--once", "--settle", "0.1",
                  "--json"])
@@ -286,7 +286,7 @@ def _env(tmp_path: Path) -> dict:
 
 
 def _watcher(run: Path, state: Path, env: dict, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "modelkit.cli", "watch", str(run), "--tasks", "mk_topic",
+    return subprocess.Popen([sys.executable, "-m", "modelkit.ui.cli", "watch", str(run), "--tasks", "mk_topic",
                              "--limit", str(LIMIT), "--state", str(state), "--json", "--attempts", "9", *extra],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -374,7 +374,7 @@ def test_the_lm_eval_engine_evaluates_checkpoints_and_leaves_no_export(finished_
 
 def test_modelkit_watch_stays_the_function_once_every_module_is_imported():
     import modelkit
-    import modelkit.callback  # noqa: F401
-    import modelkit.watching
+    import modelkit.ops.watch_callback  # noqa: F401
+    import modelkit.ops.watch
 
-    assert modelkit.watch is modelkit.watching.watch and modelkit.WatchResult is modelkit.watching.WatchResult
+    assert modelkit.watch is modelkit.ops.watch.watch and modelkit.WatchResult is modelkit.ops.watch.WatchResult

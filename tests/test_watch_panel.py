@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from modelkit.widgets import WatchPanel, discover_runs, output_text
+from modelkit.ui.widgets import WatchPanel, discover_runs, output_text
 
 TASKS = "mk_topic"
 
@@ -85,7 +85,7 @@ def test_in_a_live_kernel_the_panel_updates_from_its_thread_and_the_cells_stay_c
     spec = tmp_path / "jupyter-path"
     write_kernel_spec(spec / "kernels" / "python3")
     cells = [
-        "from modelkit.widgets import WatchPanel, output_text\n"
+        "from modelkit.ui.widgets import WatchPanel, output_text\n"
         f"p = WatchPanel(root={str(runs)!r}, run_dir={str(run)!r}, baseline={str(demo_pair['base'])!r},"
         " tasks='mk_topic', limit=8, interval=0.2, settle=0.4)\np.button.click()\np",
         f"import shutil, time\nshutil.copytree({str(training_run / 'checkpoint-30')!r}, {str(run / 'checkpoint-30')!r})\n"

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 import modelkit
-from modelkit.widgets import (ArtifactPicker, ComparePanel, DiffPanel, ExportPanel, InspectPanel, discover,
-                              mime_bundle, output_text)
+from modelkit.ui.widgets import ArtifactPicker, ComparePanel, DiffPanel, ExportPanel, InspectPanel, discover, mime_bundle, output_text
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +136,7 @@ def test_diff_panel_passes_view_options(root):
 
 
 def test_compare_click_shows_the_table_disagreements_and_plot(root):
-    from modelkit.demo_pair import write_demo_pair
+    from modelkit.ui.demo_pair import write_demo_pair
 
     pair = write_demo_pair(root / "pair")
     panel = ComparePanel(root=root, base=pair["base"], trained=pair["trained"], tasks="mk_topic", limit=8)

@@ -6,8 +6,8 @@ import zipfile
 
 import torch
 
-from modelkit.tensors import read_pickle_skeleton
-from modelkit.zipmembers import read_zip_member
+from modelkit.io.tensors import read_pickle_skeleton
+from modelkit.io.zipmembers import read_zip_member
 
 
 def is_pkl(name: str) -> bool:

@@ -8,8 +8,8 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from ..errors import UnknownFormatError
-from .base import Artifact, BaseRef, Format
+from modelkit.errors import UnknownFormatError
+from modelkit.formats.base import Artifact, BaseRef, Format
 
 _REGISTRY: dict[str, Format] = {}
 _BUILTIN = ("dylora", "compressed_moe", "peft_lora", "plain_hf")

@@ -5,7 +5,7 @@ registers it (``register(MyFormat())``). It answers three questions:
 
 * ``detect(folder)``: is this folder mine, and in which layout?
 * ``open(folder, layout, source)``: an :class:`Artifact` that lists what is stored
-  (metadata only), names its base model, and builds a :class:`~modelkit.views.TensorView`;
+  (metadata only), names its base model, and builds a :class:`~modelkit.formats.view.TensorView`;
 * ``Artifact.check(...)``: findings only this format can make.
 
 What an artifact offers is declared, so operations ask the protocol instead of testing a
@@ -22,14 +22,20 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..errors import CorruptFileError, ModelkitError, UnknownOptionError, UnsafePickleError
-from .. import files, schemas
-from ..tensors import StoredTensor, TensorFile, check_inside
+from modelkit import schemas
+from modelkit.errors import (
+    CorruptFileError,
+    ModelkitError,
+    UnknownOptionError,
+    UnsafePickleError,
+)
+from modelkit.io import files
+from modelkit.io.tensors import StoredTensor, TensorFile, check_inside
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..findings import Finding
-    from ..sources import Source
-    from ..views import LazyTensor, TensorView
+    from modelkit.findings import Finding
+    from modelkit.formats.view import LazyTensor, TensorView
+    from modelkit.io.sources import Source
 
 
 @dataclass
@@ -173,7 +179,7 @@ class Artifact(ABC):
     def config_facts(self):
         """The config's values for checks and summaries: an ``archfacts.ConfigFacts`` (no
         transformers import on a warm cache) for formats whose ``architecture()`` is raw."""
-        from ..archfacts import config_facts
+        from modelkit.architecture.facts import config_facts
 
         return config_facts(self.architecture())
 
@@ -211,7 +217,7 @@ class Artifact(ABC):
     @cached_property
     def fingerprint(self) -> str:
         """A content fingerprint of the artifact folder (see sources.fingerprint_folder)."""
-        from ..sources import fingerprint_folder
+        from modelkit.io.sources import fingerprint_folder
 
         return fingerprint_folder(self.folder, self.trust_root)
 

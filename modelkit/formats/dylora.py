@@ -25,16 +25,34 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from .. import files
-from ..errors import BaseModelUnavailableError, ConfigError, LoadError, ModelkitError, UnknownFormatError
-from ..findings import Finding, error, info, warning
-from ..tensors import MAX_HEADER_BYTES, PickleFile, StoredTensor, check_inside
-from ..views import TensorView, stored_tensor
-from . import register
-from .base import Artifact, Format, Option
-from .lora import (PEFT_PREFIX, LoraAdapter, base_layer_name, collect_adapter, merge_adapter,
-                   parse_lora_key, plan_merge, strip_prefix)
-from .peft_lora import adapter_findings, fit_findings, not_checked_finding
+from modelkit.errors import (
+    BaseModelUnavailableError,
+    ConfigError,
+    LoadError,
+    ModelkitError,
+    UnknownFormatError,
+)
+from modelkit.findings import Finding, error, info, warning
+from modelkit.formats import register
+from modelkit.formats.base import Artifact, Format, Option
+from modelkit.formats.lora import (
+    PEFT_PREFIX,
+    LoraAdapter,
+    base_layer_name,
+    collect_adapter,
+    merge_adapter,
+    parse_lora_key,
+    plan_merge,
+    strip_prefix,
+)
+from modelkit.formats.peft_lora import (
+    adapter_findings,
+    fit_findings,
+    not_checked_finding,
+)
+from modelkit.formats.view import TensorView, stored_tensor
+from modelkit.io import files
+from modelkit.io.tensors import MAX_HEADER_BYTES, PickleFile, StoredTensor, check_inside
 
 MODEL_TYPE = "dylora-moe"
 WRAPPER_PREFIX = "foundation_model."
@@ -66,7 +84,7 @@ class ExpertAdapter(LoraAdapter):
 # -- detection (cheap: config, directory listing, safetensors header keys) ------------------
 def _json_or_empty(path: Path) -> dict[str, Any]:
     try:
-        data = files.read_json(path)  # confined, regular, size-capped (modelkit.files)
+        data = files.read_json(path)  # confined, regular, size-capped (modelkit.io.files)
     except ModelkitError:
         return {}
     return data if isinstance(data, dict) else {}
@@ -257,7 +275,9 @@ class DyLoRAArtifact(Artifact):
         mt = self.cfg.get("model_type")
         if mt and mt != MODEL_TYPE:
             return mt
-        from ..archfacts import causal_lm_type  # transformers' own mapping, cached on disk
+        from modelkit.architecture.facts import (
+            causal_lm_type,  # transformers' own mapping, cached on disk
+        )
 
         for arch in self.cfg.get("architectures") or []:
             if isinstance(arch, str) and causal_lm_type(arch):
@@ -272,7 +292,7 @@ class DyLoRAArtifact(Artifact):
 
     def config(self):
         """The base model's config: config.json when it is a full one, else the base's."""
-        from ..architectures import config_from_dict, load_config
+        from modelkit.architecture.bridge import config_from_dict, load_config
 
         if self.full_config:
             return config_from_dict(self.cfg, str(self.folder / "config.json"), model_type=self.base_type())
@@ -588,7 +608,7 @@ class DyLoRAArtifact(Artifact):
             router = {"router.gate.weight": parts["weight"], "router.gate.bias": parts["bias"]}
         base_tensors = dict(base.view().tensors) if base is not None else {}
         if base is not None:  # a stored head equal to the embeddings is a tied duplicate
-            from ..architectures import tied_tensors
+            from modelkit.architecture.bridge import tied_tensors
 
             for target, source in tied_tensors(base.config()).items():
                 if target not in base_tensors and source in base_tensors:
@@ -741,7 +761,7 @@ class DyLoRAArtifact(Artifact):
         own num_experts), not to DyLoRA."""
         if not self.full_config:
             return False
-        from ..archfacts import declares_field
+        from modelkit.architecture.facts import declares_field
 
         try:
             return declares_field(self.base_type(), field)

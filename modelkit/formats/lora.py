@@ -17,9 +17,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
-from ..errors import LoadError
-from ..tensors import StoredTensor
-from ..views import LazyTensor
+from modelkit.errors import LoadError
+from modelkit.formats.view import LazyTensor
+from modelkit.io.tensors import StoredTensor
 
 PEFT_PREFIX = "base_model.model."
 _KEY = re.compile(r"^(?P<module>.+?)\.(?P<part>lora_(?:A|B|embedding_A|embedding_B|magnitude_vector))"

@@ -9,14 +9,21 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from .. import files
-from ..errors import BaseModelUnavailableError, LoadError, ModelkitError
-from ..findings import Finding, error, info
-from ..tensors import StoredTensor
-from ..views import TensorView, stored_tensor
-from . import register
-from .base import Artifact, Format
-from .lora import LoraAdapter, MergePlan, collect_adapter, merge_adapter, parse_lora_key, plan_merge
+from modelkit.errors import BaseModelUnavailableError, LoadError, ModelkitError
+from modelkit.findings import Finding, error, info
+from modelkit.formats import register
+from modelkit.formats.base import Artifact, Format
+from modelkit.formats.lora import (
+    LoraAdapter,
+    MergePlan,
+    collect_adapter,
+    merge_adapter,
+    parse_lora_key,
+    plan_merge,
+)
+from modelkit.formats.view import TensorView, stored_tensor
+from modelkit.io import files
+from modelkit.io.tensors import StoredTensor
 
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 PEFT_DEFAULT_R = 8        # peft.LoraConfig defaults, used when adapter_config.json omits them
@@ -46,7 +53,7 @@ class PeftLoraArtifact(Artifact):
 
     def config(self):
         """The base model's config (an adapter has none of its own)."""
-        from ..architectures import load_config
+        from modelkit.architecture.bridge import load_config
 
         return load_config(self.architecture())
 
@@ -226,7 +233,7 @@ class PeftLora(Format):
         if not cfg.is_file():
             return None
         try:
-            data = files.read_json(cfg)  # confined, regular, size-capped (modelkit.files)
+            data = files.read_json(cfg)  # confined, regular, size-capped (modelkit.io.files)
         except ModelkitError:
             data = {}
         if isinstance(data, dict) and str(data.get("peft_type", "LORA")).upper() != "LORA":

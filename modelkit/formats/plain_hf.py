@@ -5,12 +5,12 @@ from collections import Counter
 from functools import cached_property
 from pathlib import Path
 
-from ..errors import UnsafePathError
-from ..findings import Finding, warning
-from ..tensors import FLOAT_DTYPES, StoredTensor, check_inside
-from ..views import TensorView, stored_tensor
-from . import register
-from .base import Artifact, Format
+from modelkit.errors import UnsafePathError
+from modelkit.findings import Finding, warning
+from modelkit.formats import register
+from modelkit.formats.base import Artifact, Format
+from modelkit.formats.view import TensorView, stored_tensor
+from modelkit.io.tensors import FLOAT_DTYPES, StoredTensor, check_inside
 
 SINGLE = ("model.safetensors", "pytorch_model.bin")
 INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -52,7 +52,7 @@ class PlainHFArtifact(Artifact):
         return out
 
     def config(self):
-        from ..architectures import load_config
+        from modelkit.architecture.bridge import load_config
 
         return load_config(self.folder / "config.json")
 

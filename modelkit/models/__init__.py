@@ -26,7 +26,7 @@ def register_config() -> None:
         return
     from transformers import AutoConfig
 
-    from .dylora_config import MODEL_TYPE, DyLoRAMoEConfig
+    from modelkit.models.dylora_config import MODEL_TYPE, DyLoRAMoEConfig
 
     AutoConfig.register(MODEL_TYPE, DyLoRAMoEConfig, exist_ok=True)
     _done.add("config")
@@ -40,7 +40,7 @@ def register_model() -> None:
     register_config()
     from transformers import AutoModelForCausalLM
 
-    from .dylora_config import DyLoRAMoEConfig
+    from modelkit.models.dylora_config import DyLoRAMoEConfig
 
     real = sys.modules.get(f"{__name__}.dylora")
     model_class = getattr(real, "DyLoRAMoEForCausalLM", None) or _deferred_model_class(DyLoRAMoEConfig)
@@ -56,7 +56,9 @@ def register_auto() -> None:
 
 def _deferred_model_class(config_class: type) -> type:
     def real() -> type:
-        from .dylora import DyLoRAMoEForCausalLM  # its import re-registers the real class
+        from modelkit.models.dylora import (
+            DyLoRAMoEForCausalLM,  # its import re-registers the real class
+        )
 
         return DyLoRAMoEForCausalLM
 
@@ -125,7 +127,7 @@ def install_auto_registration() -> None:
 
 def __getattr__(name: str) -> Any:
     if name == "build_dylora_model":
-        from .dylora import build_dylora_model
+        from modelkit.models.dylora import build_dylora_model
 
         return build_dylora_model
     raise AttributeError(f"module 'modelkit.models' has no attribute {name!r}")

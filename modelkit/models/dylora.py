@@ -32,15 +32,24 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..errors import ConfigError, LoadError
+from modelkit.errors import ConfigError, LoadError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..formats.base import Artifact
+    from modelkit.formats.base import Artifact
 
-from .dylora_config import (  # noqa: F401  (re-exported)
-    MODEL_TYPE, ROUTER_PASSES, ROUTING_NOTES, ROUTINGS, TARGET_MODULES, DyLoRAMoEConfig, _base_type, describe_routing,
-    expert_name, parse_router_pass, parse_routing)
-
+from modelkit.models.dylora_config import (
+    MODEL_TYPE,
+    ROUTER_PASSES,
+    ROUTING_NOTES,
+    ROUTINGS,
+    TARGET_MODULES,
+    DyLoRAMoEConfig,
+    _base_type,
+    describe_routing,
+    expert_name,
+    parse_router_pass,
+    parse_routing,
+)
 
 # --------------------------------------------------------------------------- module
 
@@ -381,7 +390,7 @@ class DyLoRAMoEForCausalLM(PreTrainedModel, GenerationMixin):
         the artifact's recorded one is not found), ``dtype`` / ``torch_dtype``,
         ``device_map`` (one device), ``allow_untrained``. Never runs remote code.
         """
-        from .loader_slot import artifact_loader
+        from modelkit.models.loader_slot import artifact_loader
 
         load = artifact_loader()
         routing = kwargs.pop("routing", None) or getattr(config, "routing", None) or "router"
@@ -528,8 +537,8 @@ def build_dylora_model(artifact: "Artifact", base_artifact: "Artifact | None" = 
     with no stored tensors at all is refused unless ``allow_empty_experts`` (it then
     stays zero: the base model).
     """
-    from ..architectures import disk_to_model
-    from ..tensors import torch_dtype
+    from modelkit.architecture.bridge import disk_to_model
+    from modelkit.io.tensors import torch_dtype
 
     kind, k = _checked_routing(routing, artifact)
     artifact.raise_file_errors()
@@ -625,7 +634,7 @@ def _declared_dropout(artifact: "Artifact") -> float:
 def _origins(model: DyLoRAMoEForCausalLM, view: Any, experts: Sequence[Any],
              router: Mapping[str, Any] | None) -> dict[str, str]:
     """Parameter name -> where its values came from (the view's origins, expert files, router file)."""
-    from ..formats.lora import base_layer_name
+    from modelkit.formats.lora import base_layer_name
 
     sources = {e.name: f"stored:{e.source}" if e.modules else "zero (empty expert)" for e in experts}
     prefix = "foundation_model.base_model.model."
@@ -724,7 +733,12 @@ def _trainer_copy(artifact: "Artifact", base_artifact: "Artifact | None") -> set
 
 def _base_entries(artifact: "Artifact", view: Any) -> set[tuple[str, str]]:
     """Stored tensors the base part of the view reads (layout a keeps the base inside)."""
-    from ..formats.lora import PEFT_PREFIX, base_layer_name, parse_lora_key, strip_prefix
+    from modelkit.formats.lora import (
+        PEFT_PREFIX,
+        base_layer_name,
+        parse_lora_key,
+        strip_prefix,
+    )
 
     wrapper = "foundation_model."
     out = set()

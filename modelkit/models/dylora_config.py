@@ -8,7 +8,7 @@ from typing import Any, Sequence
 from transformers import AutoConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from ..errors import ConfigError
+from modelkit.errors import ConfigError
 
 MODEL_TYPE = "dylora-moe"
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")

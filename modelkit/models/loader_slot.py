@@ -1,13 +1,13 @@
 """The function ``DyLoRAMoEForCausalLM.from_pretrained`` hands an artifact folder to.
 
-``models/`` sits below :mod:`modelkit.loading` (which builds these models), so the loader is
+``models/`` sits below :mod:`modelkit.ops.load` (which builds these models), so the loader is
 injected here by ``import modelkit`` and never imported from ``models/``: no import cycle.
 """
 from __future__ import annotations
 
 from typing import Any, Callable
 
-from ..errors import LoadError
+from modelkit.errors import LoadError
 
 _loader: Callable[..., Any] | None = None
 

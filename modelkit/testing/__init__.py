@@ -4,11 +4,16 @@ Everything is written by the real writers (transformers and PEFT ``save_pretrain
 ``torch.save`` of the documented dicts, ``safetensors.torch.save_file``) from tiny models
 built under fixed seeds, so tests and demos run offline in seconds.
 """
-from .catalog import ENTRIES, GROUPS, load_catalog, write_catalog
-from .compressed import expected_expert_weights, naive_expert, reconstruct_expert, write_compressed_moe
-from .configs import FAMILIES, tiny_config
-from .dylora import build_dylora, write_dylora, write_dylora_run
-from .faults import (
+from modelkit.testing.catalog import ENTRIES, GROUPS, load_catalog, write_catalog
+from modelkit.testing.compressed import (
+    expected_expert_weights,
+    naive_expert,
+    reconstruct_expert,
+    write_compressed_moe,
+)
+from modelkit.testing.configs import FAMILIES, tiny_config
+from modelkit.testing.dylora import build_dylora, write_dylora, write_dylora_run
+from modelkit.testing.faults import (
     write_absurd_header,
     write_escaping_symlink,
     write_evil_pickle,
@@ -18,9 +23,9 @@ from .faults import (
     write_overlapping_offsets,
     write_truncated_safetensors,
 )
-from .peft_lora import write_peft_lora
-from .plain import build_tiny_model, write_plain_hf
-from .tokenizer import tiny_tokenizer, write_tokenizer
+from modelkit.testing.peft_lora import write_peft_lora
+from modelkit.testing.plain import build_tiny_model, write_plain_hf
+from modelkit.testing.tokenizer import tiny_tokenizer, write_tokenizer
 
 __all__ = [
     "ENTRIES",

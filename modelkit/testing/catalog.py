@@ -17,12 +17,11 @@ import shutil
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from ..tensors import torch_dtype
-
-from . import compressed, dylora, faults
-from ._files import one_thread
-from .peft_lora import write_peft_lora
-from .plain import write_plain_hf
+from modelkit.io.tensors import torch_dtype
+from modelkit.testing import compressed, dylora, faults
+from modelkit.testing._files import one_thread
+from modelkit.testing.peft_lora import write_peft_lora
+from modelkit.testing.plain import write_plain_hf
 
 GROUPS = ("plain", "peft", "dylora", "compressed", "bad")
 CATALOG_FILE = "catalog.json"

@@ -15,8 +15,15 @@ from typing import Any, Mapping
 import torch
 import yaml
 
-from ._files import fresh_dir, one_thread, quiet, read_json, seeded, write_json
-from .tokenizer import write_tokenizer
+from modelkit.testing._files import (
+    fresh_dir,
+    one_thread,
+    quiet,
+    read_json,
+    seeded,
+    write_json,
+)
+from modelkit.testing.tokenizer import write_tokenizer
 
 LAYOUTS = ("checkpoint-N", "checkpoint-0", "documented", "early-compressed", "tmp")
 FAULTS = ("no-non-moe", "missing-projection", "duplicated-buffers", "dtype-mismatch", "trained-copies-differ",

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .tokenizer import MAX_LENGTH, SPECIAL_IDS, vocab_size
+from modelkit.testing.tokenizer import MAX_LENGTH, SPECIAL_IDS, vocab_size
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._files import fresh_dir, quiet, read_json, seeded, write_json
-from .peft_lora import load_base, lora_config, shrink_lora_b
-from .tokenizer import write_tokenizer
+from modelkit.testing._files import fresh_dir, quiet, read_json, seeded, write_json
+from modelkit.testing.peft_lora import load_base, lora_config, shrink_lora_b
+from modelkit.testing.tokenizer import write_tokenizer
 
 LAYOUTS = ("a-tiny-config", "a-full-config", "b", "c", "d")
 FAULTS = (

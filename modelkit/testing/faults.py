@@ -16,8 +16,8 @@ from typing import Callable
 
 import torch
 
-from ._files import write_json
-from .plain import write_plain_hf
+from modelkit.testing._files import write_json
+from modelkit.testing.plain import write_plain_hf
 
 MARKER = "PWNED"  # the evil pickle's command would create this file beside it
 

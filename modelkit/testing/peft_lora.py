@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-from ._files import fresh_dir, quiet, seeded, write_json
+from modelkit.testing._files import fresh_dir, quiet, seeded, write_json
 
 B_SCALE = 0.1  # keeps a "trained" adapter's delta small next to the base weights
 

@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ._files import fresh_dir, quiet, seeded, write_json
-from .configs import default_tie, tiny_config
-from .tokenizer import write_tokenizer
+from modelkit.testing._files import fresh_dir, quiet, seeded, write_json
+from modelkit.testing.configs import default_tie, tiny_config
+from modelkit.testing.tokenizer import write_tokenizer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

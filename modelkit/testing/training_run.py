@@ -5,7 +5,7 @@ whose save dropped weights, and a ``best_model/`` copy of an earlier checkpoint.
 
 ``python -m modelkit.testing.training_run RUN_DIR --base BASE --adapter ADAPTER --pace S``
 runs it as its own process (``S`` seconds between saves). Built on the demo pair
-(:mod:`modelkit.demo_pair`): every complete checkpoint is a real model of its base.
+(:mod:`modelkit.ui.demo_pair`): every complete checkpoint is a real model of its base.
 """
 from __future__ import annotations
 
@@ -59,8 +59,8 @@ def write_run(run_dir: str | Path, base: str | Path, adapter: str | Path, pace: 
               slow: float | None = None) -> dict[str, str]:
     """Write the simulated run into ``run_dir`` (``pace`` seconds between saves; the slow
     checkpoint takes ``slow`` seconds, default ``4 * pace``). Returns :data:`EXPECTED`."""
-    from .peft_lora import write_peft_lora
-    from .tokenizer import write_tokenizer
+    from modelkit.testing.peft_lora import write_peft_lora
+    from modelkit.testing.tokenizer import write_tokenizer
 
     run, base, adapter = Path(run_dir), Path(base), Path(adapter)
     run.mkdir(parents=True, exist_ok=True)
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pace", type=float, default=1.0)
     p.add_argument("--slow", type=float)
     args = p.parse_args(argv)
-    from ._files import one_thread
+    from modelkit.testing._files import one_thread
 
     with one_thread():
         write_run(args.run_dir, args.base, args.adapter, pace=args.pace, slow=args.slow)

@@ -1,0 +1,1 @@
+"""The transformers bridge: configs, expected tensors, building models, roles, dtypes."""

@@ -1,0 +1,1 @@
+"""Benchmarks: evaluation engines, executors, paired statistics, tasks, code grading."""

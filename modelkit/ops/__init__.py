@@ -1,0 +1,1 @@
+"""One module per verb: open, inspect, load, export, verify, diff, compare, watch."""

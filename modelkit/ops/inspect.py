@@ -1,0 +1,287 @@
+"""Inspection: what an artifact stores, what its model needs, and what is wrong.
+
+Reads configs and tensor headers only (``deep=True`` also reads tensor data for checks
+such as all-zero LoRA B matrices). Never writes anything.
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from modelkit.errors import (
+    BaseModelUnavailableError,
+    LoadError,
+    ModelkitError,
+    UnsafePickleError,
+    guarded,
+)
+from modelkit.findings import Finding, Severity, error, info, warning
+from modelkit.formats import Artifact
+from modelkit.io.files import read_json
+from modelkit.ops.open import open_artifact, open_base
+
+ROLES = ("embedding", "attention", "mlp", "expert", "router", "norm", "lm_head", "lora", "other")
+
+
+@dataclass
+class InspectionReport:
+    """The result of :func:`inspect`; ``to_json()`` / ``to_frame()`` / ``summary()``."""
+
+    ref: str
+    folder: str
+    format: str
+    layout: str
+    base_model: dict[str, Any] | None
+    tensors: list[dict[str, Any]]
+    groups: list[dict[str, Any]]
+    findings: list[Finding]
+    details: dict[str, Any] = field(default_factory=dict)
+    checkpoints: list[str] = field(default_factory=list)
+    options: list[dict[str, Any]] = field(default_factory=list)   # the keywords load() accepts for it
+
+    @property
+    def parameters(self) -> int:
+        return sum(t["numel"] for t in self.tensors)
+
+    @property
+    def bytes(self) -> int:
+        return sum(t["bytes"] for t in self.tensors)
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == Severity.ERROR]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == Severity.WARNING]
+
+    @property
+    def codes(self) -> set[str]:
+        return {f.code for f in self.findings}
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.errors else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ref": self.ref, "folder": self.folder, "format": self.format, "layout": self.layout,
+            "base_model": self.base_model, "tensors": self.tensors, "parameters": self.parameters,
+            "bytes": self.bytes, "groups": self.groups,
+            "findings": [f.to_dict() for f in self.findings],
+            "details": self.details, "checkpoints": self.checkpoints, "options": self.options,
+        }
+
+    def to_json(self, **kw) -> str:
+        return json.dumps(self.to_dict(), default=str, **kw)
+
+    def to_frame(self):
+        """Stored tensors as a pandas DataFrame (one row a tensor)."""
+        import pandas as pd
+
+        cols = ["name", "shape", "dtype", "numel", "bytes", "file", "role", "layer", "expert"]
+        return pd.DataFrame(self.tensors, columns=cols)
+
+    def groups_frame(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.groups)
+
+    def findings_frame(self):
+        import pandas as pd
+
+        rows = [{"severity": f.severity.value, "code": f.code, "message": f.message,
+                 "tensors": len(f.tensors), "file": f.file} for f in self.findings]
+        return pd.DataFrame(rows, columns=["severity", "code", "message", "tensors", "file"])
+
+    def summary(self) -> str:
+        """A readable multi-line summary (what the CLI prints)."""
+        lines = [f"{self.ref}", f"  format  {self.format} ({self.layout})   folder {self.folder}"]
+        if self.base_model:
+            b = self.base_model
+            lines.append(f"  base    {b['name']} -> {b['path'] or 'NOT FOUND'} ({b['how']})")
+        lines.append(f"  stored  {len(self.tensors)} tensors, {self.parameters:,} parameters, "
+                     f"{human_bytes(self.bytes)}")
+        for k, v in self.details.items():
+            lines.append(f"  {k:<7} {v}")
+        lines.append("  options " + ("; ".join(f"{o['name']}= ({o['type']}, default {o['default']!r})"
+                                               for o in self.options) or "none (load takes no format options)"))
+        if self.checkpoints:
+            lines.append(f"  checkpoints beside it: {', '.join(self.checkpoints)}")
+        if self.groups:
+            lines.append("")
+            lines.append(f"  {'group':<10}{'expected':>9}{'present':>9}{'missing':>9}{'unexpected':>11}{'mismatch':>9}")
+            for g in self.groups:
+                lines.append(f"  {g['group']:<10}{_n(g['expected']):>9}{g['present']:>9}{g['missing']:>9}"
+                             f"{g['unexpected']:>11}{g['mismatched']:>9}")
+        lines.append("")
+        if not self.findings:
+            lines.append("  no findings")
+        for f in self.findings:
+            lines.append(f"  {f.severity.value.upper():<8}{f.code}: {f.message}")
+            if f.tensors:
+                shown = ", ".join(f.tensors[:3]) + (f" (+{len(f.tensors) - 3} more)" if len(f.tensors) > 3 else "")
+                lines.append(f"          {shown}")
+        return "\n".join(lines)
+
+
+def _n(v) -> str:
+    return "-" if v is None else str(v)
+
+
+def human_bytes(n: float) -> str:
+    """``1536`` -> ``"1.5 KB"``."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+@guarded()
+def inspect(ref: str | Path, base: str | Path | None = None, deep: bool = False, *,
+            facts: dict[str, Any] | None = None) -> InspectionReport:
+    """Inspect an artifact: format, stored tensors, completeness audit, findings.
+
+    Raises a ModelkitError only when the input cannot be read at all (unknown ref or
+    format, unreadable config); unreadable weight files become ``corrupt-file`` /
+    ``unsafe-pickle`` findings so the rest is still reported.
+    """
+    artifact = open_artifact(ref, base=base, facts=facts)
+    return inspect_artifact(artifact, deep=deep, ref=str(ref))
+
+
+def inspect_artifact(artifact: Artifact, deep: bool = False, ref: str | None = None) -> InspectionReport:
+    """:func:`inspect` for an already opened artifact."""
+    from modelkit.architecture.bridge import classify
+
+    stored = artifact.stored()
+    findings: list[Finding] = []
+    base_info = None
+    base_art = None
+    if artifact.base is not None:
+        b = artifact.base
+        base_info = {"name": b.name, "path": str(b.path) if b.path else None, "how": b.how, "needs": b.needs}
+        findings.append(info("base-required",
+                             f"needs the {b.needs} of its base model {b.name!r}"
+                             + (f", found at {b.path}" if b.path else "")))
+        if b.path is None:
+            findings.append(warning("base-unavailable",
+                                    f"base model {b.name!r} not found: {b.how}. "
+                                    "Completeness against the base is not checked"))
+        else:
+            base_art = open_base(artifact)
+
+    findings += _remote_code_findings(artifact)
+    format_findings = artifact.check(base_art, deep=deep)
+    findings += format_findings
+    explained = {t for f in format_findings for t in f.tensors}
+    groups, audit_findings = audit(artifact, base_art, explained=explained)
+    findings += audit_findings
+    for e in artifact.file_errors:
+        code = "unsafe-pickle" if isinstance(e, UnsafePickleError) else "corrupt-file"
+        findings.append(error(code, e.problem, file=e.path))
+
+    rows = []
+    for t in stored:
+        role = classify(t.name)
+        rows.append({"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "numel": t.numel,
+                     "bytes": t.nbytes, "file": t.file, "role": role.role, "layer": role.layer,
+                     "expert": role.expert})
+    src = artifact.source
+    order = {Severity.ERROR: 0, Severity.WARNING: 1, Severity.INFO: 2}
+    findings.sort(key=lambda f: order[f.severity])
+    return InspectionReport(
+        ref=ref or str(artifact.folder), folder=str(artifact.folder), format=artifact.format,
+        layout=artifact.layout, base_model=base_info, tensors=rows, groups=groups,
+        findings=findings, details=artifact.describe(),
+        options=[asdict(o) for o in artifact.options],
+        checkpoints=[str(p) for p in (src.checkpoints if src else [])])
+
+
+def _remote_code_findings(artifact: Artifact) -> list[Finding]:
+    out = []
+    for cfg in artifact.config_sources():
+        try:
+            data = read_json(cfg, artifact.trust_root)
+        except ModelkitError:
+            continue
+        if isinstance(data, dict) and data.get("auto_map"):
+            out.append(warning("remote-code",
+                               f"config asks for code shipped with the artifact (auto_map: "
+                               f"{sorted(data['auto_map'])}); modelkit never runs it, and "
+                               "loads the standard architecture instead", file=str(cfg)))
+    return out
+
+
+def audit(artifact: Artifact, base_art: Artifact | None,
+          explained: set[str] = frozenset()) -> tuple[list[dict], list[Finding]]:
+    """Hold the artifact's view (stored + base) against its architecture's expected tensors.
+
+    Returns per-group counts and missing / unexpected / shape-mismatch findings. Only names
+    and shapes are compared: no tensor is produced. Tensors in ``explained`` were already
+    reported by the format's own check and are counted but not reported twice.
+    """
+    from modelkit.architecture.bridge import classify, expected_tensors, tied_tensors
+
+    findings: list[Finding] = []
+    try:
+        view = artifact.view(base_art)
+    except BaseModelUnavailableError:
+        return [], []  # base-unavailable already says completeness is not checked
+    except LoadError:
+        return [], []  # the base does not fit the artifact: the format's check() reports it
+    try:
+        config = artifact.architecture()
+    except BaseModelUnavailableError:
+        config = None
+    if config is None:
+        findings.append(info("not-checked", "no architecture config available: completeness not checked"))
+        return [], findings
+    expected = expected_tensors(config)
+    tied = tied_tensors(config)
+    names = set(view.tensors)
+    missing, mismatched, unexpected = [], [], []
+    groups: dict[str, dict[str, Any]] = defaultdict(
+        lambda: {"expected": 0, "present": 0, "missing": 0, "unexpected": 0, "mismatched": 0})
+    for name, exp in expected.items():
+        g = groups[classify(name).role]
+        g["expected"] += 1
+        if name not in names:
+            missing.append(name)
+            g["missing"] += 1
+            continue
+        g["present"] += 1
+        got = tuple(view.tensors[name].shape)
+        if got != tuple(exp.shape):
+            mismatched.append(f"{name}: stored {list(got)}, model needs {list(exp.shape)}")
+            g["mismatched"] += 1
+    for name in sorted(names - set(expected) - set(tied)):
+        unexpected.append(name)
+        groups[classify(name).role]["unexpected"] += 1
+    for t in view.unplaced:
+        unexpected.append(t.name)
+        groups[classify(t.name).role]["unexpected"] += 1
+    if missing and artifact.file_errors:
+        unreadable = ", ".join(Path(e.path).name for e in artifact.file_errors if e.path)
+        findings.append(info("not-checked",
+                             f"{len(missing)} of {len(expected)} tensors the model needs were not found "
+                             f"in the readable files; the unreadable {unreadable} may hold them", missing))
+    elif missing:
+        findings.append(error("missing-tensors",
+                              f"{len(missing)} of {len(expected)} tensors the model needs are not "
+                              "provided by the artifact" + (" or its base" if base_art else "")
+                              + "; a loader would leave them randomly initialised", missing))
+    unexpected = [n for n in unexpected if n not in explained]
+    if unexpected:
+        findings.append(error("unexpected-tensors",
+                              f"{len(unexpected)} stored tensor(s) have no place in the model; "
+                              "a loader drops them silently", unexpected))
+    if mismatched:
+        findings.append(error("shape-mismatch", f"{len(mismatched)} tensor(s) have the wrong shape",
+                              mismatched))
+    rows = [{"group": r, **groups[r]} for r in ROLES if r in groups]
+    return rows, findings

@@ -1,0 +1,470 @@
+"""``load``: any artifact as a working transformers model, its tokenizer and a load report.
+
+Dense artifacts (plain HF, PEFT merged, compressed MoE, one DyLoRA expert with
+``expert=K``) go through their :class:`~modelkit.formats.view.TensorView` into transformers' own
+loading path (:func:`modelkit.architecture.bridge.disk_to_model`). A DyLoRA-MoE mixture, which no
+dense view can express, is built by :mod:`modelkit.models.dylora` with a documented
+``routing``. PEFT with ``merge=False`` is a real ``PeftModel`` on its base.
+
+Nothing is dropped silently: a stored tensor the load does not consume, a tensor the
+model needs that nobody provides, a shape that does not fit, or an adapter that changes
+nothing (unless ``allow_untrained=True``) is a :class:`~modelkit.errors.LoadError`.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import warnings
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from modelkit.errors import BaseModelUnavailableError, LoadError, guarded
+from modelkit.findings import Finding, Severity
+from modelkit.formats import Artifact
+from modelkit.formats.view import LazyTensor, TensorView
+from modelkit.io.files import check_files
+from modelkit.io.tensors import recording_reads
+from modelkit.ops.open import open_artifact, open_base, split_facts
+
+UNTRAINED_CODES = ("empty-adapter", "untrained-adapter")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                   "spiece.model", "vocab.txt")
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class LoadReport:
+    """Where every tensor of a loaded model came from, and what was consumed."""
+
+    ref: str
+    folder: str
+    format: str
+    layout: str
+    mode: str                                   # "dense", "peft-unmerged" or "routed"
+    dtype: str
+    base: dict[str, Any] | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    origins: dict[str, str] = field(default_factory=dict)     # model tensor -> origin
+    consumed: list[str] = field(default_factory=list)         # stored tensors read into the model ("file:key")
+    unused: list[str] = field(default_factory=list)           # stored tensors the format leaves out (see notes)
+    tied: list[str] = field(default_factory=list)             # stored tied duplicates (not loaded)
+    tokenizer_from: str | None = None
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def origin_counts(self) -> dict[str, int]:
+        """How many model tensors each kind of origin supplied (``stored``, ``merged``, ...)."""
+        return dict(Counter(o.split(":", 1)[0] for o in self.origins.values()))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self, **kw) -> str:
+        return json.dumps(self.to_dict(), default=str, **kw)
+
+    def to_frame(self):
+        """One row per model tensor: name, origin."""
+        import pandas as pd
+
+        return pd.DataFrame(sorted(self.origins.items()), columns=["tensor", "origin"])
+
+    def summary(self) -> str:
+        lines = [f"{self.ref}", f"  format  {self.format} ({self.layout}), loaded {self.mode} as {self.dtype}"]
+        if self.base:
+            lines.append(f"  base    {self.base.get('name')} -> {self.base.get('path')}")
+        if self.options:
+            lines.append(f"  options {self.options}")
+        counts = ", ".join(f"{n} {k}" for k, n in sorted(self.origin_counts().items()))
+        lines.append(f"  tensors {len(self.origins)} ({counts}); consumed {len(self.consumed)} stored tensor(s)"
+                     + (f", {len(self.unused)} left out (see notes): {_few(self.unused, 3)}" if self.unused else ""))
+        if self.tied:
+            lines.append(f"  tied    {len(self.tied)} stored duplicate(s) replaced by their source: {', '.join(self.tied)}")
+        lines.append(f"  tokenizer from {self.tokenizer_from or 'nowhere (none found)'}")
+        lines += [f"  note    {n}" for n in self.notes]
+        lines += [f"  WARNING {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+@dataclass
+class LoadResult:
+    """``model, tokenizer, report = load(...)``."""
+
+    model: Any
+    tokenizer: Any
+    report: LoadReport
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.model, self.tokenizer, self.report))
+
+
+# --------------------------------------------------------------------------- preparation
+
+
+def open_for_load(ref: Any, base: Any = None, facts: dict[str, Any] | None = None
+                  ) -> tuple[Artifact, Artifact | None]:
+    """Open ``ref`` and its base; BaseModelUnavailableError when a needed base is missing.
+    ``facts``: what the artifact does not record, supplied by the user (``lora_alpha``, ...)."""
+    artifact = open_artifact(ref, base=base, facts=facts)
+    base_art = None
+    if artifact.base is not None:
+        if not artifact.base.available:
+            raise BaseModelUnavailableError(
+                f"needs the {artifact.base.needs} of its base model {artifact.base.name!r}, "
+                f"which cannot be found: {artifact.base.how}", artifact.folder)
+        base_art = open_base(artifact)
+        if base_art is not None:
+            base_art.raise_file_errors()
+    artifact.raise_file_errors()
+    return artifact, base_art
+
+
+def is_dylora(artifact: Artifact) -> bool:
+    """A mixture (routed; dense only one expert at a time), as its format declares."""
+    return artifact.family == "mixture"
+
+
+def is_peft(artifact: Artifact) -> bool:
+    """An adapter on a base model, as its format declares."""
+    return artifact.family == "adapter"
+
+
+def check_artifact(artifact: Artifact, base_art: Artifact | None, *, allow_untrained: bool = False,
+                   need_router: bool = False) -> list[Finding]:
+    """The format's own findings; error-severity ones raise LoadError.
+
+    Empty or all-zero adapters (a "trained" model that is its base) raise unless
+    ``allow_untrained``; a missing router matters only when ``need_router``. Returns the
+    warnings (and tolerated errors) for the report.
+    """
+    adapters = is_peft(artifact) or is_dylora(artifact)
+    findings = artifact.check(base_art, deep=adapters)  # adapter data is small: read it
+    artifact.raise_file_errors()
+    fatal, kept = [], []
+    for f in findings:
+        if f.severity != Severity.ERROR:
+            if f.severity == Severity.WARNING:
+                kept.append(f)
+            continue
+        if f.code in UNTRAINED_CODES and allow_untrained:
+            kept.append(f)
+        elif f.code == "missing-router" and not need_router:
+            kept.append(f)
+        else:
+            fatal.append(f)
+    if fatal:
+        lines = "\n".join(f"  {f.code}: {f.message}" + (f" [{', '.join(f.tensors[:3])}"
+                                                        f"{' ...' if len(f.tensors) > 3 else ''}]"
+                                                        if f.tensors else "") for f in fatal)
+        hint = ("\n(pass allow_untrained=True to load an untrained or empty adapter anyway)"
+                if any(f.code in UNTRAINED_CODES for f in fatal) else "")
+        raise LoadError(f"cannot load this artifact faithfully:\n{lines}{hint}", artifact.folder)
+    return kept
+
+
+@dataclass
+class DenseView:
+    """A checked dense view: tensors in the model's on-disk order, nothing left over."""
+
+    config: Any
+    tensors: dict[str, LazyTensor]
+    tied: list[str]                     # tied duplicates present in the view, left out
+    notes: list[str]
+
+
+def dense_view(artifact: Artifact, base_art: Artifact | None, **options) -> DenseView:
+    """The artifact's view held against its architecture: LoadError on anything left over,
+    missing or mis-shaped. Reads no tensor data."""
+    from modelkit.architecture.bridge import expected_tensors, tied_tensors
+
+    view: TensorView = artifact.view(base_art, **options)
+    config = artifact.config()
+    if view.unplaced:
+        names = [f"{t.file}:{t.key}" for t in view.unplaced]
+        raise LoadError(f"{len(names)} stored tensor(s) have no place in the model and would be "
+                        f"dropped: {_few(names)}", artifact.folder)
+    expected = expected_tensors(config)
+    tied = tied_tensors(config)
+    missing = [n for n in expected if n not in view.tensors]
+    unexpected = [n for n in view.tensors if n not in expected and n not in tied]
+    mismatched = [f"{n}: has {list(view.tensors[n].shape)}, model needs {list(e.shape)}"
+                  for n, e in expected.items()
+                  if n in view.tensors and tuple(view.tensors[n].shape) != tuple(e.shape)]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} tensor(s) the model needs are not provided: {_few(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} tensor(s) have no place in the model: {_few(unexpected)}")
+    if mismatched:
+        problems.append(f"{len(mismatched)} tensor(s) have the wrong shape: {_few(mismatched)}")
+    if problems:
+        raise LoadError("; ".join(problems), artifact.folder)
+    ordered = {n: view.tensors[n] for n in expected}
+    present_tied = [n for n in view.tensors if n in tied]
+    return DenseView(config, ordered, present_tied, list(view.notes))
+
+
+def _few(items: list[str], n: int = 4) -> str:
+    return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
+
+
+def split_consumed(artifact: Artifact, seen: set[tuple[str, str]]) -> tuple[list[str], list[str]]:
+    """(stored tensors of ``artifact`` that were read, those that were not) as ``file:key``."""
+    used, unused = [], []
+    for t in artifact.stored():
+        (used if (str(artifact.folder / t.file), t.key) in seen else unused).append(f"{t.file}:{t.key}")
+    return used, unused
+
+
+def torch_dtype_of(dtype: Any):
+    """``"bfloat16"`` / ``torch.bfloat16`` / None -> torch dtype or None."""
+    import torch
+
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    if name in ("fp32", "float"):
+        name = "float32"
+    if name in ("bf16",):
+        name = "bfloat16"
+    if name in ("fp16", "half"):
+        name = "float16"
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise LoadError(f"unknown floating dtype {dtype!r}; use float32, bfloat16 or float16")
+    return value
+
+
+# --------------------------------------------------------------------------- load
+
+
+@guarded()
+def load(ref: Any, base: Any = None, dtype: Any = None, device: str | None = None, *,
+         merge: bool = True, routing: str | None = None, allow_untrained: bool = False,
+         **format_options: Any) -> LoadResult:
+    """Load ``ref`` as a transformers model with its tokenizer and a :class:`LoadReport`.
+
+    * plain HF, compressed MoE, PEFT (merged): the dense view loaded by transformers;
+    * PEFT with ``merge=False``: a ``PeftModel`` applied to its base;
+    * DyLoRA-MoE: the routed module, ``routing="router"`` (default), ``"expert:K"`` or
+      ``"mean"``; with ``expert=K`` instead, the dense merge of expert K.
+
+    ``format_options`` go to the format's view (e.g. ``expert=0``). Never runs remote
+    code. ``lora_alpha=`` / ``lora_r=`` supply what an early DyLoRA-MoE checkpoint does
+    not record (the report's ``options["supplied"]`` says so). Raises LoadError (or
+    another ModelkitError) instead of loading something partial.
+    """
+    facts, format_options = split_facts(format_options)
+    artifact, base_art = open_for_load(ref, base, facts)
+    artifact.check_options(format_options)  # typed error listing what this format accepts
+    tdtype = torch_dtype_of(dtype)
+    if routing is not None and not is_dylora(artifact):
+        raise LoadError(f"routing= applies to DyLoRA-MoE artifacts only (this is {artifact.format})",
+                        artifact.folder)
+    if routing is not None and "expert" in format_options:
+        raise LoadError("give routing='expert:K' (the routed module) or expert=K (the dense merge), "
+                        "not both", artifact.folder)
+    if not merge and not is_peft(artifact):
+        raise LoadError(f"merge=False applies to PEFT adapters only (this is {artifact.format})",
+                        artifact.folder)
+    if is_dylora(artifact) and format_options.get("alpha") is not None:
+        artifact.supply(lora_alpha=format_options.pop("alpha"))  # alpha= is the same fact: recorded as supplied
+    if is_dylora(artifact) and "expert" not in format_options:
+        router_pass = format_options.pop("router_pass", None) or "base"
+        if format_options:
+            raise LoadError(f"unknown option(s) {sorted(format_options)} for a routed DyLoRA-MoE load; "
+                            "it takes routing=, router_pass=, lora_alpha=, lora_r= (or expert=K for "
+                            "the dense merge)", artifact.folder)
+        model, report = _load_routed(artifact, base_art, tdtype, routing or "router", allow_untrained,
+                                     router_pass)
+    elif not merge:
+        model, report = _load_peft_unmerged(artifact, base_art, tdtype, allow_untrained)
+    else:
+        model, report = _load_dense(artifact, base_art, tdtype, allow_untrained, **format_options)
+    report.ref = str(ref)
+    supplied = _supplied(artifact, base)
+    if supplied:
+        report.options["supplied"] = supplied
+        report.notes.append("supplied by the user, not recorded in the artifact: "
+                            + ", ".join(f"{k}={v}" for k, v in supplied.items()))
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    tokenizer, tok_from, tok_note = load_tokenizer(artifact, base_art)
+    report.tokenizer_from = tok_from
+    if tok_note:
+        report.notes.append(tok_note)
+    return LoadResult(model, tokenizer, report)
+
+
+def _supplied(artifact: Artifact, base: Any) -> dict[str, Any]:
+    """Facts the user gave that the artifact does not record (the base included)."""
+    out = dict(artifact.supplied)
+    if base is not None and artifact.base_name() is None:
+        out["base"] = str(base)
+    return out
+
+
+def _base_info(artifact: Artifact) -> dict[str, Any] | None:
+    b = artifact.base
+    if b is None:
+        return None
+    return {"name": b.name, "path": str(b.path) if b.path else None, "how": b.how, "needs": b.needs}
+
+
+def _new_report(artifact: Artifact, mode: str, dtype, options: dict, findings: list[Finding]) -> LoadReport:
+    return LoadReport(ref=str(artifact.folder), folder=str(artifact.folder), format=artifact.format,
+                      layout=artifact.layout, mode=mode, dtype=str(dtype).removeprefix("torch."),
+                      base=_base_info(artifact), options=dict(options),
+                      warnings=[f"{f.code}: {f.message}" for f in findings])
+
+
+def load_dense_model(dv: DenseView, dtype, device: str | None = None):
+    """``disk_to_model`` over a checked dense view; LoadError unless every tensor landed."""
+    from modelkit.architecture.bridge import disk_to_model
+
+    # computed tensors (compressed experts) are produced in the dtype asked for, never
+    # rounded to a lower declared dtype first
+    producers = {n: functools.partial(t.produce_as, dtype) for n, t in dv.tensors.items()}
+    shapes = {n: tuple(t.shape) for n, t in dv.tensors.items()}
+    model, info = disk_to_model(dv.config, producers, dtype, device=device, shapes=shapes)
+    if not info.ok:
+        details = [f"{k}: {_few([str(x) for x in v])}" for k, v in (
+            ("missing", info.missing), ("unexpected", info.unexpected), ("mismatched", info.mismatched),
+            ("skipped", info.skipped), ("model_missing", info.model_missing),
+            ("model_unexpected", info.model_unexpected), ("model_mismatched", info.model_mismatched),
+            ("conversion_errors", list(info.conversion_errors)), ("errors", info.error_msgs)) if v]
+        raise LoadError("transformers did not load every tensor: " + "; ".join(details))
+    return model
+
+
+def _load_dense(artifact: Artifact, base_art: Artifact | None, dtype, allow_untrained: bool,
+                **options) -> tuple[Any, LoadReport]:
+    findings = check_artifact(artifact, base_art, allow_untrained=allow_untrained)
+    dv = dense_view(artifact, base_art, **options)
+    if dtype is None:
+        dtype = torch_dtype_of(getattr(dv.config, "dtype", None) or "float32")
+    with recording_reads() as seen:
+        model = load_dense_model(dv, dtype)
+    report = _new_report(artifact, "dense", dtype, options, findings)
+    report.origins = {n: t.origin for n, t in dv.tensors.items()}
+    report.consumed, report.unused = split_consumed(artifact, seen)
+    if report.unused and is_dylora(artifact):
+        report.notes.append(f"{len(report.unused)} stored tensor(s) of the other experts and the router "
+                            "are not part of this one-expert dense model")
+    report.tied = dv.tied
+    report.notes += dv.notes
+    return model, report
+
+
+def _load_routed(artifact: Artifact, base_art: Artifact | None, dtype, routing: str,
+                 allow_untrained: bool, router_pass: str = "base") -> tuple[Any, LoadReport]:
+    from modelkit.models.dylora import build_dylora_model
+
+    findings = check_artifact(artifact, base_art, allow_untrained=allow_untrained,
+                              need_router=not str(routing).startswith("expert:"))
+    with recording_reads() as seen:
+        model = build_dylora_model(artifact, base_art, routing=routing, dtype=dtype,
+                                   allow_empty_experts=allow_untrained, router_pass=router_pass)
+    options = {"routing": routing} | ({"router_pass": router_pass} if router_pass != "base" else {})
+    report = _new_report(artifact, "routed", dtype or getattr(model, "dtype", "float32"), options, findings)
+    report.origins = _routed_origins(artifact, base_art, model)
+    report.consumed, report.unused = split_consumed(artifact, seen)
+    from modelkit.models.dylora import describe_routing
+
+    report.notes.append(f"routing={routing}: {describe_routing(routing)}")
+    return model, report
+
+
+def _routed_origins(artifact: Artifact, base_art: Artifact | None, model) -> dict[str, str]:
+    """Origins of the routed module's tensors: the module's own report when it keeps one,
+    else the base view's origins plus the artifact's stored adapter and router tensors."""
+    own = getattr(model, "origins", None)
+    if isinstance(own, dict) and own:
+        return dict(own)
+    origins = {n: t.origin for n, t in base_art.view().tensors.items()} if base_art is not None else {}
+    for t in artifact.stored():
+        origins[t.name] = f"stored:{t.file}"
+    return origins
+
+
+def _load_peft_unmerged(artifact: Artifact, base_art: Artifact | None, dtype,
+                        allow_untrained: bool) -> tuple[Any, LoadReport]:
+    from peft import PeftConfig, PeftModel, set_peft_model_state_dict
+
+    findings = check_artifact(artifact, base_art, allow_untrained=allow_untrained)
+    if base_art is None:
+        raise BaseModelUnavailableError("a PEFT adapter needs its base model; pass base=", artifact.folder)
+    base_findings = check_artifact(base_art, None)
+    dv = dense_view(base_art, None)
+    if dtype is None:
+        dtype = torch_dtype_of(getattr(dv.config, "dtype", None) or "float32")
+    base_model = load_dense_model(dv, dtype)
+    config = PeftConfig.from_pretrained(str(artifact.folder))
+    config.inference_mode = True
+    with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
+        warnings.simplefilter("ignore", FutureWarning)
+        model = PeftModel(base_model, config, adapter_name="default")
+    stored = artifact.stored()
+    with recording_reads() as seen:
+        weights = {t.name: artifact.file(t.file).read(t.key) for t in stored}
+    result = set_peft_model_state_dict(model, weights, adapter_name="default")
+    unexpected = list(result.unexpected_keys)
+    missing = [k for k in result.missing_keys if ".lora_" in k and ".default" in k]
+    if unexpected or missing:
+        raise LoadError("the adapter does not fit its base: "
+                        + "; ".join(p for p in (
+                            f"{len(unexpected)} stored tensor(s) unused: {_few(unexpected)}" if unexpected else "",
+                            f"{len(missing)} LoRA tensor(s) not provided: {_few(missing)}" if missing else "") if p),
+                        artifact.folder)
+    model = model.to(dtype)
+    report = _new_report(artifact, "peft-unmerged", dtype, {"merge": False}, findings + base_findings)
+    report.origins = {f"base_model.model.{n}": t.origin for n, t in dv.tensors.items()}
+    for t in stored:
+        report.origins[t.name] = f"stored:{t.file}"
+    report.consumed, report.unused = split_consumed(artifact, seen)
+    report.tied = dv.tied
+    return model, report
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def tokenizer_folder(artifact: Artifact, base_art: Artifact | None) -> Path | None:
+    """The first folder holding tokenizer files: the artifact, its source root, its base."""
+    candidates = [artifact.folder]
+    if artifact.source is not None:
+        candidates.append(artifact.source.root)
+    if base_art is not None:
+        candidates.append(base_art.folder)
+    for folder in candidates:
+        if any((Path(folder) / f).is_file() for f in TOKENIZER_FILES):
+            return Path(folder)
+    return None
+
+
+def load_tokenizer(artifact: Artifact, base_art: Artifact | None) -> tuple[Any, str | None, str | None]:
+    """(tokenizer or None, folder it came from, note). ``pad_token`` is set for lm-eval
+    (to eos, else unk) when the tokenizer has none. Never runs remote code."""
+    from transformers import AutoTokenizer
+
+    folder = tokenizer_folder(artifact, base_art)
+    if folder is None:
+        return None, None, "no tokenizer files in the artifact or its base"
+    owner = base_art if base_art is not None and folder == Path(base_art.folder) else artifact
+    check_files(folder, TOKENIZER_FILES + ("config.json",), owner.trust_root)  # nothing from outside it
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    except Exception as e:  # transformers raises many types for unreadable tokenizers
+        raise LoadError(f"cannot load the tokenizer ({type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})", folder) from None
+    note = None
+    if tok.pad_token is None:
+        fill = tok.eos_token or tok.unk_token
+        if fill is not None:
+            tok.pad_token = fill
+            note = f"tokenizer had no pad_token; set to {fill!r} (lm-eval pads batches)"
+    return tok, str(folder), note

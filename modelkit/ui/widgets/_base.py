@@ -1,0 +1,275 @@
+"""Shared widget bits: a run button that shows its verdict, progress, errors (one line,
+details collapsed), a collapsed library log and timing, and helpers that put tables,
+figures and text into ``Output`` areas.
+
+Results are written with ``Output.outputs`` directly (not ``with out: display(...)``), so
+what a click displays is the same in JupyterLab, in papermill's saved widget state and in
+a plain pytest process without a kernel.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import time
+import traceback
+from typing import Any, Callable
+
+import ipywidgets as widgets
+
+from modelkit.errors import ModelkitError
+
+TEXT_WIDTH = 300   # characters of a table cell shown before "..."
+LINE_WIDTH = 220   # characters of an error message shown on its line (all of it: under "details")
+
+
+class InvalidInput(ModelkitError):
+    """A panel's fields cannot be turned into a call (shown without a traceback)."""
+
+
+def mime_bundle(obj: Any) -> dict[str, Any]:
+    """A display_data output for ``obj``: DataFrames as HTML tables, matplotlib Figures as
+    PNG, anything with ``_repr_html_`` as HTML, the rest as text."""
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+    if isinstance(obj, Figure):
+        buf = io.BytesIO()
+        obj.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+        data = {"image/png": base64.b64encode(buf.getvalue()).decode("ascii"),
+                "text/plain": f"<Figure {obj.get_figwidth():g}x{obj.get_figheight():g} in>"}
+    elif isinstance(obj, pd.DataFrame):
+        with pd.option_context("display.max_colwidth", TEXT_WIDTH):   # findings' messages in full
+            data = {"text/html": obj._repr_html_(), "text/plain": repr(obj)}
+    elif hasattr(obj, "_repr_html_") and obj._repr_html_() is not None:
+        data = {"text/html": obj._repr_html_(), "text/plain": repr(obj)}
+    else:
+        data = {"text/plain": repr(obj)}
+    return {"output_type": "display_data", "data": data, "metadata": {}}
+
+
+def show(out: widgets.Output, *objects: Any) -> None:
+    """Replace what ``out`` shows with ``objects`` (str as text, others via :func:`mime_bundle`)."""
+    outputs = []
+    for obj in objects:
+        if obj is None:
+            continue
+        if isinstance(obj, str) and not hasattr(obj, "_repr_html_"):
+            outputs.append({"output_type": "stream", "name": "stdout",
+                            "text": obj if obj.endswith("\n") else obj + "\n"})
+        else:
+            outputs.append(mime_bundle(obj))
+    out.outputs = tuple(outputs)
+
+
+def output_text(out: widgets.Widget) -> str:
+    """Everything a widget shows, as text (HTML and plain text included; containers
+    recursively, HTML widgets by value): for tests and logs."""
+    if isinstance(out, widgets.Output):
+        parts = []
+        for o in out.outputs:
+            if o.get("output_type") == "stream":
+                parts.append(o.get("text", ""))
+            else:
+                data = o.get("data", {})
+                parts.append(data.get("text/html") or data.get("text/plain", ""))
+        return "\n".join(parts)
+    if isinstance(out, (widgets.HTML, widgets.Label)):
+        return out.value
+    return "\n".join(output_text(c) for c in getattr(out, "children", ()))
+
+
+HINTS = {  # what to do about each kind of error (the message says what is wrong)
+    "RefNotFoundError": "Check the path, or give wandb:entity/project/name:vN, or hf:org/name "
+                        "for a model in the local Hugging Face cache.",
+    "UnknownFormatError": "Point at the folder holding the checkpoint's config and weight files.",
+    "ConfigError": "Fix or restore the named config file (valid JSON of the model's config).",
+    "CorruptFileError": "The file is damaged or truncated: copy or download it again.",
+    "UnsafePickleError": "Not loaded on purpose: convert it to safetensors where you trust its origin.",
+    "UnsafePathError": "A link or index entry points outside the artifact: copy the real files in.",
+    "BaseModelUnavailableError": "Give the base model's folder or ref in the 'base' field.",
+    "OutputExistsError": "Choose another output folder, or tick 'replace'.",
+    "CompareError": "Check the task names (lm-eval tasks, or YAMLs in 'task dir') and the models.",
+    "LoadError": "Inspect the artifact (deep) to see what it lacks.",
+}
+UNTRAINED_HINT = "Tick 'allow untrained' to use it anyway (its scores would be the base model's)."
+
+
+def hint_for(exc: BaseException) -> str:
+    """What the user can do about ``exc``: its own ``hint`` if it has one, else by class."""
+    own = getattr(exc, "hint", None)
+    if isinstance(own, str) and own:
+        return own
+    if "allow_untrained" in str(exc):
+        return UNTRAINED_HINT
+    if str(getattr(exc, "path", "") or "").startswith(("wandb:", "hf:")):   # its message says how
+        return ""
+    for cls in type(exc).__mro__:
+        if cls.__name__ in HINTS:
+            return HINTS[cls.__name__]
+    if isinstance(exc, KeyboardInterrupt):
+        return "Interrupted: nothing was kept from this run."
+    if not isinstance(exc, ModelkitError):
+        return "This looks like a bug in modelkit or a library: the details below help a bug report."
+    return ""
+
+
+def error_line(exc: BaseException) -> str:
+    """The one line a user reads: the error class and its message (without the path it
+    names, shown beside it), cut at :data:`LINE_WIDTH` characters (all of it: "details")."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "Cancelled"
+    message = exc.problem if isinstance(exc, ModelkitError) and exc.path else str(exc)
+    first = " ".join(line.strip() for line in message.strip().splitlines() if line.strip())
+    if len(first) > LINE_WIDTH:
+        first = first[:LINE_WIDTH - 1] + "…"
+    name = type(exc).__name__
+    if isinstance(exc, InvalidInput):
+        return first
+    return f"{name}: {first}" if isinstance(exc, ModelkitError) else f"Unexpected {name}: {first}"
+
+
+def error_html(exc: BaseException) -> str:
+    """An exception as HTML: one line (class and message), the file it is about, what to
+    do about it, and the whole message and the traceback behind a closed "details"."""
+    head = html.escape(error_line(exc))
+    hint = hint_for(exc)
+    where = getattr(exc, "path", None) if isinstance(exc, ModelkitError) else None
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    more = f"{html.escape(str(exc).strip())}\n\n{html.escape(tb)}"
+    return (f"<div class='mk-error-box' style='color:#b00020;border-left:6px solid #b00020;"
+            f"background:#fde7ea;padding:6px 10px;margin:4px 0'>"
+            f"<div class='mk-error-line'>✖ {head}</div>"
+            + (f"<div class='mk-where' style='color:#555;font-size:12px'>in {html.escape(where)}</div>" if where else "")
+            + (f"<div class='mk-hint' style='color:#333'>{html.escape(hint)}</div>" if hint else "")
+            + f"<details class='mk-details'><summary style='color:#666;font-size:12px'>details</summary>"
+            f"<pre style='font-size:11px;white-space:pre-wrap;color:#333'>{more}</pre></details></div>")
+
+
+class RunButton(widgets.VBox):
+    """A button that runs ``action()`` and hands its result to ``on_result(result)``.
+
+    Shown top to bottom: the button and its status, the coloured verdict line of the
+    result (``verdict(result)``), the one-line error with what to do, modelkit's own
+    progress bars, and a collapsed log of what libraries printed meanwhile. Any exception
+    (from ``action`` or ``on_result``, a kernel interrupt included) is shown in ``error``
+    and kept in ``exception``, never left to the callback machinery or to
+    ``Output.__exit__``, which in a live kernel prints a traceback and swallows it.
+    """
+
+    def __init__(self, description: str, action: Callable[[], Any],
+                 on_result: Callable[[Any], None], icon: str = "play", tooltip: str = "",
+                 verdict: Callable[[Any], Any] | None = None):
+        self.action = action
+        self.on_result = on_result
+        self.verdict_of = verdict
+        self.button = widgets.Button(description=description, icon=icon, tooltip=tooltip,
+                                     button_style="primary")
+        self.button.add_class("mk-run")
+        self.status = widgets.HTML()
+        self.status.add_class("mk-status")
+        self.verdict = widgets.HTML()
+        self.verdict.add_class("mk-verdict-area")
+        self.progress = widgets.Output()
+        self.progress.add_class("mk-progress")
+        self.error = widgets.HTML()
+        self.error.add_class("mk-error")
+        self.library_log = widgets.HTML()
+        self.library_log.add_class("mk-log-area")
+        self.result: Any = None
+        self.exception: BaseException | None = None
+        self.button.on_click(lambda _: self.run())
+        super().__init__([widgets.HBox([self.button, self.status]), self.verdict, self.error,
+                          self.progress, self.library_log])
+
+    def run(self) -> Any:
+        """Run the action now (what a click does); returns its result, None on failure."""
+        from modelkit.present.tables import verdict_html
+        from modelkit.quiet import captured
+
+        self.button.disabled = True
+        self.progress.outputs = ()
+        self.error.value = self.verdict.value = self.library_log.value = ""
+        self.exception = self.result = None
+        self.status.value = "<i>running… (to cancel: interrupt the kernel, ■)</i>"
+        t0 = time.perf_counter()
+        failure: BaseException | None = None
+        result = None
+        try:
+            # the try is INSIDE the Output context: an exception must never reach
+            # Output.__exit__, which in a kernel would print it and swallow it
+            with self.progress:
+                try:
+                    with captured() as log:
+                        result = self.action()
+                except (Exception, KeyboardInterrupt) as e:
+                    failure = e
+            self.library_log.value = log.html()
+            if failure is None:
+                self.on_result(result)
+                if self.verdict_of is not None:
+                    self.verdict.value = verdict_html(self.verdict_of(result))
+        except (Exception, KeyboardInterrupt) as e:  # from on_result: shown like the rest
+            failure = e
+        finally:
+            self.button.disabled = False
+        seconds = time.perf_counter() - t0
+        if failure is not None:
+            self.exception = failure
+            self.error.value = error_html(failure)
+            word = "cancelled" if isinstance(failure, KeyboardInterrupt) else "failed"
+            self.status.value = f"<span style='color:#b00020'>{word} after {seconds:.1f} s</span>"
+            return None
+        self.result = result
+        self.status.value = f"done in {seconds:.1f} s"
+        return result
+
+
+def optional(text: str) -> str | None:
+    """A text field's value, None when blank."""
+    text = (text or "").strip()
+    return text or None
+
+
+def parse_options(text: str) -> dict[str, Any]:
+    """``"expert=0, routing=mean"`` -> ``{"expert": 0, "routing": "mean"}`` (values as JSON when they parse)."""
+    out: dict[str, Any] = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InvalidInput(f"view option {item.strip()!r} is not KEY=VALUE")
+        try:
+            out[key.strip()] = json.loads(value.strip())
+        except ValueError:
+            out[key.strip()] = value.strip()
+    return out
+
+
+def tabs(**outputs: widgets.Widget) -> widgets.Tab:
+    """A Tab with one titled page per keyword."""
+    tab = widgets.Tab(children=list(outputs.values()))
+    for i, title in enumerate(outputs):
+        tab.set_title(i, title.replace("_", " "))
+    return tab
+
+
+class Panel(widgets.VBox):
+    """A panel over one public function: its ``runner`` (a RunButton) does the work."""
+
+    runner: RunButton
+
+    @property
+    def button(self) -> widgets.Button:
+        return self.runner.button
+
+    @property
+    def result(self) -> Any:
+        """The last successful result (None before the first run or after an error)."""
+        return self.runner.result
+
+    def run(self) -> Any:
+        """What a click does: compute and display (errors are shown in the panel)."""
+        return self.runner.run()
