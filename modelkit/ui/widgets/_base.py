@@ -264,6 +264,11 @@ def parse_options(text: str, reserved: Mapping[str, str] | None = None) -> dict[
     return out
 
 
+def options_text(options: Mapping[str, Any] | None) -> str:
+    """What an options or facts field shows for ``options`` (the inverse of :func:`parse_options`)."""
+    return ", ".join(f"{k}={v}" for k, v in (options or {}).items())
+
+
 def parse_facts(text: str) -> dict[str, Any]:
     """The facts field: ``"lora_alpha=16, lora_r=8"`` -> ``{"lora_alpha": 16, "lora_r": 8}``;
     InvalidInput for any other key or a value that is not a number (the artifact's format

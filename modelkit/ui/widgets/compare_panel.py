@@ -14,6 +14,7 @@ from modelkit.ui.widgets._base import (
     Panel,
     RunButton,
     optional,
+    options_text,
     parse_options,
     show,
     tabs,
@@ -33,7 +34,7 @@ class ComparePanel(Panel):
         wide = widgets.Layout(width="60%")
 
         def options_field(label: str, given: dict | None) -> widgets.Text:
-            field = widgets.Text(value=", ".join(f"{k}={v}" for k, v in (given or {}).items()),
+            field = widgets.Text(value=options_text(given),
                                  description=label, layout=wide,
                                  placeholder=f"optional: base=FOLDER, {OPTIONS_HELP}, routing=token")
             field.add_class("mk-options")

@@ -14,16 +14,13 @@ from modelkit.ui.widgets._base import (
     Panel,
     RunButton,
     optional,
+    options_text,
     parse_options,
     show,
     tabs,
 )
 from modelkit.ui.widgets.picker import ArtifactPicker
 from modelkit.verdicts import verdict_of
-
-
-def _options_text(options: Mapping[str, Any] | None) -> str:
-    return ", ".join(f"{k}={v}" for k, v in (options or {}).items())
 
 
 class DiffPanel(Panel):
@@ -40,9 +37,9 @@ class DiffPanel(Panel):
                                    placeholder="optional: base model of A")
         self.base_b = widgets.Text(value=str(base_b or ""), description="base B", layout=wide,
                                    placeholder="optional: base model of B")
-        self.options_a = widgets.Text(value=_options_text(options_a), description="options A", layout=wide,
+        self.options_a = widgets.Text(value=options_text(options_a), description="options A", layout=wide,
                                       placeholder=f"optional: {OPTIONS_HELP}")
-        self.options_b = widgets.Text(value=_options_text(options_b), description="options B", layout=wide,
+        self.options_b = widgets.Text(value=options_text(options_b), description="options B", layout=wide,
                                       placeholder=f"optional: {OPTIONS_HELP}")
         self.rank = widgets.Checkbox(value=rank, description="effective rank of 2-D deltas")
         self.summary = widgets.Output()

@@ -12,6 +12,7 @@ from modelkit.ui.widgets._base import (
     Panel,
     RunButton,
     optional,
+    options_text,
     parse_options,
     show,
 )
@@ -53,7 +54,7 @@ class ExportPanel(Panel):
         self.dtype = widgets.Dropdown(options=DTYPES, value=dtype or "as stored", description="dtype")
         self.expert = widgets.Text(value="" if expert is None else str(expert), description="expert",
                                    placeholder="DyLoRA-MoE: K or all")
-        self.options = widgets.Text(value=", ".join(f"{k}={v}" for k, v in (options or {}).items()),
+        self.options = widgets.Text(value=options_text(options),
                                     description="options", layout=wide,
                                     placeholder=f"optional: {OPTIONS_HELP}")
         self.options.add_class("mk-options")

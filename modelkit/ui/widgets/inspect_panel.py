@@ -14,6 +14,7 @@ from modelkit.ui.widgets._base import (
     Panel,
     RunButton,
     optional,
+    options_text,
     parse_facts,
     show,
     tabs,
@@ -31,7 +32,7 @@ class InspectPanel(Panel):
         self.base = widgets.Text(value=str(base or ""), description="base",
                                  placeholder="optional: base model folder or ref (overrides the recorded one)",
                                  layout=widgets.Layout(width="60%"))
-        self.facts = widgets.Text(value=", ".join(f"{k}={v}" for k, v in (facts or {}).items()),
+        self.facts = widgets.Text(value=options_text(facts),
                                   description="facts", placeholder=f"optional: {FACTS_HELP}",
                                   layout=widgets.Layout(width="60%"))
         self.facts.add_class("mk-facts")
