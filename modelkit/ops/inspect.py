@@ -259,7 +259,7 @@ def audit(artifact: Artifact, base_art: Artifact | None,
     and shapes are compared: no tensor is produced. Tensors in ``explained`` were already
     reported by the format's own check and are counted but not reported twice.
     """
-    from modelkit.architecture.bridge import classify, expected_tensors, tied_tensors
+    from modelkit.architecture.bridge import classify, fit_tensors
 
     findings: list[Finding] = []
     try:
@@ -275,30 +275,17 @@ def audit(artifact: Artifact, base_art: Artifact | None,
     if config is None:
         findings.append(info("not-checked", "no architecture config available: completeness not checked"))
         return [], findings
-    expected = expected_tensors(config)
-    tied = tied_tensors(config)
-    names = set(view.tensors)
-    missing, mismatched, unexpected = [], [], []
+    fit = fit_tensors(config, {n: tuple(t.shape) for n, t in view.tensors.items()})
+    expected, missing = fit.expected, fit.missing
     groups: dict[str, dict[str, Any]] = defaultdict(
         lambda: {"expected": 0, "present": 0, "missing": 0, "unexpected": 0, "mismatched": 0})
-    for name, exp in expected.items():
-        g = groups[classify(name).role]
-        g["expected"] += 1
-        if name not in names:
-            missing.append(name)
-            g["missing"] += 1
-            continue
-        g["present"] += 1
-        got = tuple(view.tensors[name].shape)
-        if got != tuple(exp.shape):
-            mismatched.append(f"{name}: stored {list(got)}, model needs {list(exp.shape)}")
-            g["mismatched"] += 1
-    for name in sorted(names - set(expected) - set(tied)):
-        unexpected.append(name)
-        groups[classify(name).role]["unexpected"] += 1
-    for t in view.unplaced:
-        unexpected.append(t.name)
-        groups[classify(t.name).role]["unexpected"] += 1
+    unexpected = sorted(fit.unexpected) + [t.name for t in view.unplaced]
+    for column, names in (("expected", expected), ("missing", missing),
+                          ("present", set(expected) - set(missing)), ("unexpected", unexpected),
+                          ("mismatched", [m[0] for m in fit.mismatched])):
+        for name in names:
+            groups[classify(name).role][column] += 1
+    mismatched = fit.mismatch_lines()
     if missing and artifact.file_errors:
         unreadable = ", ".join(Path(e.path).name for e in artifact.file_errors if e.path)
         findings.append(info("not-checked",
