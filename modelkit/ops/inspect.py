@@ -198,7 +198,7 @@ def inspect_artifact(artifact: Artifact, deep: bool = False, ref: str | None = N
     base_art = None
     if artifact.base is not None:
         b = artifact.base
-        base_info = {"name": b.name, "path": str(b.path) if b.path else None, "how": b.how, "needs": b.needs}
+        base_info = b.record()
         findings.append(info("base-required",
                              f"needs the {b.needs} of its base model {b.name!r}"
                              + (f", found at {b.path}" if b.path else "")))

@@ -301,17 +301,10 @@ def _supplied(artifact: Artifact, base: Any) -> dict[str, Any]:
     return out
 
 
-def _base_info(artifact: Artifact) -> dict[str, Any] | None:
-    b = artifact.base
-    if b is None:
-        return None
-    return {"name": b.name, "path": str(b.path) if b.path else None, "how": b.how, "needs": b.needs}
-
-
 def _new_report(artifact: Artifact, mode: str, dtype, options: dict, findings: list[Finding]) -> LoadReport:
     return LoadReport(ref=str(artifact.folder), folder=str(artifact.folder), format=artifact.format,
                       layout=artifact.layout, mode=mode, dtype=str(dtype).removeprefix("torch."),
-                      base=_base_info(artifact), options=dict(options),
+                      base=artifact.base.record() if artifact.base else None, options=dict(options),
                       warnings=[f"{f.code}: {f.message}" for f in findings])
 
 
