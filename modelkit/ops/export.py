@@ -33,7 +33,7 @@ from modelkit.formats import Artifact
 from modelkit.formats.view import LazyTensor
 from modelkit.io import files
 from modelkit.io.atomic import atomic_folder, fsync_file
-from modelkit.io.tensors import release_all
+from modelkit.io.tensors import dtype_name, release_all, torch_dtype
 from modelkit.ops.inspect import human_bytes
 from modelkit.ops.load import (
     check_artifact,
@@ -45,7 +45,6 @@ from modelkit.ops.load import (
     recording_reads,
     split_consumed,
     tokenizer_folder,
-    torch_dtype_of,
 )
 from modelkit.ops.open import split_facts
 
@@ -157,12 +156,12 @@ def export(ref: Any, out: str | Path, base: Any = None, dtype: Any = None,
     targets = _targets(artifact, expert)
     if expert is not None:
         format_options = {**format_options, "expert": expert}
-    out_dtype = torch_dtype_of(dtype)
+    out_dtype = torch_dtype(dtype, floating=True)
     _check_size(max_shard_size)
     protect = [artifact.folder, artifact.trust_root] + ([base_art.folder] if base_art else [])
     result.source_fingerprint = artifact.fingerprint
     result.options = {"base": str(base) if base is not None else None,
-                      "dtype": str(out_dtype).removeprefix("torch.") if out_dtype else None,
+                      "dtype": dtype_name(out_dtype) if out_dtype else None,
                       "max_shard_size": max_shard_size, "expert": expert, "verify": verify,
                       "allow_untrained": allow_untrained, **{k: v for k, v in format_options.items()
                                                             if k != "expert"}}
@@ -302,7 +301,7 @@ def _target_dtype(lt: LazyTensor, out_dtype) -> str:
     from modelkit.io.tensors import FLOAT_DTYPES
 
     if out_dtype is not None and lt.dtype in FLOAT_DTYPES:
-        return str(out_dtype).removeprefix("torch.")
+        return dtype_name(out_dtype)
     return lt.dtype
 
 
@@ -315,7 +314,7 @@ def default_dtype(tensors: dict[str, LazyTensor]):
         if lt.dtype in FLOAT_DTYPES:
             weight[lt.dtype] += lt.numel * _itemsize(lt.dtype)
     name = weight.most_common(1)[0][0] if weight else "float32"
-    return torch_dtype_of(name)
+    return torch_dtype(name, floating=True)
 
 
 def produce(name: str, lt: LazyTensor, out_dtype):
@@ -373,8 +372,8 @@ def write_weights(folder: Path, tensors: dict[str, LazyTensor], out_dtype, max_s
             for name in names:
                 lt = tensors[name]
                 t = produce(name, lt, out_dtype)
-                if lt.dtype != str(t.dtype).removeprefix("torch."):
-                    cast[f"{lt.dtype}->{str(t.dtype).removeprefix('torch.')}"] += 1
+                if lt.dtype != dtype_name(t.dtype):
+                    cast[f"{lt.dtype}->{dtype_name(t.dtype)}"] += 1
                 ptr = t.untyped_storage().data_ptr()
                 if ptr in storages or t.untyped_storage().nbytes() != t.numel() * t.element_size():
                     t = t.clone()  # one storage per tensor: safetensors refuses shared memory
@@ -408,7 +407,7 @@ def _write_folder(folder: Path, artifact: Artifact, base_art: Artifact | None, d
         written = write_weights(folder, tensors, dtype, max_shard_size, progress,
                                 desc=f"export {folder.name}")
     part.consumed, part.left_out = split_consumed(artifact, seen)
-    part.dtype = str(dtype).removeprefix("torch.")
+    part.dtype = dtype_name(dtype)
     part.tensors = len(tensors)
     part.bytes = written["total_size"]
     part.shards = written["files"]
@@ -517,7 +516,7 @@ def _verify(folder: Path, ref: Any, base: Any, expert: int | None, artifact: Art
     if part.dtype != "float32":  # the source's weights rounded the same way: must agree exactly
         dense = {"expert": expert} if expert is not None else {}
         rounded = load(ref, dtype=torch.float32, **common, **dense).model
-        low = torch_dtype_of(part.dtype)
+        low = torch_dtype(part.dtype, floating=True)
         with torch.no_grad():
             for p in rounded.parameters():
                 p.copy_(p.to(low).to(p.dtype))
