@@ -8,9 +8,10 @@ when the source has one, the tokenizer files, ``model-0000i-of-0000N.safetensors
 materialized and the verification result.
 
 Streaming: shard boundaries are planned from the view's shapes with huggingface_hub's
-splitter before any tensor is produced; then each shard's tensors are produced one at a
-time, written with safetensors' ``save_file`` and released. Peak memory is about one shard
-(``max_shard_size``) plus the inputs of one tensor being computed.
+splitter before any tensor is produced; each shard's header is written from that plan, then
+its tensors are produced one at a time and appended by a writer thread as they come. Peak
+memory is a few tensors (``QUEUE``) plus the inputs of the ones being computed, whatever
+``max_shard_size``.
 
 Atomic: everything is written into a temporary folder beside OUT (see
 :mod:`modelkit.io.atomic`), fsynced, verified when asked, and renamed to OUT at the end.
@@ -32,7 +33,8 @@ from modelkit.errors import ExportError, ModelkitError, guarded
 from modelkit.formats import Artifact
 from modelkit.formats.view import LazyTensor
 from modelkit.io import files
-from modelkit.io.atomic import atomic_folder, fsync_file
+from modelkit.io.atomic import atomic_folder
+from modelkit.io.safetensors_stream import StreamedSafetensors
 from modelkit.io.tensors import dtype_name, release_all, torch_dtype
 from modelkit.ops.inspect import human_bytes
 from modelkit.ops.load import (
@@ -57,13 +59,6 @@ TOKENIZER_FILES = (
     "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json",
 )
 DROPPED_CONFIG_PREFIXES = ("_dylora",)
-
-
-def save_file(tensors, filename, metadata=None):
-    """safetensors' ``save_file`` (a module attribute so tests can simulate a full disk)."""
-    from safetensors.torch import save_file as _save
-
-    _save(tensors, str(filename), metadata=metadata)
 
 
 # --------------------------------------------------------------------------- result
@@ -337,17 +332,23 @@ def produce(name: str, lt: LazyTensor, out_dtype):
     return t.detach().to("cpu").contiguous()
 
 
+QUEUE = 4  # tensors produced ahead of the writer thread: the memory it may hold beyond the sources'
+
+
 def write_weights(folder: Path, tensors: dict[str, LazyTensor], out_dtype, max_shard_size: int | str,
                   progress: bool = True, desc: str = "export") -> dict[str, Any]:
     """Stream ``tensors`` into shards in ``folder``; returns the index plus a cast tally.
 
-    One shard's tensors are produced, then written with ``save_file`` and fsynced by a
-    writer thread (file writes and ``os.fsync`` release the GIL) while the next shard is
-    produced: computing and writing overlap, and at most two shards are held. When no
-    tensor is computed (stored tensors, LoRA merges: reading is the cost) each shard is
-    written before the next is produced, so only one shard is held, and the fsync alone
-    runs behind. Every write and fsync has finished, its errors raised, before this returns.
-    Computed experts are produced in batches (:func:`modelkit.formats.compressed_moe.lowrank.batched_experts`)."""
+    Each shard's header is written from the plan (names, shapes, dtypes known before any
+    tensor exists, :mod:`modelkit.io.safetensors_stream`), then every tensor is produced
+    and handed to a writer thread that appends its bytes straight from its memory (file
+    writes and ``os.fsync`` release the GIL), so computing and writing overlap and memory
+    is about ``QUEUE`` tensors, whatever the shard size. A shard is fsynced by the writer
+    once its last tensor is written; the source files' memory maps are dropped
+    (``release_all``) after each shard. Every write and fsync has finished, its errors
+    raised, before this returns. Computed experts are produced in batches
+    (:func:`modelkit.formats.compressed_moe.lowrank.batched_experts`)."""
+    from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm.auto import tqdm
@@ -355,45 +356,44 @@ def write_weights(folder: Path, tensors: dict[str, LazyTensor], out_dtype, max_s
     from modelkit.formats.compressed_moe.lowrank import batched_experts
 
     files, total = plan_shards(tensors, out_dtype, max_shard_size)
-    overlap = any(lt.compute is not None for lt in tensors.values())
+    outs = {filename: StreamedSafetensors(folder / filename,
+                                          [(n, _target_dtype(tensors[n], out_dtype), tuple(tensors[n].shape))
+                                           for n in names], metadata={"format": "pt"})
+            for filename, names in files.items()}
     weight_map, cast, params = {}, Counter(), 0
+    pending: deque = deque()
 
-    def write(shard: dict, filename: str) -> None:
-        save_file(shard, folder / filename, metadata={"format": "pt"})
-        shard.clear()
-        fsync_file(folder / filename)
+    def settle(limit: int) -> None:  # wait for the oldest writes (raising their errors)
+        while len(pending) > limit:
+            pending.popleft().result()
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="modelkit-write") as writer, \
-            tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress, leave=False) as bar, \
-            batched_experts():
-        pending = None
-        for filename, names in files.items():
-            shard, storages = {}, set()
-            for name in names:
-                lt = tensors[name]
-                t = produce(name, lt, out_dtype)
-                if lt.dtype != dtype_name(t.dtype):
-                    cast[f"{lt.dtype}->{dtype_name(t.dtype)}"] += 1
-                ptr = t.untyped_storage().data_ptr()
-                if ptr in storages or t.untyped_storage().nbytes() != t.numel() * t.element_size():
-                    t = t.clone()  # one storage per tensor: safetensors refuses shared memory
-                storages.add(t.untyped_storage().data_ptr())
-                shard[name] = t
-                params += t.numel()
-                weight_map[name] = filename
-                bar.update(t.numel() * t.element_size())
-            if pending is not None:
-                pending.result()  # the previous shard is written (its error raised) first
-                pending = None
-            if overlap:
-                pending = writer.submit(write, shard, filename)
-            else:
-                save_file(shard, folder / filename, metadata={"format": "pt"})
-                pending = writer.submit(fsync_file, folder / filename)
-            del shard
-            release_all()  # unmap the source pages this shard consumed
-        if pending is not None:
-            pending.result()  # raises the last write or fsync error (EIO, ENOSPC)
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="modelkit-write") as writer, \
+                tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress, leave=False) as bar, \
+                batched_experts():
+            for filename, names in files.items():
+                out = outs[filename]
+                for name in names:
+                    lt = tensors[name]
+                    t = produce(name, lt, out_dtype)
+                    got, planned = dtype_name(t.dtype), _target_dtype(lt, out_dtype)
+                    if got != planned:
+                        raise ExportError(f"{name} from {lt.origin} is {got}, the view promised {planned}")
+                    if lt.dtype != got:
+                        cast[f"{lt.dtype}->{got}"] += 1
+                    params += t.numel()
+                    weight_map[name] = filename
+                    bar.update(t.numel() * t.element_size())
+                    pending.append(writer.submit(out.write, name, t))
+                    del t
+                    settle(QUEUE)
+                pending.append(writer.submit(out.close))
+                release_all()  # unmap the source pages this shard consumed
+            settle(0)  # raises the last write or fsync error (EIO, ENOSPC)
+    except BaseException:
+        for out in outs.values():  # the writer has stopped: close what it left open
+            out.abandon()
+        raise
     index = {"metadata": {"total_parameters": params, "total_size": total}, "weight_map": weight_map}
     (folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return {"files": list(files), "total_size": total, "cast": dict(cast)}
