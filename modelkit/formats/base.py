@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from modelkit import schemas
 from modelkit.errors import (
     CorruptFileError,
+    FactError,
     ModelkitError,
     UnknownOptionError,
     UnsafePickleError,
@@ -114,10 +115,10 @@ class Artifact(ABC):
 
     def supply(self, **facts: Any) -> None:
         """Facts the artifact does not record, given by the user (e.g. DyLoRA's
-        ``lora_alpha``); ConfigError for a fact this format has no use for."""
+        ``lora_alpha``); FactError for a fact this format has no use for."""
         facts = {k: v for k, v in facts.items() if v is not None}
         if facts:
-            raise ConfigError(f"{self.format} artifacts take no user-supplied {', '.join(sorted(facts))}",
+            raise FactError(f"{self.format} artifacts take no user-supplied {', '.join(sorted(facts))}",
                               self.folder)
 
     # -- file access, confined to the artifact ---------------------------------------
