@@ -31,7 +31,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterator
 
-from modelkit.errors import CorruptFileError, UnsafePickleError
+from modelkit.errors import CorruptFileError, LoadError, UnsafePickleError
 from modelkit.io.zipmembers import read_zip_member
 
 # safetensors dtype tags -> torch dtype names (the names used everywhere in modelkit)
@@ -55,11 +55,28 @@ _U64 = 2**64
 _I63 = 2**63
 
 
-def torch_dtype(name: str):
-    """The torch dtype for a dtype name such as ``"bfloat16"``."""
+DTYPE_ALIASES = {"float": "float32", "fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+
+
+def torch_dtype(dtype: Any, *, floating: bool = False):
+    """The one dtype parser: a torch dtype (as is), None (None), or a name such as
+    ``"bfloat16"``, ``"torch.bfloat16"`` or an alias (``bf16``, ``fp16``, ``half``,
+    ``fp32``, ``float``). ``floating`` refuses non-floating dtypes (a model's dtype).
+    LoadError naming the value on anything else."""
     import torch
 
-    return getattr(torch, name)
+    if dtype is None:
+        return None
+    if isinstance(dtype, torch.dtype):
+        value = dtype
+    else:
+        name = dtype_name(dtype)
+        value = getattr(torch, DTYPE_ALIASES.get(name, name), None) if name.isidentifier() else None
+    if not isinstance(value, torch.dtype) or (floating and not value.is_floating_point):
+        if floating:
+            raise LoadError(f"unknown floating dtype {dtype!r}; use float32, bfloat16 or float16")
+        raise LoadError(f"unknown dtype {dtype!r}")
+    return value
 
 
 def dtype_name(dtype: Any) -> str:
