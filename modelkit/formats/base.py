@@ -52,6 +52,12 @@ class BaseRef:
     def available(self) -> bool:
         return self.path is not None
 
+    def record(self) -> dict[str, Any]:
+        """What inspect, load and export record of the base: its name, the folder it was
+        found at (None when not found), how it was resolved and what is needed of it."""
+        return {"name": self.name, "path": str(self.path) if self.path else None, "how": self.how,
+                "needs": self.needs}
+
 
 @dataclass(frozen=True)
 class Option:

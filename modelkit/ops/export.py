@@ -36,7 +36,7 @@ from modelkit.formats.view import LazyTensor
 from modelkit.io import files
 from modelkit.io.atomic import atomic_folder
 from modelkit.io.safetensors_stream import StreamedSafetensors
-from modelkit.io.tensors import dtype_name, release_all
+from modelkit.io.tensors import dtype_name, release_all, torch_dtype
 from modelkit.ops.inspect import human_bytes
 from modelkit.ops.load import (
     check_artifact,
@@ -48,7 +48,6 @@ from modelkit.ops.load import (
     recording_reads,
     split_consumed,
     tokenizer_folder,
-    torch_dtype_of,
 )
 from modelkit.ops.model_card import CARD, mixture_card_text, write_model_card
 from modelkit.ops.open import split_facts
@@ -154,12 +153,12 @@ def export(ref: Any, out: str | Path, base: Any = None, dtype: Any = None,
     targets = _targets(artifact, expert)
     if expert is not None:
         format_options = {**format_options, "expert": expert}
-    out_dtype = torch_dtype_of(dtype)
+    out_dtype = torch_dtype(dtype, floating=True)
     _check_size(max_shard_size)
     protect = [artifact.folder, artifact.trust_root] + ([base_art.folder] if base_art else [])
     result.source_fingerprint = artifact.fingerprint
     result.options = {"base": str(base) if base is not None else None,
-                      "dtype": str(out_dtype).removeprefix("torch.") if out_dtype else None,
+                      "dtype": dtype_name(out_dtype) if out_dtype else None,
                       "max_shard_size": max_shard_size, "expert": expert, "verify": verify,
                       "allow_untrained": allow_untrained, **{k: v for k, v in format_options.items()
                                                             if k != "expert"}}
@@ -299,7 +298,7 @@ def _target_dtype(lt: LazyTensor, out_dtype) -> str:
     from modelkit.io.tensors import FLOAT_DTYPES
 
     if out_dtype is not None and lt.dtype in FLOAT_DTYPES:
-        return str(out_dtype).removeprefix("torch.")
+        return dtype_name(out_dtype)
     return lt.dtype
 
 
@@ -312,7 +311,7 @@ def default_dtype(tensors: dict[str, LazyTensor]):
         if lt.dtype in FLOAT_DTYPES:
             weight[lt.dtype] += lt.numel * _itemsize(lt.dtype)
     name = weight.most_common(1)[0][0] if weight else "float32"
-    return torch_dtype_of(name)
+    return torch_dtype(name, floating=True)
 
 
 def produce(name: str, lt: LazyTensor, out_dtype):
@@ -410,7 +409,7 @@ def _write_folder(folder: Path, artifact: Artifact, base_art: Artifact | None, d
         written = write_weights(folder, tensors, dtype, max_shard_size, progress,
                                 desc=f"export {folder.name}")
     part.consumed, part.left_out = split_consumed(artifact, seen)
-    part.dtype = str(dtype).removeprefix("torch.")
+    part.dtype = dtype_name(dtype)
     part.tensors = len(tensors)
     part.bytes = written["total_size"]
     part.shards = written["files"]
@@ -519,7 +518,7 @@ def _verify(folder: Path, ref: Any, base: Any, expert: int | None, artifact: Art
     if part.dtype != "float32":  # the source's weights rounded the same way: must agree exactly
         dense = {"expert": expert} if expert is not None else {}
         rounded = load(ref, dtype=torch.float32, **common, **dense).model
-        low = torch_dtype_of(part.dtype)
+        low = torch_dtype(part.dtype, floating=True)
         with torch.no_grad():
             for p in rounded.parameters():
                 p.copy_(p.to(low).to(p.dtype))
@@ -540,8 +539,7 @@ def _write_record(folder: Path, part: ExportResult, artifact: Artifact, expert: 
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "source": {"ref": part.ref, "folder": str(artifact.folder), "format": artifact.format,
                    "layout": artifact.layout, "fingerprint": part.source_fingerprint,
-                   "base": ({"name": artifact.base.name, "path": str(artifact.base.path),
-                             "how": artifact.base.how} if artifact.base else None)},
+                   "base": artifact.base.record() if artifact.base else None},
         "options": part.options,
         "expert": expert,
         "dtype": part.dtype,
