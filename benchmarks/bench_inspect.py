@@ -38,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from summary import Figure, agrees, at_most, finish, info, quick  # noqa: E402
+from summary import Figure, agrees, at_most, finish, info, load_average, quick  # noqa: E402
 
 # Qwen3-30B-A3B's config.json (the fields that shape its tensors)
 QWEN3_30B_A3B = dict(
@@ -278,7 +278,7 @@ def lean_commands(work: Path) -> list:
                       "heavy": sorted({m for r in runs for m in r["heavy"]}),
                       "entry": max(runs, key=lambda r: r["wall"])["entry"],
                       "heavy_entries": [r["entry"] for r in runs if r["heavy"]]}
-    print(f"whole `modelkit inspect`, warm cache, best of {reps} (load {_load()})")
+    print(f"whole `modelkit inspect`, warm cache, best of {reps} (load {load_average()})")
     print(f"{'format':<15} {'entry':<32} {'wall s':>7} {'cpu s':>6} {'RSS MB':>7}  imported")
     for fmt, r in per_entry:
         print(f"{fmt:<15} {r['entry']:<32} {r['wall']:>7.3f} {r['cpu']:>6.3f} {r['rss_mb']:>7.1f}  "
@@ -297,13 +297,6 @@ def lean_commands(work: Path) -> list:
                            note=f"imported {', '.join(w['heavy'])} ({', '.join(w['heavy_entries'])})"
                            if w["heavy"] else "", target="none imported"))
     return figs
-
-
-def _load() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "unknown"
 
 
 def best(fn, reps: int) -> tuple[float, float]:
