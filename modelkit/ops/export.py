@@ -5,7 +5,8 @@ of the base architecture (no ``_dylora_*`` fields, no ``auto_map``), ``generatio
 when the source has one, the tokenizer files, ``model-0000i-of-0000N.safetensors`` +
 ``model.safetensors.index.json`` in the on-disk key space (per-expert names for MoE), and
 ``modelkit_export.json`` recording source, fingerprint, options, what was merged or
-materialized and the verification result.
+materialized and the verification result, and a ``README.md`` model card whose metadata
+names the base model (``base_model``: the lineage the Hub shows; :mod:`modelkit.ops.model_card`).
 
 Streaming: shard boundaries are planned from the view's shapes with huggingface_hub's
 splitter before any tensor is produced; each shard's header is written from that plan, then
@@ -48,6 +49,7 @@ from modelkit.ops.load import (
     split_consumed,
     tokenizer_folder,
 )
+from modelkit.ops.model_card import CARD, mixture_card_text, write_model_card
 from modelkit.ops.open import split_facts
 
 RECORD = "modelkit_export.json"
@@ -553,6 +555,7 @@ def _write_record(folder: Path, part: ExportResult, artifact: Artifact, expert: 
         "verification": part.verification,
     }
     (folder / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
+    write_model_card(folder, part, artifact, record["merged"])
 
 
 def _what_was_done(artifact: Artifact, part: ExportResult, expert: int | None) -> str:
@@ -575,6 +578,7 @@ def _write_summary_record(tmp: Path, result: ExportResult, parts: list[ExportRes
               "experts": {Path(p.out).name: {"ok": p.ok, "verification": p.verification} for p in parts},
               "note": "a routed mixture is not one dense model: one standard folder per expert"}
     (tmp / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
+    (tmp / CARD).write_text(mixture_card_text(result, parts, artifact), encoding="utf-8")
 
 
 __all__ = ["ExportResult", "export", "plan_shards", "write_weights", "write_config"]
