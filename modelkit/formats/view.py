@@ -29,9 +29,6 @@ class LazyTensor:
     # ``compute(dtype)`` for a computed tensor (a compressed expert): produced directly in the
     # dtype a load or export asks for, instead of rounded to ``dtype`` and cast again
     compute: "Callable[[object], object] | None" = field(default=None, repr=False, compare=False)
-    # computing it costs less than reading its inputs (a LoRA merge: one rank-r product): a
-    # writer gains nothing by computing it ahead while the previous shard is written
-    cheap: bool = field(default=False, compare=False)
 
     @property
     def numel(self) -> int:

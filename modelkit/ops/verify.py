@@ -164,9 +164,9 @@ def dense_rounded(model, dtype: str):
     ``merge_and_unload`` (PEFT's, or a DyLoRA module's expert through PEFT's)."""
     import torch
 
-    from modelkit.ops.load import torch_dtype_of
+    from modelkit.io.tensors import torch_dtype
 
-    low = torch_dtype_of(dtype)
+    low = torch_dtype(dtype, floating=True)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     with torch.no_grad():
