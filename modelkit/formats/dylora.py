@@ -29,6 +29,7 @@ from typing import Any
 from modelkit.errors import (
     BaseModelUnavailableError,
     ConfigError,
+    FactError,
     LoadError,
     ModelkitError,
     UnknownFormatError,
@@ -53,6 +54,7 @@ from modelkit.formats.peft_lora import (
 )
 from modelkit.formats.view import TensorView, stored_tensor
 from modelkit.io import files
+from modelkit.io.checkpoints import checkpoint_folders, checkpoint_step
 from modelkit.io.tensors import MAX_HEADER_BYTES, PickleFile, StoredTensor, check_inside
 
 MODEL_TYPE = "dylora-moe"
@@ -67,7 +69,6 @@ TRAINER_FILES = ("training_args.bin", "optimizer.pt", "scheduler.pt", "rng_state
 ROUTER_DEFAULTS = {"temperature": 2.0, "top_k": 1}  # DyLoRA-MoE's training temperature; top-1 at evaluation
 _EXPERT = re.compile(r"^expert_(\d+)$")
 _EXPERT_FILE = re.compile(r"^expert_(\d+)\.(?:pt|bin)$")
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 @dataclass
@@ -153,17 +154,11 @@ def _expert_of(t: StoredTensor) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _step(p: Path) -> int:
-    m = _CHECKPOINT.match(p.name)
-    return int(m.group(1)) if m else -1
-
-
 def inner_folder(root: Path) -> tuple[Path, str] | None:
     """In a W&B artifact root: ``best_model/`` or else the newest DyLoRA ``checkpoint-*/``."""
     if not root.is_dir():
         return None
-    candidates = [root / "best_model"] + sorted(
-        (p for p in root.glob("checkpoint-*") if p.is_dir()), key=_step, reverse=True)
+    candidates = [root / "best_model"] + checkpoint_folders(root)[::-1]
     for p in candidates:
         kind = detect_kind(p)
         if kind is not None:
@@ -206,7 +201,7 @@ class DyLoRAArtifact(Artifact):
     def run_config(self) -> dict[str, Any] | None:
         """A checkpoint's architecture from its run: ``../best_model/config.json`` when that is a
         full DyLoRA base config (the same run wrote both); used only when the base is unavailable."""
-        if not _CHECKPOINT.match(self.folder.name) or not (self.folder / SIBLING_CONFIG).is_file():
+        if checkpoint_step(self.folder) is None or not (self.folder / SIBLING_CONFIG).is_file():
             return None
         check_inside(self.folder.parent, self.folder / SIBLING_CONFIG)
         cfg = _json_or_empty(self.folder / SIBLING_CONFIG)
@@ -243,12 +238,12 @@ class DyLoRAArtifact(Artifact):
             try:
                 number = cast(value)
             except (TypeError, ValueError):
-                raise ConfigError(f"{field}={value!r} is not a number", self.folder) from None
+                raise FactError(f"{field}={value!r} is not a number", self.folder) from None
             if number <= 0 or (cast is int and number != value):
-                raise ConfigError(f"{field}={value!r} must be a positive {cast.__name__}", self.folder)
+                raise FactError(f"{field}={value!r} must be a positive {cast.__name__}", self.folder)
             recorded = self._declared(field, f"_dylora_{field}")
             if recorded is not None and float(recorded) != float(number):
-                raise ConfigError(f"{field}={value} was given, but the artifact records {field}={recorded}",
+                raise FactError(f"{field}={value} was given, but the artifact records {field}={recorded}",
                                   self.folder / "config.json")
             if recorded is None:
                 self.supplied[field] = int(number) if cast is int else (int(number) if number == int(number) else number)
@@ -324,7 +319,7 @@ class DyLoRAArtifact(Artifact):
         In layout a the trainer writes ``dylo_moe_state/`` into the results root after
         reloading the best model, so the sibling belongs to ``best_model/`` only: a
         ``checkpoint-N/`` beside it has its own ``router.gate.*`` (FORMATS.md §3.1)."""
-        sibling = self.kind == "a" and not _CHECKPOINT.match(self.folder.name)
+        sibling = self.kind == "a" and checkpoint_step(self.folder) is None
         options = [STATE_DIR] + ([f"../{STATE_DIR}"] if sibling else [])
         return next((rel for rel in options if (self.folder / rel).is_dir()), None)
 
@@ -996,9 +991,8 @@ class DyLoRAArtifact(Artifact):
         """The training step this was saved at, when recorded."""
         if isinstance(self.cfg.get("_dylora_checkpoint_step"), int):
             return self.cfg["_dylora_checkpoint_step"]
-        m = _CHECKPOINT.match(self.folder.name)
-        if m:
-            return int(m.group(1))
+        if checkpoint_step(self.folder) is not None:
+            return checkpoint_step(self.folder)
         state = _json_or_empty(self.folder / "trainer_state.json")
         return state.get("global_step") if isinstance(state.get("global_step"), int) else None
 

@@ -25,7 +25,7 @@ from modelkit.findings import Finding, Severity
 from modelkit.formats import Artifact
 from modelkit.formats.view import LazyTensor, TensorView
 from modelkit.io.files import check_files
-from modelkit.io.tensors import recording_reads
+from modelkit.io.tensors import dtype_name, recording_reads, torch_dtype
 from modelkit.ops.open import open_artifact, open_base, split_facts
 
 UNTRAINED_CODES = ("empty-adapter", "untrained-adapter")
@@ -212,25 +212,6 @@ def split_consumed(artifact: Artifact, seen: set[tuple[str, str]]) -> tuple[list
     return used, unused
 
 
-def torch_dtype_of(dtype: Any):
-    """``"bfloat16"`` / ``torch.bfloat16`` / None -> torch dtype or None."""
-    import torch
-
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    name = str(dtype).removeprefix("torch.")
-    if name in ("fp32", "float"):
-        name = "float32"
-    if name in ("bf16",):
-        name = "bfloat16"
-    if name in ("fp16", "half"):
-        name = "float16"
-    value = getattr(torch, name, None)
-    if not isinstance(value, torch.dtype) or not value.is_floating_point:
-        raise LoadError(f"unknown floating dtype {dtype!r}; use float32, bfloat16 or float16")
-    return value
-
-
 # --------------------------------------------------------------------------- load
 
 
@@ -253,7 +234,7 @@ def load(ref: Any, base: Any = None, dtype: Any = None, device: str | None = Non
     facts, format_options = split_facts(format_options)
     artifact, base_art = open_for_load(ref, base, facts)
     artifact.check_options(format_options)  # typed error listing what this format accepts
-    tdtype = torch_dtype_of(dtype)
+    tdtype = torch_dtype(dtype, floating=True)
     if routing is not None and not is_dylora(artifact):
         raise LoadError(f"routing= applies to DyLoRA-MoE artifacts only (this is {artifact.format})",
                         artifact.folder)
@@ -301,17 +282,10 @@ def _supplied(artifact: Artifact, base: Any) -> dict[str, Any]:
     return out
 
 
-def _base_info(artifact: Artifact) -> dict[str, Any] | None:
-    b = artifact.base
-    if b is None:
-        return None
-    return {"name": b.name, "path": str(b.path) if b.path else None, "how": b.how, "needs": b.needs}
-
-
 def _new_report(artifact: Artifact, mode: str, dtype, options: dict, findings: list[Finding]) -> LoadReport:
     return LoadReport(ref=str(artifact.folder), folder=str(artifact.folder), format=artifact.format,
-                      layout=artifact.layout, mode=mode, dtype=str(dtype).removeprefix("torch."),
-                      base=_base_info(artifact), options=dict(options),
+                      layout=artifact.layout, mode=mode, dtype=dtype_name(dtype),
+                      base=artifact.base.record() if artifact.base else None, options=dict(options),
                       warnings=[f"{f.code}: {f.message}" for f in findings])
 
 
@@ -339,7 +313,7 @@ def _load_dense(artifact: Artifact, base_art: Artifact | None, dtype, allow_untr
     findings = check_artifact(artifact, base_art, allow_untrained=allow_untrained)
     dv = dense_view(artifact, base_art, **options)
     if dtype is None:
-        dtype = torch_dtype_of(getattr(dv.config, "dtype", None) or "float32")
+        dtype = torch_dtype(getattr(dv.config, "dtype", None) or "float32", floating=True)
     with recording_reads() as seen:
         model = load_dense_model(dv, dtype)
     report = _new_report(artifact, "dense", dtype, options, findings)
@@ -394,7 +368,7 @@ def _load_peft_unmerged(artifact: Artifact, base_art: Artifact | None, dtype,
     base_findings = check_artifact(base_art, None)
     dv = dense_view(base_art, None)
     if dtype is None:
-        dtype = torch_dtype_of(getattr(dv.config, "dtype", None) or "float32")
+        dtype = torch_dtype(getattr(dv.config, "dtype", None) or "float32", floating=True)
     base_model = load_dense_model(dv, dtype)
     config = PeftConfig.from_pretrained(str(artifact.folder))
     config.inference_mode = True
