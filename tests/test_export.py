@@ -220,7 +220,7 @@ def test_dylora_expert_all(catalog, tmp_path):
 
 
 def test_bad_options_are_refused_before_writing(catalog, tmp_path):
-    with pytest.raises(ExportError, match="DyLoRA-MoE artifacts only"):
+    with pytest.raises(ExportError, match="mixture artifacts only"):
         modelkit.export(catalog["plain-llama"], tmp_path / "x", expert=0, progress=False)
     with pytest.raises(ExportError, match="not a size"):
         modelkit.export(catalog["plain-llama"], tmp_path / "x", max_shard_size="lots", progress=False)
@@ -249,7 +249,7 @@ def test_low_precision_verify_catches_a_dropped_merge(catalog, tmp_path, monkeyp
     not under the comparison with the source rounded the same way."""
     from safetensors import safe_open
 
-    ex = importlib.import_module("modelkit.ops.export")
+    ex = importlib.import_module("modelkit.io.shards")  # the shard writer export streams through
     name = "model.layers.0.self_attn.q_proj.weight"
     with safe_open(str(catalog["plain-llama"] / "model.safetensors"), "pt") as f:
         unmerged = f.get_tensor(name)
@@ -260,7 +260,7 @@ def test_low_precision_verify_catches_a_dropped_merge(catalog, tmp_path, monkeyp
 
     monkeypatch.setattr(ex, "produce", produce)
     out = tmp_path / "bad"
-    result = ex.export(catalog["peft-lora"], out, dtype="bfloat16", verify=True, progress=False)
+    result = modelkit.export(catalog["peft-lora"], out, dtype="bfloat16", verify=True, progress=False)
     v = result.verification
     assert not result.ok and not out.exists()
     assert v["rounded_max_abs_diff"] > 1e-5
@@ -284,7 +284,7 @@ def test_streams_one_shard_at_a_time(catalog, tmp_path, monkeypatch, entry):
     a writer thread while the next shard is computed, so at most one shard is produced
     ahead of the one being written; stored tensors are written before the next shard is
     produced. No shard is bigger than the shard size."""
-    ex = importlib.import_module("modelkit.ops.export")  # the module, not the lazy function
+    ex = importlib.import_module("modelkit.io.shards")  # the shard writer export streams through
 
     produced, shards = [], []
     real_produce, real_save = ex.produce, ex.save_file
@@ -459,7 +459,7 @@ def test_truncated_shard(catalog, tmp_path):
 
 
 def test_full_disk_leaves_nothing(catalog, tmp_path, monkeypatch):
-    ex = importlib.import_module("modelkit.ops.export")  # the module, not the lazy function
+    ex = importlib.import_module("modelkit.io.shards")  # the shard writer export streams through
 
     calls = []
 
@@ -480,7 +480,7 @@ def test_full_disk_leaves_nothing(catalog, tmp_path, monkeypatch):
 
 def test_failed_fsync_leaves_nothing(catalog, tmp_path, monkeypatch):
     """Shards are fsynced in the background; an I/O error there still fails the export."""
-    ex = importlib.import_module("modelkit.ops.export")
+    ex = importlib.import_module("modelkit.io.shards")  # the shard writer export streams through
 
     def broken(path):
         raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
@@ -539,8 +539,9 @@ def test_stale_partial_folders_are_swept(catalog, tmp_path):
 
 _KILL_CHILD = textwrap.dedent('''
     import importlib, sys, time
+    import modelkit
     at = importlib.import_module("modelkit.io.atomic")
-    ex = importlib.import_module("modelkit.ops.export")  # the module, not the lazy function
+    ex = importlib.import_module("modelkit.io.shards")  # the shard writer export streams through
 
     src, out, point, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     counts = {"produce": 0, "shard": 0}
@@ -572,7 +573,7 @@ _KILL_CHILD = textwrap.dedent('''
             pause()
 
     ex.produce, ex.save_file, at._publish = produce, save_file, publish
-    ex.export(src, out, max_shard_size="40KB", progress=False)
+    modelkit.export(src, out, max_shard_size="40KB", progress=False)
     print("DONE", flush=True)
     if point == "done":
         pause()

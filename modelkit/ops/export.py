@@ -1,70 +1,45 @@
 """``export``: any artifact as a standard Hugging Face folder, streamed, atomic and verified.
 
 The folder holds what stock transformers needs and nothing of modelkit's: ``config.json``
-of the base architecture (no ``_dylora_*`` fields, no ``auto_map``), ``generation_config.json``
+of the base architecture (no custom fields, no ``auto_map``), ``generation_config.json``
 when the source has one, the tokenizer files, ``model-0000i-of-0000N.safetensors`` +
 ``model.safetensors.index.json`` in the on-disk key space (per-expert names for MoE), and
 ``modelkit_export.json`` recording source, fingerprint, options, what was merged or
 materialized and the verification result.
 
-Streaming: shard boundaries are planned from the view's shapes with huggingface_hub's
-splitter before any tensor is produced; then each shard's tensors are produced one at a
-time, written with safetensors' ``save_file`` and released. Peak memory is about one shard
-(``max_shard_size``) plus the inputs of one tensor being computed.
-
-Atomic: everything is written into a temporary folder beside OUT (see
-:mod:`modelkit.io.atomic`), fsynced, verified when asked, and renamed to OUT at the end.
+This module orchestrates; each job lives with its layer: the dense models to write are the
+format's (:meth:`~modelkit.formats.base.Artifact.export_targets`), shards are planned and
+streamed by :mod:`modelkit.io.shards` (peak memory about one shard), the config is cleaned by
+:mod:`modelkit.architecture.standard_config`, tokenizer and record files are
+:mod:`modelkit.ops.export_files`, the comparison with the source is
+:func:`modelkit.ops.verify.verify_export`. Atomic: everything is written into a temporary
+folder beside OUT (:mod:`modelkit.io.atomic`), fsynced, verified when asked, and renamed to
+OUT at the end.
 """
 from __future__ import annotations
 
 import errno
 import json
-import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
-from modelkit import schemas
-from modelkit.errors import ExportError, ModelkitError, guarded
+from modelkit.errors import ExportError, guarded
 from modelkit.formats import Artifact
-from modelkit.formats.view import LazyTensor
-from modelkit.io import files
-from modelkit.io.atomic import atomic_folder, fsync_file
-from modelkit.io.tensors import release_all
+from modelkit.io import shards
+from modelkit.io.atomic import atomic_folder
+from modelkit.io.tensors import dtype_name, recording_reads
+from modelkit.ops.export_files import (
+    copy_generation_config,
+    copy_tokenizer,
+    write_record,
+    write_summary_record,
+)
 from modelkit.ops.inspect import human_bytes
-from modelkit.ops.load import (
-    check_artifact,
-    dense_view,
-    is_dylora,
-    is_peft,
-    load,
-    open_for_load,
-    recording_reads,
-    split_consumed,
-    tokenizer_folder,
-    torch_dtype_of,
-)
+from modelkit.ops.load import DenseView, check_artifact, dense_view, open_for_load, split_consumed, torch_dtype_of
 from modelkit.ops.open import split_facts
-
-RECORD = "modelkit_export.json"
-INDEX = "model.safetensors.index.json"
-PATTERN = "model{suffix}.safetensors"
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "spiece.model",
-    "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json",
-)
-DROPPED_CONFIG_PREFIXES = ("_dylora",)
-
-
-def save_file(tensors, filename, metadata=None):
-    """safetensors' ``save_file`` (a module attribute so tests can simulate a full disk)."""
-    from safetensors.torch import save_file as _save
-
-    _save(tensors, str(filename), metadata=metadata)
 
 
 # --------------------------------------------------------------------------- result
@@ -149,16 +124,16 @@ def export(ref: Any, out: str | Path, base: Any = None, dtype: Any = None,
     ``force``) or another ModelkitError; a failure leaves neither ``out`` nor a
     temporary folder behind.
     """
+    from modelkit.ops.verify import verify_export
+
     t0 = time.perf_counter()
     facts, format_options = split_facts(format_options)
     artifact, base_art = open_for_load(ref, base, facts)
     result = ExportResult(ref=str(ref), out=str(Path(out).expanduser().absolute()),
                           format=artifact.format, layout=artifact.layout)
-    targets = _targets(artifact, expert)
-    if expert is not None:
-        format_options = {**format_options, "expert": expert}
+    targets = artifact.export_targets(expert)  # the format says which dense models it is
     out_dtype = torch_dtype_of(dtype)
-    _check_size(max_shard_size)
+    shards.check_size(max_shard_size)
     protect = [artifact.folder, artifact.trust_root] + ([base_art.folder] if base_art else [])
     result.source_fingerprint = artifact.fingerprint
     result.options = {"base": str(base) if base is not None else None,
@@ -172,31 +147,30 @@ def export(ref: Any, out: str | Path, base: Any = None, dtype: Any = None,
         result.options["supplied"] = supplied  # facts the artifact does not record, given by the user
     # everything that can be refused is refused before OUT is touched
     check_artifact(artifact, base_art, allow_untrained=allow_untrained)
-    views = {}
-    for sub, k in targets:
-        opts = {**format_options, "expert": k} if k is not None else format_options
-        views[sub] = (k, dense_view(artifact, base_art, **opts))
+    views = [(t, dense_view(artifact, base_art, **{**format_options, **t.options})) for t in targets]
     try:
         with atomic_folder(Path(out), force=force, protect=protect) as tmp:
             parts = []
-            for sub, (k, dv) in views.items():
-                folder = tmp / sub if sub else tmp
+            for target, dv in views:
+                folder = tmp / target.subfolder
                 folder.mkdir(parents=True, exist_ok=True)
-                part = ExportResult(ref=str(ref), out=str(Path(result.out) / sub) if sub else result.out,
+                part = ExportResult(ref=str(ref), out=str(Path(result.out) / target.subfolder),
                                     format=artifact.format, layout=artifact.layout,
                                     source_fingerprint=result.source_fingerprint,
-                                    options={**result.options, "expert": k} if k is not None else result.options)
+                                    options={**result.options, **target.options})
                 _write_folder(folder, artifact, base_art, dv, out_dtype, max_shard_size, part, progress)
                 if verify:
-                    _verify(folder, ref, base, k, artifact, part, tolerance, allow_untrained,
-                            {**format_options, **facts})
+                    v = verify_export(folder, ref, artifact, target, part.dtype, base=base,
+                                      allow_untrained=allow_untrained, options={**format_options, **facts},
+                                      tolerance=tolerance)
+                    part.verification, part.ok = v.to_dict(), v.ok
                 part.seconds = time.perf_counter() - t0
-                _write_record(folder, part, artifact, k)
+                write_record(folder, part, artifact, target)
                 parts.append(part)
             if len(targets) > 1:
                 result.experts = parts
-                result.notes.append(f"one folder per expert: {', '.join(s for s, _ in targets)}")
-                _write_summary_record(tmp, result, parts, artifact)
+                result.notes.append(f"one folder per expert: {', '.join(t.subfolder for t in targets)}")
+                write_summary_record(tmp, result, parts, artifact)
             else:
                 _adopt(result, parts[0])
             if not all(p.ok for p in parts):
@@ -214,20 +188,6 @@ def export(ref: Any, out: str | Path, base: Any = None, dtype: Any = None,
     result.written = True
     result.seconds = time.perf_counter() - t0
     return result
-
-
-def _check_size(size: int | str) -> None:
-    """ExportError for a shard size huggingface_hub's splitter would not accept."""
-    from huggingface_hub.serialization._base import (
-        parse_size_to_int,  # the splitter's own parser
-    )
-
-    try:
-        value = parse_size_to_int(size) if isinstance(size, str) else int(size)
-    except (TypeError, ValueError):
-        value = 0
-    if value <= 0:
-        raise ExportError(f"max_shard_size {size!r} is not a size; use e.g. '2GB', '500MB' or a byte count")
 
 
 class _VerificationFailed(Exception):
@@ -248,167 +208,18 @@ def _adopt(result: ExportResult, part: ExportResult) -> None:
     result.notes += part.notes
 
 
-def _targets(artifact: Artifact, expert: int | str | None) -> list[tuple[str, int | None]]:
-    """``[(subfolder, expert)]``: one dense model per entry."""
-    if not is_dylora(artifact):
-        if expert is not None:
-            raise ExportError(f"--expert applies to DyLoRA-MoE artifacts only (this is {artifact.format})",
-                              artifact.folder)
-        return [("", None)]
-    count = len(artifact.variants())  # one dense view per expert
-    if expert is None:
-        raise ExportError(
-            f"this is a DyLoRA-MoE mixture of {count} LoRA experts chosen per sequence by a "
-            "router; a routed mixture is not one dense model, so it has no single standard "
-            f"export. Pass expert=K (--expert K, 0 <= K < {count}) for the exact merge of one "
-            "expert, or expert='all' (--expert all) for one folder per expert. "
-            "To run the mixture itself, use modelkit.load(ref, routing='router')", artifact.folder)
-    if expert == "all":
-        return [(f"expert_{k}", k) for k in range(count)]
-    try:
-        k = int(expert)
-    except (TypeError, ValueError):
-        raise ExportError(f"expert must be an integer or 'all', not {expert!r}", artifact.folder) from None
-    if not 0 <= k < count:
-        raise ExportError(f"expert {k} does not exist: the artifact has experts 0..{count - 1}",
-                          artifact.folder)
-    return [("", k)]
-
-
-# --------------------------------------------------------------------------- writing
-
-
-def plan_shards(tensors: dict[str, LazyTensor], out_dtype, max_shard_size: int | str):
-    """huggingface_hub's split of the (not yet produced) tensors into shard files; names
-    always carry ``-0000i-of-0000N`` (also for a single shard)."""
-    from huggingface_hub import split_state_dict_into_shards_factory
-
-    split = split_state_dict_into_shards_factory(
-        tensors, get_storage_size=lambda lt: lt.numel * _itemsize(_target_dtype(lt, out_dtype)),
-        filename_pattern=PATTERN, max_shard_size=max_shard_size)
-    files = dict(split.filename_to_tensors)
-    if len(files) == 1:
-        files = {PATTERN.format(suffix="-00001-of-00001"): next(iter(files.values()))}
-    return files, split.metadata["total_size"]
-
-
-def _itemsize(dtype_name: str) -> int:
-    from modelkit.io.tensors import DTYPE_BYTES
-
-    return DTYPE_BYTES[dtype_name]
-
-
-def _target_dtype(lt: LazyTensor, out_dtype) -> str:
-    from modelkit.io.tensors import FLOAT_DTYPES
-
-    if out_dtype is not None and lt.dtype in FLOAT_DTYPES:
-        return str(out_dtype).removeprefix("torch.")
-    return lt.dtype
-
-
-def default_dtype(tensors: dict[str, LazyTensor]):
-    """The floating dtype holding most bytes of the view (the export's dtype by default)."""
-    from modelkit.io.tensors import FLOAT_DTYPES
-
-    weight: Counter = Counter()
-    for lt in tensors.values():
-        if lt.dtype in FLOAT_DTYPES:
-            weight[lt.dtype] += lt.numel * _itemsize(lt.dtype)
-    name = weight.most_common(1)[0][0] if weight else "float32"
-    return torch_dtype_of(name)
-
-
-def produce(name: str, lt: LazyTensor, out_dtype):
-    """Produce one tensor, checked against the view's promise, cast and contiguous."""
-    import torch
-
-    try:
-        t = lt.produce_as(out_dtype)
-    except ModelkitError:
-        raise
-    except Exception as e:  # a merge whose shapes do not fit, a read that fails, ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ExportError(f"cannot produce {name} from {lt.origin}: {first}") from None
-    if not isinstance(t, torch.Tensor):
-        raise ExportError(f"{name} from {lt.origin} is a {type(t).__name__}, not a tensor")
-    if tuple(t.shape) != tuple(lt.shape):
-        raise ExportError(f"{name} from {lt.origin} has shape {list(t.shape)}, expected {list(lt.shape)}")
-    if out_dtype is not None and t.is_floating_point() and t.dtype != out_dtype:
-        t = t.to(out_dtype)
-    return t.detach().to("cpu").contiguous()
-
-
-def write_weights(folder: Path, tensors: dict[str, LazyTensor], out_dtype, max_shard_size: int | str,
-                  progress: bool = True, desc: str = "export") -> dict[str, Any]:
-    """Stream ``tensors`` into shards in ``folder``; returns the index plus a cast tally.
-
-    One shard's tensors are produced, then written with ``save_file`` and fsynced by a
-    writer thread (file writes and ``os.fsync`` release the GIL) while the next shard is
-    produced: computing and writing overlap, and at most two shards are held. When no
-    tensor is computed (stored tensors, LoRA merges: reading is the cost) each shard is
-    written before the next is produced, so only one shard is held, and the fsync alone
-    runs behind. Every write and fsync has finished, its errors raised, before this returns.
-    Computed experts are produced in batches (:func:`modelkit.formats.compressed_moe.lowrank.batched_experts`)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from tqdm.auto import tqdm
-
-    from modelkit.formats.compressed_moe.lowrank import batched_experts
-
-    files, total = plan_shards(tensors, out_dtype, max_shard_size)
-    overlap = any(lt.compute is not None for lt in tensors.values())
-    weight_map, cast, params = {}, Counter(), 0
-
-    def write(shard: dict, filename: str) -> None:
-        save_file(shard, folder / filename, metadata={"format": "pt"})
-        shard.clear()
-        fsync_file(folder / filename)
-
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="modelkit-write") as writer, \
-            tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress, leave=False) as bar, \
-            batched_experts():
-        pending = None
-        for filename, names in files.items():
-            shard, storages = {}, set()
-            for name in names:
-                lt = tensors[name]
-                t = produce(name, lt, out_dtype)
-                if lt.dtype != str(t.dtype).removeprefix("torch."):
-                    cast[f"{lt.dtype}->{str(t.dtype).removeprefix('torch.')}"] += 1
-                ptr = t.untyped_storage().data_ptr()
-                if ptr in storages or t.untyped_storage().nbytes() != t.numel() * t.element_size():
-                    t = t.clone()  # one storage per tensor: safetensors refuses shared memory
-                storages.add(t.untyped_storage().data_ptr())
-                shard[name] = t
-                params += t.numel()
-                weight_map[name] = filename
-                bar.update(t.numel() * t.element_size())
-            if pending is not None:
-                pending.result()  # the previous shard is written (its error raised) first
-                pending = None
-            if overlap:
-                pending = writer.submit(write, shard, filename)
-            else:
-                save_file(shard, folder / filename, metadata={"format": "pt"})
-                pending = writer.submit(fsync_file, folder / filename)
-            del shard
-            release_all()  # unmap the source pages this shard consumed
-        if pending is not None:
-            pending.result()  # raises the last write or fsync error (EIO, ENOSPC)
-    index = {"metadata": {"total_parameters": params, "total_size": total}, "weight_map": weight_map}
-    (folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return {"files": list(files), "total_size": total, "cast": dict(cast)}
-
-
-def _write_folder(folder: Path, artifact: Artifact, base_art: Artifact | None, dv, out_dtype,
+def _write_folder(folder: Path, artifact: Artifact, base_art: Artifact | None, dv: DenseView, out_dtype,
                   max_shard_size, part: ExportResult, progress: bool) -> None:
+    """One standard folder from a checked dense view: weights, config, generation config, tokenizer."""
+    from modelkit.architecture.standard_config import write_standard_config
+
     tensors = dict(dv.tensors)
-    dtype = out_dtype or default_dtype(tensors)
-    with recording_reads() as seen:
-        written = write_weights(folder, tensors, dtype, max_shard_size, progress,
-                                desc=f"export {folder.name}")
+    dtype = out_dtype or shards.default_dtype(tensors)
+    with recording_reads() as seen, artifact.bulk_production():
+        written = shards.write_weights(folder, tensors, dtype, max_shard_size, progress,
+                                       desc=f"export {folder.name}")
     part.consumed, part.left_out = split_consumed(artifact, seen)
-    part.dtype = str(dtype).removeprefix("torch.")
+    part.dtype = dtype_name(dtype)
     part.tensors = len(tensors)
     part.bytes = written["total_size"]
     part.shards = written["files"]
@@ -417,166 +228,9 @@ def _write_folder(folder: Path, artifact: Artifact, base_art: Artifact | None, d
     part.notes += dv.notes
     if dv.tied:
         part.notes.append(f"tied duplicate(s) not written (transformers re-ties them): {', '.join(dv.tied)}")
-    write_config(folder, dv.config, part.dtype)
-    _copy_generation_config(folder, artifact, base_art, part)
-    _copy_tokenizer(folder, artifact, base_art, part)
+    write_standard_config(folder, dv.config, part.dtype)
+    part.notes += copy_generation_config(folder, artifact, base_art)
+    part.notes += copy_tokenizer(folder, artifact, base_art)
 
 
-def write_config(folder: Path, config, dtype: str) -> None:
-    """``config.json`` of the standard architecture: custom fields and ``auto_map`` removed."""
-    from modelkit.architecture.bridge import config_from_dict
-
-    d = config.to_dict()
-    for key in list(d):
-        if key.startswith(DROPPED_CONFIG_PREFIXES) or key in ("auto_map", "_name_or_path"):
-            d.pop(key)
-    d["dtype"] = dtype
-    d.pop("torch_dtype", None)
-    clean = config_from_dict(d, "<export config>", strip_unknown=True)
-    clean.architectures = [causal_lm_class_name(clean)]
-    clean.save_pretrained(str(folder))
-    written = json.loads((folder / "config.json").read_text())
-    bad = [k for k in written if k.startswith(DROPPED_CONFIG_PREFIXES) or k == "auto_map"]
-    if bad:  # pragma: no cover - config_from_dict strips them
-        raise ExportError(f"exported config still carries custom fields {bad}", folder)
-
-
-def causal_lm_class_name(config) -> str:
-    """The class stock ``AutoModelForCausalLM`` builds for ``config``."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
-    try:
-        cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    except KeyError:
-        raise ExportError(f"transformers has no causal-LM model for model_type {config.model_type!r}") from None
-    if isinstance(cls, (list, tuple)):
-        names = [c.__name__ for c in cls]
-        wanted = [a for a in (getattr(config, "architectures", None) or []) if a in names]
-        return wanted[0] if wanted else names[0]
-    return cls.__name__
-
-
-def _copy_generation_config(folder: Path, artifact: Artifact, base_art: Artifact | None,
-                            part: ExportResult) -> None:
-    for art in [artifact] + ([base_art] if base_art else []):
-        p = Path(art.folder) / "generation_config.json"
-        if os.path.lexists(p):  # a FIFO or an escaping symlink is refused, not skipped
-            files.copy_confined(p, folder / p.name, art.trust_root)
-            part.notes.append(f"generation_config.json from {art.folder}")
-            return
-
-
-def _copy_tokenizer(folder: Path, artifact: Artifact, base_art: Artifact | None,
-                    part: ExportResult) -> None:
-    src = tokenizer_folder(artifact, base_art)
-    if src is None:
-        part.notes.append("no tokenizer found in the artifact or its base: none exported")
-        return
-    # every file read or copied is confined to the trust root of whoever holds it
-    root = base_art.trust_root if base_art is not None and src == Path(base_art.folder) else artifact.trust_root
-    for name in TOKENIZER_FILES:
-        p = src / name
-        if not os.path.lexists(p):
-            continue
-        if name == "tokenizer_config.json":
-            data = schemas.validate(files.read_json(p, root), p)
-            if data.pop("auto_map", None) is not None:
-                part.notes.append("tokenizer_config.json: auto_map (remote code) removed")
-            (folder / name).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-        else:
-            files.copy_confined(p, folder / name, root)
-    part.notes.append(f"tokenizer from {src}")
-
-
-def _verify(folder: Path, ref: Any, base: Any, expert: int | None, artifact: Artifact,
-            part: ExportResult, tolerance: float | None, allow_untrained: bool,
-            format_options: dict[str, Any]) -> None:
-    """Compare the written folder with the source (see :mod:`modelkit.ops.verify`)."""
-    import torch
-
-    from modelkit.ops.verify import verify_folder
-
-    opts = {k: v for k, v in format_options.items() if k != "expert"}
-    common = {"base": base, "allow_untrained": allow_untrained, **opts}
-    if expert is not None:
-        reference = f"modelkit.load(routing='expert:{expert}')"
-        src = load(ref, dtype=torch.float32, routing=f"expert:{expert}", **common)
-    elif is_peft(artifact):
-        reference = "modelkit.load(merge=False): PEFT's own forward on the base"
-        src = load(ref, dtype=torch.float32, merge=False, **common)
-    else:
-        independent = artifact.reference_model(**opts)
-        if independent is not None:  # the stored form by a second path, in float64
-            model, how = independent
-            src = SimpleNamespace(model=model)
-            reference = f"independent float64 reference: {how}"
-        else:
-            reference = "modelkit.load()"
-            src = load(ref, dtype=torch.float32, **common)
-    rounded = None
-    if part.dtype != "float32":  # the source's weights rounded the same way: must agree exactly
-        dense = {"expert": expert} if expert is not None else {}
-        rounded = load(ref, dtype=torch.float32, **common, **dense).model
-        low = torch_dtype_of(part.dtype)
-        with torch.no_grad():
-            for p in rounded.parameters():
-                p.copy_(p.to(low).to(p.dtype))
-    try:
-        v = verify_folder(folder, src.model, dtype=part.dtype, reference=reference,
-                          rounded_model=rounded, tolerance=tolerance)
-    finally:
-        del src, rounded
-    part.verification = v.to_dict()
-    part.ok = v.ok
-
-
-def _write_record(folder: Path, part: ExportResult, artifact: Artifact, expert: int | None) -> None:
-    import modelkit
-
-    record = {
-        "modelkit_version": modelkit.__version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "source": {"ref": part.ref, "folder": str(artifact.folder), "format": artifact.format,
-                   "layout": artifact.layout, "fingerprint": part.source_fingerprint,
-                   "base": ({"name": artifact.base.name, "path": str(artifact.base.path),
-                             "how": artifact.base.how} if artifact.base else None)},
-        "options": part.options,
-        "expert": expert,
-        "dtype": part.dtype,
-        "tensors": part.tensors,
-        "total_size": part.bytes,
-        "shards": part.shards,
-        "produced": part.origins,
-        "cast": part.cast,
-        "consumed": len(part.consumed),
-        "left_out": part.left_out,
-        "merged": _what_was_done(artifact, part, expert),
-        "notes": part.notes,
-        "verification": part.verification,
-    }
-    (folder / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
-
-
-def _what_was_done(artifact: Artifact, part: ExportResult, expert: int | None) -> str:
-    if is_dylora(artifact):
-        return f"DyLoRA-MoE expert {expert} merged into the base (router not used by a dense model)"
-    if is_peft(artifact):
-        return "PEFT LoRA adapter merged into its base"
-    kinds = ", ".join(f"{n} {k}" for k, n in sorted(part.origins.items()))
-    return f"tensors by origin: {kinds}"
-
-
-def _write_summary_record(tmp: Path, result: ExportResult, parts: list[ExportResult],
-                          artifact: Artifact) -> None:
-    import modelkit
-
-    record = {"modelkit_version": modelkit.__version__,
-              "source": {"ref": result.ref, "folder": str(artifact.folder), "format": artifact.format,
-                         "layout": artifact.layout, "fingerprint": result.source_fingerprint},
-              "options": result.options,
-              "experts": {Path(p.out).name: {"ok": p.ok, "verification": p.verification} for p in parts},
-              "note": "a routed mixture is not one dense model: one standard folder per expert"}
-    (tmp / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
-
-
-__all__ = ["ExportResult", "export", "plan_shards", "write_weights", "write_config"]
+__all__ = ["ExportResult", "export"]

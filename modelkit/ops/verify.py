@@ -35,7 +35,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from modelkit.formats.base import Artifact, ExportTarget
 
 PROMPTS = (
     "def add(a, b):\n    return a + b",
@@ -165,3 +168,39 @@ def verify_folder(folder: Path, reference_model, *, dtype: str, reference: str,
                         agree / max(tokens, 1), max_logit,
                         rounded_diff if rounded is not None else None,
                         FP32_TOLERANCE if rounded is not None else None, problems or None)
+
+
+def verify_export(folder: Path, ref: Any, artifact: "Artifact", target: "ExportTarget", dtype: str, *,
+                  base: Any = None, allow_untrained: bool = False, options: dict[str, Any] | None = None,
+                  tolerance: float | None = None) -> Verification:
+    """Compare the exported ``folder`` (one ``target`` of ``artifact``, written in ``dtype``) with
+    the source. The reference is the target's (:attr:`ExportTarget.reference`: load keywords
+    of a second path, e.g. PEFT unmerged), else the format's own float64
+    :meth:`~modelkit.formats.base.Artifact.reference_model`, else :func:`modelkit.load`.
+    ``options``: the export's format options and supplied facts."""
+    import torch
+
+    from modelkit.ops.load import load, torch_dtype_of
+
+    opts = {k: v for k, v in (options or {}).items() if k not in target.options}
+    common = {"base": base, "allow_untrained": allow_untrained, **opts}
+    independent = None if target.reference is not None else artifact.reference_model(**opts)
+    if target.reference is not None:
+        reference, model = target.reference_how, load(ref, dtype=torch.float32, **common, **target.reference).model
+    elif independent is not None:  # the stored form by a second path, in float64
+        model, how = independent
+        reference = f"independent float64 reference: {how}"
+    else:
+        reference, model = "modelkit.load()", load(ref, dtype=torch.float32, **common, **target.options).model
+    rounded = None
+    if dtype != "float32":  # the source's weights rounded the same way: must agree exactly
+        rounded = load(ref, dtype=torch.float32, **common, **target.options).model
+        low = torch_dtype_of(dtype)
+        with torch.no_grad():
+            for p in rounded.parameters():
+                p.copy_(p.to(low).to(p.dtype))
+    try:
+        return verify_folder(folder, model, dtype=dtype, reference=reference, rounded_model=rounded,
+                             tolerance=tolerance)
+    finally:
+        del model, rounded
