@@ -279,40 +279,44 @@ def test_failed_verification_writes_nothing(catalog, tmp_path):
 
 
 @pytest.mark.parametrize("entry", ["compressed-checkpoint-N", "plain-sharded"])
-def test_streams_one_shard_at_a_time(catalog, tmp_path, monkeypatch, entry):
-    """Tensors are produced shard by shard. Computed experts (compressed MoE) are written by
-    a writer thread while the next shard is computed, so at most one shard is produced
-    ahead of the one being written; stored tensors are written before the next shard is
-    produced. No shard is bigger than the shard size."""
-    ex = importlib.import_module("modelkit.io.shards")  # the shard writer export streams through
+def test_streams_tensor_by_tensor(catalog, tmp_path, monkeypatch, entry):
+    """Each tensor is written as soon as it is produced: at most ``QUEUE`` tensors are
+    produced ahead of the writer, whatever the shard size, and no shard is bigger than the
+    shard size. Every shard reads back with safetensors itself, equal to the source's view."""
+    from safetensors import safe_open
 
-    produced, shards = [], []
-    real_produce, real_save = ex.produce, ex.save_file
+    ex = importlib.import_module("modelkit.io.shards")  # the shard writer export streams through
+    stream = importlib.import_module("modelkit.io.safetensors_stream")
+
+    produced, ahead = [], []
+    real_produce, real_write = ex.produce, stream.StreamedSafetensors.write
 
     def produce(name, lt, dtype):
         produced.append(name)
         return real_produce(name, lt, dtype)
 
-    def save_file(tensors, filename, metadata=None):
-        shards.append((list(tensors), len(produced), sum(t.numel() * t.element_size() for t in tensors.values())))
-        real_save(tensors, filename, metadata)
+    def write(self, name, tensor):
+        ahead.append(len(produced) - produced.index(name))
+        real_write(self, name, tensor)
 
     monkeypatch.setattr(ex, "produce", produce)
-    monkeypatch.setattr(ex, "save_file", save_file)
+    monkeypatch.setattr(stream.StreamedSafetensors, "write", write)
     out = tmp_path / "sharded"
-    result = modelkit.export(catalog[entry], out, max_shard_size="40KB", progress=False)
-    assert len(shards) == len(result.shards) > 2
-    done = 0
-    for k, (names, n_produced, nbytes) in enumerate(shards):
-        done += len(names)
-        ahead = len(shards[k + 1][0]) if entry.startswith("compressed") and k + 1 < len(shards) else 0
-        assert done <= n_produced <= done + ahead    # at most the next shard produced ahead
-        assert nbytes <= 40_000 or len(names) == 1
+    result = modelkit.export(catalog[entry], out, max_shard_size="40KB", verify=True, progress=False)
+    assert len(ahead) == len(produced) == result.tensors
+    assert 1 <= max(ahead) <= ex.QUEUE + 1
     index = json.loads((out / "model.safetensors.index.json").read_text())
     n = len(result.shards)
-    assert sorted(set(index["weight_map"].values())) == [f"model-{i:05d}-of-{n:05d}.safetensors"
-                                                         for i in range(1, n + 1)]
+    assert n > 2 and sorted(set(index["weight_map"].values())) == [f"model-{i:05d}-of-{n:05d}.safetensors"
+                                                                   for i in range(1, n + 1)]
     assert index["metadata"]["total_size"] == result.bytes
+    for shard in sorted(set(index["weight_map"].values())):
+        with safe_open(str(out / shard), "pt") as f:  # safetensors itself reads what was streamed
+            assert f.metadata() == {"format": "pt"}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        assert sorted(tensors) == sorted(k for k, v in index["weight_map"].items() if v == shard)
+        assert sum(t.numel() * t.element_size() for t in tensors.values()) <= 40_000 or len(tensors) == 1
+    assert result.verification["ok"]  # the streamed bytes are the model: logits agree with the reference
 
 
 # --------------------------------------------------------------------------- no modelkit import
@@ -459,33 +463,33 @@ def test_truncated_shard(catalog, tmp_path):
 
 
 def test_full_disk_leaves_nothing(catalog, tmp_path, monkeypatch):
-    ex = importlib.import_module("modelkit.io.shards")  # the shard writer export streams through
+    stream = importlib.import_module("modelkit.io.safetensors_stream")
 
-    calls = []
+    written = []
 
-    def full(tensors, filename, metadata=None):
-        calls.append(filename)
-        if len(calls) == 2:  # the second shard hits a full disk
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filename))
-        return real(tensors, filename, metadata)
+    def full(fd, data):  # a disk with 100 KB free: the second 60 KB shard does not fit
+        if sum(written) + len(data) > 100_000:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        written.append(len(data))
+        return real(fd, data)
 
-    real = ex.save_file
-    monkeypatch.setattr(ex, "save_file", full)
+    real = stream.write_all
+    monkeypatch.setattr(stream, "write_all", full)
     out = tmp_path / "out"
     with pytest.raises(ExportError, match="no space left"):
         modelkit.export(catalog["plain-sharded"], out, max_shard_size="60KB", progress=False)
-    assert len(calls) == 2
+    assert 60_000 < sum(written) <= 100_000
     assert not out.exists() and not leftovers(out)
 
 
 def test_failed_fsync_leaves_nothing(catalog, tmp_path, monkeypatch):
-    """Shards are fsynced in the background; an I/O error there still fails the export."""
-    ex = importlib.import_module("modelkit.io.shards")  # the shard writer export streams through
+    """Shards are fsynced by the writer thread; an I/O error there still fails the export."""
+    stream = importlib.import_module("modelkit.io.safetensors_stream")
 
-    def broken(path):
-        raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+    def broken(fd):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
 
-    monkeypatch.setattr(ex, "fsync_file", broken)
+    monkeypatch.setattr(stream, "sync", broken)
     out = tmp_path / "out"
     with pytest.raises(ExportError, match="cannot write the export"):
         modelkit.export(catalog["plain-sharded"], out, max_shard_size="60KB", progress=False)
@@ -550,7 +554,8 @@ _KILL_CHILD = textwrap.dedent('''
         print("PAUSED", flush=True)
         time.sleep(600)
 
-    real_produce, real_save, real_publish = ex.produce, ex.save_file, at._publish
+    stream = importlib.import_module("modelkit.io.safetensors_stream")
+    real_produce, real_close, real_publish = ex.produce, stream.StreamedSafetensors.close, at._publish
 
     def produce(*a, **k):
         t = real_produce(*a, **k)
@@ -559,8 +564,8 @@ _KILL_CHILD = textwrap.dedent('''
             pause()
         return t
 
-    def save_file(*a, **k):
-        real_save(*a, **k)
+    def close(*a, **k):  # a shard fully written and fsynced
+        real_close(*a, **k)
         counts["shard"] += 1
         if point == "shard" and counts["shard"] == n:
             pause()
@@ -572,7 +577,7 @@ _KILL_CHILD = textwrap.dedent('''
         if point == "published":
             pause()
 
-    ex.produce, ex.save_file, at._publish = produce, save_file, publish
+    ex.produce, stream.StreamedSafetensors.close, at._publish = produce, close, publish
     modelkit.export(src, out, max_shard_size="40KB", progress=False)
     print("DONE", flush=True)
     if point == "done":

@@ -78,6 +78,18 @@ class Option:
 
 
 FAMILIES = ("dense", "adapter", "mixture")
+EXPERT_COLUMNS = (  # Artifact.expert_rows(): one row per expert, then the router
+    "expert",      # expert_K, or "router"
+    "present",     # "yes", "partial (...)", "MISSING (...)", "unplaceable (...)", "unreadable (...)"
+    "trained",     # "yes", "no (why)", "not checked (why)"
+    "tensors", "parameters", "bytes",
+    "rank",        # LoRA rank(s) as stored
+    "scaling",     # alpha / r (None: lora_alpha recorded nowhere)
+    "norm_B",      # deep only: sqrt(sum ||B||^2) over the expert's modules
+    "norm_BA",     # deep only: sqrt(sum ||B A||^2), the unscaled update
+    "shape",       # the router's gate weight shape
+    "file",        # where it is stored
+)
 
 
 @dataclass(frozen=True)
@@ -277,6 +289,12 @@ class Artifact(ABC):
         """A context in which producing the view's tensors one after another is cheaper (a
         format computing tensors may batch them); export writes its shards inside it."""
         return contextlib.nullcontext()
+
+    def expert_rows(self, deep: bool = False) -> list[dict[str, Any]]:
+        """A mixture of adapters: one row per expert and one for its router (keys
+        :data:`EXPERT_COLUMNS`): what is stored, and with ``deep`` whether each expert changes
+        its base (``trained`` is ``"not checked"`` without it, never guessed). ``[]``: no experts."""
+        return []
 
     def unviewed(self) -> dict[str, "LazyTensor"]:
         """Stored tensors that no view places (DyLoRA-MoE's router), by name."""

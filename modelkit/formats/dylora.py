@@ -18,6 +18,7 @@ the base with expert K merged; :meth:`DyLoRAArtifact.experts` and
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from dataclasses import dataclass, replace
@@ -35,7 +36,7 @@ from modelkit.errors import (
 )
 from modelkit.findings import Finding, error, info, warning
 from modelkit.formats import register
-from modelkit.formats.base import Artifact, BuiltModel, ExportTarget, Format, Option
+from modelkit.formats.base import EXPERT_COLUMNS, Artifact, BuiltModel, ExportTarget, Format, Option
 from modelkit.formats.lora import (
     PEFT_PREFIX,
     LoraAdapter,
@@ -815,6 +816,13 @@ class DyLoRAArtifact(Artifact):
         except ConfigError:  # unknown architecture: the field is DyLoRA's
             return False
 
+    def _expected_count(self, experts: list[ExpertAdapter]) -> int:
+        """How many experts there should be: the one number every claim agrees on, else as
+        many as the highest stored index implies."""
+        values = set(self._count_claims().values())
+        found = [e.index for e in experts]
+        return values.pop() if len(values) == 1 else (max(found) + 1 if found else 0)
+
     def _count_findings(self, experts: list[ExpertAdapter]) -> list[Finding]:
         claims = self._count_claims()
         found = sorted(e.index for e in experts)
@@ -824,7 +832,7 @@ class DyLoRAArtifact(Artifact):
             findings.append(error("inconsistent-config", "the number of experts is given differently: "
                                   + ", ".join(f"{k}={v}" for k, v in claims.items())
                                   + f"; {len(found)} expert(s) are stored"))
-        n = values.pop() if len(values) == 1 else (max(found) + 1 if found else 0)
+        n = self._expected_count(experts)
         absent = [k for k in range(n) if k not in found]
         if absent:
             findings.append(error("missing-tensors",
@@ -887,7 +895,7 @@ class DyLoRAArtifact(Artifact):
         findings += self._coverage_findings(experts)
         trained = [e for e in experts if e.modules]
         if deep:
-            zero = [e for e in trained if e.all_b_zero()]
+            zero = [e for e in trained if self.norms(e)["B"] == 0]
             if zero:
                 # all untrained: the "trained" mixture is the base model (error). Some untrained is
                 # how the real code usually ends (the optimizer only held expert_0): the mixture is
@@ -922,6 +930,71 @@ class DyLoRAArtifact(Artifact):
                     f"(e.g. {lacking[0]}): a loader leaves them at zero for this expert",
                     [f"{m}.lora_A.{e.name}" for m in lacking]))
         return findings
+
+    def norms(self, expert: ExpertAdapter) -> dict[str, float]:
+        """``expert.norms()`` (reads its A and B), once per expert: the untrained check and the
+        per-expert table share the reads."""
+        cache = self.__dict__.setdefault("_norms", {})
+        key = (expert.index, expert.alpha)
+        if key not in cache:
+            cache[key] = expert.norms()
+        return cache[key]
+
+    def _unreadable(self, expert: ExpertAdapter) -> bool:
+        return expert.source is not None and any(
+            x.path and str(x.path).endswith(expert.source) for x in self.file_errors)
+
+    def expert_rows(self, deep: bool = False) -> list[dict[str, Any]]:
+        """One row per expert the artifact declares or stores, then the router (columns
+        ``formats.base.EXPERT_COLUMNS``). ``present`` and the structural ``no`` of ``trained``
+        (nothing stored, files not found, empty, unplaceable) come from the listing; whether a
+        stored expert changes the base needs its data: ``deep`` reads every A and B."""
+        experts = {e.index: e for e in self.experts()}
+        union = set().union(*(e.modules for e in experts.values())) if experts else set()
+        rows = []
+        for k in sorted(set(range(self._expected_count(list(experts.values())))) | set(experts)):
+            e = experts.get(k)
+            row: dict[str, Any] = dict.fromkeys(EXPERT_COLUMNS)
+            row.update(expert=f"expert_{k}", tensors=0, parameters=0, bytes=0)
+            if e is None:
+                rows.append({**row, "present": "MISSING (not stored)", "trained": "no (nothing stored)"})
+                continue
+            stored = [t for m in e.modules.values() for t in m.stored] + list(e.unplaced) + list(e.replaced.values())
+            row.update(tensors=len(stored), parameters=sum(t.numel for t in stored),
+                       bytes=sum(t.nbytes for t in stored), file=e.source,
+                       rank=", ".join(map(str, e.ranks)) or None, scaling=e.scaling)
+            if e.source is None:
+                row.update(present=f"MISSING (no adapter files in {ADAPTERS_DIR}/expert_{k}/)",
+                           trained="no (nothing stored)")
+            elif self._unreadable(e):
+                row.update(present="unreadable (see the findings)", trained="not checked (file unreadable)")
+            elif not e.modules and e.unplaced:
+                row.update(present=f"unplaceable ({len(e.unplaced)} tensor(s) no loader places)",
+                           trained="no (a loader drops its tensors)")
+            elif not e.modules:
+                row.update(present="MISSING (empty file)", trained="no (nothing stored)")
+            else:
+                row["present"] = ("yes" if len(e.modules) >= len(union)
+                                  else f"partial ({len(e.modules)} of {len(union)} modules)")
+                if deep:
+                    norms = self.norms(e)
+                    row.update(norm_B=norms["B"], norm_BA=None if math.isnan(norms["BA"]) else norms["BA"],
+                               trained="yes" if norms["B"] > 0 else "no (every LoRA B is zero)")
+                else:
+                    row["trained"] = "not checked (deep off)"
+            rows.append(row)
+        router: dict[str, Any] = dict.fromkeys(EXPERT_COLUMNS)
+        router.update(expert="router", tensors=0, parameters=0, bytes=0,
+                      trained="not checked (weights cannot tell trained from initial)")
+        parts = self._router_parts
+        if parts is None:
+            router["present"] = "MISSING (no trained router in the artifact)"
+        else:
+            gate = [t for t in (parts["weight"], parts["bias"]) if t is not None]
+            router.update(present="yes", tensors=len(gate), parameters=sum(t.numel for t in gate),
+                          bytes=sum(t.nbytes for t in gate), file=parts["file"],
+                          shape=list(parts["weight"].shape))
+        return rows + [router]
 
     # -- summary --------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:

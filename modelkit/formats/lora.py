@@ -202,6 +202,27 @@ class LoraAdapter:
             cfg["lora_bias"] = True
         return cfg
 
+    def norms(self) -> dict[str, float]:
+        """Frobenius norms pooled over the modules (reads every A and B, in float64):
+        ``B`` = sqrt(sum ||B||^2), zero exactly when every B is all zeros, and ``BA`` =
+        sqrt(sum ||B A||^2), the size of the unscaled update. ``||BA||^2`` is taken as
+        ``sum((B^T B) * (A A^T))`` over r x r Gram matrices, so the out x in product is never
+        formed; NaN for a module whose A and B do not multiply."""
+        sq_b = sq_ba = 0.0
+        for m in self.modules.values():
+            if m.B is None:
+                continue
+            b = self.read(m.B).produce().double()
+            b = b.reshape(b.shape[0], -1)
+            sq_b += float((b * b).sum())
+            if m.A is None:
+                sq_ba = math.nan
+                continue
+            a = self.read(m.A).produce().double()
+            a = a.reshape(a.shape[0], -1)
+            sq_ba += float(((b.T @ b) * (a @ a.T)).sum()) if b.shape[1] == a.shape[0] else math.nan
+        return {"B": math.sqrt(sq_b), "BA": math.sqrt(max(sq_ba, 0.0)) if not math.isnan(sq_ba) else math.nan}
+
     def all_b_zero(self) -> bool:
         """True when every stored LoRA B is all zeros (reads every B)."""
         bs = [m.B for m in self.modules.values() if m.B is not None]

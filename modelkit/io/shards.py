@@ -2,9 +2,10 @@
 plus ``model.safetensors.index.json``, the layout stock transformers loads.
 
 Boundaries are planned from the tensors' shapes with huggingface_hub's splitter before any
-tensor is produced; then each shard's tensors are produced one at a time, written with
-safetensors' ``save_file``, fsynced and released. Peak memory is about one shard
-(``max_shard_size``) plus the inputs of the tensor being computed. Knows no format and no
+tensor is produced; each shard's header is written from that plan, then its tensors are
+produced one at a time and appended by a writer thread as they come
+(:mod:`modelkit.io.safetensors_stream`). Peak memory is a few tensors (``QUEUE``) plus the
+inputs of the ones being computed, whatever ``max_shard_size``. Knows no format and no
 model: a tensor is anything with the :class:`Producer` shape (a
 :class:`~modelkit.formats.view.LazyTensor`).
 """
@@ -16,11 +17,12 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from modelkit.errors import ExportError, ModelkitError
-from modelkit.io.atomic import fsync_file
+from modelkit.io.safetensors_stream import StreamedSafetensors
 from modelkit.io.tensors import DTYPE_BYTES, FLOAT_DTYPES, dtype_name, release_all, torch_dtype
 
 INDEX = "model.safetensors.index.json"
 PATTERN = "model{suffix}.safetensors"
+QUEUE = 4  # tensors produced ahead of the writer thread: the memory it may hold beyond the sources'
 
 
 class Producer(Protocol):
@@ -35,13 +37,6 @@ class Producer(Protocol):
     def numel(self) -> int: ...
 
     def produce_as(self, dtype: Any) -> Any: ...
-
-
-def save_file(tensors, filename, metadata=None):
-    """safetensors' ``save_file`` (a module attribute so tests can simulate a full disk)."""
-    from safetensors.torch import save_file as _save
-
-    _save(tensors, str(filename), metadata=metadata)
 
 
 def check_size(size: int | str) -> None:
@@ -111,59 +106,60 @@ def write_weights(folder: Path, tensors: dict[str, Producer], out_dtype, max_sha
                   progress: bool = True, desc: str = "export") -> dict[str, Any]:
     """Stream ``tensors`` into shards in ``folder``; returns the files, total size and a cast tally.
 
-    One shard's tensors are produced, then written with ``save_file`` and fsynced by a
-    writer thread (file writes and ``os.fsync`` release the GIL) while the next shard is
-    produced: computing and writing overlap, and at most two shards are held. When no
-    tensor is computed (stored tensors, LoRA merges: reading is the cost) each shard is
-    written before the next is produced, so only one shard is held, and the fsync alone
-    runs behind. Every write and fsync has finished, its errors raised, before this returns."""
+    Each shard's header is written from the plan (names, shapes, dtypes known before any
+    tensor exists), then every tensor is produced and handed to a writer thread that
+    appends its bytes straight from its memory (file writes and ``os.fsync`` release the
+    GIL), so computing and writing overlap and memory is about ``QUEUE`` tensors, whatever
+    the shard size. A shard is fsynced by the writer once its last tensor is written; the
+    source files' memory maps are dropped (``release_all``) after each shard. Every write
+    and fsync has finished, its errors raised, before this returns."""
+    from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm.auto import tqdm
 
     files, total = plan_shards(tensors, out_dtype, max_shard_size)
-    overlap = any(lt.compute is not None for lt in tensors.values())
+    outs = {filename: StreamedSafetensors(folder / filename,
+                                          [(n, _target_dtype(tensors[n], out_dtype), tuple(tensors[n].shape))
+                                           for n in names], metadata={"format": "pt"})
+            for filename, names in files.items()}
     weight_map, cast, params = {}, Counter(), 0
+    pending: deque = deque()
 
-    def write(shard: dict, filename: str) -> None:
-        save_file(shard, folder / filename, metadata={"format": "pt"})
-        shard.clear()
-        fsync_file(folder / filename)
+    def settle(limit: int) -> None:  # wait for the oldest writes (raising their errors)
+        while len(pending) > limit:
+            pending.popleft().result()
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="modelkit-write") as writer, \
-            tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress, leave=False) as bar:
-        pending = None
-        for filename, names in files.items():
-            shard, storages = {}, set()
-            for name in names:
-                lt = tensors[name]
-                t = produce(name, lt, out_dtype)
-                if lt.dtype != dtype_name(t.dtype):
-                    cast[f"{lt.dtype}->{dtype_name(t.dtype)}"] += 1
-                ptr = t.untyped_storage().data_ptr()
-                if ptr in storages or t.untyped_storage().nbytes() != t.numel() * t.element_size():
-                    t = t.clone()  # one storage per tensor: safetensors refuses shared memory
-                storages.add(t.untyped_storage().data_ptr())
-                shard[name] = t
-                params += t.numel()
-                weight_map[name] = filename
-                bar.update(t.numel() * t.element_size())
-            if pending is not None:
-                pending.result()  # the previous shard is written (its error raised) first
-                pending = None
-            if overlap:
-                pending = writer.submit(write, shard, filename)
-            else:
-                save_file(shard, folder / filename, metadata={"format": "pt"})
-                pending = writer.submit(fsync_file, folder / filename)
-            del shard
-            release_all()  # unmap the source pages this shard consumed
-        if pending is not None:
-            pending.result()  # raises the last write or fsync error (EIO, ENOSPC)
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="modelkit-write") as writer, \
+                tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress, leave=False) as bar:
+            for filename, names in files.items():
+                out = outs[filename]
+                for name in names:
+                    lt = tensors[name]
+                    t = produce(name, lt, out_dtype)
+                    got, planned = dtype_name(t.dtype), _target_dtype(lt, out_dtype)
+                    if got != planned:
+                        raise ExportError(f"{name} from {lt.origin} is {got}, the view promised {planned}")
+                    if lt.dtype != got:
+                        cast[f"{lt.dtype}->{got}"] += 1
+                    params += t.numel()
+                    weight_map[name] = filename
+                    bar.update(t.numel() * t.element_size())
+                    pending.append(writer.submit(out.write, name, t))
+                    del t
+                    settle(QUEUE)
+                pending.append(writer.submit(out.close))
+                release_all()  # unmap the source pages this shard consumed
+            settle(0)  # raises the last write or fsync error (EIO, ENOSPC)
+    except BaseException:
+        for out in outs.values():  # the writer has stopped: close what it left open
+            out.abandon()
+        raise
     index = {"metadata": {"total_parameters": params, "total_size": total}, "weight_map": weight_map}
     (folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return {"files": list(files), "total_size": total, "cast": dict(cast)}
 
 
-__all__ = ["INDEX", "PATTERN", "Producer", "check_size", "default_dtype", "plan_shards", "produce",
-           "save_file", "write_weights"]
+__all__ = ["INDEX", "PATTERN", "QUEUE", "Producer", "check_size", "default_dtype", "plan_shards", "produce",
+           "write_weights"]

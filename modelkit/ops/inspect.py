@@ -41,6 +41,7 @@ class InspectionReport:
     details: dict[str, Any] = field(default_factory=dict)
     checkpoints: list[str] = field(default_factory=list)
     options: list[dict[str, Any]] = field(default_factory=list)   # the keywords load() accepts for it
+    experts: list[dict[str, Any]] = field(default_factory=list)   # a mixture: per expert + router
 
     @property
     def parameters(self) -> int:
@@ -73,6 +74,7 @@ class InspectionReport:
             "bytes": self.bytes, "groups": self.groups,
             "findings": [f.to_dict() for f in self.findings],
             "details": self.details, "checkpoints": self.checkpoints, "options": self.options,
+            "experts": self.experts,
         }
 
     def to_json(self, **kw) -> str:
@@ -89,6 +91,16 @@ class InspectionReport:
         import pandas as pd
 
         return pd.DataFrame(self.groups)
+
+    def experts_frame(self):
+        """A mixture of adapters (DyLoRA-MoE): one row per expert, then the router (columns
+        ``formats.base.EXPERT_COLUMNS``); empty for any other artifact. ``trained`` is
+        "not checked" unless the inspection was ``deep``."""
+        import pandas as pd
+
+        from modelkit.formats.base import EXPERT_COLUMNS
+
+        return pd.DataFrame(self.experts, columns=list(EXPERT_COLUMNS))
 
     def findings_frame(self):
         import pandas as pd
@@ -117,6 +129,9 @@ class InspectionReport:
             for g in self.groups:
                 lines.append(f"  {g['group']:<10}{_n(g['expected']):>9}{g['present']:>9}{g['missing']:>9}"
                              f"{g['unexpected']:>11}{g['mismatched']:>9}")
+        if self.experts:
+            lines.append("")
+            lines += _experts_lines(self.experts)
         lines.append("")
         if not self.findings:
             lines.append("  no findings")
@@ -126,6 +141,25 @@ class InspectionReport:
                 shown = ", ".join(f.tensors[:3]) + (f" (+{len(f.tensors) - 3} more)" if len(f.tensors) > 3 else "")
                 lines.append(f"          {shown}")
         return "\n".join(lines)
+
+
+def _experts_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The per-expert table as text: norms only when measured (deep)."""
+    deep = any(r.get("norm_B") is not None for r in rows)
+    head = f"  {'expert':<10}{'tensors':>8}{'params':>10}  {'rank':<5}" + \
+        (f"{'norm_B':>10}{'norm_BA':>10}" if deep else "") + "  present; trained"
+    lines = [head]
+    for r in rows:
+        norms = (f"{_g(r.get('norm_B')):>10}{_g(r.get('norm_BA')):>10}" if deep else "")
+        what = r["present"] if r["expert"] != "router" or r["present"] != "yes" else \
+            f"yes: gate {'x'.join(map(str, r['shape']))} in {r['file']}"
+        lines.append(f"  {r['expert']:<10}{r['tensors']:>8}{r['parameters']:>10,}  {r.get('rank') or '-':<5}"
+                     f"{norms}  {what}; trained {r['trained']}")
+    return lines
+
+
+def _g(v) -> str:
+    return "-" if v is None else f"{v:.3g}"
 
 
 def _n(v) -> str:
@@ -198,7 +232,7 @@ def inspect_artifact(artifact: Artifact, deep: bool = False, ref: str | None = N
         ref=ref or str(artifact.folder), folder=str(artifact.folder), format=artifact.format,
         layout=artifact.layout, base_model=base_info, tensors=rows, groups=groups,
         findings=findings, details=artifact.describe(),
-        options=[asdict(o) for o in artifact.options],
+        options=[asdict(o) for o in artifact.options], experts=artifact.expert_rows(deep=deep),
         checkpoints=[str(p) for p in (src.checkpoints if src else [])])
 
 
@@ -225,7 +259,7 @@ def audit(artifact: Artifact, base_art: Artifact | None,
     and shapes are compared: no tensor is produced. Tensors in ``explained`` were already
     reported by the format's own check and are counted but not reported twice.
     """
-    from modelkit.architecture.bridge import classify, expected_tensors, tied_tensors
+    from modelkit.architecture.bridge import classify, fit_tensors
 
     findings: list[Finding] = []
     try:
@@ -241,30 +275,17 @@ def audit(artifact: Artifact, base_art: Artifact | None,
     if config is None:
         findings.append(info("not-checked", "no architecture config available: completeness not checked"))
         return [], findings
-    expected = expected_tensors(config)
-    tied = tied_tensors(config)
-    names = set(view.tensors)
-    missing, mismatched, unexpected = [], [], []
+    fit = fit_tensors(config, {n: tuple(t.shape) for n, t in view.tensors.items()})
+    expected, missing = fit.expected, fit.missing
     groups: dict[str, dict[str, Any]] = defaultdict(
         lambda: {"expected": 0, "present": 0, "missing": 0, "unexpected": 0, "mismatched": 0})
-    for name, exp in expected.items():
-        g = groups[classify(name).role]
-        g["expected"] += 1
-        if name not in names:
-            missing.append(name)
-            g["missing"] += 1
-            continue
-        g["present"] += 1
-        got = tuple(view.tensors[name].shape)
-        if got != tuple(exp.shape):
-            mismatched.append(f"{name}: stored {list(got)}, model needs {list(exp.shape)}")
-            g["mismatched"] += 1
-    for name in sorted(names - set(expected) - set(tied)):
-        unexpected.append(name)
-        groups[classify(name).role]["unexpected"] += 1
-    for t in view.unplaced:
-        unexpected.append(t.name)
-        groups[classify(t.name).role]["unexpected"] += 1
+    unexpected = sorted(fit.unexpected) + [t.name for t in view.unplaced]
+    for column, names in (("expected", expected), ("missing", missing),
+                          ("present", set(expected) - set(missing)), ("unexpected", unexpected),
+                          ("mismatched", [m[0] for m in fit.mismatched])):
+        for name in names:
+            groups[classify(name).role][column] += 1
+    mismatched = fit.mismatch_lines()
     if missing and artifact.file_errors:
         unreadable = ", ".join(Path(e.path).name for e in artifact.file_errors if e.path)
         findings.append(info("not-checked",

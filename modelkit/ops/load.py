@@ -166,7 +166,7 @@ class DenseView:
 def dense_view(artifact: Artifact, base_art: Artifact | None, **options) -> DenseView:
     """The artifact's view held against its architecture: LoadError on anything left over,
     missing or mis-shaped. Reads no tensor data."""
-    from modelkit.architecture.bridge import expected_tensors, tied_tensors
+    from modelkit.architecture.bridge import fit_tensors
 
     view: TensorView = artifact.view(base_art, **options)
     config = artifact.config()
@@ -174,25 +174,18 @@ def dense_view(artifact: Artifact, base_art: Artifact | None, **options) -> Dens
         names = [f"{t.file}:{t.key}" for t in view.unplaced]
         raise LoadError(f"{len(names)} stored tensor(s) have no place in the model and would be "
                         f"dropped: {_few(names)}", artifact.folder)
-    expected = expected_tensors(config)
-    tied = tied_tensors(config)
-    missing = [n for n in expected if n not in view.tensors]
-    unexpected = [n for n in view.tensors if n not in expected and n not in tied]
-    mismatched = [f"{n}: has {list(view.tensors[n].shape)}, model needs {list(e.shape)}"
-                  for n, e in expected.items()
-                  if n in view.tensors and tuple(view.tensors[n].shape) != tuple(e.shape)]
+    fit = fit_tensors(config, {n: tuple(t.shape) for n, t in view.tensors.items()})
     problems = []
-    if missing:
-        problems.append(f"{len(missing)} tensor(s) the model needs are not provided: {_few(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} tensor(s) have no place in the model: {_few(unexpected)}")
-    if mismatched:
-        problems.append(f"{len(mismatched)} tensor(s) have the wrong shape: {_few(mismatched)}")
+    if fit.missing:
+        problems.append(f"{len(fit.missing)} tensor(s) the model needs are not provided: {_few(fit.missing)}")
+    if fit.unexpected:
+        problems.append(f"{len(fit.unexpected)} tensor(s) have no place in the model: {_few(fit.unexpected)}")
+    if fit.mismatched:
+        problems.append(f"{len(fit.mismatched)} tensor(s) have the wrong shape: {_few(fit.mismatch_lines())}")
     if problems:
         raise LoadError("; ".join(problems), artifact.folder)
-    ordered = {n: view.tensors[n] for n in expected}
-    present_tied = [n for n in view.tensors if n in tied]
-    return DenseView(config, ordered, present_tied, list(view.notes))
+    ordered = {n: view.tensors[n] for n in fit.expected}
+    return DenseView(config, ordered, fit.tied_given, list(view.notes))
 
 
 def _few(items: list[str], n: int = 4) -> str:

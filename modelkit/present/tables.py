@@ -195,82 +195,39 @@ def dtype_table(report: Any) -> "Styler | Note":
                   ["dtype", "parameters", "bytes", "tensors"])
 
 
-def experts_frame(report: Any, deep: bool | None = None) -> "pd.DataFrame":
-    """Per expert of a routed mixture (from the report's public data): its stored tensors,
-    parameters, bytes and whether it is trained (``no`` when a finding names its tensors as
-    untrained or empty, ``yes`` when a deep inspection found nothing, ``not checked``
-    otherwise), plus a ``router`` row. Empty for an artifact without experts."""
-    import pandas as pd
-
-    frame = report.to_frame()
-    n = report.details.get("experts") if isinstance(report.details, dict) else None
-    try:
-        n = int(n) if n is not None else None
-    except (TypeError, ValueError):
-        n = None
-    if frame.empty:
-        return pd.DataFrame()
-    frame = frame.assign(expert=[_expert_index(e, name, file) for e, name, file
-                                 in zip(frame.expert, frame.name, frame.file)])
-    lora = frame[frame.role == "lora"]
-    if n is None or (lora.empty and not n):
-        return pd.DataFrame()
-    untrained: dict[int, str] = {}
-    for f in report.findings:
-        if f.code not in ("untrained-adapter", "empty-adapter"):
-            continue
-        named = {_expert_index(None, t, "") for t in f.tensors} | {_expert_index(None, f.file or "", "")}
-        named.discard(None)
-        for e in (named or (set(range(n)) if f.code == "untrained-adapter" else set())):
-            untrained[e] = f.code
-    rows = []
-    for e in range(n):
-        part = lora[lora.expert == e]
-        if e in untrained:
-            trained = f"no ({untrained[e]})"
-        elif part.empty:
-            trained = "no (no tensors stored)"
-        else:
-            trained = "yes" if deep else "not checked (deep off)"
-        rows.append({"expert": str(e), "tensors": len(part), "parameters": int(part.numel.sum()),
-                     "bytes": int(part.bytes.sum()), "trained": trained})
-    router = frame[frame.role == "router"] if "role" in frame else frame.iloc[:0]
-    state = str(report.details.get("router") or ("stored" if len(router) else "not stored"))
-    state = state if state.upper().startswith(("MISSING", "NOT", "NO ")) else f"stored: {state}"
-    rows.append({"expert": "router", "tensors": len(router), "parameters": int(router.numel.sum()),
-                 "bytes": int(router.bytes.sum()), "trained": state})
-    return pd.DataFrame(rows, columns=["expert", "trained", "tensors", "parameters", "bytes"])
-
-
-def _expert_index(value: Any, name: str, file: Any) -> int | None:
-    """The expert a stored tensor belongs to: the report's ``expert`` column, else the
-    ``expert_K`` its name or file carries (how every DyLoRA-MoE save era names them)."""
-    import re
-
-    import pandas as pd
-
-    if value is not None and not pd.isna(value):
-        return int(value)
-    m = re.search(r"expert[_-]?(\d+)", f"{name} {file or ''}")
-    return int(m.group(1)) if m else None
-
-
-def _trained_level(text: Any) -> str | None:
-    text = str(text)
-    if text.startswith("no") or "MISSING" in text.upper():
+def _expert_level(row_trained: Any) -> str | None:
+    text = str(row_trained)
+    if text.startswith("no"):
         return "error"
     if text.startswith("not checked"):
         return "warning"
     return None
 
 
-def experts_table(report: Any, deep: bool | None = None) -> "Styler | Note":
-    frame = experts_frame(report, deep)
+def _present_level(value: Any) -> str:
+    text = str(value)
+    return "" if text == "yes" else f"color:{COLOURS['error']};font-weight:bold"
+
+
+EXPERT_FORMATS = {"tensors": integer, "parameters": integer, "bytes": size, "scaling": number,
+                  "norm_B": number, "norm_BA": number, "shape": shape, "rank": text, "file": text}
+
+
+def experts_table(report: Any) -> "Styler | Note":
+    """Per expert of a mixture (:meth:`InspectionReport.experts_frame`) and its router: a
+    missing router, an empty or unplaceable expert and an all-zero B stand out in red;
+    ``not checked`` (no ``deep``) in amber. The norms appear only when measured."""
+    frame = report.experts_frame()
     if frame.empty:
-        return Note("Not a mixture of experts: no per-expert view.")
-    return styled(frame, {"tensors": integer, "parameters": integer, "bytes": size},
-                  ["expert", "trained", "tensors", "parameters", "bytes"],
-                  level=_trained_level, level_column="trained")
+        return Note("Not a mixture of adapters: no per-expert view.")
+    cols = ["expert", "present", "trained", "tensors", "parameters", "bytes", "rank", "scaling",
+            "norm_B", "norm_BA", "shape", "file"]
+    cols = [c for c in cols if c in ("expert", "present", "trained") or frame[c].notna().any()]
+    deep = frame["norm_B"].notna().any()
+    st = styled(frame, EXPERT_FORMATS, cols, level=_expert_level, level_column="trained",
+                caption=("norm_B = sqrt(Σ‖B‖²), norm_BA = sqrt(Σ‖BA‖²) over each expert's modules (unscaled)"
+                         if deep else "trained needs the tensor data: tick deep to check it"))
+    return st.map(_present_level, subset=["present"])
 
 
 # -- diff ---------------------------------------------------------------------------------

@@ -69,7 +69,7 @@ class InspectPanel(Panel):
     def _show(self, report: "modelkit.InspectionReport") -> None:
         show(self.summary, report.summary())
         show(self.findings, table.findings_table(report))
-        show(self.experts, table.experts_table(report, deep=self.deep.value))
+        show(self.experts, table.experts_table(report))
         show(self.groups, table.groups_table(report))
         show(self.dtypes, table.dtype_table(report))
         self._report = report
