@@ -724,11 +724,12 @@ def disk_to_model(config: "PretrainedConfig | Mapping[str, Any] | Path | str",
     """
     import torch
 
+    from modelkit.io.tensors import torch_dtype
+
     config = _plain_config(_as_config(config))
     if dtype is None:
         dtype = config.dtype if config.dtype is not None else torch.float32
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype.removeprefix("torch."))
+    dtype = torch_dtype(dtype)
     given = list(tensors.keys())
     given_set = set(given)
 

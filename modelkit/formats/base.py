@@ -33,9 +33,9 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, ContextManager
 
 from modelkit import schemas
 from modelkit.errors import (
-    ConfigError,
     CorruptFileError,
     ExportError,
+    FactError,
     ModelkitError,
     UnknownOptionError,
     UnsafePickleError,
@@ -61,6 +61,12 @@ class BaseRef:
     @property
     def available(self) -> bool:
         return self.path is not None
+
+    def record(self) -> dict[str, Any]:
+        """What inspect, load and export record of the base: its name, the folder it was
+        found at (None when not found), how it was resolved and what is needed of it."""
+        return {"name": self.name, "path": str(self.path) if self.path else None, "how": self.how,
+                "needs": self.needs}
 
 
 @dataclass(frozen=True)
@@ -163,10 +169,10 @@ class Artifact(ABC):
 
     def supply(self, **facts: Any) -> None:
         """Facts the artifact does not record, given by the user (e.g. DyLoRA's
-        ``lora_alpha``); ConfigError for a fact this format has no use for."""
+        ``lora_alpha``); FactError for a fact this format has no use for."""
         facts = {k: v for k, v in facts.items() if v is not None}
         if facts:
-            raise ConfigError(f"{self.format} artifacts take no user-supplied {', '.join(sorted(facts))}",
+            raise FactError(f"{self.format} artifacts take no user-supplied {', '.join(sorted(facts))}",
                               self.folder)
 
     # -- file access, confined to the artifact ---------------------------------------

@@ -30,6 +30,7 @@ from modelkit.errors import (
     BaseModelUnavailableError,
     ConfigError,
     ExportError,
+    FactError,
     LoadError,
     ModelkitError,
     UnknownFormatError,
@@ -247,12 +248,12 @@ class DyLoRAArtifact(Artifact):
             try:
                 number = cast(value)
             except (TypeError, ValueError):
-                raise ConfigError(f"{field}={value!r} is not a number", self.folder) from None
+                raise FactError(f"{field}={value!r} is not a number", self.folder) from None
             if number <= 0 or (cast is int and number != value):
-                raise ConfigError(f"{field}={value!r} must be a positive {cast.__name__}", self.folder)
+                raise FactError(f"{field}={value!r} must be a positive {cast.__name__}", self.folder)
             recorded = self._declared(field, f"_dylora_{field}")
             if recorded is not None and float(recorded) != float(number):
-                raise ConfigError(f"{field}={value} was given, but the artifact records {field}={recorded}",
+                raise FactError(f"{field}={value} was given, but the artifact records {field}={recorded}",
                                   self.folder / "config.json")
             if recorded is None:
                 self.supplied[field] = int(number) if cast is int else (int(number) if number == int(number) else number)

@@ -80,8 +80,7 @@ def build_dylora_model(artifact: "Artifact", base_artifact: "Artifact | None" = 
     config = artifact.config()
     if "lm_head.weight" in view.tensors and getattr(config, "tie_word_embeddings", False):
         config.tie_word_embeddings = False  # DyLoRA-MoE unties the head (a stored copy of embed_tokens)
-    if isinstance(dtype, str):
-        dtype = torch_dtype(dtype.removeprefix("torch."))
+    dtype = torch_dtype(dtype)
     dtype = dtype or config.dtype or torch.float32
     producers = {n: t.produce for n, t in view.tensors.items()}
     base_model, info = disk_to_model(config, producers, dtype, shapes={n: t.shape for n, t in view.tensors.items()})

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
-from modelkit.errors import LoadError
+from modelkit.errors import LoadError, MissingFactError
 from modelkit.formats.view import LazyTensor
 from modelkit.io.tensors import StoredTensor
 
@@ -140,7 +140,7 @@ class LoraAdapter:
         when the artifact records no alpha (the merge would be a guess)."""
         alpha, r = self.alpha_of(module), self.rank_of(module)
         if alpha is None:
-            raise LoadError(f"{self.name}: lora_alpha is recorded nowhere in the artifact, so "
+            raise MissingFactError(f"{self.name}: lora_alpha is recorded nowhere in the artifact, so "
                             "the merge scale alpha/r is unknown; give it (lora_alpha=<value>, --lora-alpha)")
         if not r:
             raise LoadError(f"{self.name}: no rank for {module} (no lora_A, no r in the config)")

@@ -79,7 +79,7 @@ def default_dtype(tensors: dict[str, Producer]):
     for lt in tensors.values():
         if lt.dtype in FLOAT_DTYPES:
             weight[lt.dtype] += lt.numel * DTYPE_BYTES[lt.dtype]
-    return torch_dtype(weight.most_common(1)[0][0] if weight else "float32")
+    return torch_dtype(weight.most_common(1)[0][0] if weight else "float32", floating=True)
 
 
 def produce(name: str, lt: Producer, out_dtype):

@@ -30,7 +30,7 @@ from modelkit.errors import ExportError, guarded
 from modelkit.formats import Artifact
 from modelkit.io import shards
 from modelkit.io.atomic import atomic_folder
-from modelkit.io.tensors import dtype_name, recording_reads
+from modelkit.io.tensors import dtype_name, recording_reads, torch_dtype
 from modelkit.ops.export_files import (
     copy_generation_config,
     copy_tokenizer,
@@ -38,7 +38,7 @@ from modelkit.ops.export_files import (
     write_summary_record,
 )
 from modelkit.ops.inspect import human_bytes
-from modelkit.ops.load import DenseView, check_artifact, dense_view, open_for_load, split_consumed, torch_dtype_of
+from modelkit.ops.load import DenseView, check_artifact, dense_view, open_for_load, split_consumed
 from modelkit.ops.open import split_facts
 
 
@@ -132,12 +132,12 @@ def export(ref: Any, out: str | Path, base: Any = None, dtype: Any = None,
     result = ExportResult(ref=str(ref), out=str(Path(out).expanduser().absolute()),
                           format=artifact.format, layout=artifact.layout)
     targets = artifact.export_targets(expert)  # the format says which dense models it is
-    out_dtype = torch_dtype_of(dtype)
+    out_dtype = torch_dtype(dtype, floating=True)
     shards.check_size(max_shard_size)
     protect = [artifact.folder, artifact.trust_root] + ([base_art.folder] if base_art else [])
     result.source_fingerprint = artifact.fingerprint
     result.options = {"base": str(base) if base is not None else None,
-                      "dtype": str(out_dtype).removeprefix("torch.") if out_dtype else None,
+                      "dtype": dtype_name(out_dtype) if out_dtype else None,
                       "max_shard_size": max_shard_size, "expert": expert, "verify": verify,
                       "allow_untrained": allow_untrained, **{k: v for k, v in format_options.items()
                                                             if k != "expert"}}

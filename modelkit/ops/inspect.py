@@ -5,6 +5,8 @@ such as all-zero LoRA B matrices). Never writes anything.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -184,8 +186,26 @@ def inspect(ref: str | Path, base: str | Path | None = None, deep: bool = False,
     format, unreadable config); unreadable weight files become ``corrupt-file`` /
     ``unsafe-pickle`` findings so the rest is still reported.
     """
-    artifact = open_artifact(ref, base=base, facts=facts)
-    return inspect_artifact(artifact, deep=deep, ref=str(ref))
+    with _collector_paused():
+        artifact = open_artifact(ref, base=base, facts=facts)
+        return inspect_artifact(artifact, deep=deep, ref=str(ref))
+
+
+@contextlib.contextmanager
+def _collector_paused():
+    """Pause CPython's cyclic garbage collector while the listing is built. A real MoE
+    checkpoint lists 10^4-10^5 tensors, each a few small live objects; every collection
+    walks all of them again, which made inspect's time grow faster than its tensor count
+    (a third of the time of a 144-file compressed checkpoint). Reference counting still
+    frees what the call drops; only reference cycles made during the call wait for the
+    collector, which runs again when the block ends (a caller that had paused it keeps it paused)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def inspect_artifact(artifact: Artifact, deep: bool = False, ref: str | None = None) -> InspectionReport:
@@ -198,7 +218,7 @@ def inspect_artifact(artifact: Artifact, deep: bool = False, ref: str | None = N
     base_art = None
     if artifact.base is not None:
         b = artifact.base
-        base_info = {"name": b.name, "path": str(b.path) if b.path else None, "how": b.how, "needs": b.needs}
+        base_info = b.record()
         findings.append(info("base-required",
                              f"needs the {b.needs} of its base model {b.name!r}"
                              + (f", found at {b.path}" if b.path else "")))

@@ -24,7 +24,7 @@ from modelkit.formats import Artifact
 from modelkit.formats.base import BuiltModel
 from modelkit.formats.view import LazyTensor, TensorView
 from modelkit.io.files import check_files
-from modelkit.io.tensors import recording_reads
+from modelkit.io.tensors import dtype_name, recording_reads, torch_dtype
 from modelkit.ops.open import open_artifact, open_base, split_facts
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
@@ -200,25 +200,6 @@ def split_consumed(artifact: Artifact, seen: set[tuple[str, str]]) -> tuple[list
     return used, unused
 
 
-def torch_dtype_of(dtype: Any):
-    """``"bfloat16"`` / ``torch.bfloat16`` / None -> torch dtype or None."""
-    import torch
-
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    name = str(dtype).removeprefix("torch.")
-    if name in ("fp32", "float"):
-        name = "float32"
-    if name in ("bf16",):
-        name = "bfloat16"
-    if name in ("fp16", "half"):
-        name = "float16"
-    value = getattr(torch, name, None)
-    if not isinstance(value, torch.dtype) or not value.is_floating_point:
-        raise LoadError(f"unknown floating dtype {dtype!r}; use float32, bfloat16 or float16")
-    return value
-
-
 # --------------------------------------------------------------------------- load
 
 
@@ -245,7 +226,7 @@ def load(ref: Any, base: Any = None, dtype: Any = None, device: str | None = Non
     if not merge:
         format_options["merge"] = False
     options = artifact.accept_options(format_options)  # typed error listing what this format accepts
-    tdtype = torch_dtype_of(dtype)
+    tdtype = torch_dtype(dtype, floating=True)
     findings = check_artifact(artifact, base_art, allow_untrained=allow_untrained)
 
     def load_dense(art: Artifact) -> BuiltModel:  # what a format building on a base loads it with
@@ -259,8 +240,8 @@ def load(ref: Any, base: Any = None, dtype: Any = None, device: str | None = Non
     model = built.model
     report = LoadReport(ref=str(ref), folder=str(artifact.folder), format=artifact.format,
                         layout=artifact.layout, mode=built.mode,
-                        dtype=str(tdtype or model.dtype).removeprefix("torch."),
-                        base=_base_info(artifact), options=dict(built.options), origins=dict(built.origins),
+                        dtype=dtype_name(tdtype or model.dtype),
+                        base=artifact.base.record() if artifact.base else None, options=dict(built.options), origins=dict(built.origins),
                         tied=list(built.tied), notes=list(built.notes),
                         warnings=[f"{f.code}: {f.message}" for f in findings + list(built.findings)])
     report.consumed, report.unused = split_consumed(artifact, seen)
@@ -287,13 +268,6 @@ def _supplied(artifact: Artifact, base: Any) -> dict[str, Any]:
     return out
 
 
-def _base_info(artifact: Artifact) -> dict[str, Any] | None:
-    b = artifact.base
-    if b is None:
-        return None
-    return {"name": b.name, "path": str(b.path) if b.path else None, "how": b.how, "needs": b.needs}
-
-
 def load_dense_model(dv: DenseView, dtype, device: str | None = None):
     """``disk_to_model`` over a checked dense view; LoadError unless every tensor landed."""
     from modelkit.architecture.bridge import disk_to_model
@@ -317,7 +291,7 @@ def _dense(artifact: Artifact, base_art: Artifact | None, dtype, **options) -> B
     """The artifact's checked dense view filled into its standard model."""
     dv = dense_view(artifact, base_art, **options)
     if dtype is None:
-        dtype = torch_dtype_of(getattr(dv.config, "dtype", None) or "float32")
+        dtype = torch_dtype(getattr(dv.config, "dtype", None) or "float32", floating=True)
     model = load_dense_model(dv, dtype)
     return BuiltModel(model, "dense", dict(options), {n: t.origin for n, t in dv.tensors.items()},
                       notes=list(dv.notes), tied=list(dv.tied))

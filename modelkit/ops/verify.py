@@ -180,7 +180,8 @@ def verify_export(folder: Path, ref: Any, artifact: "Artifact", target: "ExportT
     ``options``: the export's format options and supplied facts."""
     import torch
 
-    from modelkit.ops.load import load, torch_dtype_of
+    from modelkit.io.tensors import torch_dtype
+    from modelkit.ops.load import load
 
     opts = {k: v for k, v in (options or {}).items() if k not in target.options}
     common = {"base": base, "allow_untrained": allow_untrained, **opts}
@@ -195,7 +196,7 @@ def verify_export(folder: Path, ref: Any, artifact: "Artifact", target: "ExportT
     rounded = None
     if dtype != "float32":  # the source's weights rounded the same way: must agree exactly
         rounded = load(ref, dtype=torch.float32, **common, **target.options).model
-        low = torch_dtype_of(dtype)
+        low = torch_dtype(dtype, floating=True)
         with torch.no_grad():
             for p in rounded.parameters():
                 p.copy_(p.to(low).to(p.dtype))

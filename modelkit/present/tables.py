@@ -271,6 +271,20 @@ def diff_groups_table(frame: "pd.DataFrame", what: str) -> "Styler | Note":
     return styled(frame, {**DIFF_FORMATS, **{c: integer for c in counts}}, cols)
 
 
+def diff_experts_table(result: Any) -> "Styler | Note":
+    """A mixture (DyLoRA-MoE): one row per expert (its dense view against the other side)
+    and the router (:meth:`DiffResult.by_expert`); otherwise the pooled change per layer and
+    projection of the MoE experts (a compressed MoE's reconstruction error)."""
+    if not result.parts:
+        return diff_groups_table(result.by_projection(), "layer and projection (MoE experts)")
+    frame = result.by_expert()
+    level = {"changed": "neutral", "unchanged": "warning", "not stored": "error", "incomplete": "warning"}
+    return styled(frame, {"tensors": integer, "changed": integer, "rel_change": number},
+                  ["part", "verdict", "rel_change", "changed", "tensors"], level=level.get, level_column="verdict",
+                  caption="per expert: its dense view (expert merged into the base) against the other side; "
+                          "'unchanged': the expert changes nothing")
+
+
 # -- compare ------------------------------------------------------------------------------
 
 COMPARE_COLUMNS = ["task", "metric", "verdict", "base", "trained", "delta", "ci_low", "ci_high",

@@ -213,6 +213,25 @@ def _layer_name(layer: int, proj: str, key: str) -> str:
     return f"{pre}.{key}"
 
 
+_FILE_PARTS = frozenset(("core", "bias") + WRAPPER_PARTS)
+
+
+def _layer_file_part(layer: int, proj: str, key: str) -> tuple[int, str | None, int | None, str] | None:
+    """``parse_compressed_name(_layer_name(layer, proj, key))``, without building and
+    matching the name for the keys torch.save writes (``core``, ``biases``,
+    ``wrappers.{e}.{part}``, ``biases.{e}``): a real checkpoint has 10^5 of them."""
+    if "." not in proj:
+        parts = key.split(".")
+        if len(parts) == 1 and parts[0] in ("core", "biases"):
+            return layer, proj, None, parts[0]
+        if len(parts) >= 2 and parts[1].isascii() and parts[1].isdigit():
+            if len(parts) == 3 and parts[0] == "wrappers" and parts[2] in _FILE_PARTS:
+                return layer, proj, int(parts[1]), parts[2]
+            if len(parts) == 2 and parts[0] == "biases":
+                return layer, proj, int(parts[1]), "bias"
+    return parse_compressed_name(_layer_name(layer, proj, key))
+
+
 # --------------------------------------------------------------------------- one compressed projection
 
 
@@ -526,14 +545,15 @@ class CompressedMoEArtifact(Artifact):
         """Every compressed part found (layer files first, then in-memory names in
         ``non_moe_weights.pt``), grouped by (layer, projection)."""
         out: dict[tuple[int, str | None], CompressedLayer] = {}
+        by_file = {rel: key for key, rel in self.layer_files.items()}
         for t in self._stored:
             if t.name.startswith(EXTRACTED + ".") or t.file == TRAINER_WEIGHTS:
                 continue  # the Trainer's second copy: see trainer_parts
-            parsed = parse_compressed_name(t.name)
             from_file = t.file != NON_MOE
+            parsed = _layer_file_part(*by_file[t.file], t.key) if from_file else parse_compressed_name(t.name)
             if parsed is None:
                 if from_file:  # an unknown key of a layer file
-                    layer, proj = next(k for k, rel in self.layer_files.items() if rel == t.file)
+                    layer, proj = by_file[t.file]
                     self._group(out, layer, proj, t.file).other.append(t)
                 continue
             layer, proj, e, part = parsed
@@ -545,7 +565,9 @@ class CompressedMoEArtifact(Artifact):
 
     @staticmethod
     def _group(out, layer, proj, file) -> CompressedLayer:
-        g = out.setdefault((layer, proj), CompressedLayer(layer, proj))
+        g = out.get((layer, proj))
+        if g is None:  # not setdefault: that would build a CompressedLayer per tensor
+            g = out[(layer, proj)] = CompressedLayer(layer, proj)
         if file is not None and g.file is None:
             g.file = file
         return g

@@ -9,10 +9,13 @@ import ipywidgets as widgets
 import modelkit
 from modelkit.present import tables as table
 from modelkit.ui.widgets._base import (
+    FACTS_HELP,
     InvalidInput,
     Panel,
     RunButton,
     optional,
+    options_text,
+    parse_facts,
     show,
     tabs,
 )
@@ -24,11 +27,15 @@ class InspectPanel(Panel):
     """:func:`modelkit.inspect` as a widget; the last report is ``result``."""
 
     def __init__(self, root: str | Path | None = None, ref: str | Path | None = None,
-                 base: str | Path | None = None, deep: bool = False):
+                 base: str | Path | None = None, deep: bool = False, facts: dict | None = None):
         self.picker = ArtifactPicker(root, ref)
         self.base = widgets.Text(value=str(base or ""), description="base",
                                  placeholder="optional: base model folder or ref (overrides the recorded one)",
                                  layout=widgets.Layout(width="60%"))
+        self.facts = widgets.Text(value=options_text(facts),
+                                  description="facts", placeholder=f"optional: {FACTS_HELP}",
+                                  layout=widgets.Layout(width="60%"))
+        self.facts.add_class("mk-facts")
         self.deep = widgets.Checkbox(value=deep, description="deep (also read tensor data: finds untrained adapters)",
                                      layout=widgets.Layout(width="60%"))
         self.summary = widgets.Output()
@@ -49,7 +56,7 @@ class InspectPanel(Panel):
         self.runner = RunButton("Inspect", self._inspect, self._show, icon="search",
                                 tooltip="inspect the picked artifact (headers only unless deep)",
                                 verdict=verdict_of)
-        super().__init__([self.picker, self.base, self.deep, self.runner,
+        super().__init__([self.picker, self.base, self.facts, self.deep, self.runner,
                           tabs(findings=self.findings, experts=self.experts, groups=self.groups,
                                tensors=self.tensors, summary=self.summary)])
         self.add_class("mk-inspect")
@@ -64,7 +71,8 @@ class InspectPanel(Panel):
         ref = self.picker.value
         if ref is None:
             raise InvalidInput("Pick an artifact from the list or type a ref.")
-        return modelkit.inspect(ref, base=optional(self.base.value), deep=self.deep.value)
+        return modelkit.inspect(ref, base=optional(self.base.value), deep=self.deep.value,
+                                facts=parse_facts(self.facts.value))
 
     def _show(self, report: "modelkit.InspectionReport") -> None:
         show(self.summary, report.summary())
