@@ -162,23 +162,24 @@ CHILDREN = {"setup_moe": child_setup_moe, "setup_lora": child_setup_lora, "ours"
             "baseline_moe": child_baseline_moe, "baseline_lora": child_baseline_lora, "idle": child_idle}
 
 
-def _child_main(role: str, args: str) -> None:
+def _child_main(role: str, args: str, children: dict | None = None) -> None:
     kwargs = json.loads(args)
     for k in ("work",):
         if k in kwargs:
             kwargs[k] = Path(kwargs[k])
-    out = CHILDREN[role](**kwargs)
+    out = (children or CHILDREN)[role](**kwargs)
     print("RESULT " + json.dumps(out), flush=True)
 
 
 # --------------------------------------------------------------------------- parent
 
 
-def run_child(role: str, **kwargs) -> dict:
-    """Run one side in a fresh interpreter; its result plus wall seconds and peak RSS."""
+def run_child(role: str, *, script: Path = HERE, **kwargs) -> dict:
+    """Run one side in a fresh interpreter (``script _child ROLE ARGS``, this file by
+    default); its result plus wall seconds and peak RSS."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     t = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, str(HERE), "_child", role, json.dumps(kwargs, default=str)],
+    proc = subprocess.Popen([sys.executable, str(script), "_child", role, json.dumps(kwargs, default=str)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t

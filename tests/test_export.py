@@ -266,6 +266,28 @@ def test_low_precision_verify_catches_a_dropped_merge(catalog, tmp_path, monkeyp
     assert v["rounded_max_abs_diff"] > 1e-5
 
 
+def test_verify_reads_the_source_once_more_than_the_export(catalog, tmp_path, monkeypatch):
+    """A verified bf16 export of an adapter reads each base tensor twice: once for the export,
+    once for the reference (its rounded form is made from that same reference)."""
+    from collections import Counter
+
+    import modelkit.io.tensors as tensors
+
+    reads, real = Counter(), tensors._note_read
+
+    def note(path, key):
+        reads[(str(path), key)] += 1
+        real(path, key)
+
+    monkeypatch.setattr(tensors, "_note_read", note)
+    base = str(modelkit.open_artifact(catalog["peft-lora"]).base.path)
+    result = modelkit.export(catalog["peft-lora"], tmp_path / "out", dtype="bfloat16", verify=True,
+                             progress=False)
+    assert result.ok and result.verification["rounded_max_abs_diff"] == 0.0
+    per_tensor = Counter(n for (path, _), n in reads.items() if path.startswith(base))
+    assert per_tensor and set(per_tensor) == {2}, per_tensor
+
+
 def test_failed_verification_writes_nothing(catalog, tmp_path):
     out = tmp_path / "strict"
     result = modelkit.export(catalog["peft-lora"], out, dtype="bfloat16", verify=True,
@@ -654,3 +676,57 @@ def test_cli_export(catalog, tmp_path, capsys):
                  "--max-shard-size", "50KB", "--verify"]) == 0
     text = capsys.readouterr().out
     assert "max |logit diff|" in text and "verify OK" in text
+
+
+# -- the model card: lineage a Hub reader sees ----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tied_gemma(tmp_path_factory) -> Path:
+    from modelkit.testing import write_plain_hf
+
+    return write_plain_hf(tmp_path_factory.mktemp("tied") / "gemma", "gemma", dtype=torch.bfloat16)
+
+
+def test_export_writes_a_model_card_naming_its_base_model(tmp_path, tied_gemma):
+    from huggingface_hub import ModelCard
+
+    from modelkit.testing import write_dylora
+
+    src = write_dylora(tmp_path / "run", "c", tied_gemma, base_name="google/codegemma-2b")
+    out = tmp_path / "expert1"
+    result = modelkit.export(src, out, base=tied_gemma, expert=1, verify=True, progress=False)
+    assert result.ok and result.written, result.summary()
+    card = ModelCard.load(out / "README.md")                    # the Hub's own reader
+    assert card.data.base_model == "google/codegemma-2b" and card.data.base_model_relation == "finetune"
+    assert "modelkit-export" in card.data.tags and card.data.library_name == "transformers"
+    assert "DyLoRA-MoE expert 1 merged into the base" in card.text
+    assert "**Verified**: yes: logits" in card.text
+    assert str(tmp_path) not in (out / "README.md").read_text()   # no local path in a shareable card
+
+
+def test_a_base_recorded_as_a_folder_stays_out_of_the_card_metadata(tmp_path, tied_gemma):
+    from huggingface_hub import ModelCard
+
+    from modelkit.testing import write_dylora
+
+    src = write_dylora(tmp_path / "run", "b", tied_gemma)      # records the base by its absolute path
+    result = modelkit.export(src, tmp_path / "all", expert="all", progress=False)
+    assert result.written
+    for k in (0, 1):
+        text = (tmp_path / "all" / f"expert_{k}" / "README.md").read_text()
+        card = ModelCard(text)
+        assert card.data.base_model is None and "a local folder, not a Hub id" in text
+        assert "**Verified**: no (exported without verify)" in text and str(tmp_path) not in text
+    top = (tmp_path / "all" / "README.md").read_text()
+    assert "`expert_0/`: not verified" in top and "`expert_1/`" in top
+
+
+def test_a_self_contained_checkpoint_gets_a_card_without_lineage(tmp_path):
+    from huggingface_hub import ModelCard
+
+    from modelkit.testing import write_plain_hf
+
+    src = write_plain_hf(tmp_path / "plain")
+    modelkit.export(src, tmp_path / "out", progress=False)
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert card.data.base_model is None and "not recorded by the artifact" in card.text

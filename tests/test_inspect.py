@@ -236,3 +236,22 @@ def test_cli_prints_the_per_expert_table(catalog, capsys):
     assert main(["inspect", str(catalog["dylora-b"])]) == 0
     out = capsys.readouterr().out
     assert "not checked (deep off)" in out and "norm_BA" not in out
+
+
+def test_the_parameter_tree_totals_each_node_and_follows_the_search(catalog):
+    import html as html_module
+    import re
+
+    from modelkit.present.tables import parameter_tree
+
+    report = modelkit.inspect(catalog["plain-qwen3-moe-sharded"])
+    tree = parameter_tree(report)
+    layer0 = [t for t in report.tensors if t["name"].startswith("model.layers.0.")]
+    params = sum(t["numel"] for t in layer0)
+    text = re.sub(r"\s+", " ", html_module.unescape(re.sub(r"<[^>]+>", " ", tree._repr_html_())))
+    assert f"0 {len(layer0)} tensors · {params:,} params" in text           # the node of layer 0
+    total = sum(t["numel"] for t in report.tensors if t["name"].startswith("model."))
+    assert f"model {sum(t['name'].startswith('model.') for t in report.tensors)} tensors · {total:,} params" in text
+    found = parameter_tree(report, "layers.1. q_proj")
+    assert "1 of" in found and "<details class='mk-node' open" in found and "k_proj" not in found
+    assert "No stored tensor matches" in parameter_tree(report, "no-such-tensor")

@@ -141,6 +141,7 @@ def test_inspect_panel_shows_each_expert_and_a_missing_router(root):
     text = html.unescape(output_text(panel.experts))
     assert "expert_0" in text and "expert_1" in text and "norm_BA" in text
     assert "MISSING (no trained router in the artifact)" in text
+    assert "mk-tree" in output_text(panel.tree) and "lora_B" in output_text(panel.tree)
     panel.deep.value = False
     panel.run()
     text = html.unescape(output_text(panel.experts))

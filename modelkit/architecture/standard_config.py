@@ -27,15 +27,14 @@ def write_standard_config(folder: Path, config, dtype: str) -> None:
 
 
 def causal_lm_class_name(config) -> str:
-    """The class stock ``AutoModelForCausalLM`` builds for ``config``."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    """The class stock ``AutoModelForCausalLM`` builds for ``config``, by name: transformers'
+    name table, so the modeling code (seconds of imports) is not loaded just for a string."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    try:
-        cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    except KeyError:
-        raise ExportError(f"transformers has no causal-LM model for model_type {config.model_type!r}") from None
-    if isinstance(cls, (list, tuple)):
-        names = [c.__name__ for c in cls]
+    names = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
+    if names is None:
+        raise ExportError(f"transformers has no causal-LM model for model_type {config.model_type!r}")
+    if isinstance(names, (list, tuple)):
         wanted = [a for a in (getattr(config, "architectures", None) or []) if a in names]
         return wanted[0] if wanted else names[0]
-    return cls.__name__
+    return names

@@ -55,6 +55,7 @@ from modelkit.formats.peft_lora import (
 )
 from modelkit.formats.view import TensorView, stored_tensor
 from modelkit.io import files
+from modelkit.io.checkpoints import checkpoint_folders, checkpoint_step
 from modelkit.io.tensors import MAX_HEADER_BYTES, PickleFile, StoredTensor, check_inside
 
 MODEL_TYPE = "dylora-moe"
@@ -69,7 +70,6 @@ TRAINER_FILES = ("training_args.bin", "optimizer.pt", "scheduler.pt", "rng_state
 ROUTER_DEFAULTS = {"temperature": 2.0, "top_k": 1}  # DyLoRA-MoE's training temperature; top-1 at evaluation
 _EXPERT = re.compile(r"^expert_(\d+)$")
 _EXPERT_FILE = re.compile(r"^expert_(\d+)\.(?:pt|bin)$")
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 @dataclass
@@ -155,17 +155,11 @@ def _expert_of(t: StoredTensor) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _step(p: Path) -> int:
-    m = _CHECKPOINT.match(p.name)
-    return int(m.group(1)) if m else -1
-
-
 def inner_folder(root: Path) -> tuple[Path, str] | None:
     """In a W&B artifact root: ``best_model/`` or else the newest DyLoRA ``checkpoint-*/``."""
     if not root.is_dir():
         return None
-    candidates = [root / "best_model"] + sorted(
-        (p for p in root.glob("checkpoint-*") if p.is_dir()), key=_step, reverse=True)
+    candidates = [root / "best_model"] + checkpoint_folders(root)[::-1]
     for p in candidates:
         kind = detect_kind(p)
         if kind is not None:
@@ -211,7 +205,7 @@ class DyLoRAArtifact(Artifact):
     def run_config(self) -> dict[str, Any] | None:
         """A checkpoint's architecture from its run: ``../best_model/config.json`` when that is a
         full DyLoRA base config (the same run wrote both); used only when the base is unavailable."""
-        if not _CHECKPOINT.match(self.folder.name) or not (self.folder / SIBLING_CONFIG).is_file():
+        if checkpoint_step(self.folder) is None or not (self.folder / SIBLING_CONFIG).is_file():
             return None
         check_inside(self.folder.parent, self.folder / SIBLING_CONFIG)
         cfg = _json_or_empty(self.folder / SIBLING_CONFIG)
@@ -329,7 +323,7 @@ class DyLoRAArtifact(Artifact):
         In layout a the trainer writes ``dylo_moe_state/`` into the results root after
         reloading the best model, so the sibling belongs to ``best_model/`` only: a
         ``checkpoint-N/`` beside it has its own ``router.gate.*`` (FORMATS.md §3.1)."""
-        sibling = self.kind == "a" and not _CHECKPOINT.match(self.folder.name)
+        sibling = self.kind == "a" and checkpoint_step(self.folder) is None
         options = [STATE_DIR] + ([f"../{STATE_DIR}"] if sibling else [])
         return next((rel for rel in options if (self.folder / rel).is_dir()), None)
 
@@ -1044,9 +1038,8 @@ class DyLoRAArtifact(Artifact):
         """The training step this was saved at, when recorded."""
         if isinstance(self.cfg.get("_dylora_checkpoint_step"), int):
             return self.cfg["_dylora_checkpoint_step"]
-        m = _CHECKPOINT.match(self.folder.name)
-        if m:
-            return int(m.group(1))
+        if checkpoint_step(self.folder) is not None:
+            return checkpoint_step(self.folder)
         state = _json_or_empty(self.folder / "trainer_state.json")
         return state.get("global_step") if isinstance(state.get("global_step"), int) else None
 

@@ -5,14 +5,15 @@ of the base architecture (no custom fields, no ``auto_map``), ``generation_confi
 when the source has one, the tokenizer files, ``model-0000i-of-0000N.safetensors`` +
 ``model.safetensors.index.json`` in the on-disk key space (per-expert names for MoE), and
 ``modelkit_export.json`` recording source, fingerprint, options, what was merged or
-materialized and the verification result.
+materialized and the verification result, and a ``README.md`` model card whose metadata
+names the base model (``base_model``: the lineage the Hub shows; :mod:`modelkit.ops.model_card`).
 
 This module orchestrates; each job lives with its layer: the dense models to write are the
 format's (:meth:`~modelkit.formats.base.Artifact.export_targets`), shards are planned and
 streamed by :mod:`modelkit.io.shards` (peak memory about one shard), the config is cleaned by
-:mod:`modelkit.architecture.standard_config`, tokenizer and record files are
+:mod:`modelkit.architecture.standard_config`, tokenizer, record and model card are
 :mod:`modelkit.ops.export_files`, the comparison with the source is
-:func:`modelkit.ops.verify.verify_export`. Atomic: everything is written into a temporary
+:mod:`modelkit.ops.verify` (its reference chosen by the target). Atomic: everything is written into a temporary
 folder beside OUT (:mod:`modelkit.io.atomic`), fsynced, verified when asked, and renamed to
 OUT at the end.
 """
@@ -124,7 +125,7 @@ def export(ref: Any, out: str | Path, base: Any = None, dtype: Any = None,
     ``force``) or another ModelkitError; a failure leaves neither ``out`` nor a
     temporary folder behind.
     """
-    from modelkit.ops.verify import verify_export
+    from modelkit.ops.verify import source_reference, verify_folder
 
     t0 = time.perf_counter()
     facts, format_options = split_facts(format_options)
@@ -160,12 +161,13 @@ def export(ref: Any, out: str | Path, base: Any = None, dtype: Any = None,
                                     options={**result.options, **target.options})
                 _write_folder(folder, artifact, base_art, dv, out_dtype, max_shard_size, part, progress)
                 if verify:
-                    v = verify_export(folder, ref, artifact, target, part.dtype, base=base,
-                                      allow_untrained=allow_untrained, options={**format_options, **facts},
-                                      tolerance=tolerance)
+                    options = {"base": base, **format_options, **facts}
+                    v = verify_folder(folder, lambda: source_reference(ref, artifact, target,
+                                                                       allow_untrained=allow_untrained, **options),
+                                      dtype=part.dtype, tolerance=tolerance)
                     part.verification, part.ok = v.to_dict(), v.ok
                 part.seconds = time.perf_counter() - t0
-                write_record(folder, part, artifact, target)
+                write_record(folder, part, artifact, target)  # and the model card
                 parts.append(part)
             if len(targets) > 1:
                 result.experts = parts

@@ -14,6 +14,7 @@ from modelkit.formats import Artifact
 from modelkit.formats.base import ExportTarget
 from modelkit.io import files
 from modelkit.ops.load import tokenizer_folder
+from modelkit.ops.model_card import CARD, mixture_card_text, write_model_card
 
 if TYPE_CHECKING:  # pragma: no cover
     from modelkit.ops.export import ExportResult
@@ -59,7 +60,7 @@ def copy_tokenizer(folder: Path, artifact: Artifact, base_art: Artifact | None) 
 
 
 def write_record(folder: Path, part: "ExportResult", artifact: Artifact, target: ExportTarget) -> None:
-    """``modelkit_export.json`` of one exported folder."""
+    """``modelkit_export.json`` and the ``README.md`` model card of one exported folder."""
     import modelkit
 
     record = {
@@ -84,11 +85,12 @@ def write_record(folder: Path, part: "ExportResult", artifact: Artifact, target:
         "verification": part.verification,
     }
     (folder / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
+    write_model_card(folder, part, artifact, record["merged"])
 
 
 def write_summary_record(folder: Path, result: "ExportResult", parts: list["ExportResult"],
                          artifact: Artifact) -> None:
-    """``modelkit_export.json`` of a folder holding one exported folder per part."""
+    """``modelkit_export.json`` and the model card of a folder holding one exported folder per part."""
     import modelkit
 
     record = {"modelkit_version": modelkit.__version__,
@@ -98,3 +100,4 @@ def write_summary_record(folder: Path, result: "ExportResult", parts: list["Expo
               "experts": {Path(p.out).name: {"ok": p.ok, "verification": p.verification} for p in parts},
               "note": "a routed mixture is not one dense model: one standard folder per expert"}
     (folder / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
+    (folder / CARD).write_text(mixture_card_text(result, parts, artifact), encoding="utf-8")

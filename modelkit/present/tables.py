@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from modelkit.verdicts import Verdict
@@ -193,6 +194,70 @@ def dtype_table(report: Any) -> "Styler | Note":
     agg = agg.sort_values("bytes", ascending=False)
     return styled(agg, {"tensors": integer, "parameters": integer, "bytes": size},
                   ["dtype", "parameters", "bytes", "tensors"])
+
+
+class Html(str):
+    """A block of HTML (no script: it reads the same in a panel and in a report opened offline)."""
+
+    def _repr_html_(self) -> str:
+        return str(self)
+
+
+TREE_MAX_TENSORS = 5000   # a larger tree is cut (the table and the search still have every tensor)
+
+
+def parameter_tree(report: Any, search: str = "") -> "Html | Note":
+    """The stored tensors as a tree of their dotted names (``model`` > ``layers`` > ``0`` > ...),
+    each node with its parameters, bytes and dtypes, as the Hub's safetensors viewer shows;
+    collapsible ``<details>`` elements, opened down to the matches when ``search`` is given."""
+    frame = tensor_frame(report, search)
+    if frame.empty:
+        return Note(f"No stored tensor matches {search!r}." if search else "No stored tensors.")
+    cut = len(frame) > TREE_MAX_TENSORS
+    frame = frame.head(TREE_MAX_TENSORS)
+    root: dict[str, Any] = {}
+    for r in frame.itertuples(index=False):
+        node = root
+        for part in str(r.name).split("."):
+            node = node.setdefault(part, {})
+        node[""] = r   # the tensor itself
+    opened = bool(search.strip())
+
+    def totals(node: dict[str, Any]) -> tuple[int, int, int, set[str]]:
+        if "" in node:
+            t = node[""]
+            return 1, int(t.numel), int(t.bytes), {str(t.dtype)}
+        k = n = b = 0
+        dtypes: set[str] = set()
+        for child in node.values():
+            ck, cn, cb, cd = totals(child)
+            k, n, b, dtypes = k + ck, n + cn, b + cb, dtypes | cd
+        return k, n, b, dtypes
+
+    def render(name: str, node: dict[str, Any], depth: int) -> str:
+        k, n, b, dtypes = totals(node)
+        facts = f"{n:,} params · {human_bytes(b)} · {', '.join(sorted(dtypes))}"
+        if "" in node:
+            t = node[""]
+            return (f"<div class='mk-leaf' style='margin-left:1.2em;white-space:nowrap'><code>{html.escape(name)}</code> "
+                    f"<span style='color:#555'>{shape(list(t.shape))} · {facts}</span></div>")
+        children = sorted(node.items(), key=lambda kv: _natural(kv[0]))
+        inner = "".join(render(k, v, depth + 1) for k, v in children)
+        is_open = " open" if opened or depth == 0 else ""
+        return (f"<details class='mk-node'{is_open} style='margin-left:{0 if depth == 0 else 1.2}em'>"
+                f"<summary style='white-space:nowrap'><code>{html.escape(name)}</code> "
+                f"<span style='color:#555'>{k} tensor{'s' if k != 1 else ''} · {facts}</span></summary>{inner}</details>")
+
+    body = "".join(render(k, v, 0) for k, v in root.items())
+    head = (f"<p style='margin:4px 0;color:#444'><i>{len(frame)} of {len(report.tensors)} stored tensors"
+            + (f" (the first {TREE_MAX_TENSORS}: narrow the search for the rest)" if cut else "")
+            + "; click a name to open it</i></p>")
+    return Html(f"<div class='mk-tree' style='font-size:12px'>{head}{body}</div>")
+
+
+def _natural(name: str) -> list:
+    """``layers.10`` after ``layers.9``: digits compared as numbers."""
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", name)]
 
 
 def _expert_level(row_trained: Any) -> str | None:

@@ -60,6 +60,7 @@ from modelkit.formats import register
 from modelkit.formats.base import Artifact, Format, Option
 from modelkit.formats.view import LazyTensor, TensorView, stored_tensor
 from modelkit.io import files
+from modelkit.io.checkpoints import checkpoint_folders, checkpoint_step
 from modelkit.io.tensors import FLOAT_DTYPES, PickleFile, StoredTensor, torch_dtype
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -86,7 +87,6 @@ WRAPPER_PARTS = ("U_in", "V_in", "U_out", "V_out")
 
 _LAYER_DIR = re.compile(r"^layer_(\d+)$")
 _EXTRACTED_FILE = re.compile(r"^layer_(\d+)_(\w+)\.pt$")
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _IN_MEMORY = {"input_wrapper.U": "U_in", "input_wrapper.V": "V_in",
               "output_wrapper.U": "U_out", "output_wrapper.V": "V_out"}
 _ON_FILE = {v: k for k, v in _IN_MEMORY.items()}
@@ -888,8 +888,8 @@ class CompressedMoEArtifact(Artifact):
         out = []
         for st in self.survey:
             if st.problem:
-                newer = (st.step is not None and _CHECKPOINT.match(self.folder.name)
-                         and st.step > int(_CHECKPOINT.match(self.folder.name).group(1)))
+                opened = checkpoint_step(self.folder)
+                newer = st.step is not None and opened is not None and st.step > opened
                 out.append(warning("incomplete-checkpoint",
                                    f"{st.label} {st.problem}; not usable"
                                    + (f": {self.folder.name}/ (older) was opened instead" if newer else
@@ -1236,9 +1236,8 @@ class CompressedMoEArtifact(Artifact):
         stats = {k: v for k, v in self.statistics.items() if isinstance(v, (int, float)) and "fraction" in k}
         if stats:
             out["stats"] = ", ".join(f"{k} {v}" for k, v in stats.items())
-        m = _CHECKPOINT.match(self.folder.name)
-        if m:
-            out["step"] = int(m.group(1))
+        if checkpoint_step(self.folder) is not None:
+            out["step"] = checkpoint_step(self.folder)
         return out
 
 
@@ -1334,10 +1333,9 @@ def survey_experiment(base: Path) -> list[CheckpointState]:
     out = []
     folder = base / "checkpoints"
     if folder.is_dir():
-        for p in sorted((p for p in folder.iterdir() if p.is_dir() and _CHECKPOINT.match(p.name)),
-                        key=lambda p: int(_CHECKPOINT.match(p.name).group(1))):
+        for p in checkpoint_folders(folder):
             layout = layout_of(p)
-            out.append(CheckpointState(p, int(_CHECKPOINT.match(p.name).group(1)), layout,
+            out.append(CheckpointState(p, checkpoint_step(p), layout,
                                        "" if layout else _problem_of(p)))
         layout = layout_of(folder)
         if layout is not None:
@@ -1370,7 +1368,7 @@ def choose_checkpoint(states: list[CheckpointState]) -> tuple[CheckpointState | 
 def _unusable_checkpoint(folder: Path) -> bool:
     """A ``checkpoints/checkpoint-N/`` without a compressed save, in an experiment folder
     that has compression settings or other compressed saves (a crashed Trainer save)."""
-    if not (_CHECKPOINT.match(folder.name) and folder.parent.name == "checkpoints" and folder.is_dir()):
+    if not (checkpoint_step(folder) is not None and folder.parent.name == "checkpoints" and folder.is_dir()):
         return False
     experiment = folder.parent.parent
     return _has_settings(experiment) or any(s.layout for s in survey_experiment(experiment))

@@ -1,5 +1,5 @@
 """Inspect panel: pick an artifact, click, see the verdict, then its findings, experts
-(mixtures), groups, tensors (searchable, per-dtype totals) and the summary."""
+(mixtures), groups, tensors (searchable, per-dtype totals), the parameter tree and the summary."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -52,17 +52,19 @@ class InspectPanel(Panel):
         self.dtypes = widgets.Output()
         self.tensor_table = widgets.Output()
         self.tensor_table.add_class("mk-tensors")
+        self.tree = widgets.Output()
+        self.tree.add_class("mk-tree-area")
         self.tensors = widgets.VBox([self.search, self.dtypes, self.tensor_table])
         self.runner = RunButton("Inspect", self._inspect, self._show, icon="search",
                                 tooltip="inspect the picked artifact (headers only unless deep)",
                                 verdict=verdict_of)
         super().__init__([self.picker, self.base, self.facts, self.deep, self.runner,
                           tabs(findings=self.findings, experts=self.experts, groups=self.groups,
-                               tensors=self.tensors, summary=self.summary)])
+                               tensors=self.tensors, tree=self.tree, summary=self.summary)])
         self.add_class("mk-inspect")
 
     def _outputs(self) -> tuple[widgets.Output, ...]:
-        return (self.summary, self.findings, self.experts, self.groups, self.dtypes, self.tensor_table)
+        return (self.summary, self.findings, self.experts, self.groups, self.dtypes, self.tensor_table, self.tree)
 
     def _inspect(self) -> "modelkit.InspectionReport":
         for out in self._outputs():
@@ -87,3 +89,4 @@ class InspectPanel(Panel):
         report = getattr(self, "_report", None)
         if report is not None:
             show(self.tensor_table, table.tensors_table(report, self.search.value))
+            show(self.tree, table.dtype_table(report), table.parameter_tree(report, self.search.value))
