@@ -5,7 +5,7 @@ an index) and B (A with seven tensors in eight perturbed, as after fine-tuning).
 page cache warm, in fresh processes, alternating:
 
 * the floor: every tensor pair's bytes read into memory through diff's own read path
-  (the views, ``pairstats._stream``'s chunked unbuffered reads, the same worker threads),
+  (the views, ``modelkit.io.spans``' chunked unbuffered reads, the same worker threads),
   no arithmetic. (``cat`` to /dev/null is no floor: it moved 9-28 GB/s here.)
 * ``modelkit.diff``: the same reads plus every statistic.
 
@@ -60,11 +60,11 @@ import json, resource, sys, time
 import torch
 import modelkit.formats
 from modelkit.ops.open import open_artifact
-from modelkit.ops.diff_stats import Spans, Workers, _stream, open_source
+from modelkit.ops.diff_stats import Workers, _stream, open_source
 modelkit.formats.formats()
 t, c = time.perf_counter(), time.process_time()
 va, vb = (open_artifact(p).view() for p in sys.argv[1:3])
-workers, spans, total = Workers(), Spans(), 0
+workers, total = Workers(), 0
 def consume(sources, starts, bufs):
     n = 0
     for chunk in _stream(sources, starts, bufs):
@@ -73,7 +73,7 @@ def consume(sources, starts, bufs):
 try:
     for name in va:
         if name in vb.tensors:
-            total += sum(workers.map(consume, [open_source(va[name], spans), open_source(vb[name], spans)]))
+            total += sum(workers.map(consume, [open_source(va[name]), open_source(vb[name])]))
 finally:
     workers.close()
 print(json.dumps({"seconds": time.perf_counter() - t, "cpu": time.process_time() - c, "elements": total}))

@@ -1,21 +1,19 @@
 """Streamed statistics of tensor pairs: chunked reads, a few threads, exact bookkeeping.
 
-A tensor is reduced ``CHUNK`` elements at a time. One stored as is in a safetensors file
-is read with plain file reads into reusable buffers: no memory map, so no
-resident pages pile up; a computed one (a LoRA merge, a compressed expert) is sliced.
+A tensor is reduced ``CHUNK`` elements at a time, read by :mod:`modelkit.io.spans` (a
+stored one from its file span into reusable buffers, a computed one sliced).
 The chunks are shared out to a few threads (torch kernels and file reads release the
 GIL) while torch's own intra-op threads are held at 1, and the per-chunk sums are
 accumulated in Python floats (float64).
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-import struct
 import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+from modelkit.io.spans import Source, produced_source, stored_source, stream
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -24,44 +22,6 @@ CHUNK = 1 << 19                 # elements reduced at a time (2 MiB per float32 
 MAX_THREADS = 8                 # reduction threads; beyond this memory bandwidth is the limit
 RANK_MAX_ELEMENTS = 1 << 24     # larger 2-D deltas get no rank estimate (svd cost and memory)
 RANK_RTOL = 1e-3                # numerical rank: singular values above RANK_RTOL * largest
-
-
-@dataclass
-class Source:
-    """One side's tensor, ready to be read CHUNK elements at a time: either stored as is
-    in a safetensors file (read with plain file reads: no memory map, no resident pages
-    left behind) or already produced (a merge, a materialized expert, a pickle)."""
-
-    shape: tuple[int, ...]
-    dtype: Any                       # torch dtype
-    tensor: Any = None               # the produced tensor, or None
-    path: str | None = None          # safetensors file holding the raw bytes
-    offset: int = 0                  # absolute byte offset of the first element
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-
-class Spans:
-    """Byte offsets of tensors in safetensors files (headers parsed once per file)."""
-
-    def __init__(self) -> None:
-        self._files: dict[str, tuple[int, dict]] = {}
-
-    def source(self, file: Any, key: str) -> Source:
-        from modelkit.io.tensors import SAFETENSORS_DTYPES, torch_dtype
-
-        file.entries  # validates the header (CorruptFileError naming the file)
-        path = str(file.path)
-        if path not in self._files:
-            with open(path, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                self._files[path] = (8 + n, json.loads(f.read(n)))
-        start, header = self._files[path]
-        meta = header[key]
-        return Source(tuple(meta["shape"]), torch_dtype(SAFETENSORS_DTYPES[meta["dtype"]]),
-                       path=path, offset=start + int(meta["data_offsets"][0]))
 
 
 def _stored_read(lazy: Any) -> tuple[Any, str] | None:
@@ -75,50 +35,18 @@ def _stored_read(lazy: Any) -> tuple[Any, str] | None:
     return stored[0], stored[1].key
 
 
-def open_source(lazy: Any, spans: Spans) -> Source:
+def open_source(lazy: Any) -> Source:
     """A LazyTensor ready for chunked reading: its file span when it is a plain stored
     safetensors read, else the tensor its producer computes."""
     stored = _stored_read(lazy) if sys.byteorder == "little" else None  # safetensors is little-endian
     if stored is not None:
-        return spans.source(*stored)
-    t = lazy.produce()
-    return Source(tuple(t.shape), t.dtype, tensor=t)
+        return stored_source(*stored)
+    return produced_source(lazy.produce())
 
 
 def _stream(sources: list[Source], starts: Sequence[int], bufs: "_Buffers") -> Iterator[list["torch.Tensor"]]:
-    """The sources' chunks beginning at ``starts``, in lockstep, as 1-D tensors of at most
-    CHUNK elements. Produced tensors are sliced; stored ones are read (unbuffered file
-    reads, straight into ``bufs``: valid until the next chunk is taken)."""
-    n = sources[0].numel
-    flats = [src.tensor.reshape(-1) if src.tensor is not None else None for src in sources]
-    with contextlib.ExitStack() as stack:
-        files = [stack.enter_context(open(src.path, "rb", buffering=0)) if src.tensor is None else None
-                 for src in sources]
-        for i in starts:
-            count = min(CHUNK, n - i)
-            out = []
-            for k, src in enumerate(sources):
-                if flats[k] is not None:
-                    out.append(flats[k][i:i + count])
-                    continue
-                size = src.dtype.itemsize
-                raw, view = bufs.raw(k)
-                _read_into(files[k], view[:count * size], src.offset + i * size)
-                out.append(raw[:count * size].view(src.dtype))
-            yield out
-
-
-def _read_into(f: Any, view: memoryview, offset: int) -> None:
-    from modelkit.errors import CorruptFileError
-
-    f.seek(offset)
-    done = 0
-    while done < len(view):
-        n = f.readinto(view[done:])
-        if not n:
-            raise CorruptFileError(f"file ends before its tensor data (read {done} of {len(view)} bytes "
-                                   f"at offset {offset})", f.name)
-        done += n
+    """:func:`modelkit.io.spans.stream` in CHUNK elements, into ``bufs``' raw buffers."""
+    return stream(sources, starts, CHUNK, bufs.raw)
 
 
 # --------------------------------------------------------------------------- statistics
