@@ -1,17 +1,20 @@
 """Streamed statistics of tensor pairs: chunked reads, a few threads, exact bookkeeping.
 
 A tensor is reduced ``CHUNK`` elements at a time. One stored as is in a safetensors file
-is read with plain file reads into reusable buffers: no memory map, so no
-resident pages pile up; a computed one (a LoRA merge, a compressed expert) is sliced.
-The chunks are shared out to a few threads (torch kernels and file reads release the
-GIL) while torch's own intra-op threads are held at 1, and the per-chunk sums are
-accumulated in Python floats (float64).
+is memory-mapped ``WINDOW`` bytes at a time and each window unmapped once its chunks are
+reduced: no copy out of the page cache (a read() into a buffer cost as much CPU as the
+statistics themselves), and no more than two windows per side resident at once; a
+computed one (a LoRA merge, a compressed expert) is sliced. Each of a few threads takes a
+contiguous run of chunks (torch kernels and the fused C loop release the GIL) while
+torch's own intra-op threads are held at 1, and the per-chunk sums are accumulated in
+Python floats (float64).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
+import mmap
+import os
 import struct
 import sys
 from dataclasses import dataclass
@@ -21,6 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 CHUNK = 1 << 19                 # elements reduced at a time (2 MiB per float32 buffer: cache-sized)
+WINDOW = 8 << 20                # bytes of a stored tensor mapped at a time, per side and thread
 MAX_THREADS = 8                 # reduction threads; beyond this memory bandwidth is the limit
 RANK_MAX_ELEMENTS = 1 << 24     # larger 2-D deltas get no rank estimate (svd cost and memory)
 RANK_RTOL = 1e-3                # numerical rank: singular values above RANK_RTOL * largest
@@ -87,38 +91,67 @@ def open_source(lazy: Any, spans: Spans) -> Source:
 
 def _stream(sources: list[Source], starts: Sequence[int], bufs: "_Buffers") -> Iterator[list["torch.Tensor"]]:
     """The sources' chunks beginning at ``starts``, in lockstep, as 1-D tensors of at most
-    CHUNK elements. Produced tensors are sliced; stored ones are read (unbuffered file
-    reads, straight into ``bufs``: valid until the next chunk is taken)."""
+    CHUNK elements. Produced tensors are sliced; stored ones are views of a mapped window
+    of their file (see :class:`_Mapped`), valid until the next chunk is taken."""
     n = sources[0].numel
     flats = [src.tensor.reshape(-1) if src.tensor is not None else None for src in sources]
-    with contextlib.ExitStack() as stack:
-        files = [stack.enter_context(open(src.path, "rb", buffering=0)) if src.tensor is None else None
-                 for src in sources]
+    maps: list[_Mapped | None] = []
+    try:
+        for src in sources:
+            maps.append(_Mapped(src) if src.tensor is None else None)
         for i in starts:
             count = min(CHUNK, n - i)
-            out = []
-            for k, src in enumerate(sources):
-                if flats[k] is not None:
-                    out.append(flats[k][i:i + count])
-                    continue
-                size = src.dtype.itemsize
-                raw, view = bufs.raw(k)
-                _read_into(files[k], view[:count * size], src.offset + i * size)
-                out.append(raw[:count * size].view(src.dtype))
-            yield out
+            yield [flats[k][i:i + count] if flats[k] is not None else maps[k].chunk(i, count, bufs, k)
+                   for k in range(len(sources))]
+    finally:
+        for m in maps:
+            if m is not None:
+                m.close()
 
 
-def _read_into(f: Any, view: memoryview, offset: int) -> None:
-    from modelkit.errors import CorruptFileError
+class _Mapped:
+    """A stored tensor's bytes, mapped ``WINDOW`` bytes at a time (copy-on-write, so the
+    file can never be written through it). The file's size is checked first: one shorter
+    than the tensor's span is a CorruptFileError naming it, never a SIGBUS (a file cut
+    short by another process *while* it is mapped still ends this one: the price of not
+    copying, as for every memory-mapped read). A window is unmapped when the last chunk
+    viewing it is dropped."""
 
-    f.seek(offset)
-    done = 0
-    while done < len(view):
-        n = f.readinto(view[done:])
-        if not n:
-            raise CorruptFileError(f"file ends before its tensor data (read {done} of {len(view)} bytes "
-                                   f"at offset {offset})", f.name)
-        done += n
+    def __init__(self, src: Source) -> None:
+        from modelkit.errors import CorruptFileError
+
+        self.src, self.itemsize = src, src.dtype.itemsize
+        self.end = src.offset + src.numel * self.itemsize
+        self.file = open(src.path, "rb", buffering=0)
+        size = os.fstat(self.file.fileno()).st_size
+        if size < self.end:
+            self.file.close()
+            raise CorruptFileError(f"file ends before its tensor data ({size} bytes, the tensor "
+                                   f"ends at byte {self.end})", src.path)
+        self.lo = self.hi = 0
+        self.window: "torch.Tensor | None" = None
+
+    def chunk(self, i: int, count: int, bufs: "_Buffers", side: int) -> "torch.Tensor":
+        """Elements ``i .. i + count`` (copied into the side's buffer in ``bufs`` only when
+        the file places them off their dtype's alignment)."""
+        import torch
+
+        start = self.src.offset + i * self.itemsize
+        stop = start + count * self.itemsize
+        if self.window is None or start < self.lo or stop > self.hi:
+            self.lo = start - start % mmap.ALLOCATIONGRANULARITY
+            self.hi = min(self.end, max(stop, self.lo + WINDOW))
+            self.window = None  # drop the old window first: at most two per side stay resident
+            mapped = mmap.mmap(self.file.fileno(), self.hi - self.lo, access=mmap.ACCESS_COPY, offset=self.lo)
+            self.window = torch.frombuffer(mapped, dtype=torch.uint8)  # holds the mapping until the last view goes
+        raw = self.window[start - self.lo:stop - self.lo]
+        if (start - self.lo) % self.itemsize:  # misaligned in the file: a copy, aligned
+            raw = bufs.raw(side)[:stop - start].copy_(raw)
+        return raw.view(self.src.dtype)
+
+    def close(self) -> None:
+        self.window = None
+        self.file.close()
 
 
 # --------------------------------------------------------------------------- statistics
@@ -128,15 +161,15 @@ class _Buffers:
     """One worker's reusable buffers: raw bytes per side, working copies per dtype."""
 
     def __init__(self) -> None:
-        self._raw: dict[int, tuple] = {}
+        self._raw: dict[int, Any] = {}
         self._work: dict[Any, tuple] = {}
 
-    def raw(self, side: int) -> tuple["torch.Tensor", memoryview]:
+    def raw(self, side: int) -> "torch.Tensor":
+        """A byte buffer for one side's chunk (allocated on first use: misaligned files only)."""
         import torch
 
         if side not in self._raw:
-            t = torch.empty(CHUNK * 8, dtype=torch.uint8)
-            self._raw[side] = (t, memoryview(t.numpy()))
+            self._raw[side] = torch.empty(CHUNK * 8, dtype=torch.uint8)
         return self._raw[side]
 
     def work(self, dtype) -> tuple:
@@ -176,7 +209,8 @@ class Workers:
 
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.n, thread_name_prefix="modelkit-diff")
-            futures = [self._pool.submit(fn, sources, starts[k::n], self.buffers[k]) for k in range(n)]
+            runs = [starts[len(starts) * k // n:len(starts) * (k + 1) // n] for k in range(n)]  # each maps its own windows
+            futures = [self._pool.submit(fn, sources, run, self.buffers[k]) for k, run in zip(range(n), runs)]
             wait(futures)  # all done before any error surfaces: the buffers are reused next
             return [f.result() for f in futures]
         finally:
@@ -254,8 +288,9 @@ def _compare_chunks(sources: list[Source], starts: Sequence[int], bufs: _Buffers
     """Running sums of a same-shape pair over the chunks at ``starts``.
 
     bfloat16 and float32 pairs take one fused pass (:mod:`modelkit.ops.diff_sums`). Otherwise a chunk equal bit for bit needs only ``A.A``. Otherwise: A in the working dtype,
-    ``D = B - A``, then ``A.A``, ``A.D``, ``D.D``; ``B.B`` and ``A.B`` follow exactly from
-    them unless B is much smaller than A (cancellation), when they are taken directly.
+    ``D = B - A``, then ``A.A``, ``A.B`` (taken directly: derived from ``A.D`` it loses
+    the cosine of nearly orthogonal tensors to cancellation), ``A.D``, ``D.D``; ``B.B``
+    follows exactly from them unless B is much smaller than A, when it is taken directly.
     Changed elements are counted as ``sign(D).sign(D)`` (exact, cheaper than count_nonzero).
     """
     import torch
@@ -280,21 +315,17 @@ def _compare_chunks(sources: list[Source], starts: Sequence[int], bufs: _Buffers
             if math.isfinite(sq):
                 acc.add(sq, sq, sq, 0.0, 0.0, 0)
                 continue
-        d = dbuf[: a.numel()]
-        if rb.dtype == work:
-            torch.sub(rb, a, out=d)
-        else:
-            d.copy_(rb)
-            d.sub_(a)
-        sq_a, ad, sq_d = torch.stack([torch.dot(a, a), torch.dot(a, d), torch.dot(d, d)]).tolist()
-        if not (math.isfinite(sq_a) and math.isfinite(ad) and math.isfinite(sq_d)):
+        b = _as_work(rb, bbuf, work)
+        d = torch.sub(b, a, out=dbuf[: a.numel()])
+        sq_a, dot, ad, sq_d = torch.stack([torch.dot(a, a), torch.dot(a, b), torch.dot(a, d),
+                                           torch.dot(d, d)]).tolist()
+        if not all(map(math.isfinite, (sq_a, dot, ad, sq_d))):
             # non-finite values, or float32 overflow: exact bookkeeping in float64
-            acc.add(*_careful_chunk(a, _as_work(rb, bbuf, work)))
+            acc.add(*_careful_chunk(a, b))
             continue
-        sq_b, dot = sq_a + 2 * ad + sq_d, sq_a + ad
+        sq_b = sq_a + 2 * ad + sq_d
         if sq_b < 1e-2 * sq_a:  # B much smaller than A: avoid cancellation
-            b = _as_work(rb, bbuf, work)
-            sq_b, dot = torch.stack([torch.dot(b, b), torch.dot(a, b)]).tolist()
+            sq_b = float(torch.dot(b, b))
         if sq_d == 0.0:
             acc.add(sq_a, sq_b, dot, 0.0, 0.0, 0)
             continue
