@@ -1,15 +1,16 @@
 """The raw chunk reader: a tensor's elements ``chunk`` at a time, in lockstep over sides.
 
-A tensor stored as is in a safetensors file is read from its byte span with plain,
-unbuffered file reads into buffers the caller reuses: no memory map, so no resident pages
-pile up over a large checkpoint. A tensor already produced (a merge, a materialised
-expert, a pickle) is sliced. The span comes from the file's validated header
-(:meth:`modelkit.io.tensors.SafetensorsFile.span`).
+A tensor stored as is in a safetensors file is memory-mapped a window at a time from its
+byte span, each window unmapped once its chunks are dropped: no copy out of the page cache
+and no more than two windows per side resident at once. A tensor already produced (a
+merge, a materialised expert, a pickle) is sliced. The span comes from the file's
+validated header (:meth:`modelkit.io.tensors.SafetensorsFile.span`).
 """
 from __future__ import annotations
 
-import contextlib
 import math
+import mmap
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
@@ -49,38 +50,67 @@ def produced_source(tensor: "torch.Tensor") -> Source:
     return Source(tuple(tensor.shape), tensor.dtype, tensor=tensor)
 
 
-def stream(sources: list[Source], starts: Sequence[int], chunk: int,
-           raw: Callable[[int], tuple["torch.Tensor", memoryview]]) -> Iterator[list["torch.Tensor"]]:
+def stream(sources: list[Source], starts: Sequence[int], chunk: int, window: int,
+           scratch: Callable[[int], "torch.Tensor"]) -> Iterator[list["torch.Tensor"]]:
     """The sources' chunks beginning at ``starts``, in lockstep, as 1-D tensors of at most
-    ``chunk`` elements. Produced tensors are sliced; stored ones are read straight into
-    ``raw(side)`` (a uint8 tensor and its memoryview, at least ``chunk`` elements of the
-    widest dtype): valid until the next chunk is taken."""
+    ``chunk`` elements. Produced tensors are sliced; stored ones are views of a mapped
+    window of ``window`` bytes of their file (see :class:`MappedSpan`), valid until the next
+    chunk is taken. ``scratch(side)``: a byte buffer of at least ``chunk`` elements of the
+    widest dtype, used only for a tensor placed off its dtype's alignment."""
     n = sources[0].numel
     flats = [src.tensor.reshape(-1) if src.tensor is not None else None for src in sources]
-    with contextlib.ExitStack() as stack:
-        files = [stack.enter_context(open(src.path, "rb", buffering=0)) if src.tensor is None else None
-                 for src in sources]
+    maps: list[MappedSpan | None] = []
+    try:
+        for src in sources:
+            maps.append(MappedSpan(src, window) if src.tensor is None else None)
         for i in starts:
             count = min(chunk, n - i)
-            out = []
-            for k, src in enumerate(sources):
-                if flats[k] is not None:
-                    out.append(flats[k][i:i + count])
-                    continue
-                size = src.dtype.itemsize
-                buf, view = raw(k)
-                read_into(files[k], view[:count * size], src.offset + i * size)
-                out.append(buf[:count * size].view(src.dtype))
-            yield out
+            yield [flats[k][i:i + count] if flats[k] is not None else maps[k].chunk(i, count, scratch, k)
+                   for k in range(len(sources))]
+    finally:
+        for m in maps:
+            if m is not None:
+                m.close()
 
 
-def read_into(f: Any, view: memoryview, offset: int) -> None:
-    """Fill ``view`` from ``f`` at ``offset``; CorruptFileError when the file ends first."""
-    f.seek(offset)
-    done = 0
-    while done < len(view):
-        n = f.readinto(view[done:])
-        if not n:
-            raise CorruptFileError(f"file ends before its tensor data (read {done} of {len(view)} bytes "
-                                   f"at offset {offset})", f.name)
-        done += n
+class MappedSpan:
+    """A stored tensor's bytes, mapped ``window`` bytes at a time (copy-on-write, so the
+    file can never be written through it). The file's size is checked first: one shorter
+    than the tensor's span is a CorruptFileError naming it, never a SIGBUS (a file cut
+    short by another process *while* it is mapped still ends this one: the price of not
+    copying, as for every memory-mapped read). A window is unmapped when the last chunk
+    viewing it is dropped."""
+
+    def __init__(self, src: Source, window: int) -> None:
+        self.src, self.itemsize, self.window_bytes = src, src.dtype.itemsize, window
+        self.end = src.offset + src.numel * self.itemsize
+        self.file = open(src.path, "rb", buffering=0)
+        size = os.fstat(self.file.fileno()).st_size
+        if size < self.end:
+            self.file.close()
+            raise CorruptFileError(f"file ends before its tensor data ({size} bytes, the tensor "
+                                   f"ends at byte {self.end})", src.path)
+        self.lo = self.hi = 0
+        self.window: "torch.Tensor | None" = None
+
+    def chunk(self, i: int, count: int, scratch: Callable[[int], "torch.Tensor"], side: int) -> "torch.Tensor":
+        """Elements ``i .. i + count`` (copied into ``scratch(side)`` only when the file
+        places them off their dtype's alignment)."""
+        import torch
+
+        start = self.src.offset + i * self.itemsize
+        stop = start + count * self.itemsize
+        if self.window is None or start < self.lo or stop > self.hi:
+            self.lo = start - start % mmap.ALLOCATIONGRANULARITY
+            self.hi = min(self.end, max(stop, self.lo + self.window_bytes))
+            self.window = None  # drop the old window first: at most two per side stay resident
+            mapped = mmap.mmap(self.file.fileno(), self.hi - self.lo, access=mmap.ACCESS_COPY, offset=self.lo)
+            self.window = torch.frombuffer(mapped, dtype=torch.uint8)  # holds the mapping until the last view goes
+        raw = self.window[start - self.lo:stop - self.lo]
+        if (start - self.lo) % self.itemsize:  # misaligned in the file: a copy, aligned
+            raw = scratch(side)[:stop - start].copy_(raw)
+        return raw.view(self.src.dtype)
+
+    def close(self) -> None:
+        self.window = None
+        self.file.close()

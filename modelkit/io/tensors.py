@@ -150,7 +150,7 @@ class TensorFile:
     def release(self) -> None:
         """Drop the open handle or unpickled object (and its memory map); the metadata stays
         and the data reopens on the next read. Tensors already returned stay valid."""
-        for attr in ("_handle", "obj"):
+        for attr in ("_handle", "_pread_handle", "obj"):
             self.__dict__.pop(attr, None)
 
     @staticmethod
@@ -165,6 +165,12 @@ class TensorFile:
 
     def read(self, key: str):  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def read_unmapped(self, key: str):
+        """``read(key)`` into memory of its own, leaving no page of the file mapped: for a
+        consumer that reads a large tensor once (an export), so the file's pages do not
+        add to its resident memory. Safetensors files use ``pread``; others copy."""
+        return self.read(key).clone()
 
     def stored(self, prefix: str = "") -> list[StoredTensor]:
         """The file's tensors, names prefixed with ``prefix``."""
@@ -307,20 +313,33 @@ class SafetensorsFile(TensorFile):
 
     @cached_property
     def _handle(self):
+        return self._open("mmap")
+
+    @cached_property
+    def _pread_handle(self):
+        return self._open("pread")
+
+    def _open(self, backend: str):
         from safetensors import safe_open
 
         self.entries  # validate first: never hand a bad header to the reader
         try:
-            return safe_open(str(self.path), framework="pt", device="cpu")
+            return safe_open(str(self.path), framework="pt", device="cpu", backend=backend)
         except Exception as e:  # safetensors raises its own Rust-side error types
             raise CorruptFileError(f"cannot open safetensors file: {e}", self.path) from None
 
     def read(self, key: str):
+        return self._get(key, mapped=True)
+
+    def read_unmapped(self, key: str):
+        return self._get(key, mapped=False)
+
+    def _get(self, key: str, mapped: bool):
         _note_read(self.path, key)
         if key not in self.entries:
             raise KeyError(f"{self.path}: no tensor {key!r}")
         try:
-            return self._handle.get_tensor(key)
+            return (self._handle if mapped else self._pread_handle).get_tensor(key)
         except Exception as e:
             raise CorruptFileError(f"cannot read tensor {key!r}: {e}", self.path) from None
 
