@@ -266,6 +266,28 @@ def test_low_precision_verify_catches_a_dropped_merge(catalog, tmp_path, monkeyp
     assert v["rounded_max_abs_diff"] > 1e-5
 
 
+def test_verify_reads_the_source_once_more_than_the_export(catalog, tmp_path, monkeypatch):
+    """A verified bf16 export of an adapter reads each base tensor twice: once for the export,
+    once for the reference (its rounded form is made from that same reference)."""
+    from collections import Counter
+
+    import modelkit.io.tensors as tensors
+
+    reads, real = Counter(), tensors._note_read
+
+    def note(path, key):
+        reads[(str(path), key)] += 1
+        real(path, key)
+
+    monkeypatch.setattr(tensors, "_note_read", note)
+    base = str(modelkit.open_artifact(catalog["peft-lora"]).base.path)
+    result = modelkit.export(catalog["peft-lora"], tmp_path / "out", dtype="bfloat16", verify=True,
+                             progress=False)
+    assert result.ok and result.verification["rounded_max_abs_diff"] == 0.0
+    per_tensor = Counter(n for (path, _), n in reads.items() if path.startswith(base))
+    assert per_tensor and set(per_tensor) == {2}, per_tensor
+
+
 def test_failed_verification_writes_nothing(catalog, tmp_path):
     out = tmp_path / "strict"
     result = modelkit.export(catalog["peft-lora"], out, dtype="bfloat16", verify=True,

@@ -141,7 +141,7 @@ def test_inspect_panel_shows_each_expert_and_a_missing_router(root):
     text = html.unescape(output_text(panel.experts))
     assert "expert_0" in text and "expert_1" in text and "norm_BA" in text
     assert "MISSING (no trained router in the artifact)" in text
-    assert "mk-tree" in output_text(panel.tree) and "router" in output_text(panel.tree)
+    assert "mk-tree" in output_text(panel.tree) and "lora_B" in output_text(panel.tree)
     panel.deep.value = False
     panel.run()
     text = html.unescape(output_text(panel.experts))
@@ -186,6 +186,14 @@ def test_compare_click_shows_the_table_disagreements_and_plot(root):
     panel.button.click()
     assert panel.runner.exception is None, panel.runner.error.value
     assert "mk_topic" in output_text(panel.table) and "<table" in output_text(panel.disagreements)
+    dis = panel.result.disagreements()
+    for who in ("base", "trained"):                            # the per-sample view, filtered by who is right
+        panel.winner.value = who
+        text = output_text(panel.disagreement_table)
+        n = int((dis.winner == who).sum())
+        assert (f"{n} of {n} disagreeing samples" in text) if n else "No disagreement matches" in text
+    panel.winner.value = ""
+    assert [t for _, t in panel.task_filter.options] == ["", "mk_topic"]
     assert "modelkit compare" in output_text(panel.summary)
     assert "image/png" in panel.plot.outputs[0]["data"]
     panel.tasks.value = " "

@@ -351,13 +351,21 @@ def _merged_weight(w: LazyTensor, m: LoraModule, scaling: float, adapter: LoraAd
     def compute(dtype):
         import torch
 
-        base = w.produce()
-        delta = (read(m.B).produce().float() @ read(m.A).produce().float()) * scaling
-        merged = base.float() + (delta.T if transpose else delta)
+        base = w.produce()  # may be a view of the source file's memory map: never written to
+        # PEFT's arithmetic, step for step (``W + transpose(B @ A) * scaling`` in float32), so
+        # the merge equals PEFT's merge_and_unload bit for bit; in place where the operands are
+        # ours: one tensor of W's size is held besides W itself
+        delta = read(m.B).produce().float() @ read(m.A).produce().float()
+        delta.mul_(scaling)
+        if transpose:
+            merged = base.float() + delta.T
+        else:  # W of a lower precision is widened exactly by the in-place add
+            merged = delta.add_(base.float() if base.dtype == torch.float64 else base)
+        del delta
         if m.magnitude is not None:  # DoRA: rescale each output row to the stored magnitude
             rows = merged.T if adapter.fan_in_fan_out else merged
             factor = read(m.magnitude).produce().float() / torch.linalg.norm(rows, dim=1)
-            merged = merged * (factor.view(1, -1) if adapter.fan_in_fan_out else factor.view(-1, 1))
+            merged.mul_(factor.view(1, -1) if adapter.fan_in_fan_out else factor.view(-1, 1))
         return merged.to(dtype or base.dtype)
 
     # computed in float32 and cast once: to W's dtype by default, to the dtype a load or

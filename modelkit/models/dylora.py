@@ -179,6 +179,15 @@ class DyLoRAMoEForCausalLM(PreTrainedModel, GenerationMixin):
                             "does not have; use routing='expert:K'")
         self.config.routing = routing
 
+    def merge_and_unload(self) -> PreTrainedModel:
+        """The base LM with the expert of ``routing="expert:K"`` merged into its weights by
+        PEFT's own ``merge_and_unload`` (the other experts and the router dropped): the dense
+        model a one-expert export stands for. Consumes this module (its weights are changed)."""
+        kind, k = parse_routing(self.routing)
+        if kind != "expert":
+            raise ValueError(f"routing={self.routing!r} is a mixture, not one dense model: set routing='expert:K'")
+        return self.foundation_model.merge_and_unload(adapter_names=[expert_name(k)])
+
     def get_input_embeddings(self) -> nn.Module:
         return self.lm.get_input_embeddings()
 

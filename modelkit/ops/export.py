@@ -26,7 +26,6 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from modelkit import schemas
@@ -43,7 +42,6 @@ from modelkit.ops.load import (
     dense_view,
     is_dylora,
     is_peft,
-    load,
     open_for_load,
     recording_reads,
     split_consumed,
@@ -443,18 +441,17 @@ def write_config(folder: Path, config, dtype: str) -> None:
 
 
 def causal_lm_class_name(config) -> str:
-    """The class stock ``AutoModelForCausalLM`` builds for ``config``."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    """The class stock ``AutoModelForCausalLM`` builds for ``config``, by name: transformers'
+    name table, so the modeling code (seconds of imports) is not loaded just for a string."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    try:
-        cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    except KeyError:
-        raise ExportError(f"transformers has no causal-LM model for model_type {config.model_type!r}") from None
-    if isinstance(cls, (list, tuple)):
-        names = [c.__name__ for c in cls]
+    names = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
+    if names is None:
+        raise ExportError(f"transformers has no causal-LM model for model_type {config.model_type!r}")
+    if isinstance(names, (list, tuple)):
         wanted = [a for a in (getattr(config, "architectures", None) or []) if a in names]
         return wanted[0] if wanted else names[0]
-    return cls.__name__
+    return names
 
 
 def _copy_generation_config(folder: Path, artifact: Artifact, base_art: Artifact | None,
@@ -493,40 +490,12 @@ def _verify(folder: Path, ref: Any, base: Any, expert: int | None, artifact: Art
             part: ExportResult, tolerance: float | None, allow_untrained: bool,
             format_options: dict[str, Any]) -> None:
     """Compare the written folder with the source (see :mod:`modelkit.ops.verify`)."""
-    import torch
+    from modelkit.ops.verify import source_reference, verify_folder
 
-    from modelkit.ops.verify import verify_folder
-
-    opts = {k: v for k, v in format_options.items() if k != "expert"}
-    common = {"base": base, "allow_untrained": allow_untrained, **opts}
-    if expert is not None:
-        reference = f"modelkit.load(routing='expert:{expert}')"
-        src = load(ref, dtype=torch.float32, routing=f"expert:{expert}", **common)
-    elif is_peft(artifact):
-        reference = "modelkit.load(merge=False): PEFT's own forward on the base"
-        src = load(ref, dtype=torch.float32, merge=False, **common)
-    else:
-        independent = artifact.reference_model(**opts)
-        if independent is not None:  # the stored form by a second path, in float64
-            model, how = independent
-            src = SimpleNamespace(model=model)
-            reference = f"independent float64 reference: {how}"
-        else:
-            reference = "modelkit.load()"
-            src = load(ref, dtype=torch.float32, **common)
-    rounded = None
-    if part.dtype != "float32":  # the source's weights rounded the same way: must agree exactly
-        dense = {"expert": expert} if expert is not None else {}
-        rounded = load(ref, dtype=torch.float32, **common, **dense).model
-        low = torch_dtype(part.dtype, floating=True)
-        with torch.no_grad():
-            for p in rounded.parameters():
-                p.copy_(p.to(low).to(p.dtype))
-    try:
-        v = verify_folder(folder, src.model, dtype=part.dtype, reference=reference,
-                          rounded_model=rounded, tolerance=tolerance)
-    finally:
-        del src, rounded
+    options = {"base": base, **{k: v for k, v in format_options.items() if k != "expert"}}
+    v = verify_folder(folder, lambda: source_reference(ref, artifact, expert=expert,
+                                                       allow_untrained=allow_untrained, **options),
+                      dtype=part.dtype, tolerance=tolerance)
     part.verification = v.to_dict()
     part.ok = v.ok
 
