@@ -17,10 +17,8 @@ the base with expert K merged; :meth:`DyLoRAArtifact.experts` and
 """
 from __future__ import annotations
 
-import json
 import math
 import re
-import struct
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
@@ -56,7 +54,7 @@ from modelkit.formats.peft_lora import (
 from modelkit.formats.view import TensorView, stored_tensor
 from modelkit.io import files
 from modelkit.io.checkpoints import checkpoint_folders, checkpoint_step
-from modelkit.io.tensors import MAX_HEADER_BYTES, PickleFile, StoredTensor, check_inside
+from modelkit.io.tensors import PickleFile, StoredTensor, check_inside, safetensors_header
 
 MODEL_TYPE = "dylora-moe"
 WRAPPER_PREFIX = "foundation_model."
@@ -96,14 +94,10 @@ def _json_or_empty(path: Path) -> dict[str, Any]:
 def _header_keys(path: Path) -> list[str]:
     """Tensor names in a safetensors header, or [] when it cannot be read."""
     try:
-        with files.open_regular(path) as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > MAX_HEADER_BYTES:
-                return []
-            header = json.loads(f.read(n))
-    except (OSError, ValueError, RecursionError, struct.error, ModelkitError):
+        header, _, _ = safetensors_header(path)
+    except ModelkitError:
         return []
-    return [k for k in header if k != "__metadata__"] if isinstance(header, dict) else []
+    return [k for k in header if k != "__metadata__"]
 
 
 def _wrapper_keys(folder: Path) -> list[str]:
