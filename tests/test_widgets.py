@@ -186,6 +186,14 @@ def test_compare_click_shows_the_table_disagreements_and_plot(root):
     panel.button.click()
     assert panel.runner.exception is None, panel.runner.error.value
     assert "mk_topic" in output_text(panel.table) and "<table" in output_text(panel.disagreements)
+    dis = panel.result.disagreements()
+    for who in ("base", "trained"):                            # the per-sample view, filtered by who is right
+        panel.winner.value = who
+        text = output_text(panel.disagreement_table)
+        n = int((dis.winner == who).sum())
+        assert (f"{n} of {n} disagreeing samples" in text) if n else "No disagreement matches" in text
+    panel.winner.value = ""
+    assert [t for _, t in panel.task_filter.options] == ["", "mk_topic"]
     assert "modelkit compare" in output_text(panel.summary)
     assert "image/png" in panel.plot.outputs[0]["data"]
     panel.tasks.value = " "

@@ -368,16 +368,23 @@ def compare_table(result: Any) -> "Styler | Note":
     return styled(frame, fmts, COMPARE_COLUMNS, level=lambda v: COMPARE_LEVEL.get(v), level_column="verdict")
 
 
-def disagreements_table(result: Any, search: str = "", max_rows: int = 200) -> "Styler | Note":
-    """The samples where exactly one model is right (prompt and responses in full)."""
+def disagreements_table(result: Any, search: str = "", max_rows: int = 200, *,
+                        winner: str | None = None, task: str | None = None) -> "Styler | Note":
+    """The samples where exactly one model is right (prompt and responses in full), those
+    containing every word of ``search``, optionally only where ``winner`` (``"base"`` or
+    ``"trained"``) is the one right, and only of ``task``."""
     frame = result.disagreements()
+    if winner:
+        frame = frame[frame.winner == winner]
+    if task:
+        frame = frame[frame.task == task]
     for word in search.lower().split():
         hay = frame[["prompt", "target", "base_response", "trained_response", "task"]].astype(str) \
             .agg(" ".join, axis=1).str.lower()
         frame = frame[hay.str.contains(word, regex=False)]
     if frame.empty:
-        return Note("No sample where exactly one model is right." if not search
-                    else f"No disagreement matches {search!r}.")
+        return Note("No sample where exactly one model is right." if not (search or winner or task)
+                    else "No disagreement matches the filter.")
     cols = ["winner", "task", "doc_id", "prompt", "target", "base_response", "trained_response"]
     return styled(frame.head(max_rows), {"doc_id": integer}, cols,
                   wrap=["prompt", "target", "base_response", "trained_response"], max_height=480,

@@ -801,28 +801,33 @@ class CompressedMoEArtifact(Artifact):
         def produce(dtype):
             from modelkit.formats.compressed_moe.lowrank import batching
 
+            if core is not g.core:  # the expert's own core copy: no product to share, read once
+                return materialize(self.file(core.file).read_unmapped(core.key),
+                                   *(self._read(w[p]) for p in WRAPPER_PARTS), dtype=dtype)
             if batching():  # an export walking every expert: batches of them
-                return self._batches(g, core is not g.core).get(e, dtype)
+                return self._batches(g).get(e, dtype)
             return materialize(self._read(core), *(self._read(w[p]) for p in WRAPPER_PARTS), dtype=dtype)
         return produce
 
-    def _batches(self, g: CompressedLayer, own_cores: bool = False):
-        """The group's :class:`~modelkit.formats.compressed_moe.lowrank.ExpertBatches` (experts from the shared core,
-        or with ``own_cores`` from each expert's core copy)."""
+    def bulk_production(self):
+        """Experts computed in batches while a consumer walks every expert in order (export)."""
+        from modelkit.formats.compressed_moe.lowrank import batched_experts
+
+        return batched_experts()
+
+    def _batches(self, g: CompressedLayer):
+        """The group's :class:`~modelkit.formats.compressed_moe.lowrank.ExpertBatches`: experts
+        from the shared core, whose two products with the wrappers are shared by a batch.
+        (Experts with their own core copy share no product: they are formed one by one.)"""
         from modelkit.formats.compressed_moe.lowrank import ExpertBatches
 
         cache = self.__dict__.setdefault("_expert_batches", {})
-        key = (g.layer, g.proj, own_cores)
+        key = (g.layer, g.proj)
         if key not in cache:
             def load(experts):
                 import torch
 
-                if own_cores:
-                    copies = self.core_copies()[(g.layer, g.proj)]
-                    core = torch.stack([self._read(copies[e]) for e in experts])
-                else:
-                    core = self._read(g.core)
-                return (core,
+                return (self._read(g.core),
                         *(torch.stack([self._read(g.wrappers[e][p]) for e in experts]) for p in WRAPPER_PARTS))
             cache[key] = ExpertBatches([e for e in sorted(g.wrappers) if not g.expert_problem(e)], load)
         return cache[key]

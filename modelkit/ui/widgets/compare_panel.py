@@ -60,9 +60,15 @@ class ComparePanel(Panel):
         self.search = widgets.Text(description="search", placeholder="words in the prompt, target or responses",
                                    continuous_update=False, layout=widgets.Layout(width="60%"))
         self.search.add_class("mk-search")
-        self.search.observe(lambda _: self._show_disagreements(), names="value")
+        self.winner = widgets.ToggleButtons(options=[("both", ""), ("base right", "base"),
+                                                     ("trained right", "trained")], value="",
+                                            description="show", style={"button_width": "auto"})
+        self.task_filter = widgets.Dropdown(options=[("every task", "")], value="", description="task")
+        for w in (self.search, self.winner, self.task_filter):
+            w.observe(lambda _: self._show_disagreements(), names="value")
         self.disagreement_table = widgets.Output()
-        self.disagreements = widgets.VBox([self.search, self.disagreement_table])
+        self.disagreements = widgets.VBox([self.search, widgets.HBox([self.winner, self.task_filter]),
+                                           self.disagreement_table])
         self.plot = widgets.Output()
         self.runner = RunButton("Compare", self._evaluate, self._show, icon="balance-scale",
                                 tooltip="evaluate base and trained on the tasks", verdict=verdict_of)
@@ -95,9 +101,12 @@ class ComparePanel(Panel):
         show(self.plot, fig)
         plt.close(fig)
         self._result = result
+        tasks = sorted(set(result.to_frame().task)) if len(result.to_frame()) else []
+        self.task_filter.options = [("every task", "")] + [(t, t) for t in tasks]
         self._show_disagreements()
 
     def _show_disagreements(self) -> None:
         result = getattr(self, "_result", None)
         if result is not None:
-            show(self.disagreement_table, table.disagreements_table(result, self.search.value))
+            show(self.disagreement_table, table.disagreements_table(
+                result, self.search.value, winner=self.winner.value or None, task=self.task_filter.value or None))
