@@ -180,8 +180,6 @@ KNOWN_UPWARD = {
     "modelkit.ops.watch -> modelkit.bench.engines",
     "modelkit.ops.watch -> modelkit.bench.evaluation",
     "modelkit.ops.watch -> modelkit.bench.executors",
-    "modelkit.present.tables -> modelkit.ops.inspect",           # human_bytes: move to present
-    "modelkit.present.watch -> modelkit.ops.compare",            # _metric_label: move to present
     "modelkit.schemas -> modelkit.io.sources",                   # cache_root for its memo
     "modelkit.verdicts -> modelkit.ops.compare",                 # verdict_of reads result
     "modelkit.verdicts -> modelkit.ops.diff",                    # classes: results should say

@@ -26,6 +26,7 @@ from modelkit.bench import paired_stats as stats
 from modelkit.bench.evaluation import TaskCatalog, find_tasks, lm_eval_version
 from modelkit.errors import CompareError, ModelkitError, about_model
 from modelkit.io.sources import cache_dir, cache_root
+from modelkit.present.compare import metric_label
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -478,10 +479,6 @@ class CompareResult:
         return f"CompareResult({', '.join(m.label for m in self.models)}; tasks {', '.join(self.tasks)})"
 
 
-def _metric_label(m: dict) -> str:
-    return m["metric"] if m["filter"] in ("none", None) else f"{m['metric']} ({m['filter']})"
-
-
 def _paired_row(label: str, task: str, bm: dict, tm: dict, b_ids: list, t_ids: list, settings: dict) -> dict:
     t_index = {d: i for i, d in enumerate(t_ids)}
     pairs = [(bm["samples"][i], tm["samples"][t_index[d]]) for i, d in enumerate(b_ids)
@@ -516,7 +513,7 @@ def _unpaired_row(label: str, task: str, bm: dict, tm: dict) -> dict:
     b, t = bm["value"], tm["value"]
     delta = t - b if b is not None and t is not None else math.nan
     rel = delta / abs(b) if b not in (None, 0) and not _nan(delta) else math.nan
-    return {"model": label, "task": task, "metric": _metric_label(bm), "base": _f(b), "base_stderr": _f(bm["stderr"]),
+    return {"model": label, "task": task, "metric": metric_label(bm), "base": _f(b), "base_stderr": _f(bm["stderr"]),
             "trained": _f(t), "trained_stderr": _f(tm["stderr"]), "delta": delta, "rel_delta": rel,
             "ci_low": math.nan, "ci_high": math.nan, "p_mcnemar": math.nan, "n": math.nan,
             "higher_is_better": bm.get("higher_is_better"), "verdict": "no paired test (group aggregate)"}
@@ -550,7 +547,7 @@ def _disagreeing(label: str, task: str, b_leaf: dict, t_leaf: dict) -> list[dict
             if bv is None or tv is None or bv == tv:
                 continue
             bd, td = b_docs.get(doc_id, {}), t_docs.get(doc_id, {})
-            rows.append({"model": label, "task": task, "metric": _metric_label(bm), "doc_id": doc_id,
+            rows.append({"model": label, "task": task, "metric": metric_label(bm), "doc_id": doc_id,
                          "prompt": bd.get("prompt", ""), "target": bd.get("target", ""),
                          "base_response": bd.get("response", ""), "trained_response": td.get("response", ""),
                          "base_correct": bool(bv), "trained_correct": bool(tv),

@@ -38,7 +38,7 @@ from modelkit.ops.export_files import (
     write_record,
     write_summary_record,
 )
-from modelkit.ops.inspect import human_bytes
+from modelkit.present.text import human_bytes
 from modelkit.ops.load import DenseView, check_artifact, dense_view, open_for_load, split_consumed
 from modelkit.ops.open import split_facts
 

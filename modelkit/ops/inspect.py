@@ -24,6 +24,7 @@ from modelkit.findings import Finding, Severity, error, info, warning
 from modelkit.formats import Artifact
 from modelkit.io.files import read_json
 from modelkit.ops.open import open_artifact, open_base
+from modelkit.present.text import human_bytes
 
 ROLES = ("embedding", "attention", "mlp", "expert", "router", "norm", "lm_head", "lora", "other")
 
@@ -166,15 +167,6 @@ def _g(v) -> str:
 
 def _n(v) -> str:
     return "-" if v is None else str(v)
-
-
-def human_bytes(n: float) -> str:
-    """``1536`` -> ``"1.5 KB"``."""
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
 
 
 @guarded()
