@@ -34,7 +34,6 @@ from modelkit.formats.view import LazyTensor
 from modelkit.io import files
 from modelkit.io.atomic import atomic_folder, fsync_file
 from modelkit.io.tensors import release_all
-from modelkit.ops.inspect import human_bytes
 from modelkit.ops.load import (
     check_artifact,
     dense_view,
@@ -48,6 +47,8 @@ from modelkit.ops.load import (
     torch_dtype_of,
 )
 from modelkit.ops.open import split_facts
+from modelkit.progress import phase
+from modelkit.units import human_bytes
 
 RECORD = "modelkit_export.json"
 INDEX = "model.safetensors.index.json"
@@ -94,6 +95,7 @@ class ExportResult:
     consumed: list[str] = field(default_factory=list)      # stored tensors read ("file:key")
     left_out: list[str] = field(default_factory=list)      # stored tensors not read (see notes)
     experts: list["ExportResult"] = field(default_factory=list)
+    layout_label: str = ""        # the layout as summaries show it (``layout``: the stable code)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -106,7 +108,7 @@ class ExportResult:
     def summary(self) -> str:
         head = "exported" if self.written else "NOT written"
         lines = [f"{head}: {self.ref} -> {self.out}",
-                 f"  source  {self.format} ({self.layout}), fingerprint {self.source_fingerprint}"]
+                 f"  source  {self.format} ({self.layout_label or self.layout}), fingerprint {self.source_fingerprint}"]
         parts = self.experts or [self]
         for r in parts:
             prefix = f"  [{Path(r.out).name}] " if self.experts else "  "
@@ -153,7 +155,7 @@ def export(ref: Any, out: str | Path, base: Any = None, dtype: Any = None,
     facts, format_options = split_facts(format_options)
     artifact, base_art = open_for_load(ref, base, facts)
     result = ExportResult(ref=str(ref), out=str(Path(out).expanduser().absolute()),
-                          format=artifact.format, layout=artifact.layout)
+                          format=artifact.format, layout=artifact.layout, layout_label=artifact.layout_label)
     targets = _targets(artifact, expert)
     if expert is not None:
         format_options = {**format_options, "expert": expert}
@@ -186,10 +188,13 @@ def export(ref: Any, out: str | Path, base: Any = None, dtype: Any = None,
                                     format=artifact.format, layout=artifact.layout,
                                     source_fingerprint=result.source_fingerprint,
                                     options={**result.options, "expert": k} if k is not None else result.options)
-                _write_folder(folder, artifact, base_art, dv, out_dtype, max_shard_size, part, progress)
+                _write_folder(folder, artifact, base_art, dv, out_dtype, max_shard_size, part, progress,
+                              desc=" ".join(("write", sub)).strip())
                 if verify:
-                    _verify(folder, ref, base, k, artifact, part, tolerance, allow_untrained,
-                            {**format_options, **facts})
+                    with phase(" ".join(("verify", sub)).strip(), total=VERIFY_STEPS, unit="steps",
+                               show=progress) as bar:
+                        _verify(folder, ref, base, k, artifact, part, tolerance, allow_untrained,
+                                {**format_options, **facts}, step=bar.update)
                 part.seconds = time.perf_counter() - t0
                 _write_record(folder, part, artifact, k)
                 parts.append(part)
@@ -339,7 +344,7 @@ def produce(name: str, lt: LazyTensor, out_dtype):
 
 
 def write_weights(folder: Path, tensors: dict[str, LazyTensor], out_dtype, max_shard_size: int | str,
-                  progress: bool = True, desc: str = "export") -> dict[str, Any]:
+                  progress: bool = True, desc: str = "write") -> dict[str, Any]:
     """Stream ``tensors`` into shards in ``folder``; returns the index plus a cast tally.
 
     One shard's tensors are produced, then written with ``save_file`` and fsynced by a
@@ -348,10 +353,10 @@ def write_weights(folder: Path, tensors: dict[str, LazyTensor], out_dtype, max_s
     tensor is computed (stored tensors, LoRA merges: reading is the cost) each shard is
     written before the next is produced, so only one shard is held, and the fsync alone
     runs behind. Every write and fsync has finished, its errors raised, before this returns.
+    Progress is one phase ``desc`` counting tensors (its note: the shard and bytes
+    written); a cancel stops it at the next tensor.
     Computed experts are produced in batches (:func:`modelkit.formats.compressed_moe.lowrank.batched_experts`)."""
     from concurrent.futures import ThreadPoolExecutor
-
-    from tqdm.auto import tqdm
 
     from modelkit.formats.compressed_moe.lowrank import batched_experts
 
@@ -365,10 +370,12 @@ def write_weights(folder: Path, tensors: dict[str, LazyTensor], out_dtype, max_s
         fsync_file(folder / filename)
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="modelkit-write") as writer, \
-            tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress, leave=False) as bar, \
+            phase(desc, total=len(tensors), unit="tensors", show=progress) as bar, \
             batched_experts():
-        pending = None
-        for filename, names in files.items():
+        pending, done_bytes = None, 0
+        for i, (filename, names) in enumerate(files.items(), 1):
+            where = f"shard {i}/{len(files)}"
+            bar.update(0, note=f"{where}, {human_bytes(done_bytes)} of {human_bytes(total)}")
             shard, storages = {}, set()
             for name in names:
                 lt = tensors[name]
@@ -382,7 +389,8 @@ def write_weights(folder: Path, tensors: dict[str, LazyTensor], out_dtype, max_s
                 shard[name] = t
                 params += t.numel()
                 weight_map[name] = filename
-                bar.update(t.numel() * t.element_size())
+                done_bytes += t.numel() * t.element_size()
+                bar.update(1, note=f"{where}, {human_bytes(done_bytes)} of {human_bytes(total)}")
             if pending is not None:
                 pending.result()  # the previous shard is written (its error raised) first
                 pending = None
@@ -401,12 +409,11 @@ def write_weights(folder: Path, tensors: dict[str, LazyTensor], out_dtype, max_s
 
 
 def _write_folder(folder: Path, artifact: Artifact, base_art: Artifact | None, dv, out_dtype,
-                  max_shard_size, part: ExportResult, progress: bool) -> None:
+                  max_shard_size, part: ExportResult, progress: bool, desc: str = "write") -> None:
     tensors = dict(dv.tensors)
     dtype = out_dtype or default_dtype(tensors)
     with recording_reads() as seen:
-        written = write_weights(folder, tensors, dtype, max_shard_size, progress,
-                                desc=f"export {folder.name}")
+        written = write_weights(folder, tensors, dtype, max_shard_size, progress, desc=desc)
     part.consumed, part.left_out = split_consumed(artifact, seen)
     part.dtype = str(dtype).removeprefix("torch.")
     part.tensors = len(tensors)
@@ -488,10 +495,15 @@ def _copy_tokenizer(folder: Path, artifact: Artifact, base_art: Artifact | None,
     part.notes.append(f"tokenizer from {src}")
 
 
+VERIFY_STEPS = 3  # the source loaded, the export loaded, logits compared
+
+
 def _verify(folder: Path, ref: Any, base: Any, expert: int | None, artifact: Artifact,
             part: ExportResult, tolerance: float | None, allow_untrained: bool,
-            format_options: dict[str, Any]) -> None:
-    """Compare the written folder with the source (see :mod:`modelkit.ops.verify`)."""
+            format_options: dict[str, Any], step=lambda n=1, note=None: None) -> None:
+    """Compare the written folder with the source (see :mod:`modelkit.ops.verify`);
+    ``step(1, note)`` after each of the :data:`VERIFY_STEPS` (progress, and where a
+    cancel takes effect)."""
     import torch
 
     from modelkit.ops.verify import verify_folder
@@ -513,6 +525,7 @@ def _verify(folder: Path, ref: Any, base: Any, expert: int | None, artifact: Art
         else:
             reference = "modelkit.load()"
             src = load(ref, dtype=torch.float32, **common)
+    step(0, note="loading the source")
     rounded = None
     if part.dtype != "float32":  # the source's weights rounded the same way: must agree exactly
         dense = {"expert": expert} if expert is not None else {}
@@ -521,11 +534,14 @@ def _verify(folder: Path, ref: Any, base: Any, expert: int | None, artifact: Art
         with torch.no_grad():
             for p in rounded.parameters():
                 p.copy_(p.to(low).to(p.dtype))
+    step(1, note="loading the export with stock transformers")
     try:
         v = verify_folder(folder, src.model, dtype=part.dtype, reference=reference,
-                          rounded_model=rounded, tolerance=tolerance)
+                          rounded_model=rounded, tolerance=tolerance,
+                          loaded=lambda: step(1, note="comparing logits"))
     finally:
         del src, rounded
+    step(1, note="logits match" if v.ok else "logits differ")
     part.verification = v.to_dict()
     part.ok = v.ok
 

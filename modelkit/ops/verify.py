@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 PROMPTS = (
     "def add(a, b):\n    return a + b",
@@ -127,13 +127,16 @@ def load_stock(folder: Path):
 
 
 def verify_folder(folder: Path, reference_model, *, dtype: str, reference: str,
-                  rounded_model=None, tolerance: float | None = None) -> Verification:
+                  rounded_model=None, tolerance: float | None = None,
+                  loaded: Callable[[], None] = lambda: None) -> Verification:
     """Compare ``folder`` (stock transformers) with ``reference_model`` (the float32 source)
-    and, for a low-precision export, with ``rounded_model`` (the source in ``dtype``)."""
+    and, for a low-precision export, with ``rounded_model`` (the source in ``dtype``);
+    ``loaded()`` is called once the export is loaded (progress)."""
     import torch
     from transformers import AutoTokenizer
 
     exported, info = load_stock(folder)
+    loaded()
     problems = {k: v for k, v in info.items() if v and k != "error_msgs"}
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
