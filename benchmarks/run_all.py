@@ -26,14 +26,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from summary import JSON_ENV, QUICK_ENV, Figure, table  # noqa: E402
-
-
-def _load() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "unknown"
+from summary import JSON_ENV, QUICK_ENV, Figure, load_average, table  # noqa: E402
 
 
 def _commit() -> str:
@@ -76,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     scripts = ([Path(s) if Path(s).exists() else HERE / s for s in args.benchmarks]
                or sorted(HERE.glob("bench_*.py")))
-    load_before = _load()
+    load_before = load_average()
     started = datetime.now(timezone.utc)
     figures, runs = [], []
     for script in scripts:
@@ -86,14 +79,14 @@ def main(argv: list[str] | None = None) -> int:
         runs.append(ran)
     missed = [f for f in figures if f.met is False]
     print(f"\nSummary ({len(scripts)} benchmarks, {sum(f.met is not None for f in figures)} targets, "
-          f"{len(missed)} missed; load average {load_before} before, {_load()} after"
+          f"{len(missed)} missed; load average {load_before} before, {load_average()} after"
           f"{'; QUICK MODE' if args.quick else ''})\n")
     print(table(figures, with_bench=True))
     args.results.mkdir(parents=True, exist_ok=True)
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
     record = {"started": started.isoformat(), "commit": _commit(), "quick": args.quick,
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                          "load_before": load_before, "load_after": _load()},
+                          "load_before": load_before, "load_after": load_average()},
               "runs": runs, "missed": len(missed), "figures": [asdict(f) for f in figures]}
     out = args.results / f"bench-{stamp}{'-quick' if args.quick else ''}.json"
     out.write_text(json.dumps(record, indent=1))

@@ -20,6 +20,14 @@ QUICK_ENV = "MODELKIT_BENCH_QUICK"
 JSON_ENV = "MODELKIT_BENCH_JSON"
 
 
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages (the machine may be shared: say how busy it was)."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
+
+
 def quick() -> bool:
     """Whether this run is the small smoke-test size."""
     return os.environ.get(QUICK_ENV, "").strip().lower() not in ("", "0", "false", "no")

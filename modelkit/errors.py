@@ -50,6 +50,16 @@ class LoadError(ModelkitError):
     """An artifact that cannot be turned into a faithful in-memory model."""
 
 
+class FactError(ConfigError):
+    """A fact the user supplied for what the artifact does not record (``lora_alpha=``,
+    ``lora_r=``) that is not valid, contradicts the artifact, or has no use in its format."""
+
+
+class MissingFactError(LoadError):
+    """A fact the artifact does not record and the operation cannot do without (the merge
+    scale of a checkpoint that records no ``lora_alpha``)."""
+
+
 class UnknownOptionError(LoadError):
     """A load / view keyword the artifact's format does not declare (the message lists the
     ones it accepts)."""

@@ -96,12 +96,20 @@ def _export(r: Any) -> Verdict:
 
 def _diff(r: Any) -> Verdict:
     n = len(r.rows)
+    if r.verdict == "identical" and r.parts:
+        return Verdict("IDENTICAL", "warning", f"none of the {_plural(len(r.parts), 'expert')} changes "
+                                               "anything: each expert's view equals the other side", 0)
     if r.verdict == "identical":
         return Verdict("IDENTICAL", "ok", f"all {_plural(n, 'tensor')} equal", 0)
     if r.verdict == "incomplete":
         why = (f"{r.unreadable} tensor(s) or file(s) unreadable" if r.unreadable
                else "nothing to compare")
         return Verdict("INCOMPLETE", "warning", f"no difference seen, but {why}", 2)
+    if r.parts:   # a mixture: one dense view per expert
+        moving = [label for label, v in r.by_expert().set_index("part").verdict.items()
+                  if label in r.parts and v == "changed"]
+        return Verdict("DIFFERENT", "neutral", f"{len(moving)} of {_plural(len(r.parts), 'expert')} differ "
+                                               f"({', '.join(moving)}), {len(r.changed)} tensors in all", 1)
     return Verdict("DIFFERENT", "neutral", f"{len(r.changed)} of {_plural(n, 'tensor')} changed, "
                                            f"overall ||B-A||/||A|| {r.overall_rel_change:.3g}", 1)
 

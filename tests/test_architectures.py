@@ -350,6 +350,10 @@ def test_disk_to_model_dtype(saved):
     folder = saved["llama"]
     model, info = disk_to_model(folder, read_all(folder), dtype="bfloat16")  # config by path
     assert info.ok and model.dtype == torch.bfloat16
+    # the dtype parser every entry point shares: aliases, and a typed error naming a bad value
+    assert disk_to_model(folder, read_all(folder), dtype="bf16")[0].dtype == torch.bfloat16
+    with pytest.raises(LoadError, match="unknown dtype 'evil'"):
+        disk_to_model(folder, read_all(folder), dtype="evil")
 
 
 @pytest.mark.parametrize("name", ["qwen3_moe", "mixtral", "gemma", "llama"])

@@ -273,3 +273,37 @@ def test_only_the_first_expert_trained_is_a_warning_and_loads(tmp_path, tied):
     assert "expert_1" in report.warnings[0].message
     model, _, load_report = modelkit.load(best, routing="token", dtype="float32")
     assert any("untrained-adapter" in w for w in load_report.warnings)
+
+
+def test_per_expert_diff_matches_an_independent_merge_of_the_files(runs, tied):
+    """by_expert() of the late era's checkpoint against its tied bf16 base, against the merge
+    done here from the safetensors files: W' = bf16(W + alpha/r * B @ A) (fp32 compute, as
+    FORMATS.md's merge rule), pooled ||W' - W|| / ||W|| over every base tensor."""
+    from safetensors.torch import load_file
+
+    ckpt = runs["late"] / "checkpoint-100"
+    base = load_file(tied / "model.safetensors")
+    table = modelkit.diff(tied, ckpt, progress=False).by_expert().set_index("part")
+    for k in (0, 1):
+        lora = load_file(ckpt / f"peft_adapters/expert_{k}/expert_{k}/adapter_model.safetensors")
+        cfg = json.loads((ckpt / f"peft_adapters/expert_{k}/expert_{k}/adapter_config.json").read_text())
+        scale = cfg["lora_alpha"] / cfg["r"]
+        num = den = 0.0
+        for name, w in base.items():
+            a = lora.get("base_model.model." + name.replace(".weight", ".lora_A.weight"))
+            merged = w if a is None else (w.float() + scale * (
+                lora["base_model.model." + name.replace(".weight", ".lora_B.weight")].float() @ a.float())).to(w.dtype)
+            num += float((merged.double() - w.double()).norm() ** 2)
+            den += float(w.double().norm() ** 2)
+        assert table.loc[f"expert_{k}", "verdict"] == "changed"
+        assert table.loc[f"expert_{k}", "rel_change"] == pytest.approx((num / den) ** 0.5, rel=1e-5)
+    assert table.loc["router.gate.weight", "verdict"] == "added"
+
+
+def test_a_mixture_without_router_says_so_in_its_per_expert_diff(tmp_path, tied):
+    folder = write_dylora(tmp_path / "b", "b", tied, fault="missing-router")
+    result = modelkit.diff(tied, folder, progress=False)
+    table = result.by_expert().set_index("part")
+    assert table.loc["router", "verdict"] == "not stored" and table.loc["router", "tensors"] == 0
+    assert any("without a stored router" in w for w in result.warnings)
+    assert "not stored" in result.summary()

@@ -267,6 +267,28 @@ def test_low_precision_verify_catches_a_dropped_merge(catalog, tmp_path, monkeyp
     assert v["rounded_max_abs_diff"] > 1e-5
 
 
+def test_verify_reads_the_source_once_more_than_the_export(catalog, tmp_path, monkeypatch):
+    """A verified bf16 export of an adapter reads each base tensor twice: once for the export,
+    once for the reference (its rounded form is made from that same reference)."""
+    from collections import Counter
+
+    import modelkit.io.tensors as tensors
+
+    reads, real = Counter(), tensors._note_read
+
+    def note(path, key):
+        reads[(str(path), key)] += 1
+        real(path, key)
+
+    monkeypatch.setattr(tensors, "_note_read", note)
+    base = str(modelkit.open_artifact(catalog["peft-lora"]).base.path)
+    result = modelkit.export(catalog["peft-lora"], tmp_path / "out", dtype="bfloat16", verify=True,
+                             progress=False)
+    assert result.ok and result.verification["rounded_max_abs_diff"] == 0.0
+    per_tensor = Counter(n for (path, _), n in reads.items() if path.startswith(base))
+    assert per_tensor and set(per_tensor) == {2}, per_tensor
+
+
 def test_failed_verification_writes_nothing(catalog, tmp_path):
     out = tmp_path / "strict"
     result = modelkit.export(catalog["peft-lora"], out, dtype="bfloat16", verify=True,
@@ -280,40 +302,44 @@ def test_failed_verification_writes_nothing(catalog, tmp_path):
 
 
 @pytest.mark.parametrize("entry", ["compressed-checkpoint-N", "plain-sharded"])
-def test_streams_one_shard_at_a_time(catalog, tmp_path, monkeypatch, entry):
-    """Tensors are produced shard by shard. Computed experts (compressed MoE) are written by
-    a writer thread while the next shard is computed, so at most one shard is produced
-    ahead of the one being written; stored tensors are written before the next shard is
-    produced. No shard is bigger than the shard size."""
-    ex = importlib.import_module("modelkit.ops.export")  # the module, not the lazy function
+def test_streams_tensor_by_tensor(catalog, tmp_path, monkeypatch, entry):
+    """Each tensor is written as soon as it is produced: at most ``QUEUE`` tensors are
+    produced ahead of the writer, whatever the shard size, and no shard is bigger than the
+    shard size. Every shard reads back with safetensors itself, equal to the source's view."""
+    from safetensors import safe_open
 
-    produced, shards = [], []
-    real_produce, real_save = ex.produce, ex.save_file
+    ex = importlib.import_module("modelkit.ops.export")  # the module, not the lazy function
+    stream = importlib.import_module("modelkit.io.safetensors_stream")
+
+    produced, ahead = [], []
+    real_produce, real_write = ex.produce, stream.StreamedSafetensors.write
 
     def produce(name, lt, dtype):
         produced.append(name)
         return real_produce(name, lt, dtype)
 
-    def save_file(tensors, filename, metadata=None):
-        shards.append((list(tensors), len(produced), sum(t.numel() * t.element_size() for t in tensors.values())))
-        real_save(tensors, filename, metadata)
+    def write(self, name, tensor):
+        ahead.append(len(produced) - produced.index(name))
+        real_write(self, name, tensor)
 
     monkeypatch.setattr(ex, "produce", produce)
-    monkeypatch.setattr(ex, "save_file", save_file)
+    monkeypatch.setattr(stream.StreamedSafetensors, "write", write)
     out = tmp_path / "sharded"
-    result = modelkit.export(catalog[entry], out, max_shard_size="40KB", progress=False)
-    assert len(shards) == len(result.shards) > 2
-    done = 0
-    for k, (names, n_produced, nbytes) in enumerate(shards):
-        done += len(names)
-        ahead = len(shards[k + 1][0]) if entry.startswith("compressed") and k + 1 < len(shards) else 0
-        assert done <= n_produced <= done + ahead    # at most the next shard produced ahead
-        assert nbytes <= 40_000 or len(names) == 1
+    result = modelkit.export(catalog[entry], out, max_shard_size="40KB", verify=True, progress=False)
+    assert len(ahead) == len(produced) == result.tensors
+    assert 1 <= max(ahead) <= ex.QUEUE + 1
     index = json.loads((out / "model.safetensors.index.json").read_text())
     n = len(result.shards)
-    assert sorted(set(index["weight_map"].values())) == [f"model-{i:05d}-of-{n:05d}.safetensors"
-                                                         for i in range(1, n + 1)]
+    assert n > 2 and sorted(set(index["weight_map"].values())) == [f"model-{i:05d}-of-{n:05d}.safetensors"
+                                                                   for i in range(1, n + 1)]
     assert index["metadata"]["total_size"] == result.bytes
+    for shard in sorted(set(index["weight_map"].values())):
+        with safe_open(str(out / shard), "pt") as f:  # safetensors itself reads what was streamed
+            assert f.metadata() == {"format": "pt"}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        assert sorted(tensors) == sorted(k for k, v in index["weight_map"].items() if v == shard)
+        assert sum(t.numel() * t.element_size() for t in tensors.values()) <= 40_000 or len(tensors) == 1
+    assert result.verification["ok"]  # the streamed bytes are the model: logits agree with the reference
 
 
 # --------------------------------------------------------------------------- no modelkit import
@@ -460,33 +486,33 @@ def test_truncated_shard(catalog, tmp_path):
 
 
 def test_full_disk_leaves_nothing(catalog, tmp_path, monkeypatch):
-    ex = importlib.import_module("modelkit.ops.export")  # the module, not the lazy function
+    stream = importlib.import_module("modelkit.io.safetensors_stream")
 
-    calls = []
+    written = []
 
-    def full(tensors, filename, metadata=None):
-        calls.append(filename)
-        if len(calls) == 2:  # the second shard hits a full disk
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filename))
-        return real(tensors, filename, metadata)
+    def full(fd, data):  # a disk with 100 KB free: the second 60 KB shard does not fit
+        if sum(written) + len(data) > 100_000:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        written.append(len(data))
+        return real(fd, data)
 
-    real = ex.save_file
-    monkeypatch.setattr(ex, "save_file", full)
+    real = stream.write_all
+    monkeypatch.setattr(stream, "write_all", full)
     out = tmp_path / "out"
     with pytest.raises(ExportError, match="no space left"):
         modelkit.export(catalog["plain-sharded"], out, max_shard_size="60KB", progress=False)
-    assert len(calls) == 2
+    assert 60_000 < sum(written) <= 100_000
     assert not out.exists() and not leftovers(out)
 
 
 def test_failed_fsync_leaves_nothing(catalog, tmp_path, monkeypatch):
-    """Shards are fsynced in the background; an I/O error there still fails the export."""
-    ex = importlib.import_module("modelkit.ops.export")
+    """Shards are fsynced by the writer thread; an I/O error there still fails the export."""
+    stream = importlib.import_module("modelkit.io.safetensors_stream")
 
-    def broken(path):
-        raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+    def broken(fd):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
 
-    monkeypatch.setattr(ex, "fsync_file", broken)
+    monkeypatch.setattr(stream, "sync", broken)
     out = tmp_path / "out"
     with pytest.raises(ExportError, match="cannot write the export"):
         modelkit.export(catalog["plain-sharded"], out, max_shard_size="60KB", progress=False)
@@ -550,7 +576,8 @@ _KILL_CHILD = textwrap.dedent('''
         print("PAUSED", flush=True)
         time.sleep(600)
 
-    real_produce, real_save, real_publish = ex.produce, ex.save_file, at._publish
+    stream = importlib.import_module("modelkit.io.safetensors_stream")
+    real_produce, real_close, real_publish = ex.produce, stream.StreamedSafetensors.close, at._publish
 
     def produce(*a, **k):
         t = real_produce(*a, **k)
@@ -559,8 +586,8 @@ _KILL_CHILD = textwrap.dedent('''
             pause()
         return t
 
-    def save_file(*a, **k):
-        real_save(*a, **k)
+    def close(*a, **k):  # a shard fully written and fsynced
+        real_close(*a, **k)
         counts["shard"] += 1
         if point == "shard" and counts["shard"] == n:
             pause()
@@ -572,7 +599,7 @@ _KILL_CHILD = textwrap.dedent('''
         if point == "published":
             pause()
 
-    ex.produce, ex.save_file, at._publish = produce, save_file, publish
+    ex.produce, stream.StreamedSafetensors.close, at._publish = produce, close, publish
     ex.export(src, out, max_shard_size="40KB", progress=False)
     print("DONE", flush=True)
     if point == "done":
@@ -675,3 +702,55 @@ def test_exported_files_have_ordinary_permissions(catalog, tmp_path):
     modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
     assert modes and set(modes.values()) == {0o644}, modes
     assert out.stat().st_mode & 0o777 == 0o755
+# -- the model card: lineage a Hub reader sees ----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tied_gemma(tmp_path_factory) -> Path:
+    from modelkit.testing import write_plain_hf
+
+    return write_plain_hf(tmp_path_factory.mktemp("tied") / "gemma", "gemma", dtype=torch.bfloat16)
+
+
+def test_export_writes_a_model_card_naming_its_base_model(tmp_path, tied_gemma):
+    from huggingface_hub import ModelCard
+
+    from modelkit.testing import write_dylora
+
+    src = write_dylora(tmp_path / "run", "c", tied_gemma, base_name="google/codegemma-2b")
+    out = tmp_path / "expert1"
+    result = modelkit.export(src, out, base=tied_gemma, expert=1, verify=True, progress=False)
+    assert result.ok and result.written, result.summary()
+    card = ModelCard.load(out / "README.md")                    # the Hub's own reader
+    assert card.data.base_model == "google/codegemma-2b" and card.data.base_model_relation == "finetune"
+    assert "modelkit-export" in card.data.tags and card.data.library_name == "transformers"
+    assert "DyLoRA-MoE expert 1 merged into the base" in card.text
+    assert "**Verified**: yes: logits" in card.text
+    assert str(tmp_path) not in (out / "README.md").read_text()   # no local path in a shareable card
+
+
+def test_a_base_recorded_as_a_folder_stays_out_of_the_card_metadata(tmp_path, tied_gemma):
+    from huggingface_hub import ModelCard
+
+    from modelkit.testing import write_dylora
+
+    src = write_dylora(tmp_path / "run", "b", tied_gemma)      # records the base by its absolute path
+    result = modelkit.export(src, tmp_path / "all", expert="all", progress=False)
+    assert result.written
+    for k in (0, 1):
+        text = (tmp_path / "all" / f"expert_{k}" / "README.md").read_text()
+        card = ModelCard(text)
+        assert card.data.base_model is None and "a local folder, not a Hub id" in text
+        assert "**Verified**: no (exported without verify)" in text and str(tmp_path) not in text
+    top = (tmp_path / "all" / "README.md").read_text()
+    assert "`expert_0/`: not verified" in top and "`expert_1/`" in top
+
+
+def test_a_self_contained_checkpoint_gets_a_card_without_lineage(tmp_path):
+    from huggingface_hub import ModelCard
+
+    from modelkit.testing import write_plain_hf
+
+    src = write_plain_hf(tmp_path / "plain")
+    modelkit.export(src, tmp_path / "out", progress=False)
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert card.data.base_model is None and "not recorded by the artifact" in card.text

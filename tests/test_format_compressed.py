@@ -15,7 +15,9 @@ from modelkit.ops.open import open_artifact, open_base
 from modelkit.ui.cli import main
 from modelkit.errors import BaseModelUnavailableError
 from modelkit.formats import detect
-from modelkit.formats.compressed_moe import materialize, parse_compressed_name
+from hypothesis import example, given, strategies as st
+
+from modelkit.formats.compressed_moe import _layer_file_part, _layer_name, materialize, parse_compressed_name
 from modelkit.ops.inspect import inspect
 from modelkit.testing import naive_expert, write_compressed_moe, write_plain_hf
 
@@ -150,6 +152,30 @@ def test_stored_names_are_the_compressed_models_in_memory_names(made):
     assert (original.file, original.key) == ("extracted_weights/layer_1_up_proj.pt", "expert_weights.3")
     roles = {r["role"] for r in inspect(made("checkpoint-0")).tensors}
     assert roles == {"expert"}
+
+
+_KEY_PART = st.sampled_from(["wrappers", "biases", "core", "bias", "U_in", "V_in", "U_out", "V_out",
+                             "0", "17", "007", "\u00b2", "\u0663", "x", "layers", "mlp",
+                             "shared_core_layers", "experts", "input_wrapper", "U", ""])
+
+
+@given(layer=st.integers(0, 99), proj=st.sampled_from(["gate_proj", "up_proj", "a.b", "x"]),
+       key=st.lists(_KEY_PART, min_size=1, max_size=5).map(".".join))
+@example(layer=3, proj="up_proj", key="wrappers.7.U_in")
+@example(layer=3, proj="up_proj", key="wrappers.007.V_out")
+@example(layer=3, proj="up_proj", key="wrappers.7.core")
+@example(layer=3, proj="up_proj", key="wrappers.7.bias")
+@example(layer=3, proj="up_proj", key="wrappers.\u00b2.U_in")
+@example(layer=3, proj="up_proj", key="biases.4")
+@example(layer=3, proj="up_proj", key="biases")
+@example(layer=3, proj="up_proj", key="core")
+@example(layer=3, proj="up_proj", key="bias")
+@example(layer=3, proj="a.b", key="wrappers.7.U_in")
+@example(layer=3, proj="up_proj", key="wrappers.7.U_in.x")
+@example(layer=3, proj="up_proj", key="model.layers.5.mlp.shared_core_layers.gate_proj.core")
+def test_layer_file_keys_parse_as_their_in_memory_names(layer, proj, key):
+    # the shortcut for the keys torch.save writes gives what matching the name gives
+    assert _layer_file_part(layer, proj, key) == parse_compressed_name(_layer_name(layer, proj, key))
 
 
 # --------------------------------------------------------------------------- the dense view

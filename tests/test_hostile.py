@@ -243,16 +243,18 @@ def test_five_thousand_digit_integer(catalog, tmp_path):
         modelkit.inspect(art)
 
 
-def test_full_disk_inside_safetensors_is_an_export_error(catalog, tmp_path, monkeypatch):
-    from safetensors import SafetensorError
+def test_full_disk_in_the_middle_of_a_tensor_is_an_export_error(catalog, tmp_path, monkeypatch):
+    """The disk fills after part of a tensor's bytes were written (a short write, then ENOSPC)."""
+    stream = importlib.import_module("modelkit.io.safetensors_stream")
+    real = stream.write_all
 
-    ex = importlib.import_module("modelkit.ops.export")
+    def full(fd, data):
+        if len(data) > 64:
+            real(fd, data[:len(data) // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(fd, data)
 
-    def full(tensors, filename, metadata=None):
-        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
-                              'message: "No space left on device" })')
-
-    monkeypatch.setattr(ex, "save_file", full)
+    monkeypatch.setattr(stream, "write_all", full)
     out = tmp_path / "out"
     with pytest.raises(ExportError, match="no space left"):
         modelkit.export(catalog["plain-llama"], out, progress=False)

@@ -139,3 +139,124 @@ def test_the_base_model_is_named_once(catalog):
     base = str(catalog["plain-llama"])
     line = next(l for l in report.summary().splitlines() if l.startswith("  base "))
     assert line.count(base) == 1 and line.endswith("(local folder)"), line
+# -- the per-expert view of a DyLoRA-MoE (one row per expert, then the router) -------------------
+
+def _by_expert(report) -> dict:
+    return {r["expert"]: r for r in report.experts}
+
+
+def test_a_mixture_lists_every_expert_and_its_router_and_does_not_guess_training(catalog):
+    report = modelkit.inspect(catalog["dylora-b"])
+    rows = _by_expert(report)
+    assert list(rows) == ["expert_0", "expert_1", "router"]
+    for k in ("expert_0", "expert_1"):
+        assert rows[k]["present"] == "yes" and rows[k]["tensors"] == 16 and rows[k]["rank"] == "4"
+        assert rows[k]["trained"] == "not checked (deep off)" and rows[k]["norm_B"] is None
+        assert rows[k]["file"] == f"peft_adapters/{k}.pt" and rows[k]["scaling"] == 2.0
+    assert rows["router"]["present"] == "yes" and rows["router"]["shape"] == [2, 32]
+    assert rows["router"]["file"] == "dylo_moe_state/router.pt"
+    assert rows["router"]["trained"].startswith("not checked")
+    frame = report.experts_frame()                             # the same rows as a DataFrame
+    assert list(frame.expert) == ["expert_0", "expert_1", "router"]
+    assert json.loads(report.to_json())["experts"][2]["shape"] == [2, 32]
+
+
+def test_deep_measures_each_expert_against_an_independent_read_of_its_files(catalog):
+    import torch
+    from safetensors.torch import load_file
+
+    folder = catalog["dylora-c"]                               # the late era: nested PEFT folders
+    rows = _by_expert(modelkit.inspect(folder, deep=True))
+    for k in (0, 1):
+        sd = load_file(folder / f"peft_adapters/expert_{k}/expert_{k}/adapter_model.safetensors")
+        pairs = [(sd[n].double(), sd[n.replace("lora_A", "lora_B")].double()) for n in sd if "lora_A" in n]
+        norm_b = sum(float(b.norm() ** 2) for _, b in pairs) ** 0.5
+        norm_ba = sum(float(torch.linalg.matrix_norm(b @ a) ** 2) for a, b in pairs) ** 0.5
+        row = rows[f"expert_{k}"]
+        assert row["trained"] == "yes"
+        assert row["norm_B"] == pytest.approx(norm_b, rel=1e-12)
+        assert row["norm_BA"] == pytest.approx(norm_ba, rel=1e-9)
+
+
+@pytest.mark.parametrize("name,expert,present,trained", [
+    ("dylora-untrained", "expert_1", "yes", "no (every LoRA B is zero)"),
+    ("dylora-empty-expert", "expert_1", "MISSING (empty file)", "no (nothing stored)"),
+    ("dylora-adapter-name-twice", "expert_1", "unplaceable (16 tensor(s) no loader places)",
+     "no (a loader drops its tensors)"),
+])
+def test_the_per_expert_table_shows_each_dropped_or_untrained_expert(catalog, name, expert, present, trained):
+    rows = _by_expert(modelkit.inspect(catalog[name], deep=True))
+    assert rows[expert]["present"] == present and rows[expert]["trained"] == trained
+    if name != "dylora-untrained":
+        assert rows["expert_0"]["trained"] == "yes"            # the healthy expert beside it
+
+
+def test_a_missing_router_is_a_row_not_a_silence(catalog):
+    report = modelkit.inspect(catalog["dylora-missing-router"])
+    router = _by_expert(report)["router"]
+    assert router["present"].startswith("MISSING") and router["tensors"] == 0 and router["shape"] is None
+    assert "router" in report.summary() and "MISSING (no trained router" in report.summary()
+
+
+def test_only_expert_0_trained_the_normal_case_of_the_real_code(catalog, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(catalog["dylora-c"], folder)
+    f = folder / "peft_adapters/expert_1/expert_1/adapter_model.safetensors"
+    sd = load_file(f)
+    save_file({k: torch.zeros_like(v) if "lora_B" in k else v for k, v in sd.items()}, f)
+    report = modelkit.inspect(folder, deep=True)
+    rows = _by_expert(report)
+    assert rows["expert_0"]["trained"] == "yes" and rows["expert_1"]["trained"] == "no (every LoRA B is zero)"
+    assert rows["expert_1"]["norm_B"] == 0.0 and rows["expert_1"]["norm_BA"] == 0.0
+    assert "untrained-adapter" in {w.code for w in report.warnings}    # a warning: the mixture still moved
+
+
+@pytest.mark.parametrize("name", ["dylora-early-best", "dylora-late-best", "dylora-early-checkpoint"])
+def test_every_save_era_gets_a_per_expert_table_over_the_tied_bf16_base(catalog, name):
+    report = modelkit.inspect(catalog[name], deep=True)
+    rows = _by_expert(report)
+    assert [k for k in rows if k != "router"] == ["expert_0", "expert_1"]
+    assert all(rows[k]["trained"] == "yes" and rows[k]["norm_BA"] > 0 for k in ("expert_0", "expert_1"))
+    assert rows["router"]["present"] == "yes" and rows["router"]["shape"][0] == 2
+    if name == "dylora-early-checkpoint":                       # alpha recorded nowhere: scale unknown
+        assert rows["expert_0"]["scaling"] is None
+
+
+def test_an_artifact_without_adapter_experts_has_no_expert_rows(catalog):
+    for name in ("plain-llama", "plain-qwen3-moe-sharded"):
+        report = modelkit.inspect(catalog[name])
+        assert report.experts == [] and report.experts_frame().empty
+        assert "present; trained" not in report.summary()
+
+
+def test_cli_prints_the_per_expert_table(catalog, capsys):
+    assert main(["inspect", str(catalog["dylora-untrained"]), "--deep"]) == 1
+    out = capsys.readouterr().out
+    assert "norm_BA" in out and "no (every LoRA B is zero)" in out
+    assert main(["inspect", str(catalog["dylora-b"])]) == 0
+    out = capsys.readouterr().out
+    assert "not checked (deep off)" in out and "norm_BA" not in out
+
+
+def test_the_parameter_tree_totals_each_node_and_follows_the_search(catalog):
+    import html as html_module
+    import re
+
+    from modelkit.present.tables import parameter_tree
+
+    report = modelkit.inspect(catalog["plain-qwen3-moe-sharded"])
+    tree = parameter_tree(report)
+    layer0 = [t for t in report.tensors if t["name"].startswith("model.layers.0.")]
+    params = sum(t["numel"] for t in layer0)
+    text = re.sub(r"\s+", " ", html_module.unescape(re.sub(r"<[^>]+>", " ", tree._repr_html_())))
+    assert f"0 {len(layer0)} tensors · {params:,} params" in text           # the node of layer 0
+    total = sum(t["numel"] for t in report.tensors if t["name"].startswith("model."))
+    assert f"model {sum(t['name'].startswith('model.') for t in report.tensors)} tensors · {total:,} params" in text
+    found = parameter_tree(report, "layers.1. q_proj")
+    assert "1 of" in found and "<details class='mk-node' open" in found and "k_proj" not in found
+    assert "No stored tensor matches" in parameter_tree(report, "no-such-tensor")

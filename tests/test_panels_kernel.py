@@ -54,6 +54,15 @@ CASES = {
                 " p.run()"),
     "diff-bad-option": ("p = DiffPanel(root=ROOT, a=ROOT + '/base-gemma', b=ROOT + '/dylora-b');"
                         " p.options_b.value = 'expert'; p.run()"),
+    "inspect-facts-bad": ("p = InspectPanel(root=ROOT, ref=ROOT + '/dylora-early-checkpoint/checkpoint-100');"
+                          " p.facts.value = 'lora_alpha=-2'; p.run()"),
+    "diff-mixture": ("p = DiffPanel(root=ROOT, a=ROOT + '/base-gemma-tied',"
+                     " b=ROOT + '/dylora-early-checkpoint/checkpoint-100', options_b={'lora_alpha': 8}); p.run()"),
+    "diff-fact-missing": ("p = DiffPanel(root=ROOT, a=ROOT + '/base-gemma-tied',"
+                          " b=ROOT + '/dylora-early-checkpoint/checkpoint-100'); p.run()"),
+    "export-facts": ("p = ExportPanel(root=ROOT, ref=ROOT + '/dylora-early-checkpoint/checkpoint-100',"
+                     " out=OUT + '/early', base=ROOT + '/base-gemma-tied', expert=1, verify=True);"
+                     " p.options.value = 'lora_alpha=8'; p.run()"),
     "compare-ok": ("from modelkit.ui.widgets import ComparePanel\n"
                    "p = ComparePanel(root=ROOT, base=PAIR + '/base', trained=PAIR + '/lora', tasks='mk_topic',"
                    " limit=8); p.run()"),
@@ -169,6 +178,22 @@ def test_diff_panel_in_a_kernel(executed):
     shown = _ok(executed, "diff-ok", "DIFFERENT")
     assert "rel_change" in shown["text"]
     _failed(executed, "diff-bad-option", "not KEY=VALUE")
+
+
+def test_facts_the_artifact_lacks_are_fields_with_a_one_line_error(executed):
+    visible = _failed(executed, "inspect-facts-bad", "FactError: lora_alpha=-2 must be a positive")
+    assert "facts / options field" in visible                          # what to do about it
+    visible = _failed(executed, "diff-fact-missing", "lora_alpha is recorded nowhere")
+    assert "lora_alpha=16" in visible
+    shown = _ok(executed, "export-facts", "EXPORTED")
+    assert "verified" in shown["verdict"]
+
+
+def test_diff_panel_of_a_mixture_shows_one_row_per_expert_in_a_kernel(executed):
+    shown = _ok(executed, "diff-mixture", "DIFFERENT")
+    assert "2 of 2 experts differ" in shown["verdict"]
+    text = _visible(shown["text"])
+    assert "expert_0" in text and "expert_1" in text and "router.gate.weight" in text
 
 
 def test_compare_panel_in_a_kernel(executed):

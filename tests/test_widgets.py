@@ -124,24 +124,15 @@ def test_export_click_writes_the_folder_and_shows_the_summary(root, tmp_path):
     assert "expert must be blank, an integer or 'all'" in html.unescape(panel.runner.error.value)
 
 
-def test_cancel_stops_the_export_and_leaves_nothing(root, tmp_path, monkeypatch):
-    import threading
-
-    from modelkit.ops import export as export_module
+def test_cancel_stops_the_export_and_leaves_nothing(root, tmp_path):
+    import time
 
     out = tmp_path / "cancelled"
-    written, real_save = threading.Event(), export_module.save_file
-
-    def save_then_wait(*args, **kwargs):      # the real writer; after the first shard, the user cancels
-        real_save(*args, **kwargs)
-        written.set()
-
-    monkeypatch.setattr(export_module, "save_file", save_then_wait)
     panel = ExportPanel(root=root, ref=root / "plain-sharded", out=out, verify=True)
-    panel.runner.action = lambda: export_module.export(root / "plain-sharded", out, max_shard_size="20KB",
-                                                       verify=True)
     panel.button.click()
-    assert written.wait(120), "the first shard was written"
+    deadline = time.monotonic() + 120
+    while "tensors" not in panel.runner.progress.text() and time.monotonic() < deadline:
+        time.sleep(0.01)                      # writing has begun (verify, a second or more, comes after)
     panel.runner.cancel_button.click()
     panel.runner.join(120)
     assert not panel.runner.running
@@ -177,6 +168,48 @@ def test_diff_panel_passes_view_options(root):
     assert "expert=1" in result.b["label"]
 
 
+def test_inspect_panel_shows_each_expert_and_a_missing_router(root):
+    panel = InspectPanel(root=root, ref=root / "dylora-missing-router", deep=True)
+    panel.run()
+    text = html.unescape(output_text(panel.experts))
+    assert "expert_0" in text and "expert_1" in text and "norm_BA" in text
+    assert "MISSING (no trained router in the artifact)" in text
+    assert "mk-tree" in output_text(panel.tree) and "lora_B" in output_text(panel.tree)
+    panel.deep.value = False
+    panel.run()
+    text = html.unescape(output_text(panel.experts))
+    assert "not checked (deep off)" in text and "norm_BA" not in text
+    panel = InspectPanel(root=root, ref=root / "plain-llama")
+    panel.run()
+    assert "Not a mixture of adapters" in output_text(panel.experts)
+
+
+def test_fact_fields_are_validated_before_anything_runs(root):
+    panel = InspectPanel(root=root, ref=root / "dylora-b")
+    for text, line in (("lora_alpha=abc", "lora_alpha='abc' is not a number"),
+                       ("alpha=3", "unknown fact alpha=; the facts an artifact may lack are lora_alpha=, lora_r="),
+                       ("lora_r=4.5", "FactError: lora_r=4.5 must be a positive int"),
+                       ("lora_alpha=9", "FactError: lora_alpha=9 was given, but the artifact records lora_alpha=8")):
+        panel.facts.value = text
+        assert panel.run() is None and line in html.unescape(panel.runner.error.value), text
+    panel.facts.value = "lora_alpha=8"                        # the recorded value: agreed, accepted
+    assert panel.run() is not None, panel.runner.error.value
+    export = ExportPanel(root=root, ref=root / "compressed-checkpoint-N", out=root / "never-written")
+    for text, line in (("dtype=float32", "give dtype in the 'dtype' field"),
+                       ("core=bogus", "core='bogus': expected one of ['copies', 'shared']")):
+        export.options.value = text
+        assert export.run() is None and line in html.unescape(export.runner.error.value), text
+    assert not (root / "never-written").exists()
+
+
+def test_compare_panel_passes_load_options(root):
+    panel = ComparePanel(root=root, base=root / "base-gemma", trained=root / "dylora-b", tasks="mk_count",
+                         trained_options={"lora_alpha": 3})
+    assert panel.options_trained.value == "lora_alpha=3"
+    assert panel.run() is None                                 # refused before any model loads
+    assert "lora_alpha=3 was given, but the artifact records lora_alpha=8" in html.unescape(panel.runner.error.value)
+
+
 def test_compare_click_shows_the_table_disagreements_and_plot(root):
     from modelkit.ui.demo_pair import write_demo_pair
 
@@ -186,6 +219,14 @@ def test_compare_click_shows_the_table_disagreements_and_plot(root):
     panel.button.click()
     assert panel.runner.exception is None, panel.runner.error.value
     assert "mk_topic" in output_text(panel.table) and "<table" in output_text(panel.disagreements)
+    dis = panel.result.disagreements()
+    for who in ("base", "trained"):                            # the per-sample view, filtered by who is right
+        panel.winner.value = who
+        text = output_text(panel.disagreement_table)
+        n = int((dis.winner == who).sum())
+        assert (f"{n} of {n} disagreeing samples" in text) if n else "No disagreement matches" in text
+    panel.winner.value = ""
+    assert [t for _, t in panel.task_filter.options] == ["", "mk_topic"]
     assert "modelkit compare" in output_text(panel.summary)
     assert "image/png" in panel.plot.outputs[0]["data"]
     panel.tasks.value = " "

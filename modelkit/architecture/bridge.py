@@ -12,6 +12,7 @@ Public API:
 * :func:`load_config`, :func:`config_from_dict`, :func:`split_config_dict`
 * :func:`expected_tensors` -> {name: :class:`ExpectedTensor`}, :func:`tied_tensors`,
   :func:`load_targets` (meta device; cached in memory and on disk), :func:`meta_model`
+* :func:`fit_tensors` -> :class:`TensorFit` (missing / unexpected / mis-shaped: the one check)
 * :func:`disk_to_model` -> (model, :class:`LoadInfo`), :func:`model_to_disk`
 * :func:`classify` -> :class:`TensorRole`
 
@@ -45,8 +46,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from transformers import PretrainedConfig, PreTrainedModel
 
 __all__ = [
-    "ExpectedTensor", "LoadInfo", "TensorRole", "classify", "config_from_dict", "disk_to_model",
-    "expected_tensors", "load_config", "load_targets", "meta_model", "model_to_disk",
+    "ExpectedTensor", "LoadInfo", "TensorFit", "TensorRole", "classify", "config_from_dict",
+    "disk_to_model", "expected_tensors", "fit_tensors", "load_config", "load_targets", "meta_model", "model_to_disk",
     "split_config_dict", "tied_tensors",
 ]
 
@@ -277,6 +278,49 @@ def tied_tensors(config: "PretrainedConfig | Mapping[str, Any] | Path | str", *,
                  model_type: str | None = None, cache: bool = True) -> dict[str, str]:
     """On-disk name of each tied (not stored) tensor -> the name it shares storage with."""
     return dict(_expected(config, model_type, cache)[1])
+
+
+Mismatch = tuple[str, tuple[int, ...], tuple[int, ...]]  # (on-disk name, given shape, expected shape)
+
+
+@dataclass
+class TensorFit:
+    """How given on-disk tensors fit an architecture: the one completeness check that
+    ``inspect`` (findings), ``load`` / ``export`` (LoadError) and :func:`disk_to_model`
+    (:class:`LoadInfo`) all report from."""
+
+    expected: dict[str, ExpectedTensor]
+    tied: dict[str, str]                                     # tied name -> its source
+    missing: list[str] = field(default_factory=list)         # expected, not given (expected order)
+    unexpected: list[str] = field(default_factory=list)      # given, no place, not a tied copy
+    mismatched: list[Mismatch] = field(default_factory=list)  # expected order
+    tied_given: list[str] = field(default_factory=list)      # given tied copies
+
+    @property
+    def ok(self) -> bool:
+        """Nothing missing, left over or mis-shaped."""
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def mismatch_lines(self) -> list[str]:
+        """``name: stored [..], model needs [..]`` for each mis-shaped tensor."""
+        return [f"{n}: stored {list(got)}, model needs {list(exp)}" for n, got, exp in self.mismatched]
+
+
+def fit_tensors(config: "PretrainedConfig | Mapping[str, Any] | Path | str",
+                shapes: Mapping[str, "tuple[int, ...] | None"]) -> TensorFit:
+    """Hold given tensors (on-disk name -> shape, None where the shape is not known
+    cheaply; in the given order) against ``config``'s expected tensors. Reads no data."""
+    expected = expected_tensors(config)
+    tied = tied_tensors(config)
+    fit = TensorFit(expected, tied)
+    fit.missing = [n for n in expected if n not in shapes]
+    fit.unexpected = [n for n in shapes if n not in expected and n not in tied]
+    fit.tied_given = [n for n in shapes if n in tied]
+    for n, e in expected.items():
+        got = shapes.get(n)
+        if got is not None and tuple(got) != e.shape:
+            fit.mismatched.append((n, tuple(got), e.shape))
+    return fit
 
 
 def load_targets(config: "PretrainedConfig | Mapping[str, Any] | Path | str", *,
@@ -601,9 +645,6 @@ def _natural_sorted(names) -> list[str]:
 # --------------------------------------------------------------------------- load / save
 
 
-Mismatch = tuple[str, tuple[int, ...], tuple[int, ...]]
-
-
 @dataclass
 class LoadInfo:
     """What :func:`disk_to_model` did with each tensor, in on-disk names (plus
@@ -683,13 +724,12 @@ def disk_to_model(config: "PretrainedConfig | Mapping[str, Any] | Path | str",
     """
     import torch
 
+    from modelkit.io.tensors import torch_dtype
+
     config = _plain_config(_as_config(config))
     if dtype is None:
         dtype = config.dtype if config.dtype is not None else torch.float32
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype.removeprefix("torch."))
-    expected = expected_tensors(config)
-    tied = tied_tensors(config)
+    dtype = torch_dtype(dtype)
     given = list(tensors.keys())
     given_set = set(given)
 
@@ -698,15 +738,9 @@ def disk_to_model(config: "PretrainedConfig | Mapping[str, Any] | Path | str",
             return tuple(shapes[name])
         return _shape_of(tensors[name]) if isinstance(tensors, dict) else None
 
-    info = LoadInfo()
-    info.missing = [n for n in expected if n not in given_set]
-    info.unexpected = [n for n in given if n not in expected and n not in tied]
-    info.tied = [n for n in given if n in tied]
-    for n in given:
-        if n in expected:
-            s = shape(n)
-            if s is not None and s != expected[n].shape:
-                info.mismatched.append((n, s, expected[n].shape))
+    fit = fit_tensors(config, {n: shape(n) for n in given})
+    info = LoadInfo(missing=fit.missing, unexpected=fit.unexpected, mismatched=fit.mismatched,
+                    tied=fit.tied_given)
     # members of one fused parameter must all be present and well-shaped, or transformers'
     # conversion ops fail; such a group is left out (transformers then reports it missing)
     groups: dict[str, list[str]] = {}

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from modelkit.architecture import bridge as _arch
+from modelkit.io.tensors import dtype_name
 
 __all__ = ["ConfigFacts", "causal_lm_type", "config_facts", "declares_field"]
 
@@ -69,7 +70,7 @@ def _facts_of(config) -> tuple[dict[str, Any], dict[str, str]]:
     for key in ("dtype", "torch_dtype"):
         v = getattr(config, key, None)
         if v is not None:
-            values[key] = str(v).removeprefix("torch.")
+            values[key] = dtype_name(v)
     aliases = {k: v for k, v in (getattr(type(config), "attribute_map", None) or {}).items()
                if isinstance(k, str) and isinstance(v, str)}
     return values, aliases

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from modelkit import schemas
 from modelkit.errors import (
     CorruptFileError,
+    FactError,
     ModelkitError,
     UnknownOptionError,
     UnsafePickleError,
@@ -51,6 +52,12 @@ class BaseRef:
     def available(self) -> bool:
         return self.path is not None
 
+    def record(self) -> dict[str, Any]:
+        """What inspect, load and export record of the base: its name, the folder it was
+        found at (None when not found), how it was resolved and what is needed of it."""
+        return {"name": self.name, "path": str(self.path) if self.path else None, "how": self.how,
+                "needs": self.needs}
+
 
 @dataclass(frozen=True)
 class Option:
@@ -66,6 +73,18 @@ class Option:
 
 
 FAMILIES = ("dense", "adapter", "mixture")
+EXPERT_COLUMNS = (  # Artifact.expert_rows(): one row per expert, then the router
+    "expert",      # expert_K, or "router"
+    "present",     # "yes", "partial (...)", "MISSING (...)", "unplaceable (...)", "unreadable (...)"
+    "trained",     # "yes", "no (why)", "not checked (why)"
+    "tensors", "parameters", "bytes",
+    "rank",        # LoRA rank(s) as stored
+    "scaling",     # alpha / r (None: lora_alpha recorded nowhere)
+    "norm_B",      # deep only: sqrt(sum ||B||^2) over the expert's modules
+    "norm_BA",     # deep only: sqrt(sum ||B A||^2), the unscaled update
+    "shape",       # the router's gate weight shape
+    "file",        # where it is stored
+)
 
 
 class Artifact(ABC):
@@ -101,10 +120,10 @@ class Artifact(ABC):
 
     def supply(self, **facts: Any) -> None:
         """Facts the artifact does not record, given by the user (e.g. DyLoRA's
-        ``lora_alpha``); ConfigError for a fact this format has no use for."""
+        ``lora_alpha``); FactError for a fact this format has no use for."""
         facts = {k: v for k, v in facts.items() if v is not None}
         if facts:
-            raise ConfigError(f"{self.format} artifacts take no user-supplied {', '.join(sorted(facts))}",
+            raise FactError(f"{self.format} artifacts take no user-supplied {', '.join(sorted(facts))}",
                               self.folder)
 
     # -- file access, confined to the artifact ---------------------------------------
@@ -206,6 +225,12 @@ class Artifact(ABC):
         """When no single dense view is the artifact: the view options that together are it,
         by label (DyLoRA-MoE: ``{"expert_0": {"expert": 0}, ...}``). ``{}``: ``view()`` is it."""
         return {}
+
+    def expert_rows(self, deep: bool = False) -> list[dict[str, Any]]:
+        """A mixture of adapters: one row per expert and one for its router (keys
+        :data:`EXPERT_COLUMNS`): what is stored, and with ``deep`` whether each expert changes
+        its base (``trained`` is ``"not checked"`` without it, never guessed). ``[]``: no experts."""
+        return []
 
     def unviewed(self) -> dict[str, "LazyTensor"]:
         """Stored tensors that no view places (DyLoRA-MoE's router), by name."""

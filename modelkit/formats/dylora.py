@@ -18,6 +18,7 @@ the base with expert K merged; :meth:`DyLoRAArtifact.experts` and
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from dataclasses import dataclass, replace
@@ -28,13 +29,14 @@ from typing import Any
 from modelkit.errors import (
     BaseModelUnavailableError,
     ConfigError,
+    FactError,
     LoadError,
     ModelkitError,
     UnknownFormatError,
 )
 from modelkit.findings import Finding, error, info, warning
 from modelkit.formats import register
-from modelkit.formats.base import Artifact, Format, Option
+from modelkit.formats.base import EXPERT_COLUMNS, Artifact, Format, Option
 from modelkit.formats.lora import (
     PEFT_PREFIX,
     LoraAdapter,
@@ -52,6 +54,7 @@ from modelkit.formats.peft_lora import (
 )
 from modelkit.formats.view import TensorView, stored_tensor
 from modelkit.io import files
+from modelkit.io.checkpoints import checkpoint_folders, checkpoint_step
 from modelkit.io.tensors import MAX_HEADER_BYTES, PickleFile, StoredTensor, check_inside
 
 MODEL_TYPE = "dylora-moe"
@@ -66,7 +69,6 @@ TRAINER_FILES = ("training_args.bin", "optimizer.pt", "scheduler.pt", "rng_state
 ROUTER_DEFAULTS = {"temperature": 2.0, "top_k": 1}  # DyLoRA-MoE's training temperature; top-1 at evaluation
 _EXPERT = re.compile(r"^expert_(\d+)$")
 _EXPERT_FILE = re.compile(r"^expert_(\d+)\.(?:pt|bin)$")
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 @dataclass
@@ -152,17 +154,11 @@ def _expert_of(t: StoredTensor) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _step(p: Path) -> int:
-    m = _CHECKPOINT.match(p.name)
-    return int(m.group(1)) if m else -1
-
-
 def inner_folder(root: Path) -> tuple[Path, str] | None:
     """In a W&B artifact root: ``best_model/`` or else the newest DyLoRA ``checkpoint-*/``."""
     if not root.is_dir():
         return None
-    candidates = [root / "best_model"] + sorted(
-        (p for p in root.glob("checkpoint-*") if p.is_dir()), key=_step, reverse=True)
+    candidates = [root / "best_model"] + checkpoint_folders(root)[::-1]
     for p in candidates:
         kind = detect_kind(p)
         if kind is not None:
@@ -205,7 +201,7 @@ class DyLoRAArtifact(Artifact):
     def run_config(self) -> dict[str, Any] | None:
         """A checkpoint's architecture from its run: ``../best_model/config.json`` when that is a
         full DyLoRA base config (the same run wrote both); used only when the base is unavailable."""
-        if not _CHECKPOINT.match(self.folder.name) or not (self.folder / SIBLING_CONFIG).is_file():
+        if checkpoint_step(self.folder) is None or not (self.folder / SIBLING_CONFIG).is_file():
             return None
         check_inside(self.folder.parent, self.folder / SIBLING_CONFIG)
         cfg = _json_or_empty(self.folder / SIBLING_CONFIG)
@@ -242,12 +238,12 @@ class DyLoRAArtifact(Artifact):
             try:
                 number = cast(value)
             except (TypeError, ValueError):
-                raise ConfigError(f"{field}={value!r} is not a number", self.folder) from None
+                raise FactError(f"{field}={value!r} is not a number", self.folder) from None
             if number <= 0 or (cast is int and number != value):
-                raise ConfigError(f"{field}={value!r} must be a positive {cast.__name__}", self.folder)
+                raise FactError(f"{field}={value!r} must be a positive {cast.__name__}", self.folder)
             recorded = self._declared(field, f"_dylora_{field}")
             if recorded is not None and float(recorded) != float(number):
-                raise ConfigError(f"{field}={value} was given, but the artifact records {field}={recorded}",
+                raise FactError(f"{field}={value} was given, but the artifact records {field}={recorded}",
                                   self.folder / "config.json")
             if recorded is None:
                 self.supplied[field] = int(number) if cast is int else (int(number) if number == int(number) else number)
@@ -323,7 +319,7 @@ class DyLoRAArtifact(Artifact):
         In layout a the trainer writes ``dylo_moe_state/`` into the results root after
         reloading the best model, so the sibling belongs to ``best_model/`` only: a
         ``checkpoint-N/`` beside it has its own ``router.gate.*`` (FORMATS.md §3.1)."""
-        sibling = self.kind == "a" and not _CHECKPOINT.match(self.folder.name)
+        sibling = self.kind == "a" and checkpoint_step(self.folder) is None
         options = [STATE_DIR] + ([f"../{STATE_DIR}"] if sibling else [])
         return next((rel for rel in options if (self.folder / rel).is_dir()), None)
 
@@ -768,6 +764,13 @@ class DyLoRAArtifact(Artifact):
         except ConfigError:  # unknown architecture: the field is DyLoRA's
             return False
 
+    def _expected_count(self, experts: list[ExpertAdapter]) -> int:
+        """How many experts there should be: the one number every claim agrees on, else as
+        many as the highest stored index implies."""
+        values = set(self._count_claims().values())
+        found = [e.index for e in experts]
+        return values.pop() if len(values) == 1 else (max(found) + 1 if found else 0)
+
     def _count_findings(self, experts: list[ExpertAdapter]) -> list[Finding]:
         claims = self._count_claims()
         found = sorted(e.index for e in experts)
@@ -777,7 +780,7 @@ class DyLoRAArtifact(Artifact):
             findings.append(error("inconsistent-config", "the number of experts is given differently: "
                                   + ", ".join(f"{k}={v}" for k, v in claims.items())
                                   + f"; {len(found)} expert(s) are stored"))
-        n = values.pop() if len(values) == 1 else (max(found) + 1 if found else 0)
+        n = self._expected_count(experts)
         absent = [k for k in range(n) if k not in found]
         if absent:
             findings.append(error("missing-tensors",
@@ -840,7 +843,7 @@ class DyLoRAArtifact(Artifact):
         findings += self._coverage_findings(experts)
         trained = [e for e in experts if e.modules]
         if deep:
-            zero = [e for e in trained if e.all_b_zero()]
+            zero = [e for e in trained if self.norms(e)["B"] == 0]
             if zero:
                 # all untrained: the "trained" mixture is the base model (error). Some untrained is
                 # how the real code usually ends (the optimizer only held expert_0): the mixture is
@@ -875,6 +878,71 @@ class DyLoRAArtifact(Artifact):
                     f"(e.g. {lacking[0]}): a loader leaves them at zero for this expert",
                     [f"{m}.lora_A.{e.name}" for m in lacking]))
         return findings
+
+    def norms(self, expert: ExpertAdapter) -> dict[str, float]:
+        """``expert.norms()`` (reads its A and B), once per expert: the untrained check and the
+        per-expert table share the reads."""
+        cache = self.__dict__.setdefault("_norms", {})
+        key = (expert.index, expert.alpha)
+        if key not in cache:
+            cache[key] = expert.norms()
+        return cache[key]
+
+    def _unreadable(self, expert: ExpertAdapter) -> bool:
+        return expert.source is not None and any(
+            x.path and str(x.path).endswith(expert.source) for x in self.file_errors)
+
+    def expert_rows(self, deep: bool = False) -> list[dict[str, Any]]:
+        """One row per expert the artifact declares or stores, then the router (columns
+        ``formats.base.EXPERT_COLUMNS``). ``present`` and the structural ``no`` of ``trained``
+        (nothing stored, files not found, empty, unplaceable) come from the listing; whether a
+        stored expert changes the base needs its data: ``deep`` reads every A and B."""
+        experts = {e.index: e for e in self.experts()}
+        union = set().union(*(e.modules for e in experts.values())) if experts else set()
+        rows = []
+        for k in sorted(set(range(self._expected_count(list(experts.values())))) | set(experts)):
+            e = experts.get(k)
+            row: dict[str, Any] = dict.fromkeys(EXPERT_COLUMNS)
+            row.update(expert=f"expert_{k}", tensors=0, parameters=0, bytes=0)
+            if e is None:
+                rows.append({**row, "present": "MISSING (not stored)", "trained": "no (nothing stored)"})
+                continue
+            stored = [t for m in e.modules.values() for t in m.stored] + list(e.unplaced) + list(e.replaced.values())
+            row.update(tensors=len(stored), parameters=sum(t.numel for t in stored),
+                       bytes=sum(t.nbytes for t in stored), file=e.source,
+                       rank=", ".join(map(str, e.ranks)) or None, scaling=e.scaling)
+            if e.source is None:
+                row.update(present=f"MISSING (no adapter files in {ADAPTERS_DIR}/expert_{k}/)",
+                           trained="no (nothing stored)")
+            elif self._unreadable(e):
+                row.update(present="unreadable (see the findings)", trained="not checked (file unreadable)")
+            elif not e.modules and e.unplaced:
+                row.update(present=f"unplaceable ({len(e.unplaced)} tensor(s) no loader places)",
+                           trained="no (a loader drops its tensors)")
+            elif not e.modules:
+                row.update(present="MISSING (empty file)", trained="no (nothing stored)")
+            else:
+                row["present"] = ("yes" if len(e.modules) >= len(union)
+                                  else f"partial ({len(e.modules)} of {len(union)} modules)")
+                if deep:
+                    norms = self.norms(e)
+                    row.update(norm_B=norms["B"], norm_BA=None if math.isnan(norms["BA"]) else norms["BA"],
+                               trained="yes" if norms["B"] > 0 else "no (every LoRA B is zero)")
+                else:
+                    row["trained"] = "not checked (deep off)"
+            rows.append(row)
+        router: dict[str, Any] = dict.fromkeys(EXPERT_COLUMNS)
+        router.update(expert="router", tensors=0, parameters=0, bytes=0,
+                      trained="not checked (weights cannot tell trained from initial)")
+        parts = self._router_parts
+        if parts is None:
+            router["present"] = "MISSING (no trained router in the artifact)"
+        else:
+            gate = [t for t in (parts["weight"], parts["bias"]) if t is not None]
+            router.update(present="yes", tensors=len(gate), parameters=sum(t.numel for t in gate),
+                          bytes=sum(t.nbytes for t in gate), file=parts["file"],
+                          shape=list(parts["weight"].shape))
+        return rows + [router]
 
     # -- summary --------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
@@ -929,9 +997,8 @@ class DyLoRAArtifact(Artifact):
         """The training step this was saved at, when recorded."""
         if isinstance(self.cfg.get("_dylora_checkpoint_step"), int):
             return self.cfg["_dylora_checkpoint_step"]
-        m = _CHECKPOINT.match(self.folder.name)
-        if m:
-            return int(m.group(1))
+        if checkpoint_step(self.folder) is not None:
+            return checkpoint_step(self.folder)
         state = _json_or_empty(self.folder / "trainer_state.json")
         return state.get("global_step") if isinstance(state.get("global_step"), int) else None
 

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
-from modelkit.errors import LoadError
+from modelkit.errors import LoadError, MissingFactError
 from modelkit.formats.view import LazyTensor
 from modelkit.io.tensors import StoredTensor
 
@@ -140,7 +140,7 @@ class LoraAdapter:
         when the artifact records no alpha (the merge would be a guess)."""
         alpha, r = self.alpha_of(module), self.rank_of(module)
         if alpha is None:
-            raise LoadError(f"{self.name}: lora_alpha is recorded nowhere in the artifact, so "
+            raise MissingFactError(f"{self.name}: lora_alpha is recorded nowhere in the artifact, so "
                             "the merge scale alpha/r is unknown; give it (lora_alpha=<value>, --lora-alpha)")
         if not r:
             raise LoadError(f"{self.name}: no rank for {module} (no lora_A, no r in the config)")
@@ -201,6 +201,27 @@ class LoraAdapter:
         if any(m.bias is not None for m in self.modules.values()):
             cfg["lora_bias"] = True
         return cfg
+
+    def norms(self) -> dict[str, float]:
+        """Frobenius norms pooled over the modules (reads every A and B, in float64):
+        ``B`` = sqrt(sum ||B||^2), zero exactly when every B is all zeros, and ``BA`` =
+        sqrt(sum ||B A||^2), the size of the unscaled update. ``||BA||^2`` is taken as
+        ``sum((B^T B) * (A A^T))`` over r x r Gram matrices, so the out x in product is never
+        formed; NaN for a module whose A and B do not multiply."""
+        sq_b = sq_ba = 0.0
+        for m in self.modules.values():
+            if m.B is None:
+                continue
+            b = self.read(m.B).produce().double()
+            b = b.reshape(b.shape[0], -1)
+            sq_b += float((b * b).sum())
+            if m.A is None:
+                sq_ba = math.nan
+                continue
+            a = self.read(m.A).produce().double()
+            a = a.reshape(a.shape[0], -1)
+            sq_ba += float(((b.T @ b) * (a @ a.T)).sum()) if b.shape[1] == a.shape[0] else math.nan
+        return {"B": math.sqrt(sq_b), "BA": math.sqrt(max(sq_ba, 0.0)) if not math.isnan(sq_ba) else math.nan}
 
     def all_b_zero(self) -> bool:
         """True when every stored LoRA B is all zeros (reads every B)."""
@@ -330,13 +351,21 @@ def _merged_weight(w: LazyTensor, m: LoraModule, scaling: float, adapter: LoraAd
     def compute(dtype):
         import torch
 
-        base = w.produce()
-        delta = (read(m.B).produce().float() @ read(m.A).produce().float()) * scaling
-        merged = base.float() + (delta.T if transpose else delta)
+        base = w.produce()  # may be a view of the source file's memory map: never written to
+        # PEFT's arithmetic, step for step (``W + transpose(B @ A) * scaling`` in float32), so
+        # the merge equals PEFT's merge_and_unload bit for bit; in place where the operands are
+        # ours: one tensor of W's size is held besides W itself
+        delta = read(m.B).produce().float() @ read(m.A).produce().float()
+        delta.mul_(scaling)
+        if transpose:
+            merged = base.float() + delta.T
+        else:  # W of a lower precision is widened exactly by the in-place add
+            merged = delta.add_(base.float() if base.dtype == torch.float64 else base)
+        del delta
         if m.magnitude is not None:  # DoRA: rescale each output row to the stored magnitude
             rows = merged.T if adapter.fan_in_fan_out else merged
             factor = read(m.magnitude).produce().float() / torch.linalg.norm(rows, dim=1)
-            merged = merged * (factor.view(1, -1) if adapter.fan_in_fan_out else factor.view(-1, 1))
+            merged.mul_(factor.view(1, -1) if adapter.fan_in_fan_out else factor.view(-1, 1))
         return merged.to(dtype or base.dtype)
 
     # computed in float32 and cast once: to W's dtype by default, to the dtype a load or

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from modelkit.errors import RefNotFoundError
+from modelkit.io.checkpoints import checkpoint_folders
 
 WANDB_REF = re.compile(r"^(?:wandb:)?(?P<entity>[\w.-]+)/(?P<project>[\w.-]+)/(?P<name>[\w.-]+):(?P<version>[\w.-]+)$")
 COMPLETE_MARKER = ".modelkit-download.json"
@@ -121,16 +122,11 @@ def resolve(ref: str | Path, *, download: bool = True) -> Source:
 
 def _select(ref: str, kind: str, root: Path, trust_root: Path | None = None, note: str = "") -> Source:
     root = root.resolve()
-    checkpoints = sorted((p for p in root.glob("checkpoint-*") if p.is_dir()), key=_step)
+    checkpoints = checkpoint_folders(root)
     folder = root / "best_model" if (root / "best_model").is_dir() else root
     src = Source(ref, kind, trust_root.resolve() if trust_root else root, folder,
                  checkpoints if folder != root else [], note)
     return src
-
-
-def _step(p: Path) -> tuple[int, str]:
-    m = re.search(r"(\d+)$", p.name)
-    return (int(m.group(1)) if m else -1, p.name)
 
 
 # -- W&B ------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterator
 
-from modelkit.errors import CorruptFileError, UnsafePickleError
+from modelkit.errors import CorruptFileError, LoadError, UnsafePickleError
 from modelkit.io.zipmembers import read_zip_member
 
 # safetensors dtype tags -> torch dtype names (the names used everywhere in modelkit)
@@ -52,13 +52,31 @@ MAX_PICKLE_BYTES = 128 * 1024 * 1024  # a zip pickle's data.pkl (a 50k-tensor st
 MAX_NODES = 4_000_000  # containers and leaves walked in one pickle's structure
 MAX_DEPTH = 200        # nesting of dicts / lists in one pickle
 _U64 = 2**64
+_I63 = 2**63
 
 
-def torch_dtype(name: str):
-    """The torch dtype for a dtype name such as ``"bfloat16"``."""
+DTYPE_ALIASES = {"float": "float32", "fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+
+
+def torch_dtype(dtype: Any, *, floating: bool = False):
+    """The one dtype parser: a torch dtype (as is), None (None), or a name such as
+    ``"bfloat16"``, ``"torch.bfloat16"`` or an alias (``bf16``, ``fp16``, ``half``,
+    ``fp32``, ``float``). ``floating`` refuses non-floating dtypes (a model's dtype).
+    LoadError naming the value on anything else."""
     import torch
 
-    return getattr(torch, name)
+    if dtype is None:
+        return None
+    if isinstance(dtype, torch.dtype):
+        value = dtype
+    else:
+        name = dtype_name(dtype)
+        value = getattr(torch, DTYPE_ALIASES.get(name, name), None) if name.isidentifier() else None
+    if not isinstance(value, torch.dtype) or (floating and not value.is_floating_point):
+        if floating:
+            raise LoadError(f"unknown floating dtype {dtype!r}; use float32, bfloat16 or float16")
+        raise LoadError(f"unknown dtype {dtype!r}")
+    return value
 
 
 def dtype_name(dtype: Any) -> str:
@@ -132,7 +150,7 @@ class TensorFile:
     def release(self) -> None:
         """Drop the open handle or unpickled object (and its memory map); the metadata stays
         and the data reopens on the next read. Tensors already returned stay valid."""
-        for attr in ("_handle", "obj"):
+        for attr in ("_handle", "_pread_handle", "obj"):
             self.__dict__.pop(attr, None)
 
     @staticmethod
@@ -147,6 +165,12 @@ class TensorFile:
 
     def read(self, key: str):  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def read_unmapped(self, key: str):
+        """``read(key)`` into memory of its own, leaving no page of the file mapped: for a
+        consumer that reads a large tensor once (an export), so the file's pages do not
+        add to its resident memory. Safetensors files use ``pread``; others copy."""
+        return self.read(key).clone()
 
     def stored(self, prefix: str = "") -> list[StoredTensor]:
         """The file's tensors, names prefixed with ``prefix``."""
@@ -269,20 +293,33 @@ class SafetensorsFile(TensorFile):
 
     @cached_property
     def _handle(self):
+        return self._open("mmap")
+
+    @cached_property
+    def _pread_handle(self):
+        return self._open("pread")
+
+    def _open(self, backend: str):
         from safetensors import safe_open
 
         self.entries  # validate first: never hand a bad header to the reader
         try:
-            return safe_open(str(self.path), framework="pt", device="cpu")
+            return safe_open(str(self.path), framework="pt", device="cpu", backend=backend)
         except Exception as e:  # safetensors raises its own Rust-side error types
             raise CorruptFileError(f"cannot open safetensors file: {e}", self.path) from None
 
     def read(self, key: str):
+        return self._get(key, mapped=True)
+
+    def read_unmapped(self, key: str):
+        return self._get(key, mapped=False)
+
+    def _get(self, key: str, mapped: bool):
         _note_read(self.path, key)
         if key not in self.entries:
             raise KeyError(f"{self.path}: no tensor {key!r}")
         try:
-            return self._handle.get_tensor(key)
+            return (self._handle if mapped else self._pread_handle).get_tensor(key)
         except Exception as e:
             raise CorruptFileError(f"cannot read tensor {key!r}: {e}", self.path) from None
 
@@ -303,10 +340,25 @@ class PickleFile(TensorFile):
         return read_pickle_skeleton(self.path)
 
     @cached_property
-    def entries(self) -> dict[str, StoredTensor]:
+    def _leaves(self) -> tuple[dict[str, StoredTensor], dict[str, Any]]:
+        """(tensors, scalars) by dotted key, from one walk of the structure (a layer file of
+        a real compressed MoE holds ~500 tensors; walking it once per question doubled the cost)."""
         tree = self.skeleton if self.skeleton is not None else self.obj
-        return {key: StoredTensor(key, tuple(t.shape), dtype_name(t.dtype), self.rel, key)
-                for key, t in flatten_tensors(tree, path=self.path)}
+        tensors: dict[str, StoredTensor] = {}
+        scalars: dict[str, Any] = {}
+        rel = self.rel
+        for key, leaf in walk(tree, path=self.path):
+            if type(leaf) is TensorHeader:  # the skeleton's: shape a tuple, dtype a name already
+                tensors[key] = StoredTensor(key, leaf.shape, leaf.dtype, rel, key)
+            elif _is_tensor(leaf):
+                tensors[key] = StoredTensor(key, tuple(leaf.shape), dtype_name(leaf.dtype), rel, key)
+            else:
+                scalars[key] = leaf
+        return tensors, scalars
+
+    @property
+    def entries(self) -> dict[str, StoredTensor]:
+        return self._leaves[0]
 
     def read(self, key: str):
         _note_read(self.path, key)
@@ -317,8 +369,7 @@ class PickleFile(TensorFile):
 
     def scalars(self) -> dict[str, Any]:
         """Non-tensor leaves (ints, strings, ...) of the pickle, by dotted key."""
-        tree = self.skeleton if self.skeleton is not None else self.obj
-        return dict(flatten_scalars(tree, path=self.path))
+        return dict(self._leaves[1])
 
 
 class _DuplicateKey(ValueError):
@@ -412,15 +463,6 @@ def _check_pickle_file(path: Path) -> bool:
     return True
 
 
-def _children(obj: Any) -> Iterator[tuple[str, Any]]:
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            yield str(k), v
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield str(i), v
-
-
 def _is_tensor(obj: Any) -> bool:
     if isinstance(obj, TensorHeader):
         return True
@@ -440,12 +482,13 @@ def walk(obj: Any, prefix: str = "", path: Path | str | None = None) -> Iterator
     seen: dict[int, str] = {}
     stack: list[tuple[str, Any, int]] = [(prefix, obj, 0)]
     nodes = 0
+    containers = (dict, list, tuple)
     while stack:
         key, node, depth = stack.pop()
         nodes += 1
         if nodes > MAX_NODES:
             raise CorruptFileError(f"the pickle's structure has over {MAX_NODES:,} entries; refused", path)
-        if type(node) is TensorHeader or _is_tensor(node) or not isinstance(node, (dict, list, tuple)):
+        if not isinstance(node, containers):  # a tensor (or TensorHeader) or a scalar
             yield key, node
             continue
         if not node:
@@ -456,9 +499,9 @@ def walk(obj: Any, prefix: str = "", path: Path | str | None = None) -> Iterator
             raise CorruptFileError(f"the pickle reaches one container both as {seen[id(node)]!r} and as "
                                    f"{key!r}; a state dict is a tree, refused", path)
         seen[id(node)] = key
-        children = list(_children(node))
-        for k, v in reversed(children):
-            stack.append((f"{key}.{k}" if key else k, v, depth + 1))
+        head = f"{key}." if key else ""
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        stack.extend([(f"{head}{k}", v, depth + 1) for k, v in items][::-1])
 
 
 def flatten_tensors(obj: Any, prefix: str = "", path: Path | str | None = None) -> Iterator[tuple[str, Any]]:
@@ -524,8 +567,12 @@ class _BadTensor(Exception):
 
 
 def _rebuild_tensor(storage: str, offset: int, size: Any, *rest: Any) -> TensorHeader:
-    if not (isinstance(size, tuple) and len(size) <= 64 and all(type(d) is int and 0 <= d < 2**63 for d in size)):
+    # called once per tensor of every pickle listed: a plain loop, not all(generator)
+    if type(size) is not tuple or len(size) > 64:
         raise _BadTensor(f"a tensor has size {_short(size)}: dimensions must be non-negative integers")
+    for d in size:
+        if type(d) is not int or d < 0 or d >= _I63:
+            raise _BadTensor(f"a tensor has size {_short(size)}: dimensions must be non-negative integers")
     if type(offset) is not int or offset < 0:
         raise _BadTensor(f"a tensor has storage offset {_short(offset)}")
     return TensorHeader(size, storage)

@@ -179,6 +179,15 @@ class DyLoRAMoEForCausalLM(PreTrainedModel, GenerationMixin):
                             "does not have; use routing='expert:K'")
         self.config.routing = routing
 
+    def merge_and_unload(self) -> PreTrainedModel:
+        """The base LM with the expert of ``routing="expert:K"`` merged into its weights by
+        PEFT's own ``merge_and_unload`` (the other experts and the router dropped): the dense
+        model a one-expert export stands for. Consumes this module (its weights are changed)."""
+        kind, k = parse_routing(self.routing)
+        if kind != "expert":
+            raise ValueError(f"routing={self.routing!r} is a mixture, not one dense model: set routing='expert:K'")
+        return self.foundation_model.merge_and_unload(adapter_names=[expert_name(k)])
+
     def get_input_embeddings(self) -> nn.Module:
         return self.lm.get_input_embeddings()
 
@@ -565,8 +574,7 @@ def build_dylora_model(artifact: "Artifact", base_artifact: "Artifact | None" = 
     config = artifact.config()
     if "lm_head.weight" in view.tensors and getattr(config, "tie_word_embeddings", False):
         config.tie_word_embeddings = False  # DyLoRA-MoE unties the head (a stored copy of embed_tokens)
-    if isinstance(dtype, str):
-        dtype = torch_dtype(dtype.removeprefix("torch."))
+    dtype = torch_dtype(dtype)
     dtype = dtype or config.dtype or torch.float32
     producers = {n: t.produce for n, t in view.tensors.items()}
     base_model, info = disk_to_model(config, producers, dtype, shapes={n: t.shape for n, t in view.tensors.items()})

@@ -171,10 +171,12 @@ def _check_settings(trained: tuple, limit: Any, num_fewshot: Any, batch_size: An
 def _identify(role: str, ref: str | Path, options: dict | None) -> ModelInfo:
     """Open the artifact (and its base) and fingerprint it; no weights are read."""
     from modelkit.ops.load import open_for_load
+    from modelkit.ops.open import split_facts
 
     opts = dict(options or {})
     try:
-        artifact, base_art = open_for_load(ref, opts.get("base"))
+        # facts (lora_alpha=, ...) are supplied now: a bad one is refused before any model loads
+        artifact, base_art = open_for_load(ref, opts.get("base"), split_facts(opts)[0])
     except ModelkitError as e:
         raise about_model(e, role, ref) from None
     afp = artifact.fingerprint

@@ -382,6 +382,9 @@ class DiffResult:
             rows.append({"part": r["name"], "verdict": status, "tensors": 1,
                          "changed": int(bool(r["changed"])) if r["changed"] is not None else 0,
                          "rel_change": r["rel_change"] if r["rel_change"] is not None else math.nan})
+        if self.parts and not any(r["role"] == "router" for r in self.rows):
+            rows.append({"part": "router", "verdict": "not stored", "tensors": 0, "changed": 0,
+                         "rel_change": math.nan})   # neither side has one: say so, do not leave it out
         return pd.DataFrame(rows, columns=["part", "verdict", "tensors", "changed", "rel_change"])
 
     @property
@@ -701,6 +704,10 @@ def _diff_mixture(a, b, base_a, base_b, options_a, options_b, side_a: _Side, sid
         workers.close()
     first = next(iter(parts.values()), None)
     warnings = sorted({w for p in parts.values() for w in p.warnings})
+    for tag, variants, unviewed in (("A", va, ua), ("B", vb, ub)):
+        if variants and not unviewed:
+            warnings.append(f"{tag} is a mixture without a stored router: which expert handles a sequence "
+                            "is not recorded (see inspect: missing-router)")
     info_a, info_b = (first.a, first.b) if first is not None else (side_a.info, side_b.info)
     return DiffResult(side_a.info if va else info_a, side_b.info if vb else info_b, rows, warnings,
                       kw.get("rank", False), time.perf_counter() - start,

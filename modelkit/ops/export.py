@@ -5,12 +5,14 @@ of the base architecture (no ``_dylora_*`` fields, no ``auto_map``), ``generatio
 when the source has one, the tokenizer files, ``model-0000i-of-0000N.safetensors`` +
 ``model.safetensors.index.json`` in the on-disk key space (per-expert names for MoE), and
 ``modelkit_export.json`` recording source, fingerprint, options, what was merged or
-materialized and the verification result.
+materialized and the verification result, and a ``README.md`` model card whose metadata
+names the base model (``base_model``: the lineage the Hub shows; :mod:`modelkit.ops.model_card`).
 
 Streaming: shard boundaries are planned from the view's shapes with huggingface_hub's
-splitter before any tensor is produced; then each shard's tensors are produced one at a
-time, written with safetensors' ``save_file`` and released. Peak memory is about one shard
-(``max_shard_size``) plus the inputs of one tensor being computed.
+splitter before any tensor is produced; each shard's header is written from that plan, then
+its tensors are produced one at a time and appended by a writer thread as they come. Peak
+memory is a few tensors (``QUEUE``) plus the inputs of the ones being computed, whatever
+``max_shard_size``.
 
 Atomic: everything is written into a temporary folder beside OUT (see
 :mod:`modelkit.io.atomic`), fsynced, verified when asked, and renamed to OUT at the end.
@@ -24,7 +26,6 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from modelkit import schemas
@@ -32,20 +33,20 @@ from modelkit.errors import ExportError, ModelkitError, guarded
 from modelkit.formats import Artifact
 from modelkit.formats.view import LazyTensor
 from modelkit.io import files
-from modelkit.io.atomic import atomic_folder, fsync_file
-from modelkit.io.tensors import release_all
+from modelkit.io.atomic import atomic_folder
+from modelkit.io.safetensors_stream import StreamedSafetensors
+from modelkit.io.tensors import dtype_name, release_all, torch_dtype
 from modelkit.ops.load import (
     check_artifact,
     dense_view,
     is_dylora,
     is_peft,
-    load,
     open_for_load,
     recording_reads,
     split_consumed,
     tokenizer_folder,
-    torch_dtype_of,
 )
+from modelkit.ops.model_card import CARD, mixture_card_text, write_model_card
 from modelkit.ops.open import split_facts
 from modelkit.progress import phase
 from modelkit.units import human_bytes
@@ -59,13 +60,6 @@ TOKENIZER_FILES = (
     "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json",
 )
 DROPPED_CONFIG_PREFIXES = ("_dylora",)
-
-
-def save_file(tensors, filename, metadata=None):
-    """safetensors' ``save_file`` (a module attribute so tests can simulate a full disk)."""
-    from safetensors.torch import save_file as _save
-
-    _save(tensors, str(filename), metadata=metadata)
 
 
 # --------------------------------------------------------------------------- result
@@ -159,12 +153,12 @@ def export(ref: Any, out: str | Path, base: Any = None, dtype: Any = None,
     targets = _targets(artifact, expert)
     if expert is not None:
         format_options = {**format_options, "expert": expert}
-    out_dtype = torch_dtype_of(dtype)
+    out_dtype = torch_dtype(dtype, floating=True)
     _check_size(max_shard_size)
     protect = [artifact.folder, artifact.trust_root] + ([base_art.folder] if base_art else [])
     result.source_fingerprint = artifact.fingerprint
     result.options = {"base": str(base) if base is not None else None,
-                      "dtype": str(out_dtype).removeprefix("torch.") if out_dtype else None,
+                      "dtype": dtype_name(out_dtype) if out_dtype else None,
                       "max_shard_size": max_shard_size, "expert": expert, "verify": verify,
                       "allow_untrained": allow_untrained, **{k: v for k, v in format_options.items()
                                                             if k != "expert"}}
@@ -307,7 +301,7 @@ def _target_dtype(lt: LazyTensor, out_dtype) -> str:
     from modelkit.io.tensors import FLOAT_DTYPES
 
     if out_dtype is not None and lt.dtype in FLOAT_DTYPES:
-        return str(out_dtype).removeprefix("torch.")
+        return dtype_name(out_dtype)
     return lt.dtype
 
 
@@ -320,7 +314,7 @@ def default_dtype(tensors: dict[str, LazyTensor]):
         if lt.dtype in FLOAT_DTYPES:
             weight[lt.dtype] += lt.numel * _itemsize(lt.dtype)
     name = weight.most_common(1)[0][0] if weight else "float32"
-    return torch_dtype_of(name)
+    return torch_dtype(name, floating=True)
 
 
 def produce(name: str, lt: LazyTensor, out_dtype):
@@ -343,66 +337,72 @@ def produce(name: str, lt: LazyTensor, out_dtype):
     return t.detach().to("cpu").contiguous()
 
 
+QUEUE = 4  # tensors produced ahead of the writer thread: the memory it may hold beyond the sources'
+
+
 def write_weights(folder: Path, tensors: dict[str, LazyTensor], out_dtype, max_shard_size: int | str,
                   progress: bool = True, desc: str = "write") -> dict[str, Any]:
     """Stream ``tensors`` into shards in ``folder``; returns the index plus a cast tally.
 
-    One shard's tensors are produced, then written with ``save_file`` and fsynced by a
-    writer thread (file writes and ``os.fsync`` release the GIL) while the next shard is
-    produced: computing and writing overlap, and at most two shards are held. When no
-    tensor is computed (stored tensors, LoRA merges: reading is the cost) each shard is
-    written before the next is produced, so only one shard is held, and the fsync alone
-    runs behind. Every write and fsync has finished, its errors raised, before this returns.
-    Progress is one phase ``desc`` counting tensors (its note: the shard and bytes
-    written); a cancel stops it at the next tensor.
-    Computed experts are produced in batches (:func:`modelkit.formats.compressed_moe.lowrank.batched_experts`)."""
+    Each shard's header is written from the plan (names, shapes, dtypes known before any
+    tensor exists, :mod:`modelkit.io.safetensors_stream`), then every tensor is produced
+    and handed to a writer thread that appends its bytes straight from its memory (file
+    writes and ``os.fsync`` release the GIL), so computing and writing overlap and memory
+    is about ``QUEUE`` tensors, whatever the shard size. A shard is fsynced by the writer
+    once its last tensor is written; the source files' memory maps are dropped
+    (``release_all``) after each shard. Every write and fsync has finished, its errors
+    raised, before this returns. Computed experts are produced in batches
+    (:func:`modelkit.formats.compressed_moe.lowrank.batched_experts`). Progress is one
+    phase ``desc`` counting tensors (its note: the shard and the bytes produced); a cancel
+    stops it at the next tensor."""
+    from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
     from modelkit.formats.compressed_moe.lowrank import batched_experts
 
     files, total = plan_shards(tensors, out_dtype, max_shard_size)
-    overlap = any(lt.compute is not None for lt in tensors.values())
+    outs = {filename: StreamedSafetensors(folder / filename,
+                                          [(n, _target_dtype(tensors[n], out_dtype), tuple(tensors[n].shape))
+                                           for n in names], metadata={"format": "pt"})
+            for filename, names in files.items()}
     weight_map, cast, params = {}, Counter(), 0
+    pending: deque = deque()
 
-    def write(shard: dict, filename: str) -> None:
-        save_file(shard, folder / filename, metadata={"format": "pt"})
-        shard.clear()
-        fsync_file(folder / filename)
+    def settle(limit: int) -> None:  # wait for the oldest writes (raising their errors)
+        while len(pending) > limit:
+            pending.popleft().result()
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="modelkit-write") as writer, \
-            phase(desc, total=len(tensors), unit="tensors", show=progress) as bar, \
-            batched_experts():
-        pending, done_bytes = None, 0
-        for i, (filename, names) in enumerate(files.items(), 1):
-            where = f"shard {i}/{len(files)}"
-            bar.update(0, note=f"{where}, {human_bytes(done_bytes)} of {human_bytes(total)}")
-            shard, storages = {}, set()
-            for name in names:
-                lt = tensors[name]
-                t = produce(name, lt, out_dtype)
-                if lt.dtype != str(t.dtype).removeprefix("torch."):
-                    cast[f"{lt.dtype}->{str(t.dtype).removeprefix('torch.')}"] += 1
-                ptr = t.untyped_storage().data_ptr()
-                if ptr in storages or t.untyped_storage().nbytes() != t.numel() * t.element_size():
-                    t = t.clone()  # one storage per tensor: safetensors refuses shared memory
-                storages.add(t.untyped_storage().data_ptr())
-                shard[name] = t
-                params += t.numel()
-                weight_map[name] = filename
-                done_bytes += t.numel() * t.element_size()
-                bar.update(1, note=f"{where}, {human_bytes(done_bytes)} of {human_bytes(total)}")
-            if pending is not None:
-                pending.result()  # the previous shard is written (its error raised) first
-                pending = None
-            if overlap:
-                pending = writer.submit(write, shard, filename)
-            else:
-                save_file(shard, folder / filename, metadata={"format": "pt"})
-                pending = writer.submit(fsync_file, folder / filename)
-            del shard
-            release_all()  # unmap the source pages this shard consumed
-        if pending is not None:
-            pending.result()  # raises the last write or fsync error (EIO, ENOSPC)
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="modelkit-write") as writer, \
+                phase(desc, total=len(tensors), unit="tensors", show=progress) as bar, \
+                batched_experts():
+            done_bytes = 0
+            for i, (filename, names) in enumerate(files.items(), 1):
+                where = f"shard {i}/{len(files)}"
+                bar.update(0, note=f"{where}, {human_bytes(done_bytes)} of {human_bytes(total)}")
+                out = outs[filename]
+                for name in names:
+                    lt = tensors[name]
+                    t = produce(name, lt, out_dtype)
+                    got, planned = dtype_name(t.dtype), _target_dtype(lt, out_dtype)
+                    if got != planned:
+                        raise ExportError(f"{name} from {lt.origin} is {got}, the view promised {planned}")
+                    if lt.dtype != got:
+                        cast[f"{lt.dtype}->{got}"] += 1
+                    params += t.numel()
+                    weight_map[name] = filename
+                    done_bytes += t.numel() * t.element_size()
+                    bar.update(1, note=f"{where}, {human_bytes(done_bytes)} of {human_bytes(total)}")
+                    pending.append(writer.submit(out.write, name, t))
+                    del t
+                    settle(QUEUE)
+                pending.append(writer.submit(out.close))
+                release_all()  # unmap the source pages this shard consumed
+            settle(0)  # raises the last write or fsync error (EIO, ENOSPC)
+    except BaseException:
+        for out in outs.values():  # the writer has stopped: close what it left open
+            out.abandon()
+        raise
     index = {"metadata": {"total_parameters": params, "total_size": total}, "weight_map": weight_map}
     (folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return {"files": list(files), "total_size": total, "cast": dict(cast)}
@@ -415,7 +415,7 @@ def _write_folder(folder: Path, artifact: Artifact, base_art: Artifact | None, d
     with recording_reads() as seen:
         written = write_weights(folder, tensors, dtype, max_shard_size, progress, desc=desc)
     part.consumed, part.left_out = split_consumed(artifact, seen)
-    part.dtype = str(dtype).removeprefix("torch.")
+    part.dtype = dtype_name(dtype)
     part.tensors = len(tensors)
     part.bytes = written["total_size"]
     part.shards = written["files"]
@@ -449,18 +449,17 @@ def write_config(folder: Path, config, dtype: str) -> None:
 
 
 def causal_lm_class_name(config) -> str:
-    """The class stock ``AutoModelForCausalLM`` builds for ``config``."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    """The class stock ``AutoModelForCausalLM`` builds for ``config``, by name: transformers'
+    name table, so the modeling code (seconds of imports) is not loaded just for a string."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    try:
-        cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    except KeyError:
-        raise ExportError(f"transformers has no causal-LM model for model_type {config.model_type!r}") from None
-    if isinstance(cls, (list, tuple)):
-        names = [c.__name__ for c in cls]
+    names = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
+    if names is None:
+        raise ExportError(f"transformers has no causal-LM model for model_type {config.model_type!r}")
+    if isinstance(names, (list, tuple)):
         wanted = [a for a in (getattr(config, "architectures", None) or []) if a in names]
         return wanted[0] if wanted else names[0]
-    return cls.__name__
+    return names
 
 
 def _copy_generation_config(folder: Path, artifact: Artifact, base_art: Artifact | None,
@@ -495,7 +494,7 @@ def _copy_tokenizer(folder: Path, artifact: Artifact, base_art: Artifact | None,
     part.notes.append(f"tokenizer from {src}")
 
 
-VERIFY_STEPS = 3  # the source loaded, the export loaded, logits compared
+VERIFY_STEPS = 3  # the source's reference run, the export loaded, logits compared
 
 
 def _verify(folder: Path, ref: Any, base: Any, expert: int | None, artifact: Artifact,
@@ -504,43 +503,13 @@ def _verify(folder: Path, ref: Any, base: Any, expert: int | None, artifact: Art
     """Compare the written folder with the source (see :mod:`modelkit.ops.verify`);
     ``step(1, note)`` after each of the :data:`VERIFY_STEPS` (progress, and where a
     cancel takes effect)."""
-    import torch
+    from modelkit.ops.verify import source_reference, verify_folder
 
-    from modelkit.ops.verify import verify_folder
-
-    opts = {k: v for k, v in format_options.items() if k != "expert"}
-    common = {"base": base, "allow_untrained": allow_untrained, **opts}
-    if expert is not None:
-        reference = f"modelkit.load(routing='expert:{expert}')"
-        src = load(ref, dtype=torch.float32, routing=f"expert:{expert}", **common)
-    elif is_peft(artifact):
-        reference = "modelkit.load(merge=False): PEFT's own forward on the base"
-        src = load(ref, dtype=torch.float32, merge=False, **common)
-    else:
-        independent = artifact.reference_model(**opts)
-        if independent is not None:  # the stored form by a second path, in float64
-            model, how = independent
-            src = SimpleNamespace(model=model)
-            reference = f"independent float64 reference: {how}"
-        else:
-            reference = "modelkit.load()"
-            src = load(ref, dtype=torch.float32, **common)
-    step(0, note="loading the source")
-    rounded = None
-    if part.dtype != "float32":  # the source's weights rounded the same way: must agree exactly
-        dense = {"expert": expert} if expert is not None else {}
-        rounded = load(ref, dtype=torch.float32, **common, **dense).model
-        low = torch_dtype_of(part.dtype)
-        with torch.no_grad():
-            for p in rounded.parameters():
-                p.copy_(p.to(low).to(p.dtype))
-    step(1, note="loading the export with stock transformers")
-    try:
-        v = verify_folder(folder, src.model, dtype=part.dtype, reference=reference,
-                          rounded_model=rounded, tolerance=tolerance,
-                          loaded=lambda: step(1, note="comparing logits"))
-    finally:
-        del src, rounded
+    options = {"base": base, **{k: v for k, v in format_options.items() if k != "expert"}}
+    step(0, note="running the source")
+    v = verify_folder(folder, lambda: source_reference(ref, artifact, expert=expert,
+                                                       allow_untrained=allow_untrained, **options),
+                      dtype=part.dtype, tolerance=tolerance, step=lambda note: step(1, note=note))
     step(1, note="logits match" if v.ok else "logits differ")
     part.verification = v.to_dict()
     part.ok = v.ok
@@ -554,8 +523,7 @@ def _write_record(folder: Path, part: ExportResult, artifact: Artifact, expert: 
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "source": {"ref": part.ref, "folder": str(artifact.folder), "format": artifact.format,
                    "layout": artifact.layout, "fingerprint": part.source_fingerprint,
-                   "base": ({"name": artifact.base.name, "path": str(artifact.base.path),
-                             "how": artifact.base.how} if artifact.base else None)},
+                   "base": artifact.base.record() if artifact.base else None},
         "options": part.options,
         "expert": expert,
         "dtype": part.dtype,
@@ -571,6 +539,7 @@ def _write_record(folder: Path, part: ExportResult, artifact: Artifact, expert: 
         "verification": part.verification,
     }
     (folder / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
+    write_model_card(folder, part, artifact, record["merged"])
 
 
 def _what_was_done(artifact: Artifact, part: ExportResult, expert: int | None) -> str:
@@ -593,6 +562,7 @@ def _write_summary_record(tmp: Path, result: ExportResult, parts: list[ExportRes
               "experts": {Path(p.out).name: {"ok": p.ok, "verification": p.verification} for p in parts},
               "note": "a routed mixture is not one dense model: one standard folder per expert"}
     (tmp / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
+    (tmp / CARD).write_text(mixture_card_text(result, parts, artifact), encoding="utf-8")
 
 
 __all__ = ["ExportResult", "export", "plan_shards", "write_weights", "write_config"]

@@ -24,7 +24,7 @@ from modelkit.findings import Finding, Severity
 from modelkit.formats import Artifact
 from modelkit.formats.view import LazyTensor, TensorView
 from modelkit.io.files import check_files
-from modelkit.io.tensors import recording_reads
+from modelkit.io.tensors import dtype_name, recording_reads, torch_dtype
 from modelkit.ops.open import open_artifact, open_base, split_facts
 
 UNTRAINED_CODES = ("empty-adapter", "untrained-adapter")
@@ -178,7 +178,7 @@ class DenseView:
 def dense_view(artifact: Artifact, base_art: Artifact | None, **options) -> DenseView:
     """The artifact's view held against its architecture: LoadError on anything left over,
     missing or mis-shaped. Reads no tensor data."""
-    from modelkit.architecture.bridge import expected_tensors, tied_tensors
+    from modelkit.architecture.bridge import fit_tensors
 
     view: TensorView = artifact.view(base_art, **options)
     config = artifact.config()
@@ -186,25 +186,18 @@ def dense_view(artifact: Artifact, base_art: Artifact | None, **options) -> Dens
         names = [f"{t.file}:{t.key}" for t in view.unplaced]
         raise LoadError(f"{len(names)} stored tensor(s) have no place in the model and would be "
                         f"dropped: {_few(names)}", artifact.folder)
-    expected = expected_tensors(config)
-    tied = tied_tensors(config)
-    missing = [n for n in expected if n not in view.tensors]
-    unexpected = [n for n in view.tensors if n not in expected and n not in tied]
-    mismatched = [f"{n}: has {list(view.tensors[n].shape)}, model needs {list(e.shape)}"
-                  for n, e in expected.items()
-                  if n in view.tensors and tuple(view.tensors[n].shape) != tuple(e.shape)]
+    fit = fit_tensors(config, {n: tuple(t.shape) for n, t in view.tensors.items()})
     problems = []
-    if missing:
-        problems.append(f"{len(missing)} tensor(s) the model needs are not provided: {_few(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} tensor(s) have no place in the model: {_few(unexpected)}")
-    if mismatched:
-        problems.append(f"{len(mismatched)} tensor(s) have the wrong shape: {_few(mismatched)}")
+    if fit.missing:
+        problems.append(f"{len(fit.missing)} tensor(s) the model needs are not provided: {_few(fit.missing)}")
+    if fit.unexpected:
+        problems.append(f"{len(fit.unexpected)} tensor(s) have no place in the model: {_few(fit.unexpected)}")
+    if fit.mismatched:
+        problems.append(f"{len(fit.mismatched)} tensor(s) have the wrong shape: {_few(fit.mismatch_lines())}")
     if problems:
         raise LoadError("; ".join(problems), artifact.folder)
-    ordered = {n: view.tensors[n] for n in expected}
-    present_tied = [n for n in view.tensors if n in tied]
-    return DenseView(config, ordered, present_tied, list(view.notes))
+    ordered = {n: view.tensors[n] for n in fit.expected}
+    return DenseView(config, ordered, fit.tied_given, list(view.notes))
 
 
 def _few(items: list[str], n: int = 4) -> str:
@@ -217,25 +210,6 @@ def split_consumed(artifact: Artifact, seen: set[tuple[str, str]]) -> tuple[list
     for t in artifact.stored():
         (used if (str(artifact.folder / t.file), t.key) in seen else unused).append(f"{t.file}:{t.key}")
     return used, unused
-
-
-def torch_dtype_of(dtype: Any):
-    """``"bfloat16"`` / ``torch.bfloat16`` / None -> torch dtype or None."""
-    import torch
-
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    name = str(dtype).removeprefix("torch.")
-    if name in ("fp32", "float"):
-        name = "float32"
-    if name in ("bf16",):
-        name = "bfloat16"
-    if name in ("fp16", "half"):
-        name = "float16"
-    value = getattr(torch, name, None)
-    if not isinstance(value, torch.dtype) or not value.is_floating_point:
-        raise LoadError(f"unknown floating dtype {dtype!r}; use float32, bfloat16 or float16")
-    return value
 
 
 # --------------------------------------------------------------------------- load
@@ -260,7 +234,7 @@ def load(ref: Any, base: Any = None, dtype: Any = None, device: str | None = Non
     facts, format_options = split_facts(format_options)
     artifact, base_art = open_for_load(ref, base, facts)
     artifact.check_options(format_options)  # typed error listing what this format accepts
-    tdtype = torch_dtype_of(dtype)
+    tdtype = torch_dtype(dtype, floating=True)
     if routing is not None and not is_dylora(artifact):
         raise LoadError(f"routing= applies to DyLoRA-MoE artifacts only (this is {artifact.format})",
                         artifact.folder)
@@ -308,27 +282,21 @@ def _supplied(artifact: Artifact, base: Any) -> dict[str, Any]:
     return out
 
 
-def _base_info(artifact: Artifact) -> dict[str, Any] | None:
-    b = artifact.base
-    if b is None:
-        return None
-    return {"name": b.name, "path": str(b.path) if b.path else None, "how": b.how, "needs": b.needs}
-
-
 def _new_report(artifact: Artifact, mode: str, dtype, options: dict, findings: list[Finding]) -> LoadReport:
     return LoadReport(ref=str(artifact.folder), folder=str(artifact.folder), format=artifact.format,
-                      layout=artifact.layout, layout_label=artifact.layout_label, mode=mode, dtype=str(dtype).removeprefix("torch."),
-                      base=_base_info(artifact), options=dict(options),
+                      layout=artifact.layout, layout_label=artifact.layout_label, mode=mode, dtype=dtype_name(dtype),
+                      base=artifact.base.record() if artifact.base else None, options=dict(options),
                       warnings=[f"{f.code}: {f.message}" for f in findings])
 
 
 def load_dense_model(dv: DenseView, dtype, device: str | None = None):
     """``disk_to_model`` over a checked dense view; LoadError unless every tensor landed."""
     from modelkit.architecture.bridge import disk_to_model
+    from modelkit.progress import check_cancelled, phase
 
     # computed tensors (compressed experts) are produced in the dtype asked for, never
     # rounded to a lower declared dtype first
-    from modelkit.progress import check_cancelled, phase
+    shapes = {n: tuple(t.shape) for n, t in dv.tensors.items()}
 
     def producer(t, bar):
         def produce():
@@ -337,7 +305,6 @@ def load_dense_model(dv: DenseView, dtype, device: str | None = None):
             return out
         return produce
 
-    shapes = {n: tuple(t.shape) for n, t in dv.tensors.items()}
     # progress only where a display asks for it (a panel): load is a step of many callers
     with phase("load", total=len(dv.tensors), unit="tensors", show=False) as bar:
         producers = {n: producer(t, bar) for n, t in dv.tensors.items()}
@@ -358,7 +325,7 @@ def _load_dense(artifact: Artifact, base_art: Artifact | None, dtype, allow_untr
     findings = check_artifact(artifact, base_art, allow_untrained=allow_untrained)
     dv = dense_view(artifact, base_art, **options)
     if dtype is None:
-        dtype = torch_dtype_of(getattr(dv.config, "dtype", None) or "float32")
+        dtype = torch_dtype(getattr(dv.config, "dtype", None) or "float32", floating=True)
     with recording_reads() as seen:
         model = load_dense_model(dv, dtype)
     report = _new_report(artifact, "dense", dtype, options, findings)
@@ -413,7 +380,7 @@ def _load_peft_unmerged(artifact: Artifact, base_art: Artifact | None, dtype,
     base_findings = check_artifact(base_art, None)
     dv = dense_view(base_art, None)
     if dtype is None:
-        dtype = torch_dtype_of(getattr(dv.config, "dtype", None) or "float32")
+        dtype = torch_dtype(getattr(dv.config, "dtype", None) or "float32", floating=True)
     base_model = load_dense_model(dv, dtype)
     config = PeftConfig.from_pretrained(str(artifact.folder))
     config.inference_mode = True

@@ -1,4 +1,4 @@
-"""Verification of an exported folder: stock transformers vs modelkit's load of the source.
+"""Verification of an exported folder: stock transformers vs an independent reference of the source.
 
 The exported folder is reloaded with plain ``AutoModelForCausalLM.from_pretrained`` (no
 modelkit code on its path) and its logits on fixed prompts are compared with a reference
@@ -9,6 +9,11 @@ DyLoRA expert K through the routed module with ``routing="expert:K"``, a PEFT ad
 unmerged through PEFT's own forward; else :func:`modelkit.load`. The export computes in
 float32; the reference in float32, or float64 when it is built in float64 (the
 difference is then measured in float64).
+
+Cost: the source (and its base) is opened once, for the reference; the reference's logits
+are computed (and, for a low-precision export, its rounded form's), the reference is freed,
+and only then is the export loaded. So a verified export costs one load of the source's
+reference and its forward plus one load of the export, and holds one of the two at a time.
 
 Tolerances on the max absolute logit difference:
 
@@ -27,12 +32,16 @@ Tolerances on the max absolute logit difference:
      with MoE top-k choices that flip), so the bound is ``tol = 2^5·u·max|logits|``:
      ``0.125·max|logits|`` (bf16), ``0.0156·max|logits|`` (fp16). The tiny fixtures stay
      below ``3.2·u``; the margin is for deep models.
-  2. against the source with its weights rounded to the export's dtype (the same rounding
-     of the same numbers, computed in float32): ``1e-5`` absolute again. This catches what the loose bound cannot,
-     e.g. a small LoRA delta that was not merged.
+  2. against the same reference made dense by its own code (an adapter merged by PEFT's
+     ``merge_and_unload``, a DyLoRA expert by PEFT's merge of that expert) and every weight
+     rounded to the export's dtype, computed in float32: ``1e-5`` absolute again. The same
+     rounding of the same numbers, reached by a second path; this catches what the loose
+     bound cannot, e.g. a small LoRA delta that was not merged.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -66,6 +75,7 @@ class Verification:
     max_abs_logit: float
     rounded_max_abs_diff: float | None = None   # low-precision exports: vs the source in that dtype
     rounded_tolerance: float | None = None
+    rounded_reference: str | None = None        # how the rounded reference was made
     problems: dict[str, Any] | None = None      # what stock loading reported (missing keys, ...)
 
     def to_dict(self) -> dict[str, Any]:
@@ -111,53 +121,103 @@ def load_stock(folder: Path):
     """``(model, loading report)`` of ``folder`` by plain ``AutoModelForCausalLM``, float32."""
     import torch
     from transformers import AutoModelForCausalLM
+
+    with _quiet_transformers():
+        model, info = AutoModelForCausalLM.from_pretrained(
+            str(folder), dtype=torch.float32, trust_remote_code=False, output_loading_info=True)
+    return model.eval(), info
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' logging and progress bars off (the loading report is checked, not printed)."""
     from transformers.utils import logging as hf_logging
 
     level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()  # the loading report is checked, not printed
+    hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            str(folder), dtype=torch.float32, trust_remote_code=False, output_loading_info=True)
+        yield
     finally:
         hf_logging.set_verbosity(level)
         if bars:
             hf_logging.enable_progress_bar()
-    return model.eval(), info
 
 
-def verify_folder(folder: Path, reference_model, *, dtype: str, reference: str,
-                  rounded_model=None, tolerance: float | None = None,
-                  loaded: Callable[[], None] = lambda: None) -> Verification:
-    """Compare ``folder`` (stock transformers) with ``reference_model`` (the float32 source)
-    and, for a low-precision export, with ``rounded_model`` (the source in ``dtype``);
-    ``loaded()`` is called once the export is loaded (progress)."""
+def folder_prompt_ids(folder: Path) -> list:
+    """The fixed prompts as token ids of ``folder``'s tokenizer and vocabulary (read without
+    loading its weights)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    with _quiet_transformers():
+        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+        except Exception:  # no tokenizer exported: fall back to fixed ids
+            tokenizer = None
+    return prompt_ids(tokenizer, config.get_text_config().vocab_size)
+
+
+def dense_rounded(model, dtype: str):
+    """``model`` made dense by its own code and every weight rounded to ``dtype``, as a float32
+    model (changed in place: ``model`` is consumed). A model with adapters is merged by its
+    ``merge_and_unload`` (PEFT's, or a DyLoRA module's expert through PEFT's)."""
     import torch
-    from transformers import AutoTokenizer
 
-    exported, info = load_stock(folder)
-    loaded()
-    problems = {k: v for k, v in info.items() if v and k != "error_msgs"}
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
-    except Exception:  # no tokenizer exported: fall back to fixed ids
-        tokenizer = None
-    ids = prompt_ids(tokenizer, exported.config.get_text_config().vocab_size)
+    from modelkit.io.tensors import torch_dtype
+
+    low = torch_dtype(dtype, floating=True)
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point():
+                p.data = p.data.to(low).float()
+    return model.float().eval()
+
+
+def verify_folder(folder: Path, make_reference: Callable[[], tuple[Any, str]], *, dtype: str,
+                  tolerance: float | None = None, step: Callable[[str], None] = lambda note: None) -> Verification:
+    """Compare ``folder`` (stock transformers) with the reference ``make_reference()`` returns
+    (``(model, how it was made)``: the float32 source, or an independent float64 one) and, for
+    a low-precision export, with that reference made dense and rounded to ``dtype``.
+
+    The reference is built, run and freed before the export is loaded (a callable, so that
+    nothing else holds it): one of the two models is in memory at a time. ``step(note)``
+    once the reference has run and once the export is loaded (progress)."""
+    import torch
+
+    ids = folder_prompt_ids(folder)
+    reference_model, reference = make_reference()
     # a float64 reference (an independent one, see Artifact.reference_model) stays float64
     wide = next(reference_model.parameters()).dtype == torch.float64
     reference_model = reference_model.eval() if wide else reference_model.float().eval()
-    rounded = rounded_model.float().eval() if rounded_model is not None else None
+    rounded, rounded_how = None, None
+    with torch.no_grad():
+        expected = [reference_model(input_ids=x).logits.double() for x in ids]
+        if UNIT_ROUNDOFF.get(dtype):
+            reference_model = dense_rounded(reference_model, dtype)
+            rounded = [reference_model(input_ids=x).logits.float() for x in ids]
+            rounded_how = f"the reference made dense by its own merge, weights rounded to {dtype}"
+    del reference_model
+    gc.collect()  # the reference's memory is free before the export is loaded
+    step("loading the export with stock transformers")
+
+    exported, info = load_stock(folder)
+    step("comparing logits")
+    problems = {k: v for k, v in info.items() if v and k != "error_msgs"}
     max_diff, max_logit, rounded_diff, agree, tokens = 0.0, 0.0, 0.0, 0, 0
     with torch.no_grad():
-        for x in ids:
-            a = reference_model(input_ids=x).logits.double()
+        for i, x in enumerate(ids):
+            a = expected[i]
             b = exported(input_ids=x).logits.double()
             max_diff = max(max_diff, (a - b).abs().max().item())
             max_logit = max(max_logit, a.abs().max().item())
             agree += (a.argmax(-1) == b.argmax(-1)).sum().item()
             tokens += x.shape[-1]
             if rounded is not None:
-                rounded_diff = max(rounded_diff, (rounded(input_ids=x).logits.float() - b).abs().max().item())
+                rounded_diff = max(rounded_diff, (rounded[i] - b).abs().max().item())
+    del exported
     tol, rule = tolerance_for(dtype, max_logit, wide_reference=wide)
     if tolerance is not None:
         tol, rule = tolerance, "given by the caller"
@@ -167,4 +227,28 @@ def verify_folder(folder: Path, reference_model, *, dtype: str, reference: str,
     return Verification(ok, max_diff, tol, rule, dtype, reference, len(ids), tokens,
                         agree / max(tokens, 1), max_logit,
                         rounded_diff if rounded is not None else None,
-                        FP32_TOLERANCE if rounded is not None else None, problems or None)
+                        FP32_TOLERANCE if rounded is not None else None, rounded_how, problems or None)
+
+
+def source_reference(ref: Any, artifact, *, expert: int | None, allow_untrained: bool,
+                     **options: Any) -> tuple[Any, str]:
+    """``(model, how it was made)``: the reference of the source :func:`verify_folder` compares
+    an export with, by the most independent path the artifact offers (see the module docstring).
+    ``options``: ``base=`` and the format's options, as given to the export."""
+    import torch
+
+    from modelkit.ops.load import is_peft, load
+
+    fmt = {k: v for k, v in options.items() if k != "base"}
+    common = {"allow_untrained": allow_untrained, **options}
+    if expert is not None:
+        return (load(ref, dtype=torch.float32, routing=f"expert:{expert}", **common).model,
+                f"modelkit.load(routing='expert:{expert}')")
+    if is_peft(artifact):
+        return (load(ref, dtype=torch.float32, merge=False, **common).model,
+                "modelkit.load(merge=False): PEFT's own forward on the base")
+    independent = artifact.reference_model(**fmt)
+    if independent is not None:  # the stored form by a second path, in float64
+        model, how = independent
+        return model, f"independent float64 reference: {how}"
+    return load(ref, dtype=torch.float32, **common).model, "modelkit.load()"

@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 import shutil
 import threading
 import time
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from modelkit.errors import CompareError, ModelkitError
+from modelkit.io.checkpoints import checkpoint_folders, checkpoint_step
 from modelkit.ops.watch_ledger import Ledger, default_state_dir
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -44,7 +44,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from modelkit.ops.compare import CompareResult
 
-CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 SETTLE_SECONDS = 5.0       # files unchanged this long (and inspect clean): the checkpoint is complete
 INTERVAL_SECONDS = 30.0    # between polls of the run folder
 ATTEMPTS = 3               # evaluations of one checkpoint before it is recorded as failed
@@ -79,14 +78,7 @@ def find_checkpoints(run_dir: str | Path) -> list[Candidate]:
     run = Path(run_dir)
     found: list[Candidate] = []
     for folder in (run, run / "checkpoints"):
-        try:
-            children = list(folder.iterdir())
-        except OSError:
-            continue
-        for p in children:
-            m = CHECKPOINT.match(p.name)
-            if m and p.is_dir():
-                found.append(Candidate(p.relative_to(run).as_posix(), p, int(m.group(1))))
+        found += [Candidate(p.relative_to(run).as_posix(), p, checkpoint_step(p)) for p in checkpoint_folders(folder)]
     best = run / "best_model"
     if best.is_dir():
         found.append(Candidate("best_model", best, _trainer_step(best)))
@@ -516,8 +508,7 @@ class Watcher:
         entry = self.entries.get(name)
         if entry is not None and entry.status != "pending":
             return                                        # settled before rotation removed it
-        m = CHECKPOINT.match(name.rsplit("/", 1)[-1])
-        c = Candidate(name, self.run_dir / name, int(m.group(1)) if m else None)
+        c = Candidate(name, self.run_dir / name, checkpoint_step(name))
         self._skip_deleted(c, f"{self._settings_hash}-deleted-{name}-{snapshot_digest(snap)}",
                            "deleted before it was complete")
 

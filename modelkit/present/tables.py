@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from modelkit.verdicts import Verdict
@@ -195,82 +196,103 @@ def dtype_table(report: Any) -> "Styler | Note":
                   ["dtype", "parameters", "bytes", "tensors"])
 
 
-def experts_frame(report: Any, deep: bool | None = None) -> "pd.DataFrame":
-    """Per expert of a routed mixture (from the report's public data): its stored tensors,
-    parameters, bytes and whether it is trained (``no`` when a finding names its tensors as
-    untrained or empty, ``yes`` when a deep inspection found nothing, ``not checked``
-    otherwise), plus a ``router`` row. Empty for an artifact without experts."""
-    import pandas as pd
+class Html(str):
+    """A block of HTML (no script: it reads the same in a panel and in a report opened offline)."""
 
-    frame = report.to_frame()
-    n = report.details.get("experts") if isinstance(report.details, dict) else None
-    try:
-        n = int(n) if n is not None else None
-    except (TypeError, ValueError):
-        n = None
+    def _repr_html_(self) -> str:
+        return str(self)
+
+
+TREE_MAX_TENSORS = 5000   # a larger tree is cut (the table and the search still have every tensor)
+
+
+def parameter_tree(report: Any, search: str = "") -> "Html | Note":
+    """The stored tensors as a tree of their dotted names (``model`` > ``layers`` > ``0`` > ...),
+    each node with its parameters, bytes and dtypes, as the Hub's safetensors viewer shows;
+    collapsible ``<details>`` elements, opened down to the matches when ``search`` is given."""
+    frame = tensor_frame(report, search)
     if frame.empty:
-        return pd.DataFrame()
-    frame = frame.assign(expert=[_expert_index(e, name, file) for e, name, file
-                                 in zip(frame.expert, frame.name, frame.file)])
-    lora = frame[frame.role == "lora"]
-    if n is None or (lora.empty and not n):
-        return pd.DataFrame()
-    untrained: dict[int, str] = {}
-    for f in report.findings:
-        if f.code not in ("untrained-adapter", "empty-adapter"):
-            continue
-        named = {_expert_index(None, t, "") for t in f.tensors} | {_expert_index(None, f.file or "", "")}
-        named.discard(None)
-        for e in (named or (set(range(n)) if f.code == "untrained-adapter" else set())):
-            untrained[e] = f.code
-    rows = []
-    for e in range(n):
-        part = lora[lora.expert == e]
-        if e in untrained:
-            trained = f"no ({untrained[e]})"
-        elif part.empty:
-            trained = "no (no tensors stored)"
-        else:
-            trained = "yes" if deep else "not checked (deep off)"
-        rows.append({"expert": str(e), "tensors": len(part), "parameters": int(part.numel.sum()),
-                     "bytes": int(part.bytes.sum()), "trained": trained})
-    router = frame[frame.role == "router"] if "role" in frame else frame.iloc[:0]
-    state = str(report.details.get("router") or ("stored" if len(router) else "not stored"))
-    state = state if state.upper().startswith(("MISSING", "NOT", "NO ")) else f"stored: {state}"
-    rows.append({"expert": "router", "tensors": len(router), "parameters": int(router.numel.sum()),
-                 "bytes": int(router.bytes.sum()), "trained": state})
-    return pd.DataFrame(rows, columns=["expert", "trained", "tensors", "parameters", "bytes"])
+        return Note(f"No stored tensor matches {search!r}." if search else "No stored tensors.")
+    cut = len(frame) > TREE_MAX_TENSORS
+    frame = frame.head(TREE_MAX_TENSORS)
+    root: dict[str, Any] = {}
+    for r in frame.itertuples(index=False):
+        node = root
+        for part in str(r.name).split("."):
+            node = node.setdefault(part, {})
+        node[""] = r   # the tensor itself
+    opened = bool(search.strip())
+
+    def totals(node: dict[str, Any]) -> tuple[int, int, int, set[str]]:
+        if "" in node:
+            t = node[""]
+            return 1, int(t.numel), int(t.bytes), {str(t.dtype)}
+        k = n = b = 0
+        dtypes: set[str] = set()
+        for child in node.values():
+            ck, cn, cb, cd = totals(child)
+            k, n, b, dtypes = k + ck, n + cn, b + cb, dtypes | cd
+        return k, n, b, dtypes
+
+    def render(name: str, node: dict[str, Any], depth: int) -> str:
+        k, n, b, dtypes = totals(node)
+        facts = f"{n:,} params · {human_bytes(b)} · {', '.join(sorted(dtypes))}"
+        if "" in node:
+            t = node[""]
+            return (f"<div class='mk-leaf' style='margin-left:1.2em;white-space:nowrap'><code>{html.escape(name)}</code> "
+                    f"<span style='color:#555'>{shape(list(t.shape))} · {facts}</span></div>")
+        children = sorted(node.items(), key=lambda kv: _natural(kv[0]))
+        inner = "".join(render(k, v, depth + 1) for k, v in children)
+        is_open = " open" if opened or depth == 0 else ""
+        return (f"<details class='mk-node'{is_open} style='margin-left:{0 if depth == 0 else 1.2}em'>"
+                f"<summary style='white-space:nowrap'><code>{html.escape(name)}</code> "
+                f"<span style='color:#555'>{k} tensor{'s' if k != 1 else ''} · {facts}</span></summary>{inner}</details>")
+
+    body = "".join(render(k, v, 0) for k, v in root.items())
+    head = (f"<p style='margin:4px 0;color:#444'><i>{len(frame)} of {len(report.tensors)} stored tensors"
+            + (f" (the first {TREE_MAX_TENSORS}: narrow the search for the rest)" if cut else "")
+            + "; click a name to open it</i></p>")
+    return Html(f"<div class='mk-tree' style='font-size:12px'>{head}{body}</div>")
 
 
-def _expert_index(value: Any, name: str, file: Any) -> int | None:
-    """The expert a stored tensor belongs to: the report's ``expert`` column, else the
-    ``expert_K`` its name or file carries (how every DyLoRA-MoE save era names them)."""
-    import re
-
-    import pandas as pd
-
-    if value is not None and not pd.isna(value):
-        return int(value)
-    m = re.search(r"expert[_-]?(\d+)", f"{name} {file or ''}")
-    return int(m.group(1)) if m else None
+def _natural(name: str) -> list:
+    """``layers.10`` after ``layers.9``: digits compared as numbers."""
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", name)]
 
 
-def _trained_level(text: Any) -> str | None:
-    text = str(text)
-    if text.startswith("no") or "MISSING" in text.upper():
+def _expert_level(row_trained: Any) -> str | None:
+    text = str(row_trained)
+    if text.startswith("no"):
         return "error"
     if text.startswith("not checked"):
         return "warning"
     return None
 
 
-def experts_table(report: Any, deep: bool | None = None) -> "Styler | Note":
-    frame = experts_frame(report, deep)
+def _present_level(value: Any) -> str:
+    text = str(value)
+    return "" if text == "yes" else f"color:{COLOURS['error']};font-weight:bold"
+
+
+EXPERT_FORMATS = {"tensors": integer, "parameters": integer, "bytes": size, "scaling": number,
+                  "norm_B": number, "norm_BA": number, "shape": shape, "rank": text, "file": text}
+
+
+def experts_table(report: Any) -> "Styler | Note":
+    """Per expert of a mixture (:meth:`InspectionReport.experts_frame`) and its router: a
+    missing router, an empty or unplaceable expert and an all-zero B stand out in red;
+    ``not checked`` (no ``deep``) in amber. The norms appear only when measured."""
+    frame = report.experts_frame()
     if frame.empty:
-        return Note("Not a mixture of experts: no per-expert view.")
-    return styled(frame, {"tensors": integer, "parameters": integer, "bytes": size},
-                  ["expert", "trained", "tensors", "parameters", "bytes"],
-                  level=_trained_level, level_column="trained")
+        return Note("Not a mixture of adapters: no per-expert view.")
+    cols = ["expert", "present", "trained", "tensors", "parameters", "bytes", "rank", "scaling",
+            "norm_B", "norm_BA", "shape", "file"]
+    cols = [c for c in cols if c in ("expert", "present", "trained") or frame[c].notna().any()]
+    deep = frame["norm_B"].notna().any()
+    st = styled(frame, EXPERT_FORMATS, cols, level=_expert_level, level_column="trained",
+                caption=("norm_B = sqrt(Σ‖B‖²), norm_BA = sqrt(Σ‖BA‖²) over each expert's modules (unscaled)"
+                         if deep else "trained needs the tensor data: tick deep to check it"))
+    return st.map(_present_level, subset=["present"])
 
 
 # -- diff ---------------------------------------------------------------------------------
@@ -314,6 +336,20 @@ def diff_groups_table(frame: "pd.DataFrame", what: str) -> "Styler | Note":
     return styled(frame, {**DIFF_FORMATS, **{c: integer for c in counts}}, cols)
 
 
+def diff_experts_table(result: Any) -> "Styler | Note":
+    """A mixture (DyLoRA-MoE): one row per expert (its dense view against the other side)
+    and the router (:meth:`DiffResult.by_expert`); otherwise the pooled change per layer and
+    projection of the MoE experts (a compressed MoE's reconstruction error)."""
+    if not result.parts:
+        return diff_groups_table(result.by_projection(), "layer and projection (MoE experts)")
+    frame = result.by_expert()
+    level = {"changed": "neutral", "unchanged": "warning", "not stored": "error", "incomplete": "warning"}
+    return styled(frame, {"tensors": integer, "changed": integer, "rel_change": number},
+                  ["part", "verdict", "rel_change", "changed", "tensors"], level=level.get, level_column="verdict",
+                  caption="per expert: its dense view (expert merged into the base) against the other side; "
+                          "'unchanged': the expert changes nothing")
+
+
 # -- compare ------------------------------------------------------------------------------
 
 COMPARE_COLUMNS = ["task", "metric", "verdict", "base", "trained", "delta", "ci_low", "ci_high",
@@ -332,16 +368,23 @@ def compare_table(result: Any) -> "Styler | Note":
     return styled(frame, fmts, COMPARE_COLUMNS, level=lambda v: COMPARE_LEVEL.get(v), level_column="verdict")
 
 
-def disagreements_table(result: Any, search: str = "", max_rows: int = 200) -> "Styler | Note":
-    """The samples where exactly one model is right (prompt and responses in full)."""
+def disagreements_table(result: Any, search: str = "", max_rows: int = 200, *,
+                        winner: str | None = None, task: str | None = None) -> "Styler | Note":
+    """The samples where exactly one model is right (prompt and responses in full), those
+    containing every word of ``search``, optionally only where ``winner`` (``"base"`` or
+    ``"trained"``) is the one right, and only of ``task``."""
     frame = result.disagreements()
+    if winner:
+        frame = frame[frame.winner == winner]
+    if task:
+        frame = frame[frame.task == task]
     for word in search.lower().split():
         hay = frame[["prompt", "target", "base_response", "trained_response", "task"]].astype(str) \
             .agg(" ".join, axis=1).str.lower()
         frame = frame[hay.str.contains(word, regex=False)]
     if frame.empty:
-        return Note("No sample where exactly one model is right." if not search
-                    else f"No disagreement matches {search!r}.")
+        return Note("No sample where exactly one model is right." if not (search or winner or task)
+                    else "No disagreement matches the filter.")
     cols = ["winner", "task", "doc_id", "prompt", "target", "base_response", "trained_response"]
     return styled(frame.head(max_rows), {"doc_id": integer}, cols,
                   wrap=["prompt", "target", "base_response", "trained_response"], max_height=480,

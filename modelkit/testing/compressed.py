@@ -15,6 +15,7 @@ from typing import Any, Mapping
 import torch
 import yaml
 
+from modelkit.io.tensors import dtype_name
 from modelkit.testing._files import (
     fresh_dir,
     one_thread,
@@ -262,7 +263,7 @@ def _write_compressed_save(folder: Path, original_dir: Path, config, layers, non
 def _write_config(path: Path, original_dir: Path, transformers_version: str, model_dtype: torch.dtype) -> None:
     """The original config as ``config.save_pretrained`` of transformers 4.x or 5.x writes it."""
     config = read_json(original_dir / "config.json")
-    name = str(model_dtype).removeprefix("torch.")
+    name = dtype_name(model_dtype)
     if transformers_version.startswith("4"):
         config = dict(config)
         config["num_experts"] = config.pop("num_local_experts", config.get("num_experts"))

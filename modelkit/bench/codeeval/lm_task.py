@@ -123,7 +123,7 @@ def task_config(name: str, problems: str, kind: str, *, max_gen_toks: int = 1024
         kwargs["timeout"] = timeout
     return {
         "task": name,
-        "custom_dataset": "FUNCTION_modelkit.codeeval.lm_task.load",
+        "custom_dataset": "FUNCTION_modelkit.bench.codeeval.lm_task.load",
         "dataset_kwargs": kwargs,
         "output_type": "generate_until",
         "test_split": "test",
@@ -134,8 +134,8 @@ def task_config(name: str, problems: str, kind: str, *, max_gen_toks: int = 1024
         "repeats": 1,
         "num_fewshot": 0,
         "filter_list": [{"name": "sandbox", "filter": [
-            {"function": "custom", "filter_fn": "FUNCTION_modelkit.codeeval.lm_task.grade_responses"}]}],
-        "process_results": "FUNCTION_modelkit.codeeval.lm_task.process_results",
+            {"function": "custom", "filter_fn": "FUNCTION_modelkit.bench.codeeval.lm_task.grade_responses"}]}],
+        "process_results": "FUNCTION_modelkit.bench.codeeval.lm_task.process_results",
         "metric_list": [{"metric": "pass_at_1", "aggregation": "mean", "higher_is_better": True}],
         "metadata": {"version": 1.0},
     }

@@ -60,6 +60,7 @@ from modelkit.formats import register
 from modelkit.formats.base import Artifact, Format, Option
 from modelkit.formats.view import LazyTensor, TensorView, stored_tensor
 from modelkit.io import files
+from modelkit.io.checkpoints import checkpoint_folders, checkpoint_step
 from modelkit.io.tensors import FLOAT_DTYPES, PickleFile, StoredTensor, torch_dtype
 from modelkit.units import human_bytes
 
@@ -87,7 +88,6 @@ WRAPPER_PARTS = ("U_in", "V_in", "U_out", "V_out")
 
 _LAYER_DIR = re.compile(r"^layer_(\d+)$")
 _EXTRACTED_FILE = re.compile(r"^layer_(\d+)_(\w+)\.pt$")
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _IN_MEMORY = {"input_wrapper.U": "U_in", "input_wrapper.V": "V_in",
               "output_wrapper.U": "U_out", "output_wrapper.V": "V_out"}
 _ON_FILE = {v: k for k, v in _IN_MEMORY.items()}
@@ -212,6 +212,25 @@ def _layer_name(layer: int, proj: str, key: str) -> str:
     if len(parts) == 2 and parts[0] == "biases" and parts[1].isdigit():
         return f"{pre}.experts.{parts[1]}.bias"
     return f"{pre}.{key}"
+
+
+_FILE_PARTS = frozenset(("core", "bias") + WRAPPER_PARTS)
+
+
+def _layer_file_part(layer: int, proj: str, key: str) -> tuple[int, str | None, int | None, str] | None:
+    """``parse_compressed_name(_layer_name(layer, proj, key))``, without building and
+    matching the name for the keys torch.save writes (``core``, ``biases``,
+    ``wrappers.{e}.{part}``, ``biases.{e}``): a real checkpoint has 10^5 of them."""
+    if "." not in proj:
+        parts = key.split(".")
+        if len(parts) == 1 and parts[0] in ("core", "biases"):
+            return layer, proj, None, parts[0]
+        if len(parts) >= 2 and parts[1].isascii() and parts[1].isdigit():
+            if len(parts) == 3 and parts[0] == "wrappers" and parts[2] in _FILE_PARTS:
+                return layer, proj, int(parts[1]), parts[2]
+            if len(parts) == 2 and parts[0] == "biases":
+                return layer, proj, int(parts[1]), "bias"
+    return parse_compressed_name(_layer_name(layer, proj, key))
 
 
 # --------------------------------------------------------------------------- one compressed projection
@@ -527,14 +546,15 @@ class CompressedMoEArtifact(Artifact):
         """Every compressed part found (layer files first, then in-memory names in
         ``non_moe_weights.pt``), grouped by (layer, projection)."""
         out: dict[tuple[int, str | None], CompressedLayer] = {}
+        by_file = {rel: key for key, rel in self.layer_files.items()}
         for t in self._stored:
             if t.name.startswith(EXTRACTED + ".") or t.file == TRAINER_WEIGHTS:
                 continue  # the Trainer's second copy: see trainer_parts
-            parsed = parse_compressed_name(t.name)
             from_file = t.file != NON_MOE
+            parsed = _layer_file_part(*by_file[t.file], t.key) if from_file else parse_compressed_name(t.name)
             if parsed is None:
                 if from_file:  # an unknown key of a layer file
-                    layer, proj = next(k for k, rel in self.layer_files.items() if rel == t.file)
+                    layer, proj = by_file[t.file]
                     self._group(out, layer, proj, t.file).other.append(t)
                 continue
             layer, proj, e, part = parsed
@@ -546,7 +566,9 @@ class CompressedMoEArtifact(Artifact):
 
     @staticmethod
     def _group(out, layer, proj, file) -> CompressedLayer:
-        g = out.setdefault((layer, proj), CompressedLayer(layer, proj))
+        g = out.get((layer, proj))
+        if g is None:  # not setdefault: that would build a CompressedLayer per tensor
+            g = out[(layer, proj)] = CompressedLayer(layer, proj)
         if file is not None and g.file is None:
             g.file = file
         return g
@@ -780,28 +802,27 @@ class CompressedMoEArtifact(Artifact):
         def produce(dtype):
             from modelkit.formats.compressed_moe.lowrank import batching
 
+            if core is not g.core:  # the expert's own core copy: no product to share, read once
+                return materialize(self.file(core.file).read_unmapped(core.key),
+                                   *(self._read(w[p]) for p in WRAPPER_PARTS), dtype=dtype)
             if batching():  # an export walking every expert: batches of them
-                return self._batches(g, core is not g.core).get(e, dtype)
+                return self._batches(g).get(e, dtype)
             return materialize(self._read(core), *(self._read(w[p]) for p in WRAPPER_PARTS), dtype=dtype)
         return produce
 
-    def _batches(self, g: CompressedLayer, own_cores: bool = False):
-        """The group's :class:`~modelkit.formats.compressed_moe.lowrank.ExpertBatches` (experts from the shared core,
-        or with ``own_cores`` from each expert's core copy)."""
+    def _batches(self, g: CompressedLayer):
+        """The group's :class:`~modelkit.formats.compressed_moe.lowrank.ExpertBatches`: experts
+        from the shared core, whose two products with the wrappers are shared by a batch.
+        (Experts with their own core copy share no product: they are formed one by one.)"""
         from modelkit.formats.compressed_moe.lowrank import ExpertBatches
 
         cache = self.__dict__.setdefault("_expert_batches", {})
-        key = (g.layer, g.proj, own_cores)
+        key = (g.layer, g.proj)
         if key not in cache:
             def load(experts):
                 import torch
 
-                if own_cores:
-                    copies = self.core_copies()[(g.layer, g.proj)]
-                    core = torch.stack([self._read(copies[e]) for e in experts])
-                else:
-                    core = self._read(g.core)
-                return (core,
+                return (self._read(g.core),
                         *(torch.stack([self._read(g.wrappers[e][p]) for e in experts]) for p in WRAPPER_PARTS))
             cache[key] = ExpertBatches([e for e in sorted(g.wrappers) if not g.expert_problem(e)], load)
         return cache[key]
@@ -861,8 +882,8 @@ class CompressedMoEArtifact(Artifact):
         out = []
         for st in self.survey:
             if st.problem:
-                newer = (st.step is not None and _CHECKPOINT.match(self.folder.name)
-                         and st.step > int(_CHECKPOINT.match(self.folder.name).group(1)))
+                opened = checkpoint_step(self.folder)
+                newer = st.step is not None and opened is not None and st.step > opened
                 out.append(warning("incomplete-checkpoint",
                                    f"{st.label} {st.problem}; not usable"
                                    + (f": {self.folder.name}/ (older) was opened instead" if newer else
@@ -1209,9 +1230,8 @@ class CompressedMoEArtifact(Artifact):
         stats = {k: v for k, v in self.statistics.items() if isinstance(v, (int, float)) and "fraction" in k}
         if stats:
             out["stats"] = ", ".join(f"{k} {v}" for k, v in stats.items())
-        m = _CHECKPOINT.match(self.folder.name)
-        if m:
-            out["step"] = int(m.group(1))
+        if checkpoint_step(self.folder) is not None:
+            out["step"] = checkpoint_step(self.folder)
         return out
 
 
@@ -1299,10 +1319,9 @@ def survey_experiment(base: Path) -> list[CheckpointState]:
     out = []
     folder = base / "checkpoints"
     if folder.is_dir():
-        for p in sorted((p for p in folder.iterdir() if p.is_dir() and _CHECKPOINT.match(p.name)),
-                        key=lambda p: int(_CHECKPOINT.match(p.name).group(1))):
+        for p in checkpoint_folders(folder):
             layout = layout_of(p)
-            out.append(CheckpointState(p, int(_CHECKPOINT.match(p.name).group(1)), layout,
+            out.append(CheckpointState(p, checkpoint_step(p), layout,
                                        "" if layout else _problem_of(p)))
         layout = layout_of(folder)
         if layout is not None:
@@ -1335,7 +1354,7 @@ def choose_checkpoint(states: list[CheckpointState]) -> tuple[CheckpointState | 
 def _unusable_checkpoint(folder: Path) -> bool:
     """A ``checkpoints/checkpoint-N/`` without a compressed save, in an experiment folder
     that has compression settings or other compressed saves (a crashed Trainer save)."""
-    if not (_CHECKPOINT.match(folder.name) and folder.parent.name == "checkpoints" and folder.is_dir()):
+    if not (checkpoint_step(folder) is not None and folder.parent.name == "checkpoints" and folder.is_dir()):
         return False
     experiment = folder.parent.parent
     return _has_settings(experiment) or any(s.layout for s in survey_experiment(experiment))

@@ -17,7 +17,7 @@ import json
 import threading
 import time
 import traceback
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import ipywidgets as widgets
 
@@ -94,6 +94,11 @@ HINTS = {  # what to do about each kind of error (the message says what is wrong
     "BaseModelUnavailableError": "Give the base model's folder or ref in the 'base' field.",
     "OutputExistsError": "Choose another output folder, or tick 'replace'.",
     "CompareError": "Check the task names (lm-eval tasks, or YAMLs in 'task dir') and the models.",
+    "FactError": "Correct the value in the facts / options field (lora_alpha=NUMBER, lora_r=INTEGER), "
+                 "or leave it out.",
+    "MissingFactError": "Give the value the run was trained with in the facts / options field "
+                        "(e.g. lora_alpha=16), or --lora-alpha on the CLI.",
+    "UnknownOptionError": "Remove it, or use one of the options the message lists.",
     "LoadError": "Inspect the artifact (deep) to see what it lacks.",
     "Cancelled": "Nothing was kept from this run: no output folder, no temporary files.",
 }
@@ -366,8 +371,16 @@ def optional(text: str) -> str | None:
     return text or None
 
 
-def parse_options(text: str) -> dict[str, Any]:
-    """``"expert=0, routing=mean"`` -> ``{"expert": 0, "routing": "mean"}`` (values as JSON when they parse)."""
+OPTIONS_HELP = ("lora_alpha=16, lora_r=8 (DyLoRA-MoE facts the artifact does not record), "
+                "core=shared (compressed MoE), expert=0 ...")
+FACTS_HELP = "lora_alpha=16, lora_r=8: DyLoRA-MoE facts the artifact does not record"
+
+
+def parse_options(text: str, reserved: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """``"expert=0, routing=mean"`` -> ``{"expert": 0, "routing": "mean"}`` (values as JSON when
+    they parse). ``reserved``: keys the panel has a field of its own for (key -> field name),
+    refused here so that one value is never given twice. Unknown keys and bad values are the
+    format's to refuse (UnknownOptionError, ConfigError: one line, naming what it accepts)."""
     out: dict[str, Any] = {}
     for item in (text or "").split(","):
         if not item.strip():
@@ -375,11 +388,35 @@ def parse_options(text: str) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise InvalidInput(f"view option {item.strip()!r} is not KEY=VALUE")
+        key = key.strip()
+        if reserved and key in reserved:
+            raise InvalidInput(f"give {key} in the {reserved[key]!r} field, not as an option")
         try:
-            out[key.strip()] = json.loads(value.strip())
+            out[key] = json.loads(value.strip())
         except ValueError:
-            out[key.strip()] = value.strip()
+            out[key] = value.strip()
     return out
+
+
+def options_text(options: Mapping[str, Any] | None) -> str:
+    """What an options or facts field shows for ``options`` (the inverse of :func:`parse_options`)."""
+    return ", ".join(f"{k}={v}" for k, v in (options or {}).items())
+
+
+def parse_facts(text: str) -> dict[str, Any]:
+    """The facts field: ``"lora_alpha=16, lora_r=8"`` -> ``{"lora_alpha": 16, "lora_r": 8}``;
+    InvalidInput for any other key or a value that is not a number (the artifact's format
+    then checks the numbers: positive, r an integer, agreeing with what it records)."""
+    from modelkit.ops.open import FACTS
+
+    facts = parse_options(text)
+    for key, value in facts.items():
+        if key not in FACTS:
+            raise InvalidInput(f"unknown fact {key}=; the facts an artifact may lack are "
+                               + ", ".join(f"{f}=" for f in FACTS))
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InvalidInput(f"{key}={value!r} is not a number")
+    return facts
 
 
 def tabs(**outputs: widgets.Widget) -> widgets.Tab:

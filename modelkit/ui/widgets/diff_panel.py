@@ -9,20 +9,18 @@ import ipywidgets as widgets
 import modelkit
 from modelkit.present import tables as table
 from modelkit.ui.widgets._base import (
+    OPTIONS_HELP,
     InvalidInput,
     Panel,
     RunButton,
     optional,
+    options_text,
     parse_options,
     show,
     tabs,
 )
 from modelkit.ui.widgets.picker import ArtifactPicker
 from modelkit.verdicts import verdict_of
-
-
-def _options_text(options: Mapping[str, Any] | None) -> str:
-    return ", ".join(f"{k}={v}" for k, v in (options or {}).items())
 
 
 class DiffPanel(Panel):
@@ -39,10 +37,10 @@ class DiffPanel(Panel):
                                    placeholder="optional: base model of A")
         self.base_b = widgets.Text(value=str(base_b or ""), description="base B", layout=wide,
                                    placeholder="optional: base model of B")
-        self.options_a = widgets.Text(value=_options_text(options_a), description="options A",
-                                      placeholder="e.g. expert=0")
-        self.options_b = widgets.Text(value=_options_text(options_b), description="options B",
-                                      placeholder="e.g. expert=0")
+        self.options_a = widgets.Text(value=options_text(options_a), description="options A", layout=wide,
+                                      placeholder=f"optional: {OPTIONS_HELP}")
+        self.options_b = widgets.Text(value=options_text(options_b), description="options B", layout=wide,
+                                      placeholder=f"optional: {OPTIONS_HELP}")
         self.rank = widgets.Checkbox(value=rank, description="effective rank of 2-D deltas")
         self.summary = widgets.Output()
         self.summary.add_class("mk-summary")
@@ -73,8 +71,9 @@ class DiffPanel(Panel):
         if a is None or b is None:
             raise InvalidInput("Pick both A and B (from the lists or as typed refs).")
         return modelkit.diff(a, b, base_a=optional(self.base_a.value), base_b=optional(self.base_b.value),
-                             options_a=parse_options(self.options_a.value),
-                             options_b=parse_options(self.options_b.value), rank=self.rank.value)
+                             options_a=parse_options(self.options_a.value, {"base": "base A"}),
+                             options_b=parse_options(self.options_b.value, {"base": "base B"}),
+                             rank=self.rank.value)
 
     def _show(self, result: "modelkit.DiffResult") -> None:
         import matplotlib.pyplot as plt
@@ -82,7 +81,7 @@ class DiffPanel(Panel):
         show(self.summary, result.summary())
         show(self.by_role, table.diff_groups_table(result.by_role(), "role"))
         show(self.by_layer, table.diff_groups_table(result.by_layer(), "layer"))
-        show(self.by_projection, table.diff_groups_table(result.by_projection(), "layer and projection (experts)"))
+        show(self.by_projection, table.diff_experts_table(result))
         fig = result.plot()
         show(self.plot, fig)
         plt.close(fig)

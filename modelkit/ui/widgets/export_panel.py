@@ -6,10 +6,21 @@ from pathlib import Path
 import ipywidgets as widgets
 
 import modelkit
-from modelkit.ui.widgets._base import InvalidInput, Panel, RunButton, optional, show
+from modelkit.ui.widgets._base import (
+    OPTIONS_HELP,
+    InvalidInput,
+    Panel,
+    RunButton,
+    optional,
+    options_text,
+    parse_options,
+    show,
+)
 from modelkit.ui.widgets.picker import ArtifactPicker
 from modelkit.verdicts import verdict_of
 
+RESERVED = {"base": "base", "dtype": "dtype", "expert": "expert", "verify": "verify", "force": "replace",
+            "allow_untrained": "allow untrained", "out": "out"}   # each has a field of its own
 DTYPES = [("as stored", "as stored"), ("float32", "float32"), ("bfloat16", "bfloat16"), ("float16", "float16")]
 
 
@@ -32,7 +43,8 @@ class ExportPanel(Panel):
     def __init__(self, root: str | Path | None = None, ref: str | Path | None = None,
                  out: str | Path | None = None, base: str | Path | None = None,
                  dtype: str | None = None, expert: int | str | None = None,
-                 verify: bool = True, force: bool = False, allow_untrained: bool = False):
+                 verify: bool = True, force: bool = False, allow_untrained: bool = False,
+                 options: dict | None = None):
         wide = widgets.Layout(width="60%")
         self.picker = ArtifactPicker(root, ref)
         self.out = widgets.Text(value=str(out or ""), description="out", layout=wide,
@@ -42,6 +54,10 @@ class ExportPanel(Panel):
         self.dtype = widgets.Dropdown(options=DTYPES, value=dtype or "as stored", description="dtype")
         self.expert = widgets.Text(value="" if expert is None else str(expert), description="expert",
                                    placeholder="DyLoRA-MoE: K or all")
+        self.options = widgets.Text(value=options_text(options),
+                                    description="options", layout=wide,
+                                    placeholder=f"optional: {OPTIONS_HELP}")
+        self.options.add_class("mk-options")
         self.verify = widgets.Checkbox(value=verify, description="verify logits against the source")
         self.force = widgets.Checkbox(value=force, description="replace an existing out folder")
         self.allow_untrained = widgets.Checkbox(value=allow_untrained, description="allow untrained adapters",
@@ -52,7 +68,7 @@ class ExportPanel(Panel):
                                 tooltip="write a standard Hugging Face folder", verdict=verdict_of,
                                 results=self.summary, cancellable=True)
         super().__init__([self.picker, self.out, self.base,
-                          widgets.HBox([self.dtype, self.expert]),
+                          widgets.HBox([self.dtype, self.expert]), self.options,
                           widgets.HBox([self.verify, self.force, self.allow_untrained]), self.runner, self.summary])
         self.add_class("mk-export")
 
@@ -60,9 +76,10 @@ class ExportPanel(Panel):
         ref, out = self.picker.value, optional(self.out.value)
         if ref is None or out is None:
             raise InvalidInput("Pick an artifact and give an output folder (out).")
+        options = parse_options(self.options.value, RESERVED)
         return modelkit.export(ref, out, base=optional(self.base.value), dtype=None if self.dtype.value == "as stored" else self.dtype.value,
                                expert=parse_expert(self.expert.value), verify=self.verify.value,
-                               force=self.force.value, allow_untrained=self.allow_untrained.value)
+                               force=self.force.value, allow_untrained=self.allow_untrained.value, **options)
 
     def _show(self, result: "modelkit.ExportResult") -> None:
         show(self.summary, result.summary())

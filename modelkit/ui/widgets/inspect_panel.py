@@ -1,5 +1,5 @@
 """Inspect panel: pick an artifact, click, see the verdict, then its findings, experts
-(mixtures), groups, tensors (searchable, per-dtype totals) and the summary."""
+(mixtures), groups, tensors (searchable, per-dtype totals), the parameter tree and the summary."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,10 +9,13 @@ import ipywidgets as widgets
 import modelkit
 from modelkit.present import tables as table
 from modelkit.ui.widgets._base import (
+    FACTS_HELP,
     InvalidInput,
     Panel,
     RunButton,
     optional,
+    options_text,
+    parse_facts,
     show,
     tabs,
 )
@@ -24,11 +27,15 @@ class InspectPanel(Panel):
     """:func:`modelkit.inspect` as a widget; the last report is ``result``."""
 
     def __init__(self, root: str | Path | None = None, ref: str | Path | None = None,
-                 base: str | Path | None = None, deep: bool = False):
+                 base: str | Path | None = None, deep: bool = False, facts: dict | None = None):
         self.picker = ArtifactPicker(root, ref)
         self.base = widgets.Text(value=str(base or ""), description="base",
                                  placeholder="optional: base model folder or ref (overrides the recorded one)",
                                  layout=widgets.Layout(width="60%"))
+        self.facts = widgets.Text(value=options_text(facts),
+                                  description="facts", placeholder=f"optional: {FACTS_HELP}",
+                                  layout=widgets.Layout(width="60%"))
+        self.facts.add_class("mk-facts")
         self.deep = widgets.Checkbox(value=deep, description="deep (also read tensor data: finds untrained adapters)",
                                      layout=widgets.Layout(width="60%"))
         self.summary = widgets.Output()
@@ -45,13 +52,15 @@ class InspectPanel(Panel):
         self.dtypes = widgets.Output()
         self.tensor_table = widgets.Output()
         self.tensor_table.add_class("mk-tensors")
+        self.tree = widgets.Output()
+        self.tree.add_class("mk-tree-area")
         self.tensors = widgets.VBox([self.search, self.dtypes, self.tensor_table])
         results = tabs(findings=self.findings, experts=self.experts, groups=self.groups,
-                       tensors=self.tensors, summary=self.summary)
+                       tensors=self.tensors, tree=self.tree, summary=self.summary)
         self.runner = RunButton("Inspect", self._inspect, self._show, icon="search",
                                 tooltip="inspect the picked artifact (headers only unless deep)",
                                 verdict=verdict_of, results=results)
-        super().__init__([self.picker, self.base, self.deep, self.runner, results])
+        super().__init__([self.picker, self.base, self.facts, self.deep, self.runner, results])
         self.add_class("mk-inspect")
 
     def _inspect(self) -> "modelkit.InspectionReport":
@@ -59,12 +68,13 @@ class InspectPanel(Panel):
         ref = self.picker.value
         if ref is None:
             raise InvalidInput("Pick an artifact from the list or type a ref.")
-        return modelkit.inspect(ref, base=optional(self.base.value), deep=self.deep.value)
+        return modelkit.inspect(ref, base=optional(self.base.value), deep=self.deep.value,
+                                facts=parse_facts(self.facts.value))
 
     def _show(self, report: "modelkit.InspectionReport") -> None:
         show(self.summary, report.summary())
         show(self.findings, table.findings_table(report))
-        show(self.experts, table.experts_table(report, deep=self.deep.value))
+        show(self.experts, table.experts_table(report))
         show(self.groups, table.groups_table(report))
         show(self.dtypes, table.dtype_table(report))
         self._report = report
@@ -74,3 +84,4 @@ class InspectPanel(Panel):
         report = getattr(self, "_report", None)
         if report is not None:
             show(self.tensor_table, table.tensors_table(report, self.search.value))
+            show(self.tree, table.dtype_table(report), table.parameter_tree(report, self.search.value))

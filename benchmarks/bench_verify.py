@@ -1,0 +1,193 @@
+"""What ``export --verify`` costs over a plain export, against the allowance of the issue.
+
+A LoRA adapter on a llama base of ``--gb`` (fp32), exported at ``--dtype`` (bfloat16: the case
+with the extra rounded check; float32 with ``--dtype float32``). Three fresh children:
+
+* ``plain``: ``modelkit.export(adapter, base=...)``;
+* ``verify``: the same with ``verify=True``;
+* ``allowance``: what the issue allows verification to cost, done with stock libraries only:
+  one load of the source (transformers ``from_pretrained`` of the base + PEFT's
+  ``PeftModel.from_pretrained`` of the adapter) with its forward on the verify prompts, then
+  one ``from_pretrained`` of the export with its forward.
+
+Reads of the source are counted in the modelkit children: every stored tensor read of the
+adapter and its base (``modelkit.io.tensors`` notes each read) weighed by its bytes, as passes
+over the source's bytes. Targets: verify reads the source at most once more than the plain
+export (<= 1.1 passes: the adapter's own small tensors are read by the checks too); its extra
+time (``verify`` minus ``plain``, the export calls themselves) <= the allowance's (its load and
+forward calls); its peak RSS above the idle floor <= 1.25 x one float32 copy of the model
+(the reference and the export loaded one at a time, not together: together is 2x).
+
+Correctness: the verification passed, and the verified export's tensors equal the plain
+export's (the same bytes).
+
+    python benchmarks/bench_verify.py                        # --gb 0.5, bfloat16
+    MODELKIT_BENCH_QUICK=1 python benchmarks/bench_verify.py    # small: a smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+sys.path.insert(0, str(HERE.parent))
+from bench_export import _child_main, child_idle, child_setup_lora, run_child, same_tensors  # noqa: E402
+from summary import agrees, at_most, finish, info, quick  # noqa: E402
+
+
+# --------------------------------------------------------------------------- children
+
+
+def _count_source_reads(folders: list[str]) -> dict:
+    """Count every stored tensor read from files under ``folders``: {"reads", "bytes"},
+    and the folders' total stored bytes; patched into ``modelkit.io.tensors``."""
+    import modelkit.io.tensors as tensors
+
+    sizes = {}
+    for folder in folders:
+        for p in Path(folder).iterdir():
+            if p.suffix in (".safetensors", ".bin", ".pt"):
+                for t in tensors.TensorFile.open(p).entries.values():
+                    sizes[(str(p), t.key)] = t.nbytes
+    counts = {"reads": 0, "bytes": 0, "stored_bytes": sum(sizes.values()), "stored_tensors": len(sizes)}
+    real = tensors._note_read
+
+    def note(path, key):
+        if (str(path), key) in sizes:
+            counts["reads"] += 1
+            counts["bytes"] += sizes[(str(path), key)]
+        real(path, key)
+
+    tensors._note_read = note
+    return counts
+
+
+def child_export(adapter: str, base: str, out: str, dtype: str, shard: str, verify: bool) -> dict:
+    import torch  # noqa: F401  (imported before the clock starts, as the allowance does)
+    from transformers import AutoModelForCausalLM  # noqa: F401
+
+    import modelkit
+
+    counts = _count_source_reads([adapter, base])
+    t = time.perf_counter()
+    result = modelkit.export(adapter, out, base=base, dtype=dtype, max_shard_size=shard,
+                             verify=verify, progress=False)
+    return {"export_s": time.perf_counter() - t, "ok": result.ok, "bytes": result.bytes,
+            "verification": result.verification, **counts}
+
+
+def child_allowance(adapter: str, base: str, out: str, prompts: list[list[int]]) -> dict:
+    """One stock load of the source with its forward, then one of the export with its forward."""
+    import gc
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ids = [torch.tensor([p]) for p in prompts]
+    t = time.perf_counter()
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter)
+    with torch.no_grad():
+        for x in ids:
+            model(input_ids=x)
+    source_s = time.perf_counter() - t
+    del model
+    gc.collect()
+    t = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():
+        for x in ids:
+            model(input_ids=x)
+    return {"source_s": source_s, "export_load_s": time.perf_counter() - t}
+
+
+def child_prompts(out: str) -> dict:
+    """The token ids ``--verify`` runs (the export's tokenizer), for the allowance child."""
+    from modelkit.ops.verify import folder_prompt_ids
+
+    return {"prompts": [x[0].tolist() for x in folder_prompt_ids(Path(out))]}
+
+
+CHILDREN = {"setup_lora": child_setup_lora, "export": child_export, "allowance": child_allowance,
+            "prompts": child_prompts, "idle": child_idle}
+
+
+# --------------------------------------------------------------------------- parent
+
+
+def main(argv: list[str] | None = None) -> int:
+    small = quick()
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--gb", type=float, default=0.02 if small else 0.5, help="size of the fp32 base model")
+    p.add_argument("--hidden", type=int, default=256 if small else 2048)
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    p.add_argument("--max-shard-size", default="100MB")
+    p.add_argument("--workdir", help="where artifacts and exports go (default: a temp folder)")
+    args = p.parse_args(argv)
+
+    scratch = HERE.parent / "_work"
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="modelkit-bench-",
+                                                 dir=scratch if scratch.is_dir() else None)).absolute()
+    work.mkdir(parents=True, exist_ok=True)
+    run = lambda role, **kw: run_child(role, script=HERE, **kw)  # noqa: E731
+    try:
+        idle = run("idle")
+        setup = run("setup_lora", work=work, gb=args.gb, hidden=args.hidden, r=args.r)
+        common = {"adapter": setup["adapter"], "base": setup["base"], "dtype": args.dtype,
+                  "shard": args.max_shard_size}
+        plain = run("export", out=str(work / "plain"), verify=False, **common)
+        verified = run("export", out=str(work / "verified"), verify=True, **common)
+        prompts = run("prompts", out=str(work / "plain"))["prompts"]
+        allowance = run("allowance", adapter=setup["adapter"], base=setup["base"], out=str(work / "plain"),
+                        prompts=prompts)
+        worst, n, odd = same_tensors(work / "verified", work / "plain")
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+    passes = lambda m: m["bytes"] / m["stored_bytes"]  # noqa: E731
+    extra_passes = passes(verified) - passes(plain)
+    extra_s = verified["export_s"] - plain["export_s"]
+    allowed_s = allowance["source_s"] + allowance["export_load_s"]
+    model_mb = plain["stored_bytes"] / 2**20          # the fp32 base: one float32 copy of the model
+    held_mb = verified["peak_mb"] - idle["peak_mb"]
+    v = verified["verification"] or {}
+    what = (f"llama {setup['layers']} layers, hidden {args.hidden}, LoRA r {args.r}, "
+            f"{plain['stored_bytes'] / 1e9:.2f} GB fp32 -> {args.dtype}")
+    figs = [
+        at_most(f"verify: extra passes over the source ({what})", extra_passes, 1.1, "passes",
+                note=f"plain export {passes(plain):.2f} passes ({plain['reads']} reads), verified "
+                     f"{passes(verified):.2f} ({verified['reads']} reads) of {plain['stored_tensors']} "
+                     "stored tensors; before this change a bf16 verify read the source twice more"),
+        at_most("verify: extra time", extra_s, 1.0, "s", on_ratio=True,
+                baseline="one stock load + forward of the source and of the export", baseline_value=allowed_s,
+                note=f"export call {plain['export_s']:.1f} s plain, {verified['export_s']:.1f} s verified; "
+                     f"allowance: source {allowance['source_s']:.1f} s + export {allowance['export_load_s']:.1f} s"),
+        at_most("verify: peak RSS above the idle floor", held_mb, 1.25, "MB", on_ratio=True,
+                baseline="one float32 copy of the model", baseline_value=model_mb,
+                note=f"peak {verified['peak_mb']:.0f} MB verified, {plain['peak_mb']:.0f} MB plain, "
+                     f"{allowance['peak_mb']:.0f} MB for the allowance (stock libraries), idle {idle['peak_mb']:.0f} MB"),
+        info("verify: whole-process time", verified["wall_s"], "s", baseline="plain export",
+             baseline_value=plain["wall_s"]),
+        agrees("verified export passed and equals the plain export",
+               verified["ok"] and v.get("ok") and worst == 0.0 and n > 0 and not odd,
+               note=f"max |logit diff| {v.get('max_abs_diff', float('nan')):.3g} (tolerance "
+                    f"{v.get('tolerance', float('nan')):.3g}); vs the rounded reference "
+                    f"{v.get('rounded_max_abs_diff')}; {n} tensors identical: {worst == 0.0}"),
+    ]
+    print(json.dumps({"plain": plain, "verified": verified, "allowance": allowance, "idle": idle},
+                     default=str, indent=1)[:3000])
+    return finish("bench_verify", figs)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_child":
+        _child_main(sys.argv[2], sys.argv[3], CHILDREN)
+    else:
+        sys.exit(main())
