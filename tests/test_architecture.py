@@ -121,8 +121,8 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def test_the_graph_sees_deferred_imports():
-    # models.dylora builds with architectures.disk_to_model inside a function
-    assert "modelkit.architecture.bridge" in internal_graph()["modelkit.models.dylora"]
+    # the DyLoRA builder fills the base model with bridge.disk_to_model inside a function
+    assert "modelkit.architecture.bridge" in internal_graph()["modelkit.formats.dylora_build"]
     assert "modelkit.ops.load" in internal_graph()["modelkit.ops.export"]
 
 
