@@ -5,7 +5,7 @@ an index) and B (A with seven tensors in eight perturbed, as after fine-tuning).
 page cache warm, in fresh processes, alternating so all see the same machine load:
 
 * the floor: every tensor pair's bytes read through diff's own read path (the views,
-  ``diff_stats._stream``'s mapped windows, the same worker threads) and one fused pass
+  ``modelkit.io.spans``' mapped windows, the same worker threads) and one fused pass
   over them (``diff_sums.pair_sums``, the least arithmetic any diff needs). ``cat`` to
   /dev/null is no floor: it moved 9-28 GB/s here.
 * for information, the same fused pass over bytes read with pread() into reused buffers
@@ -69,13 +69,13 @@ import torch
 import modelkit.formats
 from modelkit.ops import diff_sums
 from modelkit.ops.open import open_artifact
-from modelkit.ops.diff_stats import CHUNK, Spans, Workers, _stream, open_source
+from modelkit.ops.diff_stats import CHUNK, Workers, _stream, open_source
 modelkit.formats.formats()
 if not diff_sums.available():
     raise SystemExit("no fused kernel (no C compiler?): the floor needs it")
 t, c = time.perf_counter(), time.process_time()
 va, vb = (open_artifact(p).view() for p in sys.argv[1:3])
-workers, spans, total = Workers(), Spans(), 0
+workers, total = Workers(), 0
 def mapped(sources, starts, bufs):
     n = 0
     for x, y in _stream(sources, starts, bufs):
@@ -105,7 +105,7 @@ consume = pread if sys.argv[3] == "pread" else mapped
 try:
     for name in va:
         if name in vb.tensors:
-            total += sum(workers.map(consume, [open_source(va[name], spans), open_source(vb[name], spans)]))
+            total += sum(workers.map(consume, [open_source(va[name]), open_source(vb[name])]))
 finally:
     workers.close()
 print(json.dumps({"seconds": time.perf_counter() - t, "cpu": time.process_time() - c, "elements": total}))

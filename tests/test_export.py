@@ -220,7 +220,7 @@ def test_dylora_expert_all(catalog, tmp_path):
 
 
 def test_bad_options_are_refused_before_writing(catalog, tmp_path):
-    with pytest.raises(ExportError, match="DyLoRA-MoE artifacts only"):
+    with pytest.raises(ExportError, match="mixture artifacts only"):
         modelkit.export(catalog["plain-llama"], tmp_path / "x", expert=0, progress=False)
     with pytest.raises(ExportError, match="not a size"):
         modelkit.export(catalog["plain-llama"], tmp_path / "x", max_shard_size="lots", progress=False)
@@ -249,7 +249,7 @@ def test_low_precision_verify_catches_a_dropped_merge(catalog, tmp_path, monkeyp
     not under the comparison with the source rounded the same way."""
     from safetensors import safe_open
 
-    ex = importlib.import_module("modelkit.ops.export")
+    ex = importlib.import_module("modelkit.io.shards")  # the shard writer export streams through
     name = "model.layers.0.self_attn.q_proj.weight"
     with safe_open(str(catalog["plain-llama"] / "model.safetensors"), "pt") as f:
         unmerged = f.get_tensor(name)
@@ -260,7 +260,7 @@ def test_low_precision_verify_catches_a_dropped_merge(catalog, tmp_path, monkeyp
 
     monkeypatch.setattr(ex, "produce", produce)
     out = tmp_path / "bad"
-    result = ex.export(catalog["peft-lora"], out, dtype="bfloat16", verify=True, progress=False)
+    result = modelkit.export(catalog["peft-lora"], out, dtype="bfloat16", verify=True, progress=False)
     v = result.verification
     assert not result.ok and not out.exists()
     assert v["rounded_max_abs_diff"] > 1e-5
@@ -307,7 +307,7 @@ def test_streams_tensor_by_tensor(catalog, tmp_path, monkeypatch, entry):
     shard size. Every shard reads back with safetensors itself, equal to the source's view."""
     from safetensors import safe_open
 
-    ex = importlib.import_module("modelkit.ops.export")  # the module, not the lazy function
+    ex = importlib.import_module("modelkit.io.shards")  # the shard writer export streams through
     stream = importlib.import_module("modelkit.io.safetensors_stream")
 
     produced, ahead = [], []
@@ -565,8 +565,9 @@ def test_stale_partial_folders_are_swept(catalog, tmp_path):
 
 _KILL_CHILD = textwrap.dedent('''
     import importlib, sys, time
+    import modelkit
     at = importlib.import_module("modelkit.io.atomic")
-    ex = importlib.import_module("modelkit.ops.export")  # the module, not the lazy function
+    ex = importlib.import_module("modelkit.io.shards")  # the shard writer export streams through
 
     src, out, point, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     counts = {"produce": 0, "shard": 0}
@@ -599,7 +600,7 @@ _KILL_CHILD = textwrap.dedent('''
             pause()
 
     ex.produce, stream.StreamedSafetensors.close, at._publish = produce, close, publish
-    ex.export(src, out, max_shard_size="40KB", progress=False)
+    modelkit.export(src, out, max_shard_size="40KB", progress=False)
     print("DONE", flush=True)
     if point == "done":
         pause()

@@ -1,24 +1,21 @@
 """Streamed statistics of tensor pairs: chunked reads, a few threads, exact bookkeeping.
 
-A tensor is reduced ``CHUNK`` elements at a time. One stored as is in a safetensors file
-is memory-mapped ``WINDOW`` bytes at a time and each window unmapped once its chunks are
-reduced: no copy out of the page cache (a read() into a buffer cost as much CPU as the
-statistics themselves), and no more than two windows per side resident at once; a
-computed one (a LoRA merge, a compressed expert) is sliced. Each of a few threads takes a
+A tensor is reduced ``CHUNK`` elements at a time, read by :mod:`modelkit.io.spans`: one
+stored as is in a safetensors file is memory-mapped ``WINDOW`` bytes at a time (no copy
+out of the page cache: a read() into a buffer cost as much CPU as the statistics
+themselves); a computed one (a LoRA merge, a compressed expert) is sliced. Each of a few threads takes a
 contiguous run of chunks (torch kernels and the fused C loop release the GIL) while
 torch's own intra-op threads are held at 1, and the per-chunk sums are accumulated in
 Python floats (float64).
 """
 from __future__ import annotations
 
-import json
 import math
-import mmap
-import os
-import struct
 import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+from modelkit.io.spans import Source, produced_source, stored_source, stream
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -28,44 +25,6 @@ WINDOW = 8 << 20                # bytes of a stored tensor mapped at a time, per
 MAX_THREADS = 8                 # reduction threads; beyond this memory bandwidth is the limit
 RANK_MAX_ELEMENTS = 1 << 24     # larger 2-D deltas get no rank estimate (svd cost and memory)
 RANK_RTOL = 1e-3                # numerical rank: singular values above RANK_RTOL * largest
-
-
-@dataclass
-class Source:
-    """One side's tensor, ready to be read CHUNK elements at a time: either stored as is
-    in a safetensors file (read with plain file reads: no memory map, no resident pages
-    left behind) or already produced (a merge, a materialized expert, a pickle)."""
-
-    shape: tuple[int, ...]
-    dtype: Any                       # torch dtype
-    tensor: Any = None               # the produced tensor, or None
-    path: str | None = None          # safetensors file holding the raw bytes
-    offset: int = 0                  # absolute byte offset of the first element
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-
-class Spans:
-    """Byte offsets of tensors in safetensors files (headers parsed once per file)."""
-
-    def __init__(self) -> None:
-        self._files: dict[str, tuple[int, dict]] = {}
-
-    def source(self, file: Any, key: str) -> Source:
-        from modelkit.io.tensors import SAFETENSORS_DTYPES, torch_dtype
-
-        file.entries  # validates the header (CorruptFileError naming the file)
-        path = str(file.path)
-        if path not in self._files:
-            with open(path, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                self._files[path] = (8 + n, json.loads(f.read(n)))
-        start, header = self._files[path]
-        meta = header[key]
-        return Source(tuple(meta["shape"]), torch_dtype(SAFETENSORS_DTYPES[meta["dtype"]]),
-                       path=path, offset=start + int(meta["data_offsets"][0]))
 
 
 def _stored_read(lazy: Any) -> tuple[Any, str] | None:
@@ -79,79 +38,18 @@ def _stored_read(lazy: Any) -> tuple[Any, str] | None:
     return stored[0], stored[1].key
 
 
-def open_source(lazy: Any, spans: Spans) -> Source:
+def open_source(lazy: Any) -> Source:
     """A LazyTensor ready for chunked reading: its file span when it is a plain stored
     safetensors read, else the tensor its producer computes."""
     stored = _stored_read(lazy) if sys.byteorder == "little" else None  # safetensors is little-endian
     if stored is not None:
-        return spans.source(*stored)
-    t = lazy.produce()
-    return Source(tuple(t.shape), t.dtype, tensor=t)
+        return stored_source(*stored)
+    return produced_source(lazy.produce())
 
 
 def _stream(sources: list[Source], starts: Sequence[int], bufs: "_Buffers") -> Iterator[list["torch.Tensor"]]:
-    """The sources' chunks beginning at ``starts``, in lockstep, as 1-D tensors of at most
-    CHUNK elements. Produced tensors are sliced; stored ones are views of a mapped window
-    of their file (see :class:`_Mapped`), valid until the next chunk is taken."""
-    n = sources[0].numel
-    flats = [src.tensor.reshape(-1) if src.tensor is not None else None for src in sources]
-    maps: list[_Mapped | None] = []
-    try:
-        for src in sources:
-            maps.append(_Mapped(src) if src.tensor is None else None)
-        for i in starts:
-            count = min(CHUNK, n - i)
-            yield [flats[k][i:i + count] if flats[k] is not None else maps[k].chunk(i, count, bufs, k)
-                   for k in range(len(sources))]
-    finally:
-        for m in maps:
-            if m is not None:
-                m.close()
-
-
-class _Mapped:
-    """A stored tensor's bytes, mapped ``WINDOW`` bytes at a time (copy-on-write, so the
-    file can never be written through it). The file's size is checked first: one shorter
-    than the tensor's span is a CorruptFileError naming it, never a SIGBUS (a file cut
-    short by another process *while* it is mapped still ends this one: the price of not
-    copying, as for every memory-mapped read). A window is unmapped when the last chunk
-    viewing it is dropped."""
-
-    def __init__(self, src: Source) -> None:
-        from modelkit.errors import CorruptFileError
-
-        self.src, self.itemsize = src, src.dtype.itemsize
-        self.end = src.offset + src.numel * self.itemsize
-        self.file = open(src.path, "rb", buffering=0)
-        size = os.fstat(self.file.fileno()).st_size
-        if size < self.end:
-            self.file.close()
-            raise CorruptFileError(f"file ends before its tensor data ({size} bytes, the tensor "
-                                   f"ends at byte {self.end})", src.path)
-        self.lo = self.hi = 0
-        self.window: "torch.Tensor | None" = None
-
-    def chunk(self, i: int, count: int, bufs: "_Buffers", side: int) -> "torch.Tensor":
-        """Elements ``i .. i + count`` (copied into the side's buffer in ``bufs`` only when
-        the file places them off their dtype's alignment)."""
-        import torch
-
-        start = self.src.offset + i * self.itemsize
-        stop = start + count * self.itemsize
-        if self.window is None or start < self.lo or stop > self.hi:
-            self.lo = start - start % mmap.ALLOCATIONGRANULARITY
-            self.hi = min(self.end, max(stop, self.lo + WINDOW))
-            self.window = None  # drop the old window first: at most two per side stay resident
-            mapped = mmap.mmap(self.file.fileno(), self.hi - self.lo, access=mmap.ACCESS_COPY, offset=self.lo)
-            self.window = torch.frombuffer(mapped, dtype=torch.uint8)  # holds the mapping until the last view goes
-        raw = self.window[start - self.lo:stop - self.lo]
-        if (start - self.lo) % self.itemsize:  # misaligned in the file: a copy, aligned
-            raw = bufs.raw(side)[:stop - start].copy_(raw)
-        return raw.view(self.src.dtype)
-
-    def close(self) -> None:
-        self.window = None
-        self.file.close()
+    """:func:`modelkit.io.spans.stream` in CHUNK elements and WINDOW-byte mappings."""
+    return stream(sources, starts, CHUNK, WINDOW, bufs.raw)
 
 
 # --------------------------------------------------------------------------- statistics

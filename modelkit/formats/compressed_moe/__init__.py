@@ -809,6 +809,12 @@ class CompressedMoEArtifact(Artifact):
             return materialize(self._read(core), *(self._read(w[p]) for p in WRAPPER_PARTS), dtype=dtype)
         return produce
 
+    def bulk_production(self):
+        """Experts computed in batches while a consumer walks every expert in order (export)."""
+        from modelkit.formats.compressed_moe.lowrank import batched_experts
+
+        return batched_experts()
+
     def _batches(self, g: CompressedLayer):
         """The group's :class:`~modelkit.formats.compressed_moe.lowrank.ExpertBatches`: experts
         from the shared core, whose two products with the wrappers are shared by a batch.

@@ -28,35 +28,16 @@ from modelkit.ui.widgets._base import (
     show,
     tabs,
 )
-
-SKIP_DIRS = {"__pycache__", "node_modules", ".git", ".ipynb_checkpoints"}
+from modelkit.ui.widgets.picker import find_folders
 
 
 def discover_runs(root: str | Path, depth: int = 3) -> dict[str, str]:
     """Run folders under ``root`` (folders holding ``checkpoint-N/``, ``checkpoints/checkpoint-N/``
-    or ``best_model/``): ``{path relative to root: absolute path}``, sorted."""
+    or ``best_model/``): ``{path relative to root: absolute path}``, sorted (see
+    :func:`modelkit.ui.widgets.picker.find_folders`)."""
     from modelkit.ops.watch import find_checkpoints
 
-    root = Path(os.path.abspath(Path(root).expanduser()))
-    found: dict[str, str] = {}
-
-    def walk(folder: Path, level: int) -> None:
-        if find_checkpoints(folder):
-            found[folder.relative_to(root).as_posix() if folder != root else "."] = str(folder)
-            return
-        if level >= depth:
-            return
-        try:
-            children = sorted(p for p in folder.iterdir() if p.is_dir() and not p.is_symlink())
-        except OSError:
-            return
-        for child in children:
-            if not child.name.startswith(".") and child.name not in SKIP_DIRS:
-                walk(child, level + 1)
-
-    if root.is_dir():
-        walk(root, 0)
-    return dict(sorted(found.items()))
+    return find_folders(root, lambda folder: bool(find_checkpoints(folder)), depth)
 
 
 class RunFolderPicker(widgets.VBox):
