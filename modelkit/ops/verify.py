@@ -176,7 +176,7 @@ def dense_rounded(model, dtype: str):
     with torch.no_grad():
         for p in model.parameters():
             if p.is_floating_point():
-                p.data = p.data.to(low).float()
+                p.copy_(p.to(low))  # in place: never a second copy of the model
     return model.float().eval()
 
 
