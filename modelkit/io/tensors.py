@@ -150,7 +150,7 @@ class TensorFile:
     def release(self) -> None:
         """Drop the open handle or unpickled object (and its memory map); the metadata stays
         and the data reopens on the next read. Tensors already returned stay valid."""
-        for attr in ("_handle", "obj"):
+        for attr in ("_handle", "_pread_handle", "obj"):
             self.__dict__.pop(attr, None)
 
     @staticmethod
@@ -166,12 +166,58 @@ class TensorFile:
     def read(self, key: str):  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def read_unmapped(self, key: str):
+        """``read(key)`` into memory of its own, leaving no page of the file mapped: for a
+        consumer that reads a large tensor once (an export), so the file's pages do not
+        add to its resident memory. Safetensors files use ``pread``; others copy."""
+        return self.read(key).clone()
+
     def stored(self, prefix: str = "") -> list[StoredTensor]:
         """The file's tensors, names prefixed with ``prefix``."""
         if not prefix:
             return list(self.entries.values())
         return [StoredTensor(prefix + t.name, t.shape, t.dtype, t.file, t.key)
                 for t in self.entries.values()]
+
+
+def safetensors_header(path: Path, *, confined: bool = True) -> tuple[dict, int, int]:
+    """The one reader of a safetensors header: ``(its JSON object, the byte offset the data
+    starts at, the file's size)``. Checked here: a regular file, an 8-byte little-endian
+    length within the format's limit and the file, UTF-8 JSON starting with ``{`` (no BOM),
+    an object with unique keys; CorruptFileError naming the file otherwise. The entries are
+    checked by :class:`SafetensorsFile`. ``confined=False`` for an already confined path."""
+    from modelkit.io.files import open_regular
+
+    with open_regular(path, error=CorruptFileError, confined=confined) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 8:
+            raise CorruptFileError(f"truncated safetensors file ({size} bytes, no header)", path)
+        try:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > MAX_HEADER_BYTES or n > size - 8:
+                raise CorruptFileError(
+                    f"safetensors header length {n} is impossible for a file of {size} bytes "
+                    "(truncated or not a safetensors file)", path)
+            raw = f.read(n)
+        except OSError as e:
+            raise CorruptFileError(f"cannot read the header ({e.strerror or e})", path) from None
+    if not raw.startswith(b"{"):
+        raise CorruptFileError("safetensors header does not start with '{' (a BOM or other bytes "
+                               "before the JSON; the safetensors library refuses it)", path)
+    try:
+        text = raw.decode("utf-8")
+        header = json.loads(text)
+        # a duplicated tensor name leaves fewer entries than "data_offsets" keys; only then
+        # is the header parsed again, slowly, to name the duplicate
+        if isinstance(header, dict) and raw.count(b'"data_offsets"') != len(header) - ("__metadata__" in header):
+            header = json.loads(text, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise CorruptFileError(f"safetensors header names {e.args[0]!r} twice", path) from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CorruptFileError(f"safetensors header is not valid JSON ({_first_line(e)})", path) from None
+    if not isinstance(header, dict):
+        raise CorruptFileError("safetensors header is not a JSON object", path)
+    return header, 8 + n, size
 
 
 class SafetensorsFile(TensorFile):
@@ -187,36 +233,9 @@ class SafetensorsFile(TensorFile):
     byte. Anything else is a CorruptFileError naming the file.
     """
 
-    def _parse_header(self) -> tuple[dict, dict[str, str]]:
-        from modelkit.io.files import open_regular
-
+    def _parse_header(self) -> tuple[dict, dict[str, str], int]:
         # Artifact.path() confined the path; here only "a regular file" is checked
-        with open_regular(self.path, error=CorruptFileError, confined=False) as f:
-            size = os.fstat(f.fileno()).st_size
-            if size < 8:
-                raise CorruptFileError(f"truncated safetensors file ({size} bytes, no header)", self.path)
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > MAX_HEADER_BYTES or n > size - 8:
-                raise CorruptFileError(
-                    f"safetensors header length {n} is impossible for a file of {size} bytes "
-                    "(truncated or not a safetensors file)", self.path)
-            raw = f.read(n)
-        if not raw.startswith(b"{"):
-            raise CorruptFileError("safetensors header does not start with '{' (a BOM or other bytes "
-                                   "before the JSON; the safetensors library refuses it)", self.path)
-        try:
-            text = raw.decode("utf-8")
-            header = json.loads(text)
-            # a duplicated tensor name leaves fewer entries than "data_offsets" keys; only then
-            # is the header parsed again, slowly, to name the duplicate
-            if isinstance(header, dict) and raw.count(b'"data_offsets"') != len(header) - ("__metadata__" in header):
-                header = json.loads(text, object_pairs_hook=_unique_keys)
-        except _DuplicateKey as e:
-            raise CorruptFileError(f"safetensors header names {e.args[0]!r} twice", self.path) from None
-        except (UnicodeDecodeError, ValueError, RecursionError) as e:
-            raise CorruptFileError(f"safetensors header is not valid JSON ({_first_line(e)})", self.path) from None
-        if not isinstance(header, dict):
-            raise CorruptFileError("safetensors header is not a JSON object", self.path)
+        header, start, size = safetensors_header(self.path, confined=False)
         metadata = header.pop("__metadata__", None)
         if metadata is None:
             metadata = {}
@@ -233,7 +252,7 @@ class SafetensorsFile(TensorFile):
                 raise CorruptFileError(f"tensor {name!r} starts at byte {begin}: it {what} "
                                        "(tensors must cover the data buffer exactly)", self.path)
             pos = end
-        data_size = size - 8 - n
+        data_size = size - start
         if pos != data_size:
             if pos > data_size:
                 raise CorruptFileError(
@@ -241,7 +260,7 @@ class SafetensorsFile(TensorFile):
                     "(truncated file?)", self.path)
             raise CorruptFileError(f"{data_size - pos} trailing bytes after the last tensor "
                                    "(the safetensors library refuses the file)", self.path)
-        return header, metadata
+        return header, metadata, start
 
     def _check_entry(self, name: str, meta: Any) -> tuple[int, int, str]:
         if not isinstance(meta, dict) or not {"dtype", "shape", "data_offsets"} <= meta.keys():
@@ -271,12 +290,12 @@ class SafetensorsFile(TensorFile):
         return begin, end, name
 
     @cached_property
-    def _parsed(self) -> tuple[dict, dict[str, str]]:
+    def _parsed(self) -> tuple[dict, dict[str, str], int]:
         return self._parse_header()
 
     @cached_property
     def entries(self) -> dict[str, StoredTensor]:
-        header, _ = self._parsed
+        header = self._parsed[0]
         rel = self.rel
         return {name: StoredTensor(name, tuple(meta["shape"]), SAFETENSORS_DTYPES[meta["dtype"]], rel, name)
                 for name, meta in header.items()}
@@ -285,22 +304,42 @@ class SafetensorsFile(TensorFile):
     def metadata(self) -> dict[str, str]:
         return self._parsed[1]
 
+    def span(self, key: str) -> tuple[int, int]:
+        """(absolute byte offset, byte length) of tensor ``key``'s data in the file (header
+        validated first)."""
+        header, _, start = self._parsed
+        begin, end = header[key]["data_offsets"]
+        return start + begin, end - begin
+
     @cached_property
     def _handle(self):
+        return self._open("mmap")
+
+    @cached_property
+    def _pread_handle(self):
+        return self._open("pread")
+
+    def _open(self, backend: str):
         from safetensors import safe_open
 
         self.entries  # validate first: never hand a bad header to the reader
         try:
-            return safe_open(str(self.path), framework="pt", device="cpu")
+            return safe_open(str(self.path), framework="pt", device="cpu", backend=backend)
         except Exception as e:  # safetensors raises its own Rust-side error types
             raise CorruptFileError(f"cannot open safetensors file: {e}", self.path) from None
 
     def read(self, key: str):
+        return self._get(key, mapped=True)
+
+    def read_unmapped(self, key: str):
+        return self._get(key, mapped=False)
+
+    def _get(self, key: str, mapped: bool):
         _note_read(self.path, key)
         if key not in self.entries:
             raise KeyError(f"{self.path}: no tensor {key!r}")
         try:
-            return self._handle.get_tensor(key)
+            return (self._handle if mapped else self._pread_handle).get_tensor(key)
         except Exception as e:
             raise CorruptFileError(f"cannot read tensor {key!r}: {e}", self.path) from None
 

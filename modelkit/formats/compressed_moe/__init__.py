@@ -62,6 +62,7 @@ from modelkit.formats.view import LazyTensor, TensorView, stored_tensor
 from modelkit.io import files
 from modelkit.io.checkpoints import checkpoint_folders, checkpoint_step
 from modelkit.io.tensors import FLOAT_DTYPES, PickleFile, StoredTensor, torch_dtype
+from modelkit.units import human_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -801,28 +802,33 @@ class CompressedMoEArtifact(Artifact):
         def produce(dtype):
             from modelkit.formats.compressed_moe.lowrank import batching
 
+            if core is not g.core:  # the expert's own core copy: no product to share, read once
+                return materialize(self.file(core.file).read_unmapped(core.key),
+                                   *(self._read(w[p]) for p in WRAPPER_PARTS), dtype=dtype)
             if batching():  # an export walking every expert: batches of them
-                return self._batches(g, core is not g.core).get(e, dtype)
+                return self._batches(g).get(e, dtype)
             return materialize(self._read(core), *(self._read(w[p]) for p in WRAPPER_PARTS), dtype=dtype)
         return produce
 
-    def _batches(self, g: CompressedLayer, own_cores: bool = False):
-        """The group's :class:`~modelkit.formats.compressed_moe.lowrank.ExpertBatches` (experts from the shared core,
-        or with ``own_cores`` from each expert's core copy)."""
+    def bulk_production(self):
+        """Experts computed in batches while a consumer walks every expert in order (export)."""
+        from modelkit.formats.compressed_moe.lowrank import batched_experts
+
+        return batched_experts()
+
+    def _batches(self, g: CompressedLayer):
+        """The group's :class:`~modelkit.formats.compressed_moe.lowrank.ExpertBatches`: experts
+        from the shared core, whose two products with the wrappers are shared by a batch.
+        (Experts with their own core copy share no product: they are formed one by one.)"""
         from modelkit.formats.compressed_moe.lowrank import ExpertBatches
 
         cache = self.__dict__.setdefault("_expert_batches", {})
-        key = (g.layer, g.proj, own_cores)
+        key = (g.layer, g.proj)
         if key not in cache:
             def load(experts):
                 import torch
 
-                if own_cores:
-                    copies = self.core_copies()[(g.layer, g.proj)]
-                    core = torch.stack([self._read(copies[e]) for e in experts])
-                else:
-                    core = self._read(g.core)
-                return (core,
+                return (self._read(g.core),
                         *(torch.stack([self._read(g.wrappers[e][p]) for e in experts]) for p in WRAPPER_PARTS))
             cache[key] = ExpertBatches([e for e in sorted(g.wrappers) if not g.expert_problem(e)], load)
         return cache[key]
@@ -1058,7 +1064,7 @@ class CompressedMoEArtifact(Artifact):
             wasted = sum(t.nbytes for _, t in copies)
             files = sorted({t.file for _, t in copies})
             msg = (f"{len(copies)} per-expert copies of the shared cores are stored ({', '.join(files)}), "
-                   f"{_human(wasted)} wasted: each expert's `core` buffer, left in the state dict after a "
+                   f"{human_bytes(wasted)} wasted: each expert's `core` buffer, left in the state dict after a "
                    "device move. The view uses the shared core and ignores them")
             if deep:
                 differ = self._differing_copies(copies)
@@ -1066,7 +1072,7 @@ class CompressedMoEArtifact(Artifact):
                         "model used is ambiguous" if differ else "; every copy equals its shared core")
             out.append(warning("duplicated-buffers", msg, [t.name for _, t in copies]))
         if dups:
-            wasted = _human(sum(t.nbytes for t in dups))
+            wasted = human_bytes(sum(t.nbytes for t in dups))
             out.append(warning("duplicated-buffers",
                                f"{len(dups)} compressed tensor(s) are stored twice (a layer file and in-memory "
                                f"names in {NON_MOE}); the layer file's are used, {wasted} wasted",
@@ -1254,14 +1260,6 @@ def _proj_sorted(projs) -> list[str]:
 
 def _natural(name: str):
     return [int(p) if p.isdigit() else p for p in name.split(".")]
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 # --------------------------------------------------------------------------- detection
