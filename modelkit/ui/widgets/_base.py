@@ -371,8 +371,7 @@ def optional(text: str) -> str | None:
     return text or None
 
 
-OPTIONS_HELP = ("lora_alpha=16, lora_r=8 (DyLoRA-MoE facts the artifact does not record), "
-                "core=shared (compressed MoE), expert=0 ...")
+OPTIONS_HELP = "lora_alpha=16, lora_r=8 (unrecorded facts), core=shared, expert=0"
 FACTS_HELP = "lora_alpha=16, lora_r=8: DyLoRA-MoE facts the artifact does not record"
 
 

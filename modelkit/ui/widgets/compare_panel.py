@@ -36,7 +36,7 @@ class ComparePanel(Panel):
         def options_field(label: str, given: dict | None) -> widgets.Text:
             field = widgets.Text(value=options_text(given),
                                  description=label, layout=wide,
-                                 placeholder=f"optional: base=FOLDER, {OPTIONS_HELP}, routing=token")
+                                 placeholder=f"optional: base=FOLDER, {OPTIONS_HELP}")
             field.add_class("mk-options")
             return field
 

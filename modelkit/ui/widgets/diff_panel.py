@@ -41,6 +41,8 @@ class DiffPanel(Panel):
                                       placeholder=f"optional: {OPTIONS_HELP}")
         self.options_b = widgets.Text(value=options_text(options_b), description="options B", layout=wide,
                                       placeholder=f"optional: {OPTIONS_HELP}")
+        for field in (self.options_a, self.options_b):
+            field.add_class("mk-options")
         self.rank = widgets.Checkbox(value=rank, description="effective rank of 2-D deltas")
         self.summary = widgets.Output()
         self.summary.add_class("mk-summary")
