@@ -253,12 +253,14 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)  # page cache warm
         reference = run_child(REFERENCE, a, b)
         best: dict[str, dict] = {}
+        cpu: dict[str, float] = {}  # the least CPU of each kind's runs (on a shared machine not the fastest's)
         before = load()
         for _ in range(args.reps):  # alternate, so all see the same machine load
             for kind, code, extra in (("floor", FLOOR, ("mapped",)), ("diff", CHILD, ()), ("pread", FLOOR, ("pread",))):
                 r = run_child(code, a, b, *extra)
                 if kind not in best or r["seconds"] < best[kind]["seconds"]:
                     best[kind] = r
+                cpu[kind] = min(cpu.get(kind, r["cpu"]), r["cpu"])
         after = load()
     finally:
         if not args.dir:
@@ -277,12 +279,12 @@ def main(argv: list[str] | None = None) -> int:
                       f"{floor['seconds']:.2f} s ({floor['cpu']:.2f} s CPU): both checkpoints' bytes read through "
                       f"diff's own read path plus one fused pass; best of {args.reps}, alternating; {before} "
                       f"before, {after} after"),
-        at_most("diff CPU per GB read", run["cpu"] / gb, 0.15, "s/GB", baseline="floor",
-                baseline_value=floor["cpu"] / gb),
+        at_most("diff CPU per GB read", cpu["diff"] / gb, 0.15, "s/GB", baseline="floor",
+                baseline_value=cpu["floor"] / gb, note=f"least CPU of {args.reps} runs each"),
         info("floor through pread() into reused buffers (the former read path)", gb / pread["seconds"], "GB/s",
              baseline="read-both floor", baseline_value=gb / floor["seconds"],
-             note=f"{pread['seconds']:.2f} s, {pread['cpu']:.2f} s CPU ({pread['cpu'] / gb:.3f} s/GB) against the "
-                  f"mapped floor's {floor['cpu'] / gb:.3f} s/GB"),
+             note=f"{pread['seconds']:.2f} s; least CPU {cpu['pread'] / gb:.3f} s/GB against the mapped floor's "
+                  f"{cpu['floor'] / gb:.3f} s/GB"),
         at_most("diff peak RSS", rss / 1e6, budget / 1e6, "MB",
                 note=f"budget 3 x largest tensor + 500 MB; imports alone {run['rss_before_kb'] * 1024 / 1e6:.0f} MB"),
         agrees("diff agrees with torch float64 on the loaded tensors", ok and whole,

@@ -154,7 +154,7 @@ def test_core_modules_import_no_ui(module):
 # ops/) above ops/; testing/ writes artifacts with io/ only; ui/ may use everything.
 LAYERS = (
     ("core", ("modelkit.errors", "modelkit.findings", "modelkit.schemas", "modelkit.schema_models",
-              "modelkit.quiet", "modelkit.verdicts")),
+              "modelkit.quiet", "modelkit.verdicts", "modelkit.units", "modelkit.progress")),
     ("io", ("modelkit.io",)),
     ("architecture", ("modelkit.architecture",)),
     ("models", ("modelkit.models",)),
@@ -185,6 +185,7 @@ KNOWN_UPWARD = {
     "modelkit.verdicts -> modelkit.ops.diff",                    # classes: results should say
     "modelkit.verdicts -> modelkit.ops.export",                  # their own verdict
     "modelkit.verdicts -> modelkit.ops.inspect",
+    "modelkit.verdicts -> modelkit.ops.watch",
 }
 
 

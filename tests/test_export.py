@@ -18,6 +18,7 @@ import torch
 
 import modelkit
 from modelkit.errors import BaseModelUnavailableError, CorruptFileError, ExportError, LoadError, ModelkitError, OutputExistsError
+from modelkit.units import human_bytes
 
 PROMPT = "def add(a, b):\n    return a + b"
 
@@ -678,6 +679,30 @@ def test_cli_export(catalog, tmp_path, capsys):
     assert "max |logit diff|" in text and "verify OK" in text
 
 
+def test_progress_in_a_terminal_ends_at_100_percent_in_the_kits_units(catalog, tmp_path, capsys):
+    out = tmp_path / "with-bars"
+    result = modelkit.export(catalog["plain-sharded"], out, max_shard_size="40KB", verify=True)
+    bars = capsys.readouterr().err.replace("\r", "\n")
+    final = [line for line in bars.splitlines() if line.startswith(("write:", "verify:"))]
+    n, shards = result.tensors, len(result.shards)
+
+    assert any(line.startswith("write: 100%") and f"{n}/{n} tensors · shard {shards}/{shards}, "
+               f"{human_bytes(result.bytes)} of {human_bytes(result.bytes)}" in line for line in final), final
+    assert any(line.startswith("verify: 100%") and "3/3 steps · logits match" in line for line in final), final
+    assert ".partial-" not in bars and out.name not in bars     # never the temporary folder
+    assert "kB" not in bars                                     # one byte format: 164.6 KB, never 169kB
+
+
+def test_exported_files_have_ordinary_permissions(catalog, tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "perms"
+        modelkit.export(catalog["peft-lora"], out, progress=False)
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes and set(modes.values()) == {0o644}, modes
+    assert out.stat().st_mode & 0o777 == 0o755
 # -- the model card: lineage a Hub reader sees ----------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -167,6 +167,11 @@ class Artifact(ABC):
         self.file_errors: list[ModelkitError] = []  # unreadable files met while listing
         self.supplied: dict[str, Any] = {}          # facts the user gave that the artifact lacks
 
+    @property
+    def layout_label(self) -> str:
+        """The layout as summaries show it (``layout`` is the stable code records keep)."""
+        return self.layout
+
     def supply(self, **facts: Any) -> None:
         """Facts the artifact does not record, given by the user (e.g. DyLoRA's
         ``lora_alpha``); FactError for a fact this format has no use for."""

@@ -1024,8 +1024,14 @@ class DyLoRAArtifact(Artifact):
             out["supplied by the user"] = ", ".join(f"{k}={v}" for k, v in supplied.items())
         out = {k: v for k, v in out.items() if v not in (None, [], "")}
         if self.root is not None:
-            out["opened"] = f"{self.folder.relative_to(self.root)}/ (layout {self.kind}) of the artifact root {self.root}"
+            out["opened"] = f"{self.folder.relative_to(self.root)}/ of the artifact root {self.root}"
         return out
+
+    @property
+    def layout_label(self) -> str:
+        """``layout b`` or, opened from a W&B artifact root (code ``d``), ``layout b in a
+        W&B artifact root``: one label for both facts."""
+        return f"layout {self.kind}" + (" in a W&B artifact root" if self.root is not None else "")
 
     @property
     def step(self) -> int | None:

@@ -19,6 +19,8 @@ from typing import Any, Callable, Protocol
 from modelkit.errors import ExportError, ModelkitError
 from modelkit.io.safetensors_stream import StreamedSafetensors
 from modelkit.io.tensors import DTYPE_BYTES, FLOAT_DTYPES, dtype_name, release_all, torch_dtype
+from modelkit.progress import phase
+from modelkit.units import human_bytes
 
 INDEX = "model.safetensors.index.json"
 PATTERN = "model{suffix}.safetensors"
@@ -103,7 +105,7 @@ def produce(name: str, lt: Producer, out_dtype):
 
 
 def write_weights(folder: Path, tensors: dict[str, Producer], out_dtype, max_shard_size: int | str,
-                  progress: bool = True, desc: str = "export") -> dict[str, Any]:
+                  progress: bool = True, desc: str = "write") -> dict[str, Any]:
     """Stream ``tensors`` into shards in ``folder``; returns the files, total size and a cast tally.
 
     Each shard's header is written from the plan (names, shapes, dtypes known before any
@@ -112,11 +114,11 @@ def write_weights(folder: Path, tensors: dict[str, Producer], out_dtype, max_sha
     GIL), so computing and writing overlap and memory is about ``QUEUE`` tensors, whatever
     the shard size. A shard is fsynced by the writer once its last tensor is written; the
     source files' memory maps are dropped (``release_all``) after each shard. Every write
-    and fsync has finished, its errors raised, before this returns."""
+    and fsync has finished, its errors raised, before this returns. Progress is one phase
+    ``desc`` counting tensors (its note: the shard and the bytes produced); a cancel stops
+    it at the next tensor."""
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
-
-    from tqdm.auto import tqdm
 
     files, total = plan_shards(tensors, out_dtype, max_shard_size)
     outs = {filename: StreamedSafetensors(folder / filename,
@@ -132,8 +134,11 @@ def write_weights(folder: Path, tensors: dict[str, Producer], out_dtype, max_sha
 
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="modelkit-write") as writer, \
-                tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress, leave=False) as bar:
-            for filename, names in files.items():
+                phase(desc, total=len(tensors), unit="tensors", show=progress) as bar:
+            done_bytes = 0
+            for i, (filename, names) in enumerate(files.items(), 1):
+                where = f"shard {i}/{len(files)}"
+                bar.update(0, note=f"{where}, {human_bytes(done_bytes)} of {human_bytes(total)}")
                 out = outs[filename]
                 for name in names:
                     lt = tensors[name]
@@ -145,7 +150,8 @@ def write_weights(folder: Path, tensors: dict[str, Producer], out_dtype, max_sha
                         cast[f"{lt.dtype}->{got}"] += 1
                     params += t.numel()
                     weight_map[name] = filename
-                    bar.update(t.numel() * t.element_size())
+                    done_bytes += t.numel() * t.element_size()
+                    bar.update(1, note=f"{where}, {human_bytes(done_bytes)} of {human_bytes(total)}")
                     pending.append(writer.submit(out.write, name, t))
                     del t
                     settle(QUEUE)

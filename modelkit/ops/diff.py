@@ -607,7 +607,8 @@ def diff(a: "str | Path | Artifact | TensorView", b: "str | Path | Artifact | Te
     Streams one tensor pair at a time; a tensor that cannot be read becomes an
     ``unreadable`` row, non-finite values are counted, never raised.
     """
-    from tqdm.auto import tqdm
+    from modelkit.progress import phase
+    from modelkit.units import human_bytes
 
     side_a = _open_side(a, base_a, options_a)
     side_b = _open_side(b, base_b, options_b)
@@ -623,14 +624,13 @@ def diff(a: "str | Path | Artifact | TensorView", b: "str | Path | Artifact | Te
     rows = []
     start = time.perf_counter()
     try:
-        with tqdm(total=total, unit="B", unit_scale=True, desc="diff", disable=not progress,
-                  leave=False) as bar:
+        with phase("diff", total=len(names), unit="tensors", show=progress) as bar:
+            done = 0
             for name in names:
                 la, lb = va.tensors.get(name), vb.tensors.get(name)
                 twin = twins.get(name)
                 if twin is not None:  # a stored copy of a tensor the other side ties
                     la, lb = (la, vb.tensors[twin[1]]) if twin[0] == "b" else (va.tensors[twin[1]], lb)
-                bar.set_postfix_str(name[-40:], refresh=False)
                 row = _diff_tensor(name, la, lb, workers, rank)
                 if twin is not None:
                     row["note"] = (f"{twin[0].upper()} ties {name} to {twin[1]}: compared with it "
@@ -638,7 +638,8 @@ def diff(a: "str | Path | Artifact | TensorView", b: "str | Path | Artifact | Te
                                       else "(NOT equal: not a tied duplicate)"))
                 rows.append(row)
                 _release(side_a.artifacts + side_b.artifacts)
-                bar.update(sum(_nbytes(x) for x in (la, lb) if x is not None))
+                done += sum(_nbytes(x) for x in (la, lb) if x is not None)
+                bar.update(1, note=f"{human_bytes(done)} of {human_bytes(total)} read")
     finally:
         workers.close()
     seconds = time.perf_counter() - start

@@ -38,8 +38,9 @@ from modelkit.ops.export_files import (
     write_record,
     write_summary_record,
 )
-from modelkit.present.text import human_bytes
 from modelkit.ops.load import DenseView, check_artifact, dense_view, open_for_load, split_consumed
+from modelkit.progress import phase
+from modelkit.units import human_bytes
 from modelkit.ops.open import split_facts
 
 
@@ -70,6 +71,7 @@ class ExportResult:
     consumed: list[str] = field(default_factory=list)      # stored tensors read ("file:key")
     left_out: list[str] = field(default_factory=list)      # stored tensors not read (see notes)
     experts: list["ExportResult"] = field(default_factory=list)
+    layout_label: str = ""        # the layout as summaries show it (``layout``: the stable code)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -82,7 +84,7 @@ class ExportResult:
     def summary(self) -> str:
         head = "exported" if self.written else "NOT written"
         lines = [f"{head}: {self.ref} -> {self.out}",
-                 f"  source  {self.format} ({self.layout}), fingerprint {self.source_fingerprint}"]
+                 f"  source  {self.format} ({self.layout_label or self.layout}), fingerprint {self.source_fingerprint}"]
         parts = self.experts or [self]
         for r in parts:
             prefix = f"  [{Path(r.out).name}] " if self.experts else "  "
@@ -131,7 +133,7 @@ def export(ref: Any, out: str | Path, base: Any = None, dtype: Any = None,
     facts, format_options = split_facts(format_options)
     artifact, base_art = open_for_load(ref, base, facts)
     result = ExportResult(ref=str(ref), out=str(Path(out).expanduser().absolute()),
-                          format=artifact.format, layout=artifact.layout)
+                          format=artifact.format, layout=artifact.layout, layout_label=artifact.layout_label)
     targets = artifact.export_targets(expert)  # the format says which dense models it is
     out_dtype = torch_dtype(dtype, floating=True)
     shards.check_size(max_shard_size)
@@ -159,12 +161,19 @@ def export(ref: Any, out: str | Path, base: Any = None, dtype: Any = None,
                                     format=artifact.format, layout=artifact.layout,
                                     source_fingerprint=result.source_fingerprint,
                                     options={**result.options, **target.options})
-                _write_folder(folder, artifact, base_art, dv, out_dtype, max_shard_size, part, progress)
+                _write_folder(folder, artifact, base_art, dv, out_dtype, max_shard_size, part, progress,
+                              desc=" ".join(("write", target.subfolder)).strip())
                 if verify:
                     options = {"base": base, **format_options, **facts}
-                    v = verify_folder(folder, lambda: source_reference(ref, artifact, target,
-                                                                       allow_untrained=allow_untrained, **options),
-                                      dtype=part.dtype, tolerance=tolerance)
+                    # three steps: the source's reference run, the export loaded, logits compared
+                    with phase(" ".join(("verify", target.subfolder)).strip(), total=3, unit="steps",
+                               show=progress) as bar:
+                        bar.update(0, note="running the source")
+                        v = verify_folder(folder, lambda: source_reference(ref, artifact, target,
+                                                                           allow_untrained=allow_untrained, **options),
+                                          dtype=part.dtype, tolerance=tolerance,
+                                          step=lambda note: bar.update(1, note=note))
+                        bar.update(1, note="logits match" if v.ok else "logits differ")
                     part.verification, part.ok = v.to_dict(), v.ok
                 part.seconds = time.perf_counter() - t0
                 write_record(folder, part, artifact, target)  # and the model card
@@ -211,15 +220,14 @@ def _adopt(result: ExportResult, part: ExportResult) -> None:
 
 
 def _write_folder(folder: Path, artifact: Artifact, base_art: Artifact | None, dv: DenseView, out_dtype,
-                  max_shard_size, part: ExportResult, progress: bool) -> None:
+                  max_shard_size, part: ExportResult, progress: bool, desc: str = "write") -> None:
     """One standard folder from a checked dense view: weights, config, generation config, tokenizer."""
     from modelkit.architecture.standard_config import write_standard_config
 
     tensors = dict(dv.tensors)
     dtype = out_dtype or shards.default_dtype(tensors)
     with recording_reads() as seen, artifact.bulk_production():
-        written = shards.write_weights(folder, tensors, dtype, max_shard_size, progress,
-                                       desc=f"export {folder.name}")
+        written = shards.write_weights(folder, tensors, dtype, max_shard_size, progress, desc=desc)
     part.consumed, part.left_out = split_consumed(artifact, seen)
     part.dtype = dtype_name(dtype)
     part.tensors = len(tensors)

@@ -11,7 +11,6 @@ nothing (unless ``allow_untrained=True``) is a :class:`~modelkit.errors.LoadErro
 """
 from __future__ import annotations
 
-import functools
 import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
@@ -53,6 +52,7 @@ class LoadReport:
     tokenizer_from: str | None = None
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    layout_label: str = ""        # the layout as summaries show it (``layout``: the stable code)
 
     def origin_counts(self) -> dict[str, int]:
         """How many model tensors each kind of origin supplied (``stored``, ``merged``, ...)."""
@@ -71,7 +71,7 @@ class LoadReport:
         return pd.DataFrame(sorted(self.origins.items()), columns=["tensor", "origin"])
 
     def summary(self) -> str:
-        lines = [f"{self.ref}", f"  format  {self.format} ({self.layout}), loaded {self.mode} as {self.dtype}"]
+        lines = [f"{self.ref}", f"  format  {self.format} ({self.layout_label or self.layout}), loaded {self.mode} as {self.dtype}"]
         if self.base:
             lines.append(f"  base    {self.base.get('name')} -> {self.base.get('path')}")
         if self.options:
@@ -239,7 +239,7 @@ def load(ref: Any, base: Any = None, dtype: Any = None, device: str | None = Non
                  or _dense(artifact, base_art, tdtype, **options))
     model = built.model
     report = LoadReport(ref=str(ref), folder=str(artifact.folder), format=artifact.format,
-                        layout=artifact.layout, mode=built.mode,
+                        layout=artifact.layout, layout_label=artifact.layout_label, mode=built.mode,
                         dtype=dtype_name(tdtype or model.dtype),
                         base=artifact.base.record() if artifact.base else None, options=dict(built.options), origins=dict(built.origins),
                         tied=list(built.tied), notes=list(built.notes),
@@ -271,12 +271,23 @@ def _supplied(artifact: Artifact, base: Any) -> dict[str, Any]:
 def load_dense_model(dv: DenseView, dtype, device: str | None = None):
     """``disk_to_model`` over a checked dense view; LoadError unless every tensor landed."""
     from modelkit.architecture.bridge import disk_to_model
+    from modelkit.progress import check_cancelled, phase
 
     # computed tensors (compressed experts) are produced in the dtype asked for, never
     # rounded to a lower declared dtype first
-    producers = {n: functools.partial(t.produce_as, dtype) for n, t in dv.tensors.items()}
+    def producer(t, bar):
+        def produce():
+            out = t.produce_as(dtype)
+            bar.update(1, check=False)   # inside transformers' loading: cancelled after it
+            return out
+        return produce
+
     shapes = {n: tuple(t.shape) for n, t in dv.tensors.items()}
-    model, info = disk_to_model(dv.config, producers, dtype, device=device, shapes=shapes)
+    # progress only where a display asks for it (a panel): load is a step of many callers
+    with phase("load", total=len(dv.tensors), unit="tensors", show=False) as bar:
+        producers = {n: producer(t, bar) for n, t in dv.tensors.items()}
+        model, info = disk_to_model(dv.config, producers, dtype, device=device, shapes=shapes)
+        check_cancelled()
     if not info.ok:
         details = [f"{k}: {_few([str(x) for x in v])}" for k, v in (
             ("missing", info.missing), ("unexpected", info.unexpected), ("mismatched", info.mismatched),

@@ -181,13 +181,14 @@ def dense_rounded(model, dtype: str):
 
 
 def verify_folder(folder: Path, make_reference: Callable[[], tuple[Any, str]], *, dtype: str,
-                  tolerance: float | None = None) -> Verification:
+                  tolerance: float | None = None, step: Callable[[str], None] = lambda note: None) -> Verification:
     """Compare ``folder`` (stock transformers) with the reference ``make_reference()`` returns
     (``(model, how it was made)``: the float32 source, or an independent float64 one) and, for
     a low-precision export, with that reference made dense and rounded to ``dtype``.
 
     The reference is built, run and freed before the export is loaded (a callable, so that
-    nothing else holds it): one of the two models is in memory at a time."""
+    nothing else holds it): one of the two models is in memory at a time. ``step(note)``
+    once the reference has run and once the export is loaded (progress)."""
     import torch
 
     ids = folder_prompt_ids(folder)
@@ -204,8 +205,10 @@ def verify_folder(folder: Path, make_reference: Callable[[], tuple[Any, str]], *
             rounded_how = f"the reference made dense by its own merge, weights rounded to {dtype}"
     del reference_model
     gc.collect()  # the reference's memory is free before the export is loaded
+    step("loading the export with stock transformers")
 
     exported, info = load_stock(folder)
+    step("comparing logits")
     problems = {k: v for k, v in info.items() if v and k != "error_msgs"}
     max_diff, max_logit, rounded_diff, agree, tokens = 0.0, 0.0, 0.0, 0, 0
     with torch.no_grad():

@@ -14,7 +14,6 @@ import math
 import re
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from modelkit.present.text import human_bytes
 from modelkit.verdicts import Verdict
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -38,6 +37,16 @@ class Note(str):
 
     def _repr_html_(self) -> str:
         return f"<p class='mk-note' style='margin:4px 0;color:#444'><i>{html.escape(self)}</i></p>"
+
+
+def human_bytes(n: Any) -> str:
+    """``1536`` -> ``"1.5 KB"``: the kit's one byte format (as every summary prints it);
+    blank for missing."""
+    from modelkit.units import human_bytes as fmt
+
+    if n is None or (isinstance(n, float) and math.isnan(n)):
+        return ""
+    return fmt(float(n))
 
 
 def _blank(fmt: Callable[[Any], str]) -> Callable[[Any], str]:

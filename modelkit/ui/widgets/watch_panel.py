@@ -117,11 +117,11 @@ class WatchPanel(Panel):
         self.thread: threading.Thread | None = None
         self.exception: BaseException | None = None
         self._lock = threading.Lock()
+        results = tabs(checkpoints=self.table, scores=self.scores, plot=self.plot, summary=self.summary)
         self.runner = RunButton("Watch", self._start, self._started, icon="eye",
-                                tooltip="evaluate each new complete checkpoint as it lands")
+                                tooltip="evaluate each new complete checkpoint as it lands", results=results)
         super().__init__([self.picker, self.baseline, self.tasks, widgets.HBox([self.limit, self.interval, self.settle]),
-                          widgets.HBox([self.runner, self.stop_button]), self.live, self.thread_error,
-                          tabs(checkpoints=self.table, scores=self.scores, plot=self.plot, summary=self.summary)])
+                          widgets.HBox([self.runner, self.stop_button]), self.live, self.thread_error, results])
         self.add_class("mk-watch")
 
     @property
@@ -134,6 +134,7 @@ class WatchPanel(Panel):
 
         if self.running:
             raise InvalidInput("already watching; press Stop first")
+        self.live.value = self.thread_error.value = ""
         run_dir = self.picker.value
         tasks = [t.strip() for t in self.tasks.value.split(",") if t.strip()]
         if run_dir is None or not tasks:
@@ -177,17 +178,20 @@ class WatchPanel(Panel):
         return self.watcher.result() if self.watcher is not None else None
 
     def refresh(self, final: bool = False) -> None:
-        """Show the watcher's state now (called after every settled checkpoint)."""
+        """Show the watcher's state now (called after every settled checkpoint): the
+        verdict line so far, then the tables."""
+        from modelkit.present.tables import verdict_html
+        from modelkit.verdicts import verdict_of
+
         result = self.result
         if result is None:
             return
         with self._lock:
             self.runner.status.value = ""       # "done in 0.0 s" of the start click says nothing
-            counts = ", ".join(f"{n} {s}" for s, n in sorted(result.counts().items())) or "no checkpoint yet"
+            self.runner.verdict.value = verdict_html(verdict_of(result))
             state = "stopped" if final else "watching"
-            colour = "#b00020" if result.exit_code else "#2a6f2a"
-            self.live.value = (f"<span style='color:{colour}'><b>{state}</b> {html.escape(Path(result.run_dir).name)}: "
-                               f"{html.escape(counts)}</span> <small>({time.strftime('%H:%M:%S')})</small>")
+            self.live.value = (f"<b>{state}</b> {html.escape(Path(result.run_dir).name)} "
+                               f"<small>({time.strftime('%H:%M:%S')})</small>")
             show(self.table, result.status_frame())
             show(self.scores, result.to_frame())
             show(self.plot, result.plot())
