@@ -154,7 +154,7 @@ def test_core_modules_import_no_ui(module):
 # ops/) above ops/; testing/ writes artifacts with io/ only; ui/ may use everything.
 LAYERS = (
     ("core", ("modelkit.errors", "modelkit.findings", "modelkit.schemas", "modelkit.schema_models",
-              "modelkit.quiet", "modelkit.verdicts")),
+              "modelkit.quiet", "modelkit.verdicts", "modelkit.units", "modelkit.progress")),
     ("io", ("modelkit.io",)),
     ("architecture", ("modelkit.architecture",)),
     ("models", ("modelkit.models",)),
@@ -180,13 +180,13 @@ KNOWN_UPWARD = {
     "modelkit.ops.watch -> modelkit.bench.engines",
     "modelkit.ops.watch -> modelkit.bench.evaluation",
     "modelkit.ops.watch -> modelkit.bench.executors",
-    "modelkit.present.tables -> modelkit.ops.inspect",           # human_bytes: move to present
     "modelkit.present.watch -> modelkit.ops.compare",            # _metric_label: move to present
     "modelkit.schemas -> modelkit.io.sources",                   # cache_root for its memo
     "modelkit.verdicts -> modelkit.ops.compare",                 # verdict_of reads result
     "modelkit.verdicts -> modelkit.ops.diff",                    # classes: results should say
     "modelkit.verdicts -> modelkit.ops.export",                  # their own verdict
     "modelkit.verdicts -> modelkit.ops.inspect",
+    "modelkit.verdicts -> modelkit.ops.watch",
 }
 
 
