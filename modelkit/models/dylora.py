@@ -339,7 +339,7 @@ class DyLoRAMoEForCausalLM(PreTrainedModel, GenerationMixin):
             with self.foundation_model.disable_adapter(), _mixture(self.lm, self.expert_names, weights):
                 out = self.lm(**inputs)
         output = DyLoRAMoECausalLMOutput(
-            loss=out.loss, logits=out.logits, past_key_values=out.past_key_values,
+            loss=out.loss, logits=out.logits, cache=out.cache,
             hidden_states=out.hidden_states, attentions=out.attentions,
             routing_weights=weights, router_weights=router_weights)
         return output.to_tuple() if return_dict is False else output
