@@ -14,9 +14,10 @@ Reads of the source are counted in the modelkit children: every stored tensor re
 adapter and its base (``modelkit.io.tensors`` notes each read) weighed by its bytes, as passes
 over the source's bytes. Targets: verify reads the source at most once more than the plain
 export (<= 1.1 passes: the adapter's own small tensors are read by the checks too); its extra
-time (``verify`` minus ``plain``, the export calls themselves) <= the allowance's (its load and
-forward calls); its peak RSS above the idle floor <= 1.25 x one float32 copy of the model
-(the reference and the export loaded one at a time, not together: together is 2x).
+time (``verify`` minus ``plain``, the export calls themselves) <= the allowance's (its imports,
+loads and forwards); its peak RSS <= 1.1 x the allowance's (whose two models are loaded one
+after the other; the figure's note gives the peak above the idle floor in float32 copies of
+the model: holding the reference and the export together would be 2).
 
 Correctness: the verification passed, and the verified export's tensors equal the plain
 export's (the same bytes).
@@ -86,11 +87,12 @@ def child_allowance(adapter: str, base: str, out: str, prompts: list[list[int]])
     import gc
 
     import torch
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     ids = [torch.tensor([p]) for p in prompts]
     t = time.perf_counter()
+    from peft import PeftModel  # on the clock: the verified export imports it for its reference too
+
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter)
     with torch.no_grad():
         for x in ids:
@@ -169,10 +171,11 @@ def main(argv: list[str] | None = None) -> int:
                 baseline="one stock load + forward of the source and of the export", baseline_value=allowed_s,
                 note=f"export call {plain['export_s']:.1f} s plain, {verified['export_s']:.1f} s verified; "
                      f"allowance: source {allowance['source_s']:.1f} s + export {allowance['export_load_s']:.1f} s"),
-        at_most("verify: peak RSS above the idle floor", held_mb, 1.25, "MB", on_ratio=True,
-                baseline="one float32 copy of the model", baseline_value=model_mb,
-                note=f"peak {verified['peak_mb']:.0f} MB verified, {plain['peak_mb']:.0f} MB plain, "
-                     f"{allowance['peak_mb']:.0f} MB for the allowance (stock libraries), idle {idle['peak_mb']:.0f} MB"),
+        at_most("verify: peak RSS", verified["peak_mb"], 1.1, "MB", on_ratio=True,
+                baseline="the allowance (stock libraries)", baseline_value=allowance["peak_mb"],
+                note=f"plain export {plain['peak_mb']:.0f} MB, idle {idle['peak_mb']:.0f} MB, one float32 copy "
+                     f"of the model {model_mb:.0f} MB: the verified export holds {held_mb / model_mb:.2f} of it "
+                     "above the idle floor (the reference and the export one at a time; together is 2x)"),
         info("verify: whole-process time", verified["wall_s"], "s", baseline="plain export",
              baseline_value=plain["wall_s"]),
         agrees("verified export passed and equals the plain export",

@@ -156,3 +156,8 @@ def guarded(kind: type[ModelkitError] | None = None):
         return inner
 
     return wrap
+
+
+class Cancelled(ModelkitError):
+    """The user cancelled a running operation (a panel's Cancel button); like any other
+    error, nothing partial is left behind."""

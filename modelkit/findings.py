@@ -32,6 +32,13 @@ CODES = {
     "trained-form-differs": "the saved form differs from the copy of the model that was actually trained",
 }
 
+# what load makes of error findings: these two mean "the trained model is its base" and are
+# waived only by allow_untrained=True; these are left to the format's model builder, which
+# refuses them when the model it builds needs what is missing (a dense load of one DyLoRA
+# expert needs no router, the routed mixture does)
+UNTRAINED_CODES = ("empty-adapter", "untrained-adapter")
+LOAD_TOLERATES = ("missing-router",)
+
 
 @dataclass
 class Finding:

@@ -10,10 +10,12 @@ InspectionReport   OK / WARNINGS / ERRORS                     0 / 0 / 1
 ExportResult       EXPORTED (verified) / EXPORTED / FAILED    0 / 0 / 1
 DiffResult         IDENTICAL / DIFFERENT / INCOMPLETE         0 / 1 / 2
 CompareResult      BETTER / WORSE / MIXED / NO CHANGE         0 / 1 / 1 / 0
+WatchResult        OK / PROBLEMS / NOTHING YET                0 / 1 / 0
 =================  =========================================  =========
 
 A diff exits like ``diff(1)`` (0 same, 1 different, 2 could not tell); a comparison exits
-1 when any trained model got significantly worse on any metric (a regression gate).
+1 when any trained model got significantly worse on any metric (a regression gate); a
+watch exits 1 when a checkpoint was rejected (``inspect`` found an error) or failed.
 """
 from __future__ import annotations
 
@@ -41,11 +43,12 @@ class Verdict:
 
 
 def verdict_of(result: Any) -> Verdict:
-    """The verdict of an inspect, export, diff or compare result."""
+    """The verdict of an inspect, export, diff, compare or watch result."""
     from modelkit.ops.compare import CompareResult
     from modelkit.ops.diff import DiffResult
     from modelkit.ops.export import ExportResult
     from modelkit.ops.inspect import InspectionReport
+    from modelkit.ops.watch import WatchResult
 
     if isinstance(result, InspectionReport):
         return _inspection(result)
@@ -55,6 +58,8 @@ def verdict_of(result: Any) -> Verdict:
         return _diff(result)
     if isinstance(result, CompareResult):
         return _compare(result)
+    if isinstance(result, WatchResult):
+        return _watch(result)
     raise TypeError(f"no verdict for a {type(result).__name__}")
 
 
@@ -63,7 +68,7 @@ def _plural(n: int, word: str) -> str:
 
 
 def _inspection(r: Any) -> Verdict:
-    what = f"{r.format} ({r.layout}), {_plural(len(r.tensors), 'tensor')}"
+    what = f"{r.format} ({r.layout_label or r.layout}), {_plural(len(r.tensors), 'tensor')}"
     if r.errors:
         codes = ", ".join(sorted({f.code for f in r.errors}))
         return Verdict("ERRORS", "error", f"{codes} — {what}", 1)
@@ -122,3 +127,20 @@ def _compare(r: Any) -> Verdict:
     if better:
         return Verdict("BETTER", "ok", f"{rows} (task × metric rows)", 0)
     return Verdict("NO CHANGE", "neutral", f"{rows} (task × metric rows)", 0)
+
+
+def _watch(r: Any) -> Verdict:
+    counts = r.counts()
+    tally = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no checkpoint found"
+    bad = [e.name for e in r.entries if e.status in ("failed", "rejected")]
+    if bad:
+        return Verdict("PROBLEMS", "error", f"{tally} — not evaluated: {', '.join(bad)}", 1)
+    if not r.evaluated:
+        return Verdict("NOTHING YET", "neutral", tally, 0)
+    latest = r.evaluated[-1]
+    frame = r.to_frame()
+    verdicts = list(frame[frame["checkpoint"] == latest.name]["verdict"])
+    better, worse = verdicts.count("better"), verdicts.count("worse")
+    return Verdict("OK", "warning" if worse else "ok",
+                   f"{tally}; latest {latest.name} vs the baseline: {better} better, {worse} worse, "
+                   f"{len(verdicts) - better - worse} no significant change (task × metric rows)", 0)

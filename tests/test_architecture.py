@@ -121,8 +121,8 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def test_the_graph_sees_deferred_imports():
-    # models.dylora builds with architectures.disk_to_model inside a function
-    assert "modelkit.architecture.bridge" in internal_graph()["modelkit.models.dylora"]
+    # the DyLoRA builder fills the base model with bridge.disk_to_model inside a function
+    assert "modelkit.architecture.bridge" in internal_graph()["modelkit.formats.dylora_build"]
     assert "modelkit.ops.load" in internal_graph()["modelkit.ops.export"]
 
 
@@ -144,3 +144,82 @@ def test_core_modules_import_no_ui(module):
     assert not at_import, f"{module} imports {sorted(at_import)} at module level"
     anywhere = {o for o in internal_graph()[module] if o.startswith(UI_MODULES)}
     assert not anywhere, f"{module} (core) imports the UI modules {sorted(anywhere)}"
+
+
+# --------------------------------------------------------------------------- layers
+# Lowest first; a module may import modules of its own layer and of the layers before it.
+# The order is read from the code: models/ (nn.Modules) sit below formats/ (a format builds
+# its model from them); present/ (text, figures, W&B from tables) sits below ops/ (a result's
+# thin plot()/log_to_wandb() hands its tables down); bench/ (engines load and export through
+# ops/) above ops/; testing/ writes artifacts with io/ only; ui/ may use everything.
+LAYERS = (
+    ("core", ("modelkit.errors", "modelkit.findings", "modelkit.schemas", "modelkit.schema_models",
+              "modelkit.quiet", "modelkit.verdicts", "modelkit.units", "modelkit.progress")),
+    ("io", ("modelkit.io",)),
+    ("architecture", ("modelkit.architecture",)),
+    ("models", ("modelkit.models",)),
+    ("formats", ("modelkit.formats",)),
+    ("present", ("modelkit.present",)),
+    ("ops", ("modelkit.ops",)),
+    ("bench", ("modelkit.bench",)),
+    ("testing", ("modelkit.testing",)),
+    ("ui", ("modelkit.ui",)),
+    ("api", ("modelkit",)),  # the package root: the lazy public API
+)
+# Edges that still go up a layer, each to be removed by moving code (docs/DESIGN.md, "Layers"):
+# the test fails on any other upward edge, and on an entry here that is gone (strike it).
+KNOWN_UPWARD = {
+    "modelkit.formats.compressed_moe -> modelkit.ops.open",      # open_base for an unpassed base
+    "modelkit.formats.compressed_moe -> modelkit.ops.verify",    # prompt_ids for its logit check
+    "modelkit.ops.compare -> modelkit.bench.codeeval.lm_task",   # compare/watch evaluate: they
+    "modelkit.ops.compare -> modelkit.bench.engines",            # belong in bench/ (a move)
+    "modelkit.ops.compare -> modelkit.bench.evaluation",
+    "modelkit.ops.compare -> modelkit.bench.paired_stats",
+    "modelkit.ops.compare_results -> modelkit.bench.paired_stats",
+    "modelkit.ops.compare_results -> modelkit.bench.sample_logs",
+    "modelkit.ops.watch -> modelkit.bench.engines",
+    "modelkit.ops.watch -> modelkit.bench.evaluation",
+    "modelkit.ops.watch -> modelkit.bench.executors",
+    "modelkit.schemas -> modelkit.io.sources",                   # cache_root for its memo
+    "modelkit.verdicts -> modelkit.ops.compare",                 # verdict_of reads result
+    "modelkit.verdicts -> modelkit.ops.diff",                    # classes: results should say
+    "modelkit.verdicts -> modelkit.ops.export",                  # their own verdict
+    "modelkit.verdicts -> modelkit.ops.inspect",
+    "modelkit.verdicts -> modelkit.ops.watch",
+}
+
+
+def layer_of(module: str) -> int:
+    """The index in LAYERS of the longest prefix naming ``module``."""
+    best, found = -1, None
+    for i, (_, prefixes) in enumerate(LAYERS):
+        for p in prefixes:
+            if (module == p or module.startswith(p + ".")) and len(p) > best:
+                best, found = len(p), i
+    assert found is not None, f"{module} is in no layer of LAYERS"
+    return found
+
+
+def upward_edges(graph: dict[str, set[str]]) -> set[str]:
+    return {f"{m} -> {d}" for m, deps in graph.items() for d in deps if layer_of(d) > layer_of(m)}
+
+
+def test_the_layer_check_finds_an_upward_import():
+    assert upward_edges({"modelkit.io.files": {"modelkit.ops.load"}, "modelkit.ops.load": {"modelkit.io.files"}}) \
+        == {"modelkit.io.files -> modelkit.ops.load"}
+
+
+def test_every_module_is_in_a_layer():
+    for module in MODULES:
+        layer_of(module)
+
+
+def test_each_layer_imports_only_the_layers_below_it():
+    graph = internal_graph()
+    edges = sum(len(d) for d in graph.values())
+    up = upward_edges(graph)
+    print(f"\n{len(MODULES)} modules, {edges} import edges, {len(cycles(graph))} cycles, "
+          f"{len(up)} upward edges ({len(up - KNOWN_UPWARD)} new)")
+    assert not up - KNOWN_UPWARD, "imports up a layer (move the code down or the caller up):\n" + \
+        "\n".join(sorted(up - KNOWN_UPWARD))
+    assert not KNOWN_UPWARD - up, "fixed, strike from KNOWN_UPWARD:\n" + "\n".join(sorted(KNOWN_UPWARD - up))

@@ -271,6 +271,11 @@ def test_pick_a_faulty_artifact_click_inspect_see_its_error(lab, browser, shots)
         expect(page.locator(".mk-inspect .mk-experts")).to_contain_text("MISSING")
         _shoot(page, ".mk-inspect", shots / "inspect-experts.png")
 
+        # the parameter tree: per-dtype totals above it, nodes with their totals
+        page.locator(".mk-inspect .lm-TabBar-tab", has_text="tree").click()
+        expect(page.locator(".mk-inspect .mk-tree-area")).to_contain_text("tensors · ")
+        _shoot(page, ".mk-inspect", shots / "inspect-tree.png")
+
         # error path: a typo'd path
         ref = page.locator(".mk-inspect .mk-ref input")
         ref.fill("../demo/plain-lama")
@@ -306,7 +311,7 @@ def test_export_diff_compare_panels_show_their_verdict_or_one_line_error(lab, br
         page.locator(".mk-diff .lm-TabBar-tab", has_text="tensors").click()
         expect(page.locator(".mk-diff .mk-tensors table")).to_contain_text("rel_change")
         _shoot(page, ".mk-diff", shots / "diff.png")
-        options = page.locator(".mk-diff input[placeholder='e.g. expert=0']").nth(1)
+        options = page.locator(".mk-diff .mk-options input").nth(1)        # options B
         options.fill("expert")
         options.press("Enter")
         page.locator(".mk-diff button.mk-run").click()

@@ -239,3 +239,20 @@ def _write_docs(tasks: Path, n: int, seed: int) -> None:
     from modelkit.bench.tasks.synthetic import topic_docs
 
     (tasks / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in topic_docs(n, seed=seed)))
+
+
+def test_rows_are_labelled_by_what_tells_the_models_apart():
+    from modelkit.ops.compare import ModelInfo, _assign_labels
+
+    def model(folder, **options):
+        return ModelInfo(role="trained", label="", ref=folder, folder=folder, format="plain-hf", fingerprint=folder,
+                         artifact_fingerprint=folder, base_fingerprint=None, base_folder=None, options=options)
+
+    models = [model("/m/base"), model("/runs/lr-1e-4/checkpoint-10"), model("/runs/lr-3e-4/checkpoint-10"),
+              model("/x/a/run/checkpoints/checkpoint-20"), model("/x/b/run/checkpoints/checkpoint-20"),
+              model("/runs/lr-1e-4/best_model"), model("/m/base", expert=1)]
+    _assign_labels(models)
+    assert [m.label for m in models] == [
+        "base", "lr-1e-4/checkpoint-10", "lr-3e-4/checkpoint-10",       # the run's name + the step
+        "a/run/checkpoints/checkpoint-20", "b/run/checkpoints/checkpoint-20",   # as far up as needed
+        "lr-1e-4/best_model", "base[expert=1]"]

@@ -161,11 +161,30 @@ def test_chunked_and_threaded_reduction_match_one_pass(llama, tmp_path, monkeypa
         {k: v + 1e-3 * torch.randn_like(v) for k, v in t.items() if "mlp" in k}))
     whole = modelkit.diff(llama, b, progress=False, threads=1).to_frame()
     monkeypatch.setattr(pairstats, "CHUNK", 40)   # odd chunks, every tensor split, two workers
+    monkeypatch.setattr(pairstats, "WINDOW", 100)  # a mapped window per chunk, chunks across page edges
     split = modelkit.diff(llama, b, progress=False, threads=2).to_frame()
 
     cols = ["rel_change", "cosine", "max_abs_diff", "frac_changed", "norm_a", "norm_b"]
     assert (whole.changed == split.changed).all()
     assert ((whole[cols] - split[cols]).abs() <= 1e-5 * (whole[cols].abs() + 1e-9)).all().all()
+
+
+def shifted_copy(src: Path, dest: Path) -> Path:
+    """A copy whose safetensors headers end in one extra space: every tensor's bytes start
+    at an odd offset (valid safetensors; writers pad, but need not)."""
+    shutil.copytree(src, dest)
+    for shard in dest.glob("*.safetensors"):
+        raw = shard.read_bytes()
+        n = int.from_bytes(raw[:8], "little")
+        shard.write_bytes((n + 1).to_bytes(8, "little") + raw[8:8 + n] + b" " + raw[8 + n:])
+    return dest
+
+
+def test_tensors_at_odd_offsets_read_the_same(llama, tmp_path):
+    shifted = shifted_copy(llama, tmp_path / "shifted")
+    assert modelkit.diff(llama, shifted, progress=False).identical
+    b = edited_copy(llama, tmp_path / "b", lambda t: t.__setitem__(Q1, t[Q1] * 2))
+    assert row(modelkit.diff(shifted, b, progress=False), Q1)["rel_change"] == pytest.approx(1.0, rel=1e-6)
 
 
 def test_file_pages_are_not_left_mapped(llama, tmp_path):

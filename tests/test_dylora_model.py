@@ -21,7 +21,8 @@ import torch.nn.functional as F
 import modelkit  # noqa: F401  (registers dylora-moe with transformers' Auto classes)
 from modelkit.ops.open import open_artifact, open_base
 from modelkit.errors import BaseModelUnavailableError, LoadError
-from modelkit.models.dylora import DyLoRAMoEConfig, DyLoRAMoEForCausalLM, build_dylora_model
+from modelkit.formats.dylora_build import build_dylora_model
+from modelkit.models.dylora import DyLoRAMoEConfig, DyLoRAMoEForCausalLM
 from modelkit.testing import tiny_tokenizer, write_dylora, write_plain_hf
 
 E = 3              # experts in the fixtures

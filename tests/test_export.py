@@ -18,6 +18,7 @@ import torch
 
 import modelkit
 from modelkit.errors import BaseModelUnavailableError, CorruptFileError, ExportError, LoadError, ModelkitError, OutputExistsError
+from modelkit.units import human_bytes
 
 PROMPT = "def add(a, b):\n    return a + b"
 
@@ -220,7 +221,7 @@ def test_dylora_expert_all(catalog, tmp_path):
 
 
 def test_bad_options_are_refused_before_writing(catalog, tmp_path):
-    with pytest.raises(ExportError, match="DyLoRA-MoE artifacts only"):
+    with pytest.raises(ExportError, match="mixture artifacts only"):
         modelkit.export(catalog["plain-llama"], tmp_path / "x", expert=0, progress=False)
     with pytest.raises(ExportError, match="not a size"):
         modelkit.export(catalog["plain-llama"], tmp_path / "x", max_shard_size="lots", progress=False)
@@ -249,7 +250,7 @@ def test_low_precision_verify_catches_a_dropped_merge(catalog, tmp_path, monkeyp
     not under the comparison with the source rounded the same way."""
     from safetensors import safe_open
 
-    ex = importlib.import_module("modelkit.ops.export")
+    ex = importlib.import_module("modelkit.io.shards")  # the shard writer export streams through
     name = "model.layers.0.self_attn.q_proj.weight"
     with safe_open(str(catalog["plain-llama"] / "model.safetensors"), "pt") as f:
         unmerged = f.get_tensor(name)
@@ -260,7 +261,7 @@ def test_low_precision_verify_catches_a_dropped_merge(catalog, tmp_path, monkeyp
 
     monkeypatch.setattr(ex, "produce", produce)
     out = tmp_path / "bad"
-    result = ex.export(catalog["peft-lora"], out, dtype="bfloat16", verify=True, progress=False)
+    result = modelkit.export(catalog["peft-lora"], out, dtype="bfloat16", verify=True, progress=False)
     v = result.verification
     assert not result.ok and not out.exists()
     assert v["rounded_max_abs_diff"] > 1e-5
@@ -307,7 +308,7 @@ def test_streams_tensor_by_tensor(catalog, tmp_path, monkeypatch, entry):
     shard size. Every shard reads back with safetensors itself, equal to the source's view."""
     from safetensors import safe_open
 
-    ex = importlib.import_module("modelkit.ops.export")  # the module, not the lazy function
+    ex = importlib.import_module("modelkit.io.shards")  # the shard writer export streams through
     stream = importlib.import_module("modelkit.io.safetensors_stream")
 
     produced, ahead = [], []
@@ -565,8 +566,9 @@ def test_stale_partial_folders_are_swept(catalog, tmp_path):
 
 _KILL_CHILD = textwrap.dedent('''
     import importlib, sys, time
+    import modelkit
     at = importlib.import_module("modelkit.io.atomic")
-    ex = importlib.import_module("modelkit.ops.export")  # the module, not the lazy function
+    ex = importlib.import_module("modelkit.io.shards")  # the shard writer export streams through
 
     src, out, point, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     counts = {"produce": 0, "shard": 0}
@@ -599,7 +601,7 @@ _KILL_CHILD = textwrap.dedent('''
             pause()
 
     ex.produce, stream.StreamedSafetensors.close, at._publish = produce, close, publish
-    ex.export(src, out, max_shard_size="40KB", progress=False)
+    modelkit.export(src, out, max_shard_size="40KB", progress=False)
     print("DONE", flush=True)
     if point == "done":
         pause()
@@ -677,6 +679,30 @@ def test_cli_export(catalog, tmp_path, capsys):
     assert "max |logit diff|" in text and "verify OK" in text
 
 
+def test_progress_in_a_terminal_ends_at_100_percent_in_the_kits_units(catalog, tmp_path, capsys):
+    out = tmp_path / "with-bars"
+    result = modelkit.export(catalog["plain-sharded"], out, max_shard_size="40KB", verify=True)
+    bars = capsys.readouterr().err.replace("\r", "\n")
+    final = [line for line in bars.splitlines() if line.startswith(("write:", "verify:"))]
+    n, shards = result.tensors, len(result.shards)
+
+    assert any(line.startswith("write: 100%") and f"{n}/{n} tensors · shard {shards}/{shards}, "
+               f"{human_bytes(result.bytes)} of {human_bytes(result.bytes)}" in line for line in final), final
+    assert any(line.startswith("verify: 100%") and "3/3 steps · logits match" in line for line in final), final
+    assert ".partial-" not in bars and out.name not in bars     # never the temporary folder
+    assert "kB" not in bars                                     # one byte format: 164.6 KB, never 169kB
+
+
+def test_exported_files_have_ordinary_permissions(catalog, tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "perms"
+        modelkit.export(catalog["peft-lora"], out, progress=False)
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes and set(modes.values()) == {0o644}, modes
+    assert out.stat().st_mode & 0o777 == 0o755
 # -- the model card: lineage a Hub reader sees ----------------------------------------------------
 
 @pytest.fixture(scope="module")

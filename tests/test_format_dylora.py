@@ -82,7 +82,11 @@ def test_checkpoints_and_roots_are_detected(clean):
     assert detect(root / "checkpoint-100")[1] == "c" and detect(root / "checkpoint-50")[1] == "c"
     art = open_artifact(root)  # sources picks best_model/, which is layout b
     assert (art.layout, art.kind, art.folder.name) == ("d", "b", "best_model")
-    assert "best_model/ (layout b)" in art.describe()["opened"]
+    assert art.describe()["opened"].startswith("best_model/ of the artifact root")
+    # one label for both facts (the code "d" stays in records), and inspect shows only it
+    assert art.layout_label == "layout b in a W&B artifact root"
+    text = inspect(root).summary()
+    assert "(layout b in a W&B artifact root)" in text and "(d)" not in text and "layout b)" not in text
     # the trainer's output dir of layout a: best_model/ with dylo_moe_state/ beside it
     assert detect(clean["a-tiny-config"].parent)[1] == "d"
 

@@ -134,6 +134,11 @@ def test_deep_inspection_finds_untrained_adapters_that_headers_cannot(catalog):
     assert "untrained-adapter" not in modelkit.inspect(catalog["peft-lora"], deep=True).codes
 
 
+def test_the_base_model_is_named_once(catalog):
+    report = modelkit.inspect(catalog["peft-lora"])
+    base = str(catalog["plain-llama"])
+    line = next(l for l in report.summary().splitlines() if l.startswith("  base "))
+    assert line.count(base) == 1 and line.endswith("(local folder)"), line
 # -- the per-expert view of a DyLoRA-MoE (one row per expert, then the router) -------------------
 
 def _by_expert(report) -> dict:

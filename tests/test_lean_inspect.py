@@ -1,6 +1,7 @@
 """A warm-cache `modelkit inspect` of every catalog format imports neither torch nor
 transformers (their imports cost 1.5-4 s and 250-450 MB; the facts inspect needs are
-cached on disk by modelkit.architecture.facts), and reports exactly what a cold inspect reports."""
+cached on disk by modelkit.architecture.facts) nor pydantic (the configs it already
+checked are remembered by modelkit.schemas), and reports exactly what a cold inspect reports."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 import modelkit
 from modelkit.architecture.facts import causal_lm_type, config_facts, declares_field
@@ -24,14 +27,14 @@ first = {}
 for path in sys.argv[1:]:
     with contextlib.redirect_stdout(io.StringIO()) as out:
         main(["inspect", path, "--json"])
-    for mod in ("torch", "transformers", "peft"):
+    for mod in ("torch", "transformers", "peft", "pydantic"):
         if mod in sys.modules and mod not in first:
             first[mod] = path
 print(json.dumps(first))
 """
 
 
-def test_warm_inspect_of_every_format_imports_no_torch_or_transformers(catalog, tmp_path):
+def test_warm_inspect_of_every_format_imports_no_torch_transformers_or_pydantic(catalog, tmp_path):
     paths = [str(catalog[name]) for name in FORMAT_ENTRIES]
     assert {e.format for e in ENTRIES if e.name in FORMAT_ENTRIES} == {
         "plain-hf", "peft-lora", "dylora-moe", "compressed-moe"}
@@ -94,3 +97,27 @@ def test_inspect_in_process_still_matches_from_a_ready_config(catalog):
     real = load_config(catalog["plain-llama"])
     assert config_facts(real) is real
     assert modelkit.inspect(catalog["peft-lora"]).errors == []
+
+
+def test_a_remembered_config_is_still_refused_once_edited(tmp_path, monkeypatch):
+    from modelkit import schemas
+    from modelkit.errors import ConfigError
+
+    monkeypatch.setenv("MODELKIT_CACHE", str(tmp_path / "cache"))
+    good = {"model_type": "llama", "num_hidden_layers": 2, "lora_alpha": 16.0}
+    assert schemas.validate(good, "config.json") is good
+    assert len(list((tmp_path / "cache" / "valid").iterdir())) == 1
+    assert schemas.validate(dict(good), "config.json") == good            # remembered
+    for bad in ({**good, "num_hidden_layers": "2"}, {**good, "num_hidden_layers": True},
+                {**good, "lora_alpha": float("nan")}, {**good, "num_hidden_layers": 10**7}):
+        with pytest.raises(ConfigError, match="config.json"):
+            schemas.validate(bad, "config.json")
+    # int keys would print as the JSON strings of a valid file: never remembered, always checked
+    index = {"weight_map": {"a.weight": "model.safetensors"}}
+    schemas.validate(index, "model.safetensors.index.json")
+    with pytest.raises(ConfigError):
+        schemas.validate({"weight_map": {1: "model.safetensors"}}, "model.safetensors.index.json")
+    assert len(list((tmp_path / "cache" / "valid").iterdir())) == 2       # failures are not remembered
+    monkeypatch.setenv("MODELKIT_CACHE", "off")
+    with pytest.raises(ConfigError):
+        schemas.validate({**good, "num_hidden_layers": -1}, "config.json")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import modelkit
-from modelkit.errors import BaseModelUnavailableError, LoadError
+from modelkit.errors import BaseModelUnavailableError, LoadError, UnknownOptionError
 
 PROMPT = "def add(a, b):\n    return a + b"
 
@@ -77,10 +77,12 @@ def test_missing_tensor_is_an_error(catalog, tmp_path):
 
 
 def test_wrong_options_are_refused(catalog):
-    with pytest.raises(LoadError, match="routing"):
+    with pytest.raises(UnknownOptionError, match="routing=.*plain-hf artifact; it accepts: no options"):
         modelkit.load(catalog["plain-llama"], routing="router")
-    with pytest.raises(LoadError, match="merge=False"):
+    with pytest.raises(UnknownOptionError, match="merge=.*it accepts: no options"):
         modelkit.load(catalog["plain-llama"], merge=False)
+    with pytest.raises(UnknownOptionError, match="merge=.*it accepts: expert=.*routing="):
+        modelkit.load(catalog["dylora-b"], merge=False)
     with pytest.raises(LoadError, match="not both"):
         modelkit.load(catalog["dylora-b"], routing="expert:0", expert=0)
 

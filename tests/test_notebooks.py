@@ -159,6 +159,9 @@ def _check_05_watch(out: Path, nb) -> None:
     assert [acc[c]["step"] for c in ("checkpoint-10", "checkpoint-20", "checkpoint-30", "checkpoint-40")] == [10, 20, 30, 40]
     assert (out / "05-watch.png").stat().st_size > 10_000
     assert "checkpoint-30 mk_topic acc: better" in _checked_text(nb)
+    # its verdict is recorded like every notebook's: the demo run has a rejected checkpoint
+    verdict = json.loads((out / "05-watch.verdict.json").read_text())
+    assert verdict["label"] == "PROBLEMS" and verdict["exit_code"] == 1 and "checkpoint-60" in verdict["detail"]
     # the live panel was built over the demo root: its run picker lists the demo run
     pickers = [m for m in _widget_models(nb) if "mk-run-picker" in m.get("_dom_classes", [])]
     assert pickers and "pair/run" in pickers[0]["_options_labels"]
@@ -200,8 +203,6 @@ def _check_shareable_html(page: Path, name: str) -> None:
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", text), "nothing loaded from the network"
     assert "require.js" not in text and "widget-state+json" not in text
     assert "import modelkit" not in text and 'class="jp-InputPrompt' not in text   # code hidden
-    if name == "05-watch":    # its verdict line and paths: not yet (see issue 11 notes)
-        return
     assert "mk-verdict" in text                                   # the coloured verdict line
     assert "/tmp/" not in text and str(Path.home()) + "/" not in text     # no absolute paths
     assert "Traceback" not in text and "fatal: not a git repository" not in _visible_html(text)

@@ -29,7 +29,9 @@ def shown(panel):
     r = panel.runner
     return {"exception": type(r.exception).__name__ if r.exception else None,
             "status": r.status.value, "verdict": r.verdict.value, "error": r.error.value,
-            "log": r.library_log.value, "text": output_text(panel)}
+            "log": r.library_log.value, "text": output_text(panel), "progress": r.progress.text(),
+            "results_hidden": r.results is not None and r.results.layout.display == "none",
+            "extra": globals().pop("EXTRA", None)}
 '''
 
 
@@ -49,6 +51,20 @@ CASES = {
                   "p = ExportPanel(root=ROOT, ref=ROOT + '/plain-llama', out=OUT + '/plain', verify=True); p.run()"),
     "export-untrained": ("p = ExportPanel(root=ROOT, ref=ROOT + '/peft-lora-untrained', out=OUT + '/untrained');"
                          " p.run()"),
+    # a click starts the export in a thread; the kernel is free, the Cancel click lands
+    "export-cancel": ("import os, time\n"
+                      "p = ExportPanel(root=ROOT, ref=ROOT + '/plain-sharded', out=OUT + '/cancelled', verify=True)\n"
+                      "p.button.click()\n"
+                      "deadline = time.monotonic() + 120\n"
+                      "while 'tensors' not in p.runner.progress.text() and time.monotonic() < deadline:\n"
+                      "    time.sleep(0.01)\n"
+                      "p.runner.cancel_button.click(); p.runner.join(120)\n"
+                      "EXTRA = {'out': os.path.exists(OUT + '/cancelled'),"
+                      " 'left': sorted(n for n in os.listdir(OUT) if 'cancelled' in n)}"),
+    # an error after a success: the previous result's tabs are emptied and hidden
+    "inspect-error-after-ok": ("p = InspectPanel(root=ROOT, ref=ROOT + '/plain-llama'); p.run()\n"
+                               "EXTRA = {'shown_before': 'model.embed_tokens' in output_text(p.children[-1])}\n"
+                               "p.picker.ref.value = ROOT + '/plain-lama'; p.run()"),
     "diff-ok": ("from modelkit.ui.widgets import DiffPanel\n"
                 "p = DiffPanel(root=ROOT, a=ROOT + '/original-qwen3-moe', b=ROOT + '/compressed-checkpoint-N');"
                 " p.run()"),
@@ -202,3 +218,24 @@ def test_compare_panel_in_a_kernel(executed):
     assert "mk_topic" in text and "|Model|Task|Metric|" in text        # table and its Markdown form
     assert "e-01" not in text                                          # scores as 0.xxx, not 3e-01
     _failed(executed, "compare-unknown-task", "mk_topc")
+
+
+def test_cancel_in_a_kernel_stops_the_export_and_leaves_nothing(executed):
+    results, _ = executed
+    cell, shown = results["export-cancel"]
+    _assert_clean_cell(cell, "export-cancel")
+    assert shown["exception"] == "Cancelled" and "cancelled after" in shown["status"], shown["status"]
+    visible = _visible(shown["error"])
+    assert visible.startswith("✖ Cancelled") and "Traceback" not in visible and "Nothing was kept" in visible
+    assert "cancelled" in html.unescape(shown["progress"])           # the bar says where it stopped
+    assert shown["verdict"] == "" and shown["results_hidden"]
+    assert shown["extra"] == {"out": False, "left": []}               # no OUT, no temporary folder
+
+
+def test_an_error_clears_the_previous_results_in_a_kernel(executed):
+    results, _ = executed
+    cell, shown = results["inspect-error-after-ok"]
+    _assert_clean_cell(cell, "inspect-error-after-ok")
+    assert shown["extra"] == {"shown_before": True}
+    assert shown["exception"] == "RefNotFoundError" and shown["results_hidden"]
+    assert "model.embed_tokens" not in shown["text"] and "<table" not in shown["text"] and shown["verdict"] == ""

@@ -51,7 +51,9 @@ def test_table_and_plot_update_as_checkpoints_land_and_stop_ends_the_watch(runs,
     scores = output_text(panel.scores)
     assert "<table" in scores and "better" in scores                    # checkpoint-30 learned the task
     assert any("image/png" in o["data"] for o in panel.plot.outputs)
-    assert "watching" in panel.live.value and "2 done" in panel.live.value
+    assert "watching" in panel.live.value
+    verdict = panel.runner.verdict.value                                 # the verdict line so far, coloured
+    assert ">OK</b>" in verdict and "2 done" in verdict and "latest checkpoint-30 vs the baseline: 2 better, 0 worse" in verdict
     panel.stop(wait=60)
     assert not panel.running and "stopped" in panel.live.value and panel.stop_button.disabled
     assert [e.name for e in panel.result.entries] == ["checkpoint-10", "checkpoint-30"]

@@ -103,16 +103,45 @@ def test_unexpected_exceptions_are_shown_with_their_traceback(root, monkeypatch)
 def test_export_click_writes_the_folder_and_shows_the_summary(root, tmp_path):
     out = tmp_path / "expert0"
     panel = ExportPanel(root=root, ref=root / "dylora-b", out=out, expert=0, verify=True)
-    panel.button.click()
+    panel.button.click()                                   # export works in a thread: Cancel stays live
+    panel.runner.join()
     assert panel.runner.exception is None, panel.runner.error.value
     summary = output_text(panel.summary)
     assert "exported:" in summary and "verify OK" in summary
     assert (out / "config.json").exists() and panel.result.written
+    # one bar per phase, at its end: tensors written (with shard and bytes), then verify's steps
+    progress = html.unescape(panel.runner.progress.text())
+    assert "write: 21/21 tensors · shard 1/1, 164.6 KB of 164.6 KB" in progress, progress
+    assert "verify: 3/3 steps · logits match" in progress
+    assert ".partial-" not in progress                    # never the temporary folder's name
     panel.button.click()                                   # out exists, 'replace' is off
+    panel.runner.join()
     assert "OutputExistsError" in panel.runner.error.value and panel.summary.outputs == ()
+    assert panel.summary.layout.display == "none" and panel.result is None   # no stale summary
     panel.expert.value = "first"
     panel.button.click()
+    panel.runner.join()
     assert "expert must be blank, an integer or 'all'" in html.unescape(panel.runner.error.value)
+
+
+def test_cancel_stops_the_export_and_leaves_nothing(root, tmp_path):
+    import time
+
+    out = tmp_path / "cancelled"
+    panel = ExportPanel(root=root, ref=root / "plain-sharded", out=out, verify=True)
+    panel.button.click()
+    deadline = time.monotonic() + 120
+    while "tensors" not in panel.runner.progress.text() and time.monotonic() < deadline:
+        time.sleep(0.01)                      # writing has begun (verify, a second or more, comes after)
+    panel.runner.cancel_button.click()
+    panel.runner.join(120)
+    assert not panel.runner.running
+    assert type(panel.runner.exception).__name__ == "Cancelled"
+    assert "cancelled after" in panel.runner.status.value
+    assert "✖ Cancelled<" in _visible(panel.runner.error.value) and "Traceback" not in _visible(panel.runner.error.value)
+    assert panel.summary.outputs == () and panel.runner.verdict.value == ""
+    assert "cancelled" in html.unescape(panel.runner.progress.text())      # the bar says where it stopped
+    assert not out.exists() and list(tmp_path.iterdir()) == []            # no OUT, no temporary folder
 
 
 def test_diff_click_shows_verdict_tables_and_plot(root):
@@ -125,6 +154,10 @@ def test_diff_click_shows_verdict_tables_and_plot(root):
     panel.options_b.value = "expert"
     panel.button.click()
     assert "not KEY=VALUE" in panel.runner.error.value
+    # the error stands alone: the previous result's tabs are emptied and hidden
+    assert panel.result is None and panel.runner.verdict.value == ""
+    assert all(out.outputs == () for out in (panel.summary, panel.by_role, panel.plot, panel.tensor_table))
+    assert panel.children[-1].layout.display == "none"
 
 
 def test_diff_panel_passes_view_options(root):

@@ -9,22 +9,32 @@ registers it (``register(MyFormat())``). It answers three questions:
 * ``Artifact.check(...)``: findings only this format can make.
 
 What an artifact offers is declared, so operations ask the protocol instead of testing a
-format's name: ``family`` (``"dense"``: a view is the model; ``"adapter"``: a view merges it
-into its base; ``"mixture"``: no single dense view is the model, the format builds one) and
-``options`` (every keyword :func:`modelkit.load` / ``view()`` accepts for it, with type,
-default and help; anything else is refused by :meth:`Artifact.check_options`).
+format's name:
+
+* ``family``: ``"dense"`` (a view is the model), ``"adapter"`` (a view merges it into its
+  base) or ``"mixture"`` (no single dense view is the model);
+* ``options``: every keyword :func:`modelkit.load` / ``view()`` accepts for it, with type,
+  default and help; anything else is refused by :meth:`Artifact.check_options`;
+* :meth:`Artifact.export_targets`: the dense models an export writes (one, or one per
+  expert of a mixture), each with what it merged and what verification compares it with;
+* :meth:`Artifact.build_model`: the model for load options no dense view expresses (a
+  routed mixture, an adapter left unmerged on its base); ``None`` means "load the view";
+* :meth:`Artifact.bulk_production`: a context in which producing every tensor of a view
+  in a row is cheaper (compressed MoE computes its experts in batches).
 """
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, ContextManager
 
 from modelkit import schemas
 from modelkit.errors import (
     CorruptFileError,
+    ExportError,
     FactError,
     ModelkitError,
     UnknownOptionError,
@@ -67,6 +77,7 @@ class Option:
     type: str                        # as shown to the user: "int", "float", "str"
     default: Any
     help: str
+    fact: str | None = None          # the user-supplied fact it is another name for (Artifact.supply)
 
     def describe(self) -> str:
         return f"{self.name}= ({self.type}, default {self.default!r}): {self.help}"
@@ -87,6 +98,36 @@ EXPERT_COLUMNS = (  # Artifact.expert_rows(): one row per expert, then the route
 )
 
 
+@dataclass(frozen=True)
+class ExportTarget:
+    """One standard folder an export writes: where, from which view, and how it is checked."""
+
+    subfolder: str                            # "" for OUT itself, "expert_1" for one of several
+    options: dict[str, Any]                   # the view options that give this dense model
+    merged: str | None = None                 # what was merged, for the record (None: by origin)
+    reference: dict[str, Any] | None = None   # modelkit.load keywords of the model verify compares with
+    reference_how: str = ""                   # that reference in words (None reference: the format's own)
+
+
+@dataclass
+class BuiltModel:
+    """A model a format built itself (see :meth:`Artifact.build_model`), with what the load
+    report records about it."""
+
+    model: Any
+    mode: str                                      # "routed", "peft-unmerged", ...
+    options: dict[str, Any]                        # the load options as recorded
+    origins: dict[str, str]                        # model tensor -> where its values came from
+    notes: list[str] = field(default_factory=list)
+    tied: list[str] = field(default_factory=list)  # stored tied duplicates not loaded
+    findings: list["Finding"] = field(default_factory=list)  # warnings beyond the artifact's own
+
+
+# what :meth:`Artifact.build_model` receives to load a dense artifact (the base of an adapter):
+# ``load_dense(artifact) -> BuiltModel`` (mode "dense"), the operations' own checked path
+DenseLoader = Callable[["Artifact"], BuiltModel]
+
+
 class Artifact(ABC):
     """An artifact folder opened by its format. Reads metadata only until asked."""
 
@@ -104,6 +145,19 @@ class Artifact(ABC):
             raise UnknownOptionError(f"unknown option(s) {', '.join(f'{k}=' for k in unknown)} for a "
                                      f"{self.format} artifact; it accepts: {listed}", self.folder)
 
+    def accept_options(self, given: Any) -> dict[str, Any]:
+        """``given`` checked (:meth:`check_options`), less the options that are another name
+        for a user-supplied fact (``Option.fact``): those are :meth:`supply`-ed, so the
+        artifact records them as supplied, and removed."""
+        self.check_options(given)
+        options = dict(given)
+        for o in self.options:
+            if o.fact is not None and options.get(o.name) is not None:
+                self.supply(**{o.fact: options.pop(o.name)})
+            elif o.fact is not None:
+                options.pop(o.name, None)
+        return options
+
     def __init__(self, folder: Path, layout: str, source: "Source | None" = None):
         self.folder = Path(folder)
         self.layout = layout
@@ -112,6 +166,11 @@ class Artifact(ABC):
         self._files: dict[str, TensorFile] = {}
         self.file_errors: list[ModelkitError] = []  # unreadable files met while listing
         self.supplied: dict[str, Any] = {}          # facts the user gave that the artifact lacks
+
+    @property
+    def layout_label(self) -> str:
+        """The layout as summaries show it (``layout`` is the stable code records keep)."""
+        return self.layout
 
     def supply(self, **facts: Any) -> None:
         """Facts the artifact does not record, given by the user (e.g. DyLoRA's
@@ -220,6 +279,27 @@ class Artifact(ABC):
         """When no single dense view is the artifact: the view options that together are it,
         by label (DyLoRA-MoE: ``{"expert_0": {"expert": 0}, ...}``). ``{}``: ``view()`` is it."""
         return {}
+
+    def export_targets(self, choice: Any = None) -> list[ExportTarget]:
+        """The dense models ``export`` writes. ``choice`` is export's ``expert=`` (a part of a
+        mixture, or ``"all"``); a format without parts refuses one with an ExportError."""
+        if choice is not None:
+            raise ExportError(f"expert= applies to mixture artifacts only (this is {self.format}, "
+                              f"a {self.family} artifact)", self.folder)
+        return [ExportTarget("", {})]
+
+    def build_model(self, base: "Artifact | None", *, dtype: Any, allow_untrained: bool,
+                    load_dense: DenseLoader, **options: Any) -> BuiltModel | None:
+        """The model for load ``options`` that no dense view expresses, built by the format
+        (a routed mixture, an unmerged adapter), or None: ``load`` fills the standard model
+        from :meth:`view` (``options`` are then the view's). ``options`` are already
+        checked against :attr:`options`."""
+        return None
+
+    def bulk_production(self) -> ContextManager[None]:
+        """A context in which producing the view's tensors one after another is cheaper (a
+        format computing tensors may batch them); export writes its shards inside it."""
+        return contextlib.nullcontext()
 
     def expert_rows(self, deep: bool = False) -> list[dict[str, Any]]:
         """A mixture of adapters: one row per expert and one for its router (keys

@@ -17,10 +17,8 @@ the base with expert K merged; :meth:`DyLoRAArtifact.experts` and
 """
 from __future__ import annotations
 
-import json
 import math
 import re
-import struct
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
@@ -29,6 +27,7 @@ from typing import Any
 from modelkit.errors import (
     BaseModelUnavailableError,
     ConfigError,
+    ExportError,
     FactError,
     LoadError,
     ModelkitError,
@@ -36,7 +35,7 @@ from modelkit.errors import (
 )
 from modelkit.findings import Finding, error, info, warning
 from modelkit.formats import register
-from modelkit.formats.base import EXPERT_COLUMNS, Artifact, Format, Option
+from modelkit.formats.base import EXPERT_COLUMNS, Artifact, BuiltModel, ExportTarget, Format, Option
 from modelkit.formats.lora import (
     PEFT_PREFIX,
     LoraAdapter,
@@ -55,7 +54,7 @@ from modelkit.formats.peft_lora import (
 from modelkit.formats.view import TensorView, stored_tensor
 from modelkit.io import files
 from modelkit.io.checkpoints import checkpoint_folders, checkpoint_step
-from modelkit.io.tensors import MAX_HEADER_BYTES, PickleFile, StoredTensor, check_inside
+from modelkit.io.tensors import PickleFile, StoredTensor, check_inside, safetensors_header
 
 MODEL_TYPE = "dylora-moe"
 WRAPPER_PREFIX = "foundation_model."
@@ -95,14 +94,10 @@ def _json_or_empty(path: Path) -> dict[str, Any]:
 def _header_keys(path: Path) -> list[str]:
     """Tensor names in a safetensors header, or [] when it cannot be read."""
     try:
-        with files.open_regular(path) as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > MAX_HEADER_BYTES:
-                return []
-            header = json.loads(f.read(n))
-    except (OSError, ValueError, RecursionError, struct.error, ModelkitError):
+        header, _, _ = safetensors_header(path)
+    except ModelkitError:
         return []
-    return [k for k in header if k != "__metadata__"] if isinstance(header, dict) else []
+    return [k for k in header if k != "__metadata__"]
 
 
 def _wrapper_keys(folder: Path) -> list[str]:
@@ -173,7 +168,10 @@ class DyLoRAArtifact(Artifact):
     options = (
         Option("expert", "int", None, "the dense model of expert K merged into the base (else the routed "
                "mixture, see routing=)"),
-        Option("alpha", "float", None, "the LoRA alpha when the checkpoint does not record it (same as lora_alpha=)"),
+        Option("alpha", "float", None, "the LoRA alpha when the checkpoint does not record it (same as lora_alpha=)",
+               fact="lora_alpha"),
+        Option("routing", "str", "router", "how the routed mixture picks its expert per sequence: router, "
+               "expert:K or mean (docs/dylora-routing.md)"),
         Option("router_pass", "str", "base", "which forward feeds the router of a routed load: base or expert:K"),
     )
 
@@ -539,6 +537,48 @@ class DyLoRAArtifact(Artifact):
         """One dense view per expert: the routed mixture is none of them, all of them together."""
         return {f"expert_{e.index}": {"expert": e.index} for e in self.experts()}
 
+    def export_targets(self, choice: Any = None) -> list[ExportTarget]:
+        """One dense folder per chosen expert (``choice``: K or ``"all"``); the routed mixture
+        itself is not one dense model, so no choice is refused."""
+        count = len(self.variants())
+        if choice is None:
+            raise ExportError(
+                f"this is a DyLoRA-MoE mixture of {count} LoRA experts chosen per sequence by a "
+                "router; a routed mixture is not one dense model, so it has no single standard "
+                f"export. Pass expert=K (--expert K, 0 <= K < {count}) for the exact merge of one "
+                "expert, or expert='all' (--expert all) for one folder per expert. "
+                "To run the mixture itself, use modelkit.load(ref, routing='router')", self.folder)
+        if choice == "all":
+            return [self._expert_target(f"expert_{k}", k) for k in range(count)]
+        try:
+            k = int(choice)
+        except (TypeError, ValueError):
+            raise ExportError(f"expert must be an integer or 'all', not {choice!r}", self.folder) from None
+        if not 0 <= k < count:
+            raise ExportError(f"expert {k} does not exist: the artifact has experts 0..{count - 1}", self.folder)
+        return [self._expert_target("", k)]
+
+    def _expert_target(self, subfolder: str, k: int) -> ExportTarget:
+        return ExportTarget(subfolder, {"expert": k},
+                            merged=f"DyLoRA-MoE expert {k} merged into the base (router not used by a dense model)",
+                            reference={"routing": f"expert:{k}"},
+                            reference_how=f"modelkit.load(routing='expert:{k}')")
+
+    def build_model(self, base: Artifact | None, *, dtype: Any, allow_untrained: bool, load_dense: Any,
+                    expert: int | None = None, routing: str | None = None, router_pass: str | None = None,
+                    **options: Any) -> BuiltModel | None:
+        """The routed module (:mod:`modelkit.formats.dylora_build`) unless ``expert=K`` asks for
+        the dense merge of one expert (then None: the view is loaded)."""
+        if routing is not None and expert is not None:
+            raise LoadError("give routing='expert:K' (the routed module) or expert=K (the dense merge), "
+                            "not both", self.folder)
+        if expert is not None:
+            return None
+        from modelkit.formats.dylora_build import build_routed
+
+        return build_routed(self, base, dtype=dtype, allow_untrained=allow_untrained,
+                            routing=routing or "router", router_pass=router_pass or "base")
+
     def unviewed(self) -> dict[str, Any]:
         """The router (no dense model has a place for it), as ``router.gate.*``."""
         parts = self._router_parts
@@ -583,7 +623,8 @@ class DyLoRAArtifact(Artifact):
         else:
             chosen = self.expert(expert, alpha)
             tensors = merge_adapter(tensors, chosen, plans[chosen.index])
-            notes.append(f"expert_{chosen.index} merged (scaling {chosen.scaling}); the router is left out")
+            notes.append(f"expert_{chosen.index} merged (scaling {chosen.scaling}); the other experts and "
+                         "the router are not part of this one-expert dense model")
         return TensorView(tensors, unplaced, notes)
 
     # -- the Trainer's second copy (middle era) ----------------------------------------------
@@ -983,8 +1024,14 @@ class DyLoRAArtifact(Artifact):
             out["supplied by the user"] = ", ".join(f"{k}={v}" for k, v in supplied.items())
         out = {k: v for k, v in out.items() if v not in (None, [], "")}
         if self.root is not None:
-            out["opened"] = f"{self.folder.relative_to(self.root)}/ (layout {self.kind}) of the artifact root {self.root}"
+            out["opened"] = f"{self.folder.relative_to(self.root)}/ of the artifact root {self.root}"
         return out
+
+    @property
+    def layout_label(self) -> str:
+        """``layout b`` or, opened from a W&B artifact root (code ``d``), ``layout b in a
+        W&B artifact root``: one label for both facts."""
+        return f"layout {self.kind}" + (" in a W&B artifact root" if self.root is not None else "")
 
     @property
     def step(self) -> int | None:

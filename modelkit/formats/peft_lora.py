@@ -5,6 +5,7 @@ is the base model's view with each adapted weight merged (see :mod:`.lora`).
 """
 from __future__ import annotations
 
+import warnings
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 from modelkit.errors import BaseModelUnavailableError, LoadError, ModelkitError
 from modelkit.findings import Finding, error, info
 from modelkit.formats import register
-from modelkit.formats.base import Artifact, Format
+from modelkit.formats.base import Artifact, BuiltModel, DenseLoader, ExportTarget, Format, Option
 from modelkit.formats.lora import (
     LoraAdapter,
     MergePlan,
@@ -30,9 +31,15 @@ PEFT_DEFAULT_R = 8        # peft.LoraConfig defaults, used when adapter_config.j
 PEFT_DEFAULT_ALPHA = 8
 
 
+def _few(items: list[str], n: int = 4) -> str:
+    return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
+
+
 class PeftLoraArtifact(Artifact):
     format = "peft-lora"
     family = "adapter"
+    options = (Option("merge", "bool", True, "False: a PeftModel with the adapter unmerged on its base "
+                      "(PEFT's own forward) instead of the merged dense model"),)
 
     @cached_property
     def adapter_config(self) -> dict[str, Any]:
@@ -81,8 +88,9 @@ class PeftLoraArtifact(Artifact):
             target_modules=cfg.get("target_modules"), rank_pattern=cfg.get("rank_pattern") or {},
             alpha_pattern=cfg.get("alpha_pattern") or {}, files=[rel] if rel else [])
 
-    def view(self, base: Artifact | None = None, **options) -> TensorView:
-        """The base's view with this adapter merged. No options."""
+    def view(self, base: Artifact | None = None, *, merge: bool = True, **options) -> TensorView:
+        """The base's view with this adapter merged (the view is the merge: ``merge`` is
+        load's choice, see :meth:`build_model`)."""
         self.check_options(options)
         if base is None:
             raise BaseModelUnavailableError(
@@ -93,6 +101,46 @@ class PeftLoraArtifact(Artifact):
         plan = plan_merge(adapter, {n: t.shape for n, t in base_view.tensors.items()})
         tensors = merge_adapter(base_view.tensors, adapter, plan)
         return TensorView(tensors, base_view.unplaced + plan.unplaced, list(base_view.notes))
+
+    def export_targets(self, choice: Any = None) -> list[ExportTarget]:
+        """One folder: the adapter merged, verified against PEFT's own unmerged forward."""
+        super().export_targets(choice)  # refuses a choice
+        return [ExportTarget("", {}, merged="PEFT LoRA adapter merged into its base",
+                             reference={"merge": False},
+                             reference_how="modelkit.load(merge=False): PEFT's own forward on the base")]
+
+    def build_model(self, base: Artifact | None, *, dtype: Any, allow_untrained: bool,
+                    load_dense: DenseLoader, merge: bool = True, **options: Any) -> BuiltModel | None:
+        """With ``merge=False``: a real ``peft.PeftModel`` on the base model (loaded by
+        ``load_dense``), every stored adapter tensor placed by PEFT; LoadError when one does
+        not fit. Else None (the merged view is the model)."""
+        if merge:
+            return None
+        from peft import PeftConfig, PeftModel, set_peft_model_state_dict
+
+        if base is None:
+            raise BaseModelUnavailableError("a PEFT adapter needs its base model; pass base=", self.folder)
+        dense = load_dense(base)
+        config = PeftConfig.from_pretrained(str(self.folder))
+        config.inference_mode = True
+        with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
+            warnings.simplefilter("ignore", FutureWarning)
+            model = PeftModel(dense.model, config, adapter_name="default")
+        stored = self.stored()
+        weights = {t.name: self.file(t.file).read(t.key) for t in stored}
+        result = set_peft_model_state_dict(model, weights, adapter_name="default")
+        unexpected = list(result.unexpected_keys)
+        missing = [k for k in result.missing_keys if ".lora_" in k and ".default" in k]
+        if unexpected or missing:
+            raise LoadError("the adapter does not fit its base: " + "; ".join(p for p in (
+                f"{len(unexpected)} stored tensor(s) unused: {_few(unexpected)}" if unexpected else "",
+                f"{len(missing)} LoRA tensor(s) not provided: {_few(missing)}" if missing else "") if p),
+                self.folder)
+        model = model.to(dtype if dtype is not None else dense.model.dtype)
+        origins = {f"base_model.model.{n}": o for n, o in dense.origins.items()}
+        origins |= {t.name: f"stored:{t.file}" for t in stored}
+        return BuiltModel(model, "peft-unmerged", {"merge": False}, origins, tied=list(dense.tied),
+                          findings=list(dense.findings))
 
     def check(self, base: Artifact | None, deep: bool = False) -> list[Finding]:
         if self.weights_file is None:

@@ -180,15 +180,25 @@ def read_yaml(path: Path | str, root: Path | str | None = None, *, limit: int = 
     import yaml
 
     text = read_text(path, root, limit=limit, error=error)
+    with _yaml_errors(path, error):
+        try:
+            return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+        except ValueError as e:
+            raise error(f"not valid YAML ({_why(e)})", path) from None
+
+
+@contextlib.contextmanager
+def _yaml_errors(path: Path | str | None, error: type[ModelkitError]) -> Iterator[None]:
+    """A YAML parse error or a too deep nesting as ``error`` naming ``path``."""
+    import yaml
+
     try:
-        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+        yield
     except yaml.YAMLError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise error(f"not valid YAML ({first})", path) from None
     except RecursionError:
         raise error("not valid YAML for modelkit: nested too deeply", path) from None
-    except ValueError as e:
-        raise error(f"not valid YAML ({_why(e)})", path) from None
 
 
 MAX_YAML_NODES = 1_000_000
@@ -202,13 +212,8 @@ def check_yaml_expansion(text: str, path: Path | str | None, *, limit: int = MAX
     is sized with memoization, ``_parent`` links and cycles counted once."""
     import yaml
 
-    try:
+    with _yaml_errors(path, error):
         root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise error(f"not valid YAML ({first})", path) from None
-    except RecursionError:
-        raise error("not valid YAML for modelkit: nested too deeply", path) from None
     if root is None:
         return
     sizes: dict[int, int] = {}

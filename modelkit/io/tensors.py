@@ -180,6 +180,46 @@ class TensorFile:
                 for t in self.entries.values()]
 
 
+def safetensors_header(path: Path, *, confined: bool = True) -> tuple[dict, int, int]:
+    """The one reader of a safetensors header: ``(its JSON object, the byte offset the data
+    starts at, the file's size)``. Checked here: a regular file, an 8-byte little-endian
+    length within the format's limit and the file, UTF-8 JSON starting with ``{`` (no BOM),
+    an object with unique keys; CorruptFileError naming the file otherwise. The entries are
+    checked by :class:`SafetensorsFile`. ``confined=False`` for an already confined path."""
+    from modelkit.io.files import open_regular
+
+    with open_regular(path, error=CorruptFileError, confined=confined) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 8:
+            raise CorruptFileError(f"truncated safetensors file ({size} bytes, no header)", path)
+        try:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > MAX_HEADER_BYTES or n > size - 8:
+                raise CorruptFileError(
+                    f"safetensors header length {n} is impossible for a file of {size} bytes "
+                    "(truncated or not a safetensors file)", path)
+            raw = f.read(n)
+        except OSError as e:
+            raise CorruptFileError(f"cannot read the header ({e.strerror or e})", path) from None
+    if not raw.startswith(b"{"):
+        raise CorruptFileError("safetensors header does not start with '{' (a BOM or other bytes "
+                               "before the JSON; the safetensors library refuses it)", path)
+    try:
+        text = raw.decode("utf-8")
+        header = json.loads(text)
+        # a duplicated tensor name leaves fewer entries than "data_offsets" keys; only then
+        # is the header parsed again, slowly, to name the duplicate
+        if isinstance(header, dict) and raw.count(b'"data_offsets"') != len(header) - ("__metadata__" in header):
+            header = json.loads(text, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise CorruptFileError(f"safetensors header names {e.args[0]!r} twice", path) from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CorruptFileError(f"safetensors header is not valid JSON ({_first_line(e)})", path) from None
+    if not isinstance(header, dict):
+        raise CorruptFileError("safetensors header is not a JSON object", path)
+    return header, 8 + n, size
+
+
 class SafetensorsFile(TensorFile):
     """A ``.safetensors`` file; header validated before anything else is trusted.
 
@@ -193,36 +233,9 @@ class SafetensorsFile(TensorFile):
     byte. Anything else is a CorruptFileError naming the file.
     """
 
-    def _parse_header(self) -> tuple[dict, dict[str, str]]:
-        from modelkit.io.files import open_regular
-
+    def _parse_header(self) -> tuple[dict, dict[str, str], int]:
         # Artifact.path() confined the path; here only "a regular file" is checked
-        with open_regular(self.path, error=CorruptFileError, confined=False) as f:
-            size = os.fstat(f.fileno()).st_size
-            if size < 8:
-                raise CorruptFileError(f"truncated safetensors file ({size} bytes, no header)", self.path)
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > MAX_HEADER_BYTES or n > size - 8:
-                raise CorruptFileError(
-                    f"safetensors header length {n} is impossible for a file of {size} bytes "
-                    "(truncated or not a safetensors file)", self.path)
-            raw = f.read(n)
-        if not raw.startswith(b"{"):
-            raise CorruptFileError("safetensors header does not start with '{' (a BOM or other bytes "
-                                   "before the JSON; the safetensors library refuses it)", self.path)
-        try:
-            text = raw.decode("utf-8")
-            header = json.loads(text)
-            # a duplicated tensor name leaves fewer entries than "data_offsets" keys; only then
-            # is the header parsed again, slowly, to name the duplicate
-            if isinstance(header, dict) and raw.count(b'"data_offsets"') != len(header) - ("__metadata__" in header):
-                header = json.loads(text, object_pairs_hook=_unique_keys)
-        except _DuplicateKey as e:
-            raise CorruptFileError(f"safetensors header names {e.args[0]!r} twice", self.path) from None
-        except (UnicodeDecodeError, ValueError, RecursionError) as e:
-            raise CorruptFileError(f"safetensors header is not valid JSON ({_first_line(e)})", self.path) from None
-        if not isinstance(header, dict):
-            raise CorruptFileError("safetensors header is not a JSON object", self.path)
+        header, start, size = safetensors_header(self.path, confined=False)
         metadata = header.pop("__metadata__", None)
         if metadata is None:
             metadata = {}
@@ -239,7 +252,7 @@ class SafetensorsFile(TensorFile):
                 raise CorruptFileError(f"tensor {name!r} starts at byte {begin}: it {what} "
                                        "(tensors must cover the data buffer exactly)", self.path)
             pos = end
-        data_size = size - 8 - n
+        data_size = size - start
         if pos != data_size:
             if pos > data_size:
                 raise CorruptFileError(
@@ -247,7 +260,7 @@ class SafetensorsFile(TensorFile):
                     "(truncated file?)", self.path)
             raise CorruptFileError(f"{data_size - pos} trailing bytes after the last tensor "
                                    "(the safetensors library refuses the file)", self.path)
-        return header, metadata
+        return header, metadata, start
 
     def _check_entry(self, name: str, meta: Any) -> tuple[int, int, str]:
         if not isinstance(meta, dict) or not {"dtype", "shape", "data_offsets"} <= meta.keys():
@@ -277,12 +290,12 @@ class SafetensorsFile(TensorFile):
         return begin, end, name
 
     @cached_property
-    def _parsed(self) -> tuple[dict, dict[str, str]]:
+    def _parsed(self) -> tuple[dict, dict[str, str], int]:
         return self._parse_header()
 
     @cached_property
     def entries(self) -> dict[str, StoredTensor]:
-        header, _ = self._parsed
+        header = self._parsed[0]
         rel = self.rel
         return {name: StoredTensor(name, tuple(meta["shape"]), SAFETENSORS_DTYPES[meta["dtype"]], rel, name)
                 for name, meta in header.items()}
@@ -290,6 +303,13 @@ class SafetensorsFile(TensorFile):
     @cached_property
     def metadata(self) -> dict[str, str]:
         return self._parsed[1]
+
+    def span(self, key: str) -> tuple[int, int]:
+        """(absolute byte offset, byte length) of tensor ``key``'s data in the file (header
+        validated first)."""
+        header, _, start = self._parsed
+        begin, end = header[key]["data_offsets"]
+        return start + begin, end - begin
 
     @cached_property
     def _handle(self):

@@ -13,7 +13,7 @@ import sys
 import warnings
 from typing import Any
 
-__all__ = ["build_dylora_model", "install_auto_registration", "register_auto", "register_config", "register_model"]
+__all__ = ["install_auto_registration", "register_auto", "register_config", "register_model"]
 
 _CONFIG_MODULE = "transformers.models.auto.configuration_auto"
 _MODEL_MODULE = "transformers.models.auto.modeling_auto"
@@ -123,11 +123,3 @@ def install_auto_registration() -> None:
     if not all(m in sys.modules for m in _HOOKS) and \
             not any(isinstance(f, _AfterImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _AfterImport())
-
-
-def __getattr__(name: str) -> Any:
-    if name == "build_dylora_model":
-        from modelkit.models.dylora import build_dylora_model
-
-        return build_dylora_model
-    raise AttributeError(f"module 'modelkit.models' has no attribute {name!r}")

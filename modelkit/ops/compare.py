@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from modelkit.bench import paired_stats as stats
 from modelkit.bench.evaluation import TaskCatalog, find_tasks, lm_eval_version
 from modelkit.errors import CompareError, ModelkitError, about_model
 from modelkit.io.sources import cache_dir, cache_root
+from modelkit.present.compare import metric_label
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -201,16 +203,41 @@ def _refuse_self_compare(models: list[ModelInfo]) -> None:
         seen[ident] = m
 
 
+GENERIC_FOLDERS = re.compile(r"^(checkpoint-\d+|best_model|final_model|final|latest|model|checkpoints)$")
+
+
+def _folder_label(folder: str, parents: int = 0) -> str:
+    """A model's folder as a label: ``checkpoint-10`` and ``best_model`` say nothing
+    without their run, so they get its name (``run-a/checkpoint-10``), as do names that
+    would repeat another model's (``parents`` more folders)."""
+    parts = Path(folder).parts
+    keep = 1
+    while keep < len(parts) and GENERIC_FOLDERS.match(parts[-keep]):
+        keep += 1
+    keep = min(keep + parents, len(parts))
+    return "/".join(p for p in parts[-keep:] if p != "/")
+
+
 def _assign_labels(models: list[ModelInfo]) -> None:
+    def names(parents: int) -> list[str]:
+        out = []
+        for m in models:
+            name = _folder_label(m.folder, parents) if Path(m.folder).name else m.ref
+            if m.identity_options:
+                name += "[" + ",".join(f"{k}={v}" for k, v in m.identity_options.items()) + "]"
+            out.append(name)
+        return out
+
+    chosen = names(0)
+    for parents in range(1, 4):   # two runs' checkpoint-10: told apart by their run folders
+        if len(set(chosen)) == len(chosen):
+            break
+        longer = names(parents)
+        chosen = [longer[i] if chosen.count(c) > 1 else c for i, c in enumerate(chosen)]
     used: set[str] = set()
-    for m in models:
-        name = Path(m.folder).name or m.ref
-        if name == "best_model":
-            name = Path(m.folder).parent.name + "/best_model"
-        if m.identity_options:
-            name += "[" + ",".join(f"{k}={v}" for k, v in m.identity_options.items()) + "]"
+    for m, name in zip(models, chosen):
         label, i = name, 2
-        while label in used:
+        while label in used:   # the same folder twice (e.g. with different options): numbered
             label, i = f"{name}#{i}", i + 1
         used.add(label)
         m.label = label
@@ -290,9 +317,8 @@ def _evaluate_missing(models: list[ModelInfo], todo: dict[str, list[str]], runs:
     evaluation per task of ``executor``; results are cached here, as they arrive."""
     from functools import partial
 
-    from tqdm.auto import tqdm
-
     from modelkit.bench.engines import EvalJob, run_job
+    from modelkit.progress import phase
 
     pending = [m for m in models if m.label in todo]
     jobs = [EvalJob(role=m.role, label=m.label, ref=m.ref, options=dict(m.options), fingerprint=m.fingerprint,
@@ -305,10 +331,13 @@ def _evaluate_missing(models: list[ModelInfo], todo: dict[str, list[str]], runs:
         for m, done in zip(pending, executor.map(partial(run_job, engine), jobs)):
             _record(m, done, runs)
         return
-    bar = tqdm(list(zip(pending, jobs)), desc="compare", unit="model", disable=not progress or not pending)
-    for m, job in bar:
-        bar.set_postfix_str(f"{m.role} {m.label}: {', '.join(job.tasks)}")
-        _record(m, engine.evaluate(job, catalog), runs)
+    if not pending:
+        return
+    with phase("evaluate", total=len(pending), unit="models", show=progress) as bar:
+        for m, job in zip(pending, jobs):
+            bar.update(0, note=f"{m.role} {m.label}: loading, then {', '.join(job.tasks)}")
+            _record(m, engine.evaluate(job, catalog), runs)
+            bar.update(1, note=f"{m.role} {m.label}: done")
 
 
 def _record(m: ModelInfo, done: Any, runs: dict) -> None:
@@ -478,10 +507,6 @@ class CompareResult:
         return f"CompareResult({', '.join(m.label for m in self.models)}; tasks {', '.join(self.tasks)})"
 
 
-def _metric_label(m: dict) -> str:
-    return m["metric"] if m["filter"] in ("none", None) else f"{m['metric']} ({m['filter']})"
-
-
 def _paired_row(label: str, task: str, bm: dict, tm: dict, b_ids: list, t_ids: list, settings: dict) -> dict:
     t_index = {d: i for i, d in enumerate(t_ids)}
     pairs = [(bm["samples"][i], tm["samples"][t_index[d]]) for i, d in enumerate(b_ids)
@@ -516,7 +541,7 @@ def _unpaired_row(label: str, task: str, bm: dict, tm: dict) -> dict:
     b, t = bm["value"], tm["value"]
     delta = t - b if b is not None and t is not None else math.nan
     rel = delta / abs(b) if b not in (None, 0) and not _nan(delta) else math.nan
-    return {"model": label, "task": task, "metric": _metric_label(bm), "base": _f(b), "base_stderr": _f(bm["stderr"]),
+    return {"model": label, "task": task, "metric": metric_label(bm), "base": _f(b), "base_stderr": _f(bm["stderr"]),
             "trained": _f(t), "trained_stderr": _f(tm["stderr"]), "delta": delta, "rel_delta": rel,
             "ci_low": math.nan, "ci_high": math.nan, "p_mcnemar": math.nan, "n": math.nan,
             "higher_is_better": bm.get("higher_is_better"), "verdict": "no paired test (group aggregate)"}
@@ -550,7 +575,7 @@ def _disagreeing(label: str, task: str, b_leaf: dict, t_leaf: dict) -> list[dict
             if bv is None or tv is None or bv == tv:
                 continue
             bd, td = b_docs.get(doc_id, {}), t_docs.get(doc_id, {})
-            rows.append({"model": label, "task": task, "metric": _metric_label(bm), "doc_id": doc_id,
+            rows.append({"model": label, "task": task, "metric": metric_label(bm), "doc_id": doc_id,
                          "prompt": bd.get("prompt", ""), "target": bd.get("target", ""),
                          "base_response": bd.get("response", ""), "trained_response": td.get("response", ""),
                          "base_correct": bool(bv), "trained_correct": bool(tv),

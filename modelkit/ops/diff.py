@@ -34,7 +34,6 @@ from modelkit.ops.diff_stats import (
     RANK_MAX_ELEMENTS,
     PairSums,
     Source,
-    Spans,
     Workers,
     compare_pair,
     effective_rank,
@@ -155,7 +154,7 @@ def _fill_compared(row: dict, acc: PairSums, numel: int) -> None:
     row["identical"] = row["status"] == "compared" and acc.changed == 0
 
 
-def _diff_tensor(name: str, a: Any, b: Any, workers: Workers, spans: Spans,
+def _diff_tensor(name: str, a: Any, b: Any, workers: Workers,
                  rank: bool) -> dict[str, Any]:
     """One row: ``a``/``b`` are LazyTensors (or None when absent on that side). Whatever
     fails while producing or reading (corrupt shard, a merge that does not fit) becomes
@@ -168,7 +167,7 @@ def _diff_tensor(name: str, a: Any, b: Any, workers: Workers, spans: Spans,
         src = {}
         for side, lazy in (("a", a), ("b", b)):
             if lazy is not None:
-                src[side] = open_source(lazy, spans)
+                src[side] = open_source(lazy)
                 row[f"shape_{side}"] = list(src[side].shape)
                 row[f"dtype_{side}"] = dtype_name(src[side].dtype)
         side = "a and b"
@@ -608,7 +607,8 @@ def diff(a: "str | Path | Artifact | TensorView", b: "str | Path | Artifact | Te
     Streams one tensor pair at a time; a tensor that cannot be read becomes an
     ``unreadable`` row, non-finite values are counted, never raised.
     """
-    from tqdm.auto import tqdm
+    from modelkit.progress import phase
+    from modelkit.units import human_bytes
 
     side_a = _open_side(a, base_a, options_a)
     side_b = _open_side(b, base_b, options_b)
@@ -620,26 +620,26 @@ def diff(a: "str | Path | Artifact | TensorView", b: "str | Path | Artifact | Te
     twins = _tied_twins(side_a, side_b)
     warnings = _warnings(side_a, side_b)
     total = sum(_nbytes(v[n]) for v in (va, vb) for n in v)
-    workers, spans = Workers(threads), Spans()
+    workers = Workers(threads)
     rows = []
     start = time.perf_counter()
     try:
-        with tqdm(total=total, unit="B", unit_scale=True, desc="diff", disable=not progress,
-                  leave=False) as bar:
+        with phase("diff", total=len(names), unit="tensors", show=progress) as bar:
+            done = 0
             for name in names:
                 la, lb = va.tensors.get(name), vb.tensors.get(name)
                 twin = twins.get(name)
                 if twin is not None:  # a stored copy of a tensor the other side ties
                     la, lb = (la, vb.tensors[twin[1]]) if twin[0] == "b" else (va.tensors[twin[1]], lb)
-                bar.set_postfix_str(name[-40:], refresh=False)
-                row = _diff_tensor(name, la, lb, workers, spans, rank)
+                row = _diff_tensor(name, la, lb, workers, rank)
                 if twin is not None:
                     row["note"] = (f"{twin[0].upper()} ties {name} to {twin[1]}: compared with it "
                                    + ("(a tied duplicate)" if row["status"] in ("compared", "dtype-changed") and not row["changed"]
                                       else "(NOT equal: not a tied duplicate)"))
                 rows.append(row)
                 _release(side_a.artifacts + side_b.artifacts)
-                bar.update(sum(_nbytes(x) for x in (la, lb) if x is not None))
+                done += sum(_nbytes(x) for x in (la, lb) if x is not None)
+                bar.update(1, note=f"{human_bytes(done)} of {human_bytes(total)} read")
     finally:
         workers.close()
     seconds = time.perf_counter() - start
@@ -695,9 +695,9 @@ def _diff_mixture(a, b, base_a, base_b, options_a, options_b, side_a: _Side, sid
         parts[label] = diff(a, b, base_a, base_b, oa, ob, **kw)
     ua = side_a.artifacts[0].unviewed() if va else {}
     ub = side_b.artifacts[0].unviewed() if vb else {}
-    workers, spans = Workers(kw.get("threads")), Spans()
+    workers = Workers(kw.get("threads"))
     try:
-        rows = [_diff_tensor(n, ua.get(n), ub.get(n), workers, spans, False)
+        rows = [_diff_tensor(n, ua.get(n), ub.get(n), workers, False)
                 for n in list(ua) + [n for n in ub if n not in ua]]
     finally:
         workers.close()

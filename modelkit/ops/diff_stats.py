@@ -1,67 +1,30 @@
 """Streamed statistics of tensor pairs: chunked reads, a few threads, exact bookkeeping.
 
-A tensor is reduced ``CHUNK`` elements at a time. One stored as is in a safetensors file
-is read with plain file reads into reusable buffers: no memory map, so no
-resident pages pile up; a computed one (a LoRA merge, a compressed expert) is sliced.
-The chunks are shared out to a few threads (torch kernels and file reads release the
-GIL) while torch's own intra-op threads are held at 1, and the per-chunk sums are
-accumulated in Python floats (float64).
+A tensor is reduced ``CHUNK`` elements at a time, read by :mod:`modelkit.io.spans`: one
+stored as is in a safetensors file is memory-mapped ``WINDOW`` bytes at a time (no copy
+out of the page cache: a read() into a buffer cost as much CPU as the statistics
+themselves); a computed one (a LoRA merge, a compressed expert) is sliced. Each of a few threads takes a
+contiguous run of chunks (torch kernels and the fused C loop release the GIL) while
+torch's own intra-op threads are held at 1, and the per-chunk sums are accumulated in
+Python floats (float64).
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-import struct
 import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+from modelkit.io.spans import Source, produced_source, stored_source, stream
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 CHUNK = 1 << 19                 # elements reduced at a time (2 MiB per float32 buffer: cache-sized)
+WINDOW = 8 << 20                # bytes of a stored tensor mapped at a time, per side and thread
 MAX_THREADS = 8                 # reduction threads; beyond this memory bandwidth is the limit
 RANK_MAX_ELEMENTS = 1 << 24     # larger 2-D deltas get no rank estimate (svd cost and memory)
 RANK_RTOL = 1e-3                # numerical rank: singular values above RANK_RTOL * largest
-
-
-@dataclass
-class Source:
-    """One side's tensor, ready to be read CHUNK elements at a time: either stored as is
-    in a safetensors file (read with plain file reads: no memory map, no resident pages
-    left behind) or already produced (a merge, a materialized expert, a pickle)."""
-
-    shape: tuple[int, ...]
-    dtype: Any                       # torch dtype
-    tensor: Any = None               # the produced tensor, or None
-    path: str | None = None          # safetensors file holding the raw bytes
-    offset: int = 0                  # absolute byte offset of the first element
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-
-class Spans:
-    """Byte offsets of tensors in safetensors files (headers parsed once per file)."""
-
-    def __init__(self) -> None:
-        self._files: dict[str, tuple[int, dict]] = {}
-
-    def source(self, file: Any, key: str) -> Source:
-        from modelkit.io.tensors import SAFETENSORS_DTYPES, torch_dtype
-
-        file.entries  # validates the header (CorruptFileError naming the file)
-        path = str(file.path)
-        if path not in self._files:
-            with open(path, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                self._files[path] = (8 + n, json.loads(f.read(n)))
-        start, header = self._files[path]
-        meta = header[key]
-        return Source(tuple(meta["shape"]), torch_dtype(SAFETENSORS_DTYPES[meta["dtype"]]),
-                       path=path, offset=start + int(meta["data_offsets"][0]))
 
 
 def _stored_read(lazy: Any) -> tuple[Any, str] | None:
@@ -75,50 +38,18 @@ def _stored_read(lazy: Any) -> tuple[Any, str] | None:
     return stored[0], stored[1].key
 
 
-def open_source(lazy: Any, spans: Spans) -> Source:
+def open_source(lazy: Any) -> Source:
     """A LazyTensor ready for chunked reading: its file span when it is a plain stored
     safetensors read, else the tensor its producer computes."""
     stored = _stored_read(lazy) if sys.byteorder == "little" else None  # safetensors is little-endian
     if stored is not None:
-        return spans.source(*stored)
-    t = lazy.produce()
-    return Source(tuple(t.shape), t.dtype, tensor=t)
+        return stored_source(*stored)
+    return produced_source(lazy.produce())
 
 
 def _stream(sources: list[Source], starts: Sequence[int], bufs: "_Buffers") -> Iterator[list["torch.Tensor"]]:
-    """The sources' chunks beginning at ``starts``, in lockstep, as 1-D tensors of at most
-    CHUNK elements. Produced tensors are sliced; stored ones are read (unbuffered file
-    reads, straight into ``bufs``: valid until the next chunk is taken)."""
-    n = sources[0].numel
-    flats = [src.tensor.reshape(-1) if src.tensor is not None else None for src in sources]
-    with contextlib.ExitStack() as stack:
-        files = [stack.enter_context(open(src.path, "rb", buffering=0)) if src.tensor is None else None
-                 for src in sources]
-        for i in starts:
-            count = min(CHUNK, n - i)
-            out = []
-            for k, src in enumerate(sources):
-                if flats[k] is not None:
-                    out.append(flats[k][i:i + count])
-                    continue
-                size = src.dtype.itemsize
-                raw, view = bufs.raw(k)
-                _read_into(files[k], view[:count * size], src.offset + i * size)
-                out.append(raw[:count * size].view(src.dtype))
-            yield out
-
-
-def _read_into(f: Any, view: memoryview, offset: int) -> None:
-    from modelkit.errors import CorruptFileError
-
-    f.seek(offset)
-    done = 0
-    while done < len(view):
-        n = f.readinto(view[done:])
-        if not n:
-            raise CorruptFileError(f"file ends before its tensor data (read {done} of {len(view)} bytes "
-                                   f"at offset {offset})", f.name)
-        done += n
+    """:func:`modelkit.io.spans.stream` in CHUNK elements and WINDOW-byte mappings."""
+    return stream(sources, starts, CHUNK, WINDOW, bufs.raw)
 
 
 # --------------------------------------------------------------------------- statistics
@@ -128,15 +59,15 @@ class _Buffers:
     """One worker's reusable buffers: raw bytes per side, working copies per dtype."""
 
     def __init__(self) -> None:
-        self._raw: dict[int, tuple] = {}
+        self._raw: dict[int, Any] = {}
         self._work: dict[Any, tuple] = {}
 
-    def raw(self, side: int) -> tuple["torch.Tensor", memoryview]:
+    def raw(self, side: int) -> "torch.Tensor":
+        """A byte buffer for one side's chunk (allocated on first use: misaligned files only)."""
         import torch
 
         if side not in self._raw:
-            t = torch.empty(CHUNK * 8, dtype=torch.uint8)
-            self._raw[side] = (t, memoryview(t.numpy()))
+            self._raw[side] = torch.empty(CHUNK * 8, dtype=torch.uint8)
         return self._raw[side]
 
     def work(self, dtype) -> tuple:
@@ -176,7 +107,8 @@ class Workers:
 
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.n, thread_name_prefix="modelkit-diff")
-            futures = [self._pool.submit(fn, sources, starts[k::n], self.buffers[k]) for k in range(n)]
+            runs = [starts[len(starts) * k // n:len(starts) * (k + 1) // n] for k in range(n)]  # each maps its own windows
+            futures = [self._pool.submit(fn, sources, run, self.buffers[k]) for k, run in zip(range(n), runs)]
             wait(futures)  # all done before any error surfaces: the buffers are reused next
             return [f.result() for f in futures]
         finally:
@@ -254,8 +186,9 @@ def _compare_chunks(sources: list[Source], starts: Sequence[int], bufs: _Buffers
     """Running sums of a same-shape pair over the chunks at ``starts``.
 
     bfloat16 and float32 pairs take one fused pass (:mod:`modelkit.ops.diff_sums`). Otherwise a chunk equal bit for bit needs only ``A.A``. Otherwise: A in the working dtype,
-    ``D = B - A``, then ``A.A``, ``A.D``, ``D.D``; ``B.B`` and ``A.B`` follow exactly from
-    them unless B is much smaller than A (cancellation), when they are taken directly.
+    ``D = B - A``, then ``A.A``, ``A.B`` (taken directly: derived from ``A.D`` it loses
+    the cosine of nearly orthogonal tensors to cancellation), ``A.D``, ``D.D``; ``B.B``
+    follows exactly from them unless B is much smaller than A, when it is taken directly.
     Changed elements are counted as ``sign(D).sign(D)`` (exact, cheaper than count_nonzero).
     """
     import torch
@@ -280,21 +213,17 @@ def _compare_chunks(sources: list[Source], starts: Sequence[int], bufs: _Buffers
             if math.isfinite(sq):
                 acc.add(sq, sq, sq, 0.0, 0.0, 0)
                 continue
-        d = dbuf[: a.numel()]
-        if rb.dtype == work:
-            torch.sub(rb, a, out=d)
-        else:
-            d.copy_(rb)
-            d.sub_(a)
-        sq_a, ad, sq_d = torch.stack([torch.dot(a, a), torch.dot(a, d), torch.dot(d, d)]).tolist()
-        if not (math.isfinite(sq_a) and math.isfinite(ad) and math.isfinite(sq_d)):
+        b = _as_work(rb, bbuf, work)
+        d = torch.sub(b, a, out=dbuf[: a.numel()])
+        sq_a, dot, ad, sq_d = torch.stack([torch.dot(a, a), torch.dot(a, b), torch.dot(a, d),
+                                           torch.dot(d, d)]).tolist()
+        if not all(map(math.isfinite, (sq_a, dot, ad, sq_d))):
             # non-finite values, or float32 overflow: exact bookkeeping in float64
-            acc.add(*_careful_chunk(a, _as_work(rb, bbuf, work)))
+            acc.add(*_careful_chunk(a, b))
             continue
-        sq_b, dot = sq_a + 2 * ad + sq_d, sq_a + ad
+        sq_b = sq_a + 2 * ad + sq_d
         if sq_b < 1e-2 * sq_a:  # B much smaller than A: avoid cancellation
-            b = _as_work(rb, bbuf, work)
-            sq_b, dot = torch.stack([torch.dot(b, b), torch.dot(a, b)]).tolist()
+            sq_b = float(torch.dot(b, b))
         if sq_d == 0.0:
             acc.add(sq_a, sq_b, dot, 0.0, 0.0, 0)
             continue

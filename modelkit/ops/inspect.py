@@ -24,6 +24,7 @@ from modelkit.findings import Finding, Severity, error, info, warning
 from modelkit.formats import Artifact
 from modelkit.io.files import read_json
 from modelkit.ops.open import open_artifact, open_base
+from modelkit.units import human_bytes
 
 ROLES = ("embedding", "attention", "mlp", "expert", "router", "norm", "lm_head", "lora", "other")
 
@@ -44,6 +45,7 @@ class InspectionReport:
     checkpoints: list[str] = field(default_factory=list)
     options: list[dict[str, Any]] = field(default_factory=list)   # the keywords load() accepts for it
     experts: list[dict[str, Any]] = field(default_factory=list)   # a mixture: per expert + router
+    layout_label: str = ""        # the layout as summaries show it (``layout``: the stable code)
 
     @property
     def parameters(self) -> int:
@@ -113,10 +115,9 @@ class InspectionReport:
 
     def summary(self) -> str:
         """A readable multi-line summary (what the CLI prints)."""
-        lines = [f"{self.ref}", f"  format  {self.format} ({self.layout})   folder {self.folder}"]
+        lines = [f"{self.ref}", f"  format  {self.format} ({self.layout_label or self.layout})   folder {self.folder}"]
         if self.base_model:
-            b = self.base_model
-            lines.append(f"  base    {b['name']} -> {b['path'] or 'NOT FOUND'} ({b['how']})")
+            lines.append(f"  base    {base_line(self.base_model)}")
         lines.append(f"  stored  {len(self.tensors)} tensors, {self.parameters:,} parameters, "
                      f"{human_bytes(self.bytes)}")
         for k, v in self.details.items():
@@ -164,17 +165,17 @@ def _g(v) -> str:
     return "-" if v is None else f"{v:.3g}"
 
 
+def base_line(b: dict[str, Any]) -> str:
+    """``name -> folder (how found)``, each path said once: ``/m/base (local folder)``."""
+    name, path, how = b["name"], b.get("path"), b.get("how") or ""
+    if not path:
+        return f"{name} -> NOT FOUND ({how})"
+    how = how.replace(f" {path}", "").strip()
+    return f"{path if path == name else f'{name} -> {path}'}" + (f" ({how})" if how else "")
+
+
 def _n(v) -> str:
     return "-" if v is None else str(v)
-
-
-def human_bytes(n: float) -> str:
-    """``1536`` -> ``"1.5 KB"``."""
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
 
 
 @guarded()
@@ -250,7 +251,7 @@ def inspect_artifact(artifact: Artifact, deep: bool = False, ref: str | None = N
     findings.sort(key=lambda f: order[f.severity])
     return InspectionReport(
         ref=ref or str(artifact.folder), folder=str(artifact.folder), format=artifact.format,
-        layout=artifact.layout, base_model=base_info, tensors=rows, groups=groups,
+        layout=artifact.layout, layout_label=artifact.layout_label, base_model=base_info, tensors=rows, groups=groups,
         findings=findings, details=artifact.describe(),
         options=[asdict(o) for o in artifact.options], experts=artifact.expert_rows(deep=deep),
         checkpoints=[str(p) for p in (src.checkpoints if src else [])])

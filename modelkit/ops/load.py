@@ -1,10 +1,9 @@
 """``load``: any artifact as a working transformers model, its tokenizer and a load report.
 
-Dense artifacts (plain HF, PEFT merged, compressed MoE, one DyLoRA expert with
-``expert=K``) go through their :class:`~modelkit.formats.view.TensorView` into transformers' own
-loading path (:func:`modelkit.architecture.bridge.disk_to_model`). A DyLoRA-MoE mixture, which no
-dense view can express, is built by :mod:`modelkit.models.dylora` with a documented
-``routing``. PEFT with ``merge=False`` is a real ``PeftModel`` on its base.
+An artifact goes through its :class:`~modelkit.formats.view.TensorView` into transformers'
+own loading path (:func:`modelkit.architecture.bridge.disk_to_model`), unless its format builds
+the model itself for the options given (:meth:`~modelkit.formats.base.Artifact.build_model`:
+DyLoRA-MoE's routed mixture, a PEFT adapter with ``merge=False``). This module knows no format.
 
 Nothing is dropped silently: a stored tensor the load does not consume, a tensor the
 model needs that nobody provides, a shape that does not fit, or an adapter that changes
@@ -12,23 +11,21 @@ nothing (unless ``allow_untrained=True``) is a :class:`~modelkit.errors.LoadErro
 """
 from __future__ import annotations
 
-import functools
 import json
-import warnings
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
 from modelkit.errors import BaseModelUnavailableError, LoadError, guarded
-from modelkit.findings import Finding, Severity
+from modelkit.findings import LOAD_TOLERATES, UNTRAINED_CODES, Finding, Severity
 from modelkit.formats import Artifact
+from modelkit.formats.base import BuiltModel
 from modelkit.formats.view import LazyTensor, TensorView
 from modelkit.io.files import check_files
 from modelkit.io.tensors import dtype_name, recording_reads, torch_dtype
 from modelkit.ops.open import open_artifact, open_base, split_facts
 
-UNTRAINED_CODES = ("empty-adapter", "untrained-adapter")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
                    "spiece.model", "vocab.txt")
 
@@ -55,6 +52,7 @@ class LoadReport:
     tokenizer_from: str | None = None
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    layout_label: str = ""        # the layout as summaries show it (``layout``: the stable code)
 
     def origin_counts(self) -> dict[str, int]:
         """How many model tensors each kind of origin supplied (``stored``, ``merged``, ...)."""
@@ -73,7 +71,7 @@ class LoadReport:
         return pd.DataFrame(sorted(self.origins.items()), columns=["tensor", "origin"])
 
     def summary(self) -> str:
-        lines = [f"{self.ref}", f"  format  {self.format} ({self.layout}), loaded {self.mode} as {self.dtype}"]
+        lines = [f"{self.ref}", f"  format  {self.format} ({self.layout_label or self.layout}), loaded {self.mode} as {self.dtype}"]
         if self.base:
             lines.append(f"  base    {self.base.get('name')} -> {self.base.get('path')}")
         if self.options:
@@ -122,26 +120,16 @@ def open_for_load(ref: Any, base: Any = None, facts: dict[str, Any] | None = Non
     return artifact, base_art
 
 
-def is_dylora(artifact: Artifact) -> bool:
-    """A mixture (routed; dense only one expert at a time), as its format declares."""
-    return artifact.family == "mixture"
-
-
-def is_peft(artifact: Artifact) -> bool:
-    """An adapter on a base model, as its format declares."""
-    return artifact.family == "adapter"
-
-
-def check_artifact(artifact: Artifact, base_art: Artifact | None, *, allow_untrained: bool = False,
-                   need_router: bool = False) -> list[Finding]:
+def check_artifact(artifact: Artifact, base_art: Artifact | None, *,
+                   allow_untrained: bool = False) -> list[Finding]:
     """The format's own findings; error-severity ones raise LoadError.
 
     Empty or all-zero adapters (a "trained" model that is its base) raise unless
-    ``allow_untrained``; a missing router matters only when ``need_router``. Returns the
-    warnings (and tolerated errors) for the report.
+    ``allow_untrained``; the codes in :data:`~modelkit.findings.LOAD_TOLERATES` are left to
+    the model builder (it refuses what the model it builds needs). Returns the warnings (and
+    tolerated errors) for the report.
     """
-    adapters = is_peft(artifact) or is_dylora(artifact)
-    findings = artifact.check(base_art, deep=adapters)  # adapter data is small: read it
+    findings = artifact.check(base_art, deep=artifact.family != "dense")  # adapter data is small: read it
     artifact.raise_file_errors()
     fatal, kept = [], []
     for f in findings:
@@ -151,7 +139,7 @@ def check_artifact(artifact: Artifact, base_art: Artifact | None, *, allow_untra
             continue
         if f.code in UNTRAINED_CODES and allow_untrained:
             kept.append(f)
-        elif f.code == "missing-router" and not need_router:
+        elif f.code in LOAD_TOLERATES:
             kept.append(f)
         else:
             fatal.append(f)
@@ -233,32 +221,30 @@ def load(ref: Any, base: Any = None, dtype: Any = None, device: str | None = Non
     """
     facts, format_options = split_facts(format_options)
     artifact, base_art = open_for_load(ref, base, facts)
-    artifact.check_options(format_options)  # typed error listing what this format accepts
+    if routing is not None:
+        format_options["routing"] = routing
+    if not merge:
+        format_options["merge"] = False
+    options = artifact.accept_options(format_options)  # typed error listing what this format accepts
     tdtype = torch_dtype(dtype, floating=True)
-    if routing is not None and not is_dylora(artifact):
-        raise LoadError(f"routing= applies to DyLoRA-MoE artifacts only (this is {artifact.format})",
-                        artifact.folder)
-    if routing is not None and "expert" in format_options:
-        raise LoadError("give routing='expert:K' (the routed module) or expert=K (the dense merge), "
-                        "not both", artifact.folder)
-    if not merge and not is_peft(artifact):
-        raise LoadError(f"merge=False applies to PEFT adapters only (this is {artifact.format})",
-                        artifact.folder)
-    if is_dylora(artifact) and format_options.get("alpha") is not None:
-        artifact.supply(lora_alpha=format_options.pop("alpha"))  # alpha= is the same fact: recorded as supplied
-    if is_dylora(artifact) and "expert" not in format_options:
-        router_pass = format_options.pop("router_pass", None) or "base"
-        if format_options:
-            raise LoadError(f"unknown option(s) {sorted(format_options)} for a routed DyLoRA-MoE load; "
-                            "it takes routing=, router_pass=, lora_alpha=, lora_r= (or expert=K for "
-                            "the dense merge)", artifact.folder)
-        model, report = _load_routed(artifact, base_art, tdtype, routing or "router", allow_untrained,
-                                     router_pass)
-    elif not merge:
-        model, report = _load_peft_unmerged(artifact, base_art, tdtype, allow_untrained)
-    else:
-        model, report = _load_dense(artifact, base_art, tdtype, allow_untrained, **format_options)
-    report.ref = str(ref)
+    findings = check_artifact(artifact, base_art, allow_untrained=allow_untrained)
+
+    def load_dense(art: Artifact) -> BuiltModel:  # what a format building on a base loads it with
+        checked = check_artifact(art, None)
+        return replace(_dense(art, None, tdtype), findings=checked)
+
+    with recording_reads() as seen:
+        built = (artifact.build_model(base_art, dtype=tdtype, allow_untrained=allow_untrained,
+                                      load_dense=load_dense, **options)
+                 or _dense(artifact, base_art, tdtype, **options))
+    model = built.model
+    report = LoadReport(ref=str(ref), folder=str(artifact.folder), format=artifact.format,
+                        layout=artifact.layout, layout_label=artifact.layout_label, mode=built.mode,
+                        dtype=dtype_name(tdtype or model.dtype),
+                        base=artifact.base.record() if artifact.base else None, options=dict(built.options), origins=dict(built.origins),
+                        tied=list(built.tied), notes=list(built.notes),
+                        warnings=[f"{f.code}: {f.message}" for f in findings + list(built.findings)])
+    report.consumed, report.unused = split_consumed(artifact, seen)
     supplied = _supplied(artifact, base)
     if supplied:
         report.options["supplied"] = supplied
@@ -282,22 +268,26 @@ def _supplied(artifact: Artifact, base: Any) -> dict[str, Any]:
     return out
 
 
-def _new_report(artifact: Artifact, mode: str, dtype, options: dict, findings: list[Finding]) -> LoadReport:
-    return LoadReport(ref=str(artifact.folder), folder=str(artifact.folder), format=artifact.format,
-                      layout=artifact.layout, mode=mode, dtype=dtype_name(dtype),
-                      base=artifact.base.record() if artifact.base else None, options=dict(options),
-                      warnings=[f"{f.code}: {f.message}" for f in findings])
-
-
 def load_dense_model(dv: DenseView, dtype, device: str | None = None):
     """``disk_to_model`` over a checked dense view; LoadError unless every tensor landed."""
     from modelkit.architecture.bridge import disk_to_model
+    from modelkit.progress import check_cancelled, phase
 
     # computed tensors (compressed experts) are produced in the dtype asked for, never
     # rounded to a lower declared dtype first
-    producers = {n: functools.partial(t.produce_as, dtype) for n, t in dv.tensors.items()}
+    def producer(t, bar):
+        def produce():
+            out = t.produce_as(dtype)
+            bar.update(1, check=False)   # inside transformers' loading: cancelled after it
+            return out
+        return produce
+
     shapes = {n: tuple(t.shape) for n, t in dv.tensors.items()}
-    model, info = disk_to_model(dv.config, producers, dtype, device=device, shapes=shapes)
+    # progress only where a display asks for it (a panel): load is a step of many callers
+    with phase("load", total=len(dv.tensors), unit="tensors", show=False) as bar:
+        producers = {n: producer(t, bar) for n, t in dv.tensors.items()}
+        model, info = disk_to_model(dv.config, producers, dtype, device=device, shapes=shapes)
+        check_cancelled()
     if not info.ok:
         details = [f"{k}: {_few([str(x) for x in v])}" for k, v in (
             ("missing", info.missing), ("unexpected", info.unexpected), ("mismatched", info.mismatched),
@@ -308,93 +298,14 @@ def load_dense_model(dv: DenseView, dtype, device: str | None = None):
     return model
 
 
-def _load_dense(artifact: Artifact, base_art: Artifact | None, dtype, allow_untrained: bool,
-                **options) -> tuple[Any, LoadReport]:
-    findings = check_artifact(artifact, base_art, allow_untrained=allow_untrained)
+def _dense(artifact: Artifact, base_art: Artifact | None, dtype, **options) -> BuiltModel:
+    """The artifact's checked dense view filled into its standard model."""
     dv = dense_view(artifact, base_art, **options)
     if dtype is None:
         dtype = torch_dtype(getattr(dv.config, "dtype", None) or "float32", floating=True)
-    with recording_reads() as seen:
-        model = load_dense_model(dv, dtype)
-    report = _new_report(artifact, "dense", dtype, options, findings)
-    report.origins = {n: t.origin for n, t in dv.tensors.items()}
-    report.consumed, report.unused = split_consumed(artifact, seen)
-    if report.unused and is_dylora(artifact):
-        report.notes.append(f"{len(report.unused)} stored tensor(s) of the other experts and the router "
-                            "are not part of this one-expert dense model")
-    report.tied = dv.tied
-    report.notes += dv.notes
-    return model, report
-
-
-def _load_routed(artifact: Artifact, base_art: Artifact | None, dtype, routing: str,
-                 allow_untrained: bool, router_pass: str = "base") -> tuple[Any, LoadReport]:
-    from modelkit.models.dylora import build_dylora_model
-
-    findings = check_artifact(artifact, base_art, allow_untrained=allow_untrained,
-                              need_router=not str(routing).startswith("expert:"))
-    with recording_reads() as seen:
-        model = build_dylora_model(artifact, base_art, routing=routing, dtype=dtype,
-                                   allow_empty_experts=allow_untrained, router_pass=router_pass)
-    options = {"routing": routing} | ({"router_pass": router_pass} if router_pass != "base" else {})
-    report = _new_report(artifact, "routed", dtype or getattr(model, "dtype", "float32"), options, findings)
-    report.origins = _routed_origins(artifact, base_art, model)
-    report.consumed, report.unused = split_consumed(artifact, seen)
-    from modelkit.models.dylora import describe_routing
-
-    report.notes.append(f"routing={routing}: {describe_routing(routing)}")
-    return model, report
-
-
-def _routed_origins(artifact: Artifact, base_art: Artifact | None, model) -> dict[str, str]:
-    """Origins of the routed module's tensors: the module's own report when it keeps one,
-    else the base view's origins plus the artifact's stored adapter and router tensors."""
-    own = getattr(model, "origins", None)
-    if isinstance(own, dict) and own:
-        return dict(own)
-    origins = {n: t.origin for n, t in base_art.view().tensors.items()} if base_art is not None else {}
-    for t in artifact.stored():
-        origins[t.name] = f"stored:{t.file}"
-    return origins
-
-
-def _load_peft_unmerged(artifact: Artifact, base_art: Artifact | None, dtype,
-                        allow_untrained: bool) -> tuple[Any, LoadReport]:
-    from peft import PeftConfig, PeftModel, set_peft_model_state_dict
-
-    findings = check_artifact(artifact, base_art, allow_untrained=allow_untrained)
-    if base_art is None:
-        raise BaseModelUnavailableError("a PEFT adapter needs its base model; pass base=", artifact.folder)
-    base_findings = check_artifact(base_art, None)
-    dv = dense_view(base_art, None)
-    if dtype is None:
-        dtype = torch_dtype(getattr(dv.config, "dtype", None) or "float32", floating=True)
-    base_model = load_dense_model(dv, dtype)
-    config = PeftConfig.from_pretrained(str(artifact.folder))
-    config.inference_mode = True
-    with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
-        warnings.simplefilter("ignore", FutureWarning)
-        model = PeftModel(base_model, config, adapter_name="default")
-    stored = artifact.stored()
-    with recording_reads() as seen:
-        weights = {t.name: artifact.file(t.file).read(t.key) for t in stored}
-    result = set_peft_model_state_dict(model, weights, adapter_name="default")
-    unexpected = list(result.unexpected_keys)
-    missing = [k for k in result.missing_keys if ".lora_" in k and ".default" in k]
-    if unexpected or missing:
-        raise LoadError("the adapter does not fit its base: "
-                        + "; ".join(p for p in (
-                            f"{len(unexpected)} stored tensor(s) unused: {_few(unexpected)}" if unexpected else "",
-                            f"{len(missing)} LoRA tensor(s) not provided: {_few(missing)}" if missing else "") if p),
-                        artifact.folder)
-    model = model.to(dtype)
-    report = _new_report(artifact, "peft-unmerged", dtype, {"merge": False}, findings + base_findings)
-    report.origins = {f"base_model.model.{n}": t.origin for n, t in dv.tensors.items()}
-    for t in stored:
-        report.origins[t.name] = f"stored:{t.file}"
-    report.consumed, report.unused = split_consumed(artifact, seen)
-    report.tied = dv.tied
-    return model, report
+    model = load_dense_model(dv, dtype)
+    return BuiltModel(model, "dense", dict(options), {n: t.origin for n, t in dv.tensors.items()},
+                      notes=list(dv.notes), tied=list(dv.tied))
 
 
 # --------------------------------------------------------------------------- tokenizer

@@ -39,7 +39,7 @@ def card_text(part: "ExportResult", artifact: "Artifact", what: str) -> str:
     import modelkit
     from huggingface_hub import ModelCardData
 
-    from modelkit.ops.inspect import human_bytes
+    from modelkit.units import human_bytes
 
     base = artifact.base.name if artifact.base is not None else None
     lineage = hub_id(base)

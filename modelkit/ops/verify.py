@@ -2,7 +2,8 @@
 
 The exported folder is reloaded with plain ``AutoModelForCausalLM.from_pretrained`` (no
 modelkit code on its path) and its logits on fixed prompts are compared with a reference
-of the source built through an independent path where there is one: a format's own
+of the source built through an independent path where there is one (which, the format
+says: :meth:`~modelkit.formats.base.Artifact.export_targets`): a format's own
 ``Artifact.reference_model`` (compressed MoE: the stored low-rank form materialised in
 float64 from plain ``torch.load`` reads, never through the view the export used), a
 DyLoRA expert K through the routed module with ``routing="expert:K"``, a PEFT adapter
@@ -44,7 +45,10 @@ import contextlib
 import gc
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:  # pragma: no cover
+    from modelkit.formats.base import Artifact, ExportTarget
 
 PROMPTS = (
     "def add(a, b):\n    return a + b",
@@ -172,18 +176,19 @@ def dense_rounded(model, dtype: str):
     with torch.no_grad():
         for p in model.parameters():
             if p.is_floating_point():
-                p.data = p.data.to(low).float()
+                p.copy_(p.to(low))  # in place: never a second copy of the model
     return model.float().eval()
 
 
 def verify_folder(folder: Path, make_reference: Callable[[], tuple[Any, str]], *, dtype: str,
-                  tolerance: float | None = None) -> Verification:
+                  tolerance: float | None = None, step: Callable[[str], None] = lambda note: None) -> Verification:
     """Compare ``folder`` (stock transformers) with the reference ``make_reference()`` returns
     (``(model, how it was made)``: the float32 source, or an independent float64 one) and, for
     a low-precision export, with that reference made dense and rounded to ``dtype``.
 
     The reference is built, run and freed before the export is loaded (a callable, so that
-    nothing else holds it): one of the two models is in memory at a time."""
+    nothing else holds it): one of the two models is in memory at a time. ``step(note)``
+    once the reference has run and once the export is loaded (progress)."""
     import torch
 
     ids = folder_prompt_ids(folder)
@@ -200,8 +205,10 @@ def verify_folder(folder: Path, make_reference: Callable[[], tuple[Any, str]], *
             rounded_how = f"the reference made dense by its own merge, weights rounded to {dtype}"
     del reference_model
     gc.collect()  # the reference's memory is free before the export is loaded
+    step("loading the export with stock transformers")
 
     exported, info = load_stock(folder)
+    step("comparing logits")
     problems = {k: v for k, v in info.items() if v and k != "error_msgs"}
     max_diff, max_logit, rounded_diff, agree, tokens = 0.0, 0.0, 0.0, 0, 0
     with torch.no_grad():
@@ -227,25 +234,24 @@ def verify_folder(folder: Path, make_reference: Callable[[], tuple[Any, str]], *
                         FP32_TOLERANCE if rounded is not None else None, rounded_how, problems or None)
 
 
-def source_reference(ref: Any, artifact, *, expert: int | None, allow_untrained: bool,
+def source_reference(ref: Any, artifact: "Artifact", target: "ExportTarget", *, allow_untrained: bool,
                      **options: Any) -> tuple[Any, str]:
     """``(model, how it was made)``: the reference of the source :func:`verify_folder` compares
-    an export with, by the most independent path the artifact offers (see the module docstring).
+    an export with, by the most independent path the artifact offers: the export target's
+    own (:attr:`~modelkit.formats.base.ExportTarget.reference`, load keywords of a second
+    path: PEFT unmerged, one DyLoRA expert through the routed module), else the format's
+    float64 :meth:`~modelkit.formats.base.Artifact.reference_model`, else :func:`modelkit.load`.
     ``options``: ``base=`` and the format's options, as given to the export."""
     import torch
 
-    from modelkit.ops.load import is_peft, load
+    from modelkit.ops.load import load
 
-    fmt = {k: v for k, v in options.items() if k != "base"}
-    common = {"allow_untrained": allow_untrained, **options}
-    if expert is not None:
-        return (load(ref, dtype=torch.float32, routing=f"expert:{expert}", **common).model,
-                f"modelkit.load(routing='expert:{expert}')")
-    if is_peft(artifact):
-        return (load(ref, dtype=torch.float32, merge=False, **common).model,
-                "modelkit.load(merge=False): PEFT's own forward on the base")
+    fmt = {k: v for k, v in options.items() if k != "base" and k not in target.options}
+    common = {"allow_untrained": allow_untrained, **{k: v for k, v in options.items() if k not in target.options}}
+    if target.reference is not None:
+        return load(ref, dtype=torch.float32, **common, **target.reference).model, target.reference_how
     independent = artifact.reference_model(**fmt)
     if independent is not None:  # the stored form by a second path, in float64
         model, how = independent
         return model, f"independent float64 reference: {how}"
-    return load(ref, dtype=torch.float32, **common).model, "modelkit.load()"
+    return load(ref, dtype=torch.float32, **common, **target.options).model, "modelkit.load()"

@@ -630,9 +630,8 @@ class WatchResult:
         return 1 if any(e.status in ("failed", "rejected") for e in self.entries) else 0
 
     def summary(self) -> str:
-        counts = self.counts()
-        label = "PROBLEMS" if self.exit_code else "OK" if counts else "NOTHING YET"
-        head = (f"{label}: " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no checkpoint found")
+        counts = self.counts()   # the verdict (OK / PROBLEMS / NOTHING YET) is modelkit.verdicts'
+        head = ((", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no checkpoint found")
                 + f" — watch of {self.run_dir}; tasks {', '.join(self.tasks)}, limit {self.settings.get('limit')}")
         lines = [head, f"  state   {self.state_dir}"] + ([f"  W&B run {self.wandb_run}"] if self.wandb_run else [])
         if self.baseline is not None and self.baseline.result:

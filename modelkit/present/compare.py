@@ -140,3 +140,8 @@ def _png(fig):
 def _plain(frame):
     """Columns W&B tables accept: None instead of NaN, plain Python scalars."""
     return frame.astype(object).where(frame.notna(), None)
+
+
+def metric_label(m: dict) -> str:
+    """A metric as tables name it: ``acc``, or ``exact_match (strict-match)`` for a filtered one."""
+    return m["metric"] if m["filter"] in ("none", None) else f"{m['metric']} ({m['filter']})"

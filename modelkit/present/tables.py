@@ -42,7 +42,7 @@ class Note(str):
 def human_bytes(n: Any) -> str:
     """``1536`` -> ``"1.5 KB"``: the kit's one byte format (as every summary prints it);
     blank for missing."""
-    from modelkit.ops.inspect import human_bytes as fmt
+    from modelkit.units import human_bytes as fmt
 
     if n is None or (isinstance(n, float) and math.isnan(n)):
         return ""

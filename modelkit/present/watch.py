@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from modelkit.present.compare import _plain, _png, wandb_mode
+from modelkit.present.compare import _plain, _png, metric_label, wandb_mode
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -87,14 +87,12 @@ class WandbLog:
         self.logged: set[str] = set()
 
     def baseline(self, result: "WatchResult") -> None:
-        from modelkit.ops.compare import _metric_label
-
         run = result.baseline.result["runs"] if result.baseline and result.baseline.result else {}
         for task, r in run.items():
             for leaf, data in r["leaves"].items():
                 for m in data["metrics"].values():
                     if m["value"] is not None:
-                        self.run.summary[f"baseline/{leaf}/{_metric_label(m)}"] = m["value"]
+                        self.run.summary[f"baseline/{leaf}/{metric_label(m)}"] = m["value"]
 
     def checkpoint(self, result: "WatchResult", name: str) -> None:
         """Log ``name``'s rows of the result's table (once per checkpoint)."""

@@ -149,8 +149,14 @@ def _watch(args: argparse.Namespace) -> int:
                    engine_options=_options(args.engine_option) or None)
     if args.plot:
         result.plot(args.plot)
-    print(result.to_json(indent=1) if args.json else result.summary())
-    return result.exit_code
+    if args.json:
+        print(result.to_json(indent=1))
+    else:
+        from modelkit.verdicts import verdict_of
+
+        print(verdict_of(result).line())
+        print(result.summary())
+    return _verdict_code(result)
 
 
 def _report(args: argparse.Namespace) -> int:

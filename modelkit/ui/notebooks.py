@@ -131,12 +131,16 @@ def scratch_folder() -> str:
 
 def relative_paths(text: str) -> str:
     """Absolute paths under the current folder shown relative to it, under home as ``~``,
-    a :func:`scratch_folder` as ``(temporary folder)``."""
+    a :func:`scratch_folder` as ``(temporary folder)``, modelkit's cache (a watch's
+    ledger) as ``(modelkit cache)``."""
     import re
     import tempfile
 
+    from modelkit.io.sources import cache_dir
+
     text = re.sub(re.escape(tempfile.gettempdir().rstrip("/") + "/" + SCRATCH_PREFIX) + r"[\w-]+",
                   "(temporary folder)", text)
+    text = text.replace(str(cache_dir()) + "/", "(modelkit cache)/")
     cwd, home = str(Path.cwd()), str(Path.home())
     if cwd not in ("/", ""):
         text = text.replace(cwd + "/", "")

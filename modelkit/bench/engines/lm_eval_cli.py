@@ -120,14 +120,8 @@ class LmEvalEngine(Engine):
     def choose(self, job: EvalJob, workdir: Path) -> Prepared:
         """How the CLI will see ``job``'s model (nothing written yet; an export goes to
         ``workdir/model``)."""
-        from modelkit.ops.export import default_dtype
-        from modelkit.ops.load import (
-            check_artifact,
-            dense_view,
-            is_dylora,
-            is_peft,
-            open_for_load,
-        )
+        from modelkit.io.shards import default_dtype
+        from modelkit.ops.load import check_artifact, dense_view, open_for_load
 
         opts = dict(job.options)
         view_opts = {k: v for k, v in opts.items() if k not in LOAD_ONLY_OPTIONS}
@@ -138,7 +132,7 @@ class LmEvalEngine(Engine):
         if artifact.fingerprint != job.artifact_fingerprint:
             raise CompareError(f"the {job.role} model changed on disk since it was identified (fingerprint "
                                f"{artifact.fingerprint}, expected {job.artifact_fingerprint})", artifact.folder)
-        if is_dylora(artifact) and "expert" not in view_opts:
+        if artifact.family == "mixture" and "expert" not in view_opts:
             raise CompareError(f"the {job.role} model is a routed DyLoRA-MoE mixture, which no lm-eval backend "
                                "can run: evaluate it with --engine inprocess, or one expert with expert=K "
                                "(exported and verified for the CLI)", artifact.folder)
@@ -146,7 +140,7 @@ class LmEvalEngine(Engine):
 
         def as_is(art) -> bool:
             """Every tensor of the standard model stored under its own name in safetensors."""
-            if is_peft(art) or is_dylora(art):
+            if art.family != "dense":  # a view that merges or picks is not stored as-is
                 return False
             try:
                 dv = dense_view(art, None)
@@ -159,7 +153,7 @@ class LmEvalEngine(Engine):
             dtype = dtype or dtype_name(default_dtype(dense_view(artifact, None).tensors))
             return Prepared("as-is", str(artifact.folder), dtype=dtype,
                             fingerprints={str(artifact.folder): artifact.fingerprint})
-        if (self.backend == "hf" and is_peft(artifact) and set(view_opts) <= {"merge"} and base_art is not None
+        if (self.backend == "hf" and artifact.family == "adapter" and set(view_opts) <= {"merge"} and base_art is not None
                 and as_is(base_art) and not check_artifact(artifact, base_art)):
             dtype = dtype or dtype_name(default_dtype(dense_view(base_art, None).tensors))
             return Prepared("peft", str(base_art.folder), peft=str(artifact.folder), dtype=dtype,

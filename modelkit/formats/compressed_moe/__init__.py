@@ -62,6 +62,7 @@ from modelkit.formats.view import LazyTensor, TensorView, stored_tensor
 from modelkit.io import files
 from modelkit.io.checkpoints import checkpoint_folders, checkpoint_step
 from modelkit.io.tensors import FLOAT_DTYPES, PickleFile, StoredTensor, torch_dtype
+from modelkit.units import human_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -809,6 +810,12 @@ class CompressedMoEArtifact(Artifact):
             return materialize(self._read(core), *(self._read(w[p]) for p in WRAPPER_PARTS), dtype=dtype)
         return produce
 
+    def bulk_production(self):
+        """Experts computed in batches while a consumer walks every expert in order (export)."""
+        from modelkit.formats.compressed_moe.lowrank import batched_experts
+
+        return batched_experts()
+
     def _batches(self, g: CompressedLayer):
         """The group's :class:`~modelkit.formats.compressed_moe.lowrank.ExpertBatches`: experts
         from the shared core, whose two products with the wrappers are shared by a batch.
@@ -1057,7 +1064,7 @@ class CompressedMoEArtifact(Artifact):
             wasted = sum(t.nbytes for _, t in copies)
             files = sorted({t.file for _, t in copies})
             msg = (f"{len(copies)} per-expert copies of the shared cores are stored ({', '.join(files)}), "
-                   f"{_human(wasted)} wasted: each expert's `core` buffer, left in the state dict after a "
+                   f"{human_bytes(wasted)} wasted: each expert's `core` buffer, left in the state dict after a "
                    "device move. The view uses the shared core and ignores them")
             if deep:
                 differ = self._differing_copies(copies)
@@ -1065,7 +1072,7 @@ class CompressedMoEArtifact(Artifact):
                         "model used is ambiguous" if differ else "; every copy equals its shared core")
             out.append(warning("duplicated-buffers", msg, [t.name for _, t in copies]))
         if dups:
-            wasted = _human(sum(t.nbytes for t in dups))
+            wasted = human_bytes(sum(t.nbytes for t in dups))
             out.append(warning("duplicated-buffers",
                                f"{len(dups)} compressed tensor(s) are stored twice (a layer file and in-memory "
                                f"names in {NON_MOE}); the layer file's are used, {wasted} wasted",
@@ -1253,14 +1260,6 @@ def _proj_sorted(projs) -> list[str]:
 
 def _natural(name: str):
     return [int(p) if p.isdigit() else p for p in name.split(".")]
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 # --------------------------------------------------------------------------- detection

@@ -1,6 +1,7 @@
-"""Shared widget bits: a run button that shows its verdict, progress, errors (one line,
-details collapsed), a collapsed library log and timing, and helpers that put tables,
-figures and text into ``Output`` areas.
+"""Shared widget bits: a run button that shows its verdict, progress (one bar per phase,
+see :mod:`modelkit.progress`), a Cancel button, errors (one line, details collapsed), a
+collapsed library log and timing, and helpers that put tables, figures and text into
+``Output`` areas.
 
 Results are written with ``Output.outputs`` directly (not ``with out: display(...)``), so
 what a click displays is the same in JupyterLab, in papermill's saved widget state and in
@@ -9,16 +10,18 @@ a plain pytest process without a kernel.
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import io
 import json
+import threading
 import time
 import traceback
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import ipywidgets as widgets
 
-from modelkit.errors import ModelkitError
+from modelkit.errors import Cancelled, ModelkitError
 
 TEXT_WIDTH = 300   # characters of a table cell shown before "..."
 LINE_WIDTH = 220   # characters of an error message shown on its line (all of it: under "details")
@@ -97,6 +100,7 @@ HINTS = {  # what to do about each kind of error (the message says what is wrong
                         "(e.g. lora_alpha=16), or --lora-alpha on the CLI.",
     "UnknownOptionError": "Remove it, or use one of the options the message lists.",
     "LoadError": "Inspect the artifact (deep) to see what it lacks.",
+    "Cancelled": "Nothing was kept from this run: no output folder, no temporary files.",
 }
 UNTRAINED_HINT = "Tick 'allow untrained' to use it anyway (its scores would be the base model's)."
 
@@ -123,7 +127,7 @@ def hint_for(exc: BaseException) -> str:
 def error_line(exc: BaseException) -> str:
     """The one line a user reads: the error class and its message (without the path it
     names, shown beside it), cut at :data:`LINE_WIDTH` characters (all of it: "details")."""
-    if isinstance(exc, KeyboardInterrupt):
+    if isinstance(exc, (KeyboardInterrupt, Cancelled)):
         return "Cancelled"
     message = exc.problem if isinstance(exc, ModelkitError) and exc.path else str(exc)
     first = " ".join(line.strip() for line in message.strip().splitlines() if line.strip())
@@ -152,78 +156,208 @@ def error_html(exc: BaseException) -> str:
             f"<pre style='font-size:11px;white-space:pre-wrap;color:#333'>{more}</pre></details></div>")
 
 
+class PhaseBars(widgets.VBox):
+    """A panel's progress display (a :class:`modelkit.progress.Display`): one bar and
+    one line of text per phase name (a phase run again reuses its row), green when done,
+    orange when cancelled, red when failed. Updated from the worker thread, at most
+    every :attr:`INTERVAL` seconds per phase (and always at a phase's start and end)."""
+
+    INTERVAL = 0.1
+    STYLES = {"done": "success", "cancelled": "warning", "failed": "danger"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_class("mk-progress")
+        self._rows: dict[str, tuple[widgets.FloatProgress, widgets.HTML]] = {}
+        self._drawn: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def clear(self) -> None:
+        with self._lock:
+            self.children, self._rows, self._drawn = (), {}, {}
+
+    def text(self) -> str:
+        """Every phase's line, for tests and logs."""
+        return "\n".join(label.value for _, label in self._rows.values())
+
+    def start(self, phase) -> None:
+        with self._lock:
+            if phase.name not in self._rows:
+                bar = widgets.FloatProgress(min=0, max=1, layout=widgets.Layout(width="30%"))
+                label = widgets.HTML()
+                label.add_class("mk-phase-text")
+                row = widgets.HBox([bar, label])
+                row.add_class("mk-phase")
+                self._rows[phase.name] = (bar, label)
+                self.children = (*self.children, row)
+        self._draw(phase, force=True)
+
+    def update(self, phase) -> None:
+        self._draw(phase)
+
+    def close(self, phase) -> None:
+        self._draw(phase, force=True)
+
+    def _draw(self, phase, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._drawn.get(phase.name, 0.0) < self.INTERVAL:
+            return
+        self._drawn[phase.name] = now
+        bar, label = self._rows[phase.name]
+        bar.max = phase.total or 1
+        bar.value = min(phase.done, bar.max) if phase.total else (1 if phase.state == "done" else 0)
+        bar.bar_style = self.STYLES.get(phase.state, "info")
+        suffix = "" if phase.state in ("running", "done") else f" — {phase.state}"
+        label.value = f"<span style='font-size:12px'>{html.escape(phase.text() + suffix)}</span>"
+
+
+def _outputs_under(widget: widgets.Widget) -> Iterator[widgets.Output]:
+    if isinstance(widget, widgets.Output):
+        yield widget
+    for child in getattr(widget, "children", ()):
+        yield from _outputs_under(child)
+
+
 class RunButton(widgets.VBox):
     """A button that runs ``action()`` and hands its result to ``on_result(result)``.
 
-    Shown top to bottom: the button and its status, the coloured verdict line of the
-    result (``verdict(result)``), the one-line error with what to do, modelkit's own
-    progress bars, and a collapsed log of what libraries printed meanwhile. Any exception
-    (from ``action`` or ``on_result``, a kernel interrupt included) is shown in ``error``
-    and kept in ``exception``, never left to the callback machinery or to
-    ``Output.__exit__``, which in a live kernel prints a traceback and swallows it.
+    Shown top to bottom: the button (and, when ``cancellable``, a Cancel button) and its
+    status, the coloured verdict line of the result (``verdict(result)``), the one-line
+    error with what to do, one progress bar per phase of the work, and a collapsed log
+    of what libraries printed meanwhile. ``results`` (the panel's tabs) is emptied and
+    hidden when a run starts and shown again only when it succeeds: an error never sits
+    beside the previous run's tables. Any exception (from ``action`` or ``on_result``, a
+    kernel interrupt or a cancel included) is shown in ``error`` and kept in
+    ``exception``, never left to the callback machinery or to ``Output.__exit__``, which
+    in a live kernel prints a traceback and swallows it.
+
+    A click on a ``cancellable`` button runs the action in a worker thread (:meth:`start`),
+    so the kernel stays free to take the Cancel click; the action stops at its next
+    progress step with :class:`~modelkit.errors.Cancelled` and unwinds like after an error.
+    :meth:`run` always runs in the calling thread (tests, scripts).
     """
 
     def __init__(self, description: str, action: Callable[[], Any],
                  on_result: Callable[[Any], None], icon: str = "play", tooltip: str = "",
-                 verdict: Callable[[Any], Any] | None = None):
+                 verdict: Callable[[Any], Any] | None = None, results: widgets.Widget | None = None,
+                 cancellable: bool = False):
         self.action = action
         self.on_result = on_result
         self.verdict_of = verdict
+        self.results = results
+        self.cancellable = cancellable
         self.button = widgets.Button(description=description, icon=icon, tooltip=tooltip,
                                      button_style="primary")
         self.button.add_class("mk-run")
+        self.cancel_button = widgets.Button(description="Cancel", icon="stop", button_style="warning",
+                                            tooltip="stop at the next step; nothing is kept",
+                                            layout=widgets.Layout(display="none"))
+        self.cancel_button.add_class("mk-cancel")
+        self.cancel_button.on_click(lambda _: self.cancel())
         self.status = widgets.HTML()
         self.status.add_class("mk-status")
         self.verdict = widgets.HTML()
         self.verdict.add_class("mk-verdict-area")
-        self.progress = widgets.Output()
-        self.progress.add_class("mk-progress")
+        self.progress = PhaseBars()
+        self.displays = widgets.Output()   # what a library display()s meanwhile (kept out of the cell)
         self.error = widgets.HTML()
         self.error.add_class("mk-error")
         self.library_log = widgets.HTML()
         self.library_log.add_class("mk-log-area")
         self.result: Any = None
         self.exception: BaseException | None = None
-        self.button.on_click(lambda _: self.run())
-        super().__init__([widgets.HBox([self.button, self.status]), self.verdict, self.error,
-                          self.progress, self.library_log])
+        self.thread: threading.Thread | None = None
+        self._cancel = threading.Event()
+        self.button.on_click(lambda _: self.start())
+        if results is not None:
+            results.layout.display = "none"   # nothing to show before the first run
+        super().__init__([widgets.HBox([self.button, self.cancel_button, self.status]), self.verdict,
+                          self.error, self.progress, self.library_log])
+
+    @property
+    def running(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def start(self) -> None:
+        """What a click does: :meth:`run` in a worker thread when ``cancellable``, else now."""
+        if not self.cancellable:
+            self.run()
+            return
+        if self.running:
+            return
+        self.button.disabled = True
+        self.thread = threading.Thread(target=self.run, name="modelkit-panel", daemon=True)
+        self.thread.start()
+
+    def cancel(self) -> None:
+        """What Cancel does: the running action stops at its next step."""
+        self._cancel.set()
+        self.cancel_button.disabled = True
+        self.status.value = "<i>cancelling at the next step…</i>"
+
+    def join(self, timeout: float | None = None) -> Any:
+        """Wait for a run begun by :meth:`start`; its result (None on failure or while running)."""
+        if self.thread is not None:
+            self.thread.join(timeout)
+        return self.result
+
+    def _clear_results(self) -> None:
+        if self.results is not None:
+            self.results.layout.display = "none"
+            for out in _outputs_under(self.results):
+                out.outputs = ()
 
     def run(self) -> Any:
-        """Run the action now (what a click does); returns its result, None on failure."""
+        """Run the action in this thread; returns its result, None on failure."""
         from modelkit.present.tables import verdict_html
+        from modelkit.progress import reporting
         from modelkit.quiet import captured
 
         self.button.disabled = True
-        self.progress.outputs = ()
+        self._cancel.clear()
+        self.cancel_button.disabled = False
+        self.cancel_button.layout.display = "" if self.cancellable else "none"
+        self.progress.clear()
+        self._clear_results()
         self.error.value = self.verdict.value = self.library_log.value = ""
         self.exception = self.result = None
-        self.status.value = "<i>running… (to cancel: interrupt the kernel, ■)</i>"
+        self.status.value = ("<i>running…</i>" if self.cancellable
+                             else "<i>running… (to cancel: interrupt the kernel, ■)</i>")
         t0 = time.perf_counter()
         failure: BaseException | None = None
         result = None
+        # displays are caught by an Output context only in the kernel's own thread (an
+        # Output captures by the message being handled; a worker thread has none)
+        catch = self.displays if threading.current_thread() is threading.main_thread() else contextlib.nullcontext()
+        log = None
         try:
             # the try is INSIDE the Output context: an exception must never reach
             # Output.__exit__, which in a kernel would print it and swallow it
-            with self.progress:
+            with catch:
                 try:
-                    with captured() as log:
+                    with captured() as log, reporting(self.progress, self._cancel):
                         result = self.action()
                 except (Exception, KeyboardInterrupt) as e:
                     failure = e
-            self.library_log.value = log.html()
+            self.library_log.value = log.html() if log is not None else ""
             if failure is None:
                 self.on_result(result)
                 if self.verdict_of is not None:
                     self.verdict.value = verdict_html(self.verdict_of(result))
+                if self.results is not None:
+                    self.results.layout.display = ""
         except (Exception, KeyboardInterrupt) as e:  # from on_result: shown like the rest
             failure = e
         finally:
             self.button.disabled = False
+            self.cancel_button.layout.display = "none"
         seconds = time.perf_counter() - t0
         if failure is not None:
+            self._clear_results()
+            self.verdict.value = ""
             self.exception = failure
             self.error.value = error_html(failure)
-            word = "cancelled" if isinstance(failure, KeyboardInterrupt) else "failed"
+            word = "cancelled" if isinstance(failure, (KeyboardInterrupt, Cancelled)) else "failed"
             self.status.value = f"<span style='color:#b00020'>{word} after {seconds:.1f} s</span>"
             return None
         self.result = result
@@ -237,8 +371,7 @@ def optional(text: str) -> str | None:
     return text or None
 
 
-OPTIONS_HELP = ("lora_alpha=16, lora_r=8 (DyLoRA-MoE facts the artifact does not record), "
-                "core=shared (compressed MoE), expert=0 ...")
+OPTIONS_HELP = "lora_alpha=16, lora_r=8 (unrecorded facts), core=shared, expert=0"
 FACTS_HELP = "lora_alpha=16, lora_r=8: DyLoRA-MoE facts the artifact does not record"
 
 
@@ -308,5 +441,13 @@ class Panel(widgets.VBox):
         return self.runner.result
 
     def run(self) -> Any:
-        """What a click does: compute and display (errors are shown in the panel)."""
+        """Compute and display now, in this thread (errors are shown in the panel)."""
         return self.runner.run()
+
+    def start(self) -> None:
+        """What a click does (a cancellable panel works in a thread: see :meth:`RunButton.start`)."""
+        self.runner.start()
+
+    def cancel(self) -> None:
+        """What the Cancel button does."""
+        self.runner.cancel()

@@ -36,7 +36,7 @@ class ComparePanel(Panel):
         def options_field(label: str, given: dict | None) -> widgets.Text:
             field = widgets.Text(value=options_text(given),
                                  description=label, layout=wide,
-                                 placeholder=f"optional: base=FOLDER, {OPTIONS_HELP}, routing=token")
+                                 placeholder=f"optional: base=FOLDER, {OPTIONS_HELP}")
             field.add_class("mk-options")
             return field
 
@@ -70,17 +70,16 @@ class ComparePanel(Panel):
         self.disagreements = widgets.VBox([self.search, widgets.HBox([self.winner, self.task_filter]),
                                            self.disagreement_table])
         self.plot = widgets.Output()
+        results = tabs(results=self.table, plot=self.plot, disagreements=self.disagreements,
+                       markdown=self.markdown, summary=self.summary)
         self.runner = RunButton("Compare", self._evaluate, self._show, icon="balance-scale",
-                                tooltip="evaluate base and trained on the tasks", verdict=verdict_of)
+                                tooltip="evaluate base and trained on the tasks", verdict=verdict_of,
+                                results=results)
         super().__init__([self.picker_base, self.options_base, self.picker_trained, self.options_trained, self.tasks,
-                          self.limit, self.include_path, self.runner,
-                          tabs(results=self.table, plot=self.plot, disagreements=self.disagreements,
-                               markdown=self.markdown, summary=self.summary)])
+                          self.limit, self.include_path, self.runner, results])
         self.add_class("mk-compare")
 
     def _evaluate(self) -> "modelkit.CompareResult":
-        for out in (self.summary, self.table, self.disagreement_table, self.plot, self.markdown):
-            out.outputs = ()
         self._result = None
         base, trained = self.picker_base.value, self.picker_trained.value
         tasks = [t.strip() for t in self.tasks.value.split(",") if t.strip()]

@@ -41,6 +41,8 @@ class DiffPanel(Panel):
                                       placeholder=f"optional: {OPTIONS_HELP}")
         self.options_b = widgets.Text(value=options_text(options_b), description="options B", layout=wide,
                                       placeholder=f"optional: {OPTIONS_HELP}")
+        for field in (self.options_a, self.options_b):
+            field.add_class("mk-options")
         self.rank = widgets.Checkbox(value=rank, description="effective rank of 2-D deltas")
         self.summary = widgets.Output()
         self.summary.add_class("mk-summary")
@@ -57,17 +59,15 @@ class DiffPanel(Panel):
         for w in (self.changed_only, self.search):
             w.observe(lambda _: self._show_tensors(), names="value")
         self.tensors = widgets.VBox([widgets.HBox([self.search, self.changed_only]), self.tensor_table])
+        results = tabs(by_role=self.by_role, tensors=self.tensors, plot=self.plot,
+                       by_layer=self.by_layer, experts=self.by_projection, summary=self.summary)
         self.runner = RunButton("Diff", self._diff, self._show, icon="exchange",
-                                tooltip="compare A and B weight by weight", verdict=verdict_of)
+                                tooltip="compare A and B weight by weight", verdict=verdict_of, results=results)
         super().__init__([self.picker_a, self.base_a, self.options_a, self.picker_b, self.base_b,
-                          self.options_b, self.rank, self.runner,
-                          tabs(by_role=self.by_role, tensors=self.tensors, plot=self.plot,
-                               by_layer=self.by_layer, experts=self.by_projection, summary=self.summary)])
+                          self.options_b, self.rank, self.runner, results])
         self.add_class("mk-diff")
 
     def _diff(self) -> "modelkit.DiffResult":
-        for out in (self.summary, self.plot, self.by_role, self.by_layer, self.by_projection, self.tensor_table):
-            out.outputs = ()
         self._result = None
         a, b = self.picker_a.value, self.picker_b.value
         if a is None or b is None:

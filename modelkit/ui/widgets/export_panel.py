@@ -65,14 +65,14 @@ class ExportPanel(Panel):
         self.summary = widgets.Output()
         self.summary.add_class("mk-summary")
         self.runner = RunButton("Export", self._export, self._show, icon="download",
-                                tooltip="write a standard Hugging Face folder", verdict=verdict_of)
+                                tooltip="write a standard Hugging Face folder", verdict=verdict_of,
+                                results=self.summary, cancellable=True)
         super().__init__([self.picker, self.out, self.base,
                           widgets.HBox([self.dtype, self.expert]), self.options,
                           widgets.HBox([self.verify, self.force, self.allow_untrained]), self.runner, self.summary])
         self.add_class("mk-export")
 
     def _export(self) -> "modelkit.ExportResult":
-        self.summary.outputs = ()
         ref, out = self.picker.value, optional(self.out.value)
         if ref is None or out is None:
             raise InvalidInput("Pick an artifact and give an output folder (out).")

@@ -55,20 +55,15 @@ class InspectPanel(Panel):
         self.tree = widgets.Output()
         self.tree.add_class("mk-tree-area")
         self.tensors = widgets.VBox([self.search, self.dtypes, self.tensor_table])
+        results = tabs(findings=self.findings, experts=self.experts, groups=self.groups,
+                       tensors=self.tensors, tree=self.tree, summary=self.summary)
         self.runner = RunButton("Inspect", self._inspect, self._show, icon="search",
                                 tooltip="inspect the picked artifact (headers only unless deep)",
-                                verdict=verdict_of)
-        super().__init__([self.picker, self.base, self.facts, self.deep, self.runner,
-                          tabs(findings=self.findings, experts=self.experts, groups=self.groups,
-                               tensors=self.tensors, tree=self.tree, summary=self.summary)])
+                                verdict=verdict_of, results=results)
+        super().__init__([self.picker, self.base, self.facts, self.deep, self.runner, results])
         self.add_class("mk-inspect")
 
-    def _outputs(self) -> tuple[widgets.Output, ...]:
-        return (self.summary, self.findings, self.experts, self.groups, self.dtypes, self.tensor_table, self.tree)
-
     def _inspect(self) -> "modelkit.InspectionReport":
-        for out in self._outputs():
-            out.outputs = ()
         self._report = None
         ref = self.picker.value
         if ref is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 import ipywidgets as widgets
 
@@ -30,12 +31,10 @@ def is_artifact(folder: str | Path) -> bool:
     return True
 
 
-def discover(root: str | Path, depth: int = 3) -> dict[str, str]:
-    """Artifacts under ``root``: ``{path relative to root: absolute path}``, sorted.
-
-    Walks at most ``depth`` levels, never into hidden folders or into an artifact (the
-    ``checkpoint-*/`` beside a ``best_model/`` are reported by inspect, not listed here).
-    """
+def find_folders(root: str | Path, matches: Callable[[Path], bool], depth: int = 3) -> dict[str, str]:
+    """Folders under ``root`` for which ``matches`` holds: ``{path relative to root:
+    absolute path}``, sorted. Walks at most ``depth`` levels, never into hidden or
+    ``SKIP_DIRS`` folders nor into a match; a folder reached twice (links) is walked once."""
     root = Path(os.path.abspath(Path(root).expanduser()))
     found: dict[str, str] = {}
     seen: set[Path] = set()
@@ -45,7 +44,7 @@ def discover(root: str | Path, depth: int = 3) -> dict[str, str]:
         if real in seen:
             return
         seen.add(real)
-        if is_artifact(folder):
+        if matches(folder):
             found[folder.relative_to(root).as_posix() if folder != root else "."] = str(folder)
             return
         if level >= depth:
@@ -61,6 +60,13 @@ def discover(root: str | Path, depth: int = 3) -> dict[str, str]:
     if root.is_dir():
         walk(root, 0)
     return dict(sorted(found.items()))
+
+
+def discover(root: str | Path, depth: int = 3) -> dict[str, str]:
+    """Artifacts under ``root``: ``{path relative to root: absolute path}``, sorted (see
+    :func:`find_folders`; the ``checkpoint-*/`` beside a ``best_model/`` are reported by
+    inspect, not listed here)."""
+    return find_folders(root, is_artifact, depth)
 
 
 class ArtifactPicker(widgets.VBox):

@@ -28,35 +28,16 @@ from modelkit.ui.widgets._base import (
     show,
     tabs,
 )
-
-SKIP_DIRS = {"__pycache__", "node_modules", ".git", ".ipynb_checkpoints"}
+from modelkit.ui.widgets.picker import find_folders
 
 
 def discover_runs(root: str | Path, depth: int = 3) -> dict[str, str]:
     """Run folders under ``root`` (folders holding ``checkpoint-N/``, ``checkpoints/checkpoint-N/``
-    or ``best_model/``): ``{path relative to root: absolute path}``, sorted."""
+    or ``best_model/``): ``{path relative to root: absolute path}``, sorted (see
+    :func:`modelkit.ui.widgets.picker.find_folders`)."""
     from modelkit.ops.watch import find_checkpoints
 
-    root = Path(os.path.abspath(Path(root).expanduser()))
-    found: dict[str, str] = {}
-
-    def walk(folder: Path, level: int) -> None:
-        if find_checkpoints(folder):
-            found[folder.relative_to(root).as_posix() if folder != root else "."] = str(folder)
-            return
-        if level >= depth:
-            return
-        try:
-            children = sorted(p for p in folder.iterdir() if p.is_dir() and not p.is_symlink())
-        except OSError:
-            return
-        for child in children:
-            if not child.name.startswith(".") and child.name not in SKIP_DIRS:
-                walk(child, level + 1)
-
-    if root.is_dir():
-        walk(root, 0)
-    return dict(sorted(found.items()))
+    return find_folders(root, lambda folder: bool(find_checkpoints(folder)), depth)
 
 
 class RunFolderPicker(widgets.VBox):
@@ -136,11 +117,11 @@ class WatchPanel(Panel):
         self.thread: threading.Thread | None = None
         self.exception: BaseException | None = None
         self._lock = threading.Lock()
+        results = tabs(checkpoints=self.table, scores=self.scores, plot=self.plot, summary=self.summary)
         self.runner = RunButton("Watch", self._start, self._started, icon="eye",
-                                tooltip="evaluate each new complete checkpoint as it lands")
+                                tooltip="evaluate each new complete checkpoint as it lands", results=results)
         super().__init__([self.picker, self.baseline, self.tasks, widgets.HBox([self.limit, self.interval, self.settle]),
-                          widgets.HBox([self.runner, self.stop_button]), self.live, self.thread_error,
-                          tabs(checkpoints=self.table, scores=self.scores, plot=self.plot, summary=self.summary)])
+                          widgets.HBox([self.runner, self.stop_button]), self.live, self.thread_error, results])
         self.add_class("mk-watch")
 
     @property
@@ -153,6 +134,7 @@ class WatchPanel(Panel):
 
         if self.running:
             raise InvalidInput("already watching; press Stop first")
+        self.live.value = self.thread_error.value = ""
         run_dir = self.picker.value
         tasks = [t.strip() for t in self.tasks.value.split(",") if t.strip()]
         if run_dir is None or not tasks:
@@ -196,17 +178,20 @@ class WatchPanel(Panel):
         return self.watcher.result() if self.watcher is not None else None
 
     def refresh(self, final: bool = False) -> None:
-        """Show the watcher's state now (called after every settled checkpoint)."""
+        """Show the watcher's state now (called after every settled checkpoint): the
+        verdict line so far, then the tables."""
+        from modelkit.present.tables import verdict_html
+        from modelkit.verdicts import verdict_of
+
         result = self.result
         if result is None:
             return
         with self._lock:
             self.runner.status.value = ""       # "done in 0.0 s" of the start click says nothing
-            counts = ", ".join(f"{n} {s}" for s, n in sorted(result.counts().items())) or "no checkpoint yet"
+            self.runner.verdict.value = verdict_html(verdict_of(result))
             state = "stopped" if final else "watching"
-            colour = "#b00020" if result.exit_code else "#2a6f2a"
-            self.live.value = (f"<span style='color:{colour}'><b>{state}</b> {html.escape(Path(result.run_dir).name)}: "
-                               f"{html.escape(counts)}</span> <small>({time.strftime('%H:%M:%S')})</small>")
+            self.live.value = (f"<b>{state}</b> {html.escape(Path(result.run_dir).name)} "
+                               f"<small>({time.strftime('%H:%M:%S')})</small>")
             show(self.table, result.status_frame())
             show(self.scores, result.to_frame())
             show(self.plot, result.plot())
