@@ -27,7 +27,7 @@ first = {}
 for path in sys.argv[1:]:
     with contextlib.redirect_stdout(io.StringIO()) as out:
         main(["inspect", path, "--json"])
-    for mod in ("torch", "transformers", "peft", "pydantic"):
+    for mod in ("torch", "transformers", "peft", "pydantic", "huggingface_hub.hf_api"):
         if mod in sys.modules and mod not in first:
             first[mod] = path
 print(json.dumps(first))
@@ -35,7 +35,9 @@ print(json.dumps(first))
 
 
 def test_warm_inspect_of_every_format_imports_no_torch_transformers_or_pydantic(catalog, tmp_path):
-    paths = [str(catalog[name]) for name in FORMAT_ENTRIES]
+    # the base-unavailable entries look their base up in the HF cache: a folder check, not hf_api
+    paths = [str(catalog[name]) for name in (*FORMAT_ENTRIES, "peft-lora-base-unavailable",
+                                             "compressed-base-unavailable")]
     assert {e.format for e in ENTRIES if e.name in FORMAT_ENTRIES} == {
         "plain-hf", "peft-lora", "dylora-moe", "compressed-moe"}
     env = {**os.environ, "MODELKIT_CACHE": str(tmp_path / "cache")}
@@ -51,7 +53,9 @@ def test_warm_inspect_reports_what_a_cold_one_does(catalog, tmp_path):
     env = {**os.environ, "MODELKIT_CACHE": str(tmp_path / "cache")}
     code = ("import json, sys, modelkit\n"
             "print(json.dumps([modelkit.inspect(p).to_dict() for p in sys.argv[1:]], default=str))")
-    paths = [str(catalog[name]) for name in FORMAT_ENTRIES]
+    # the base-unavailable entries look their base up in the HF cache: a folder check, not hf_api
+    paths = [str(catalog[name]) for name in (*FORMAT_ENTRIES, "peft-lora-base-unavailable",
+                                             "compressed-base-unavailable")]
     runs = [subprocess.run([sys.executable, "-c", code, *paths], env=env, check=True,
                            capture_output=True, text=True).stdout for _ in range(2)]
     assert runs[0] == runs[1]

@@ -188,6 +188,14 @@ def hf_cache_root() -> Path:
 
 def hf_cached_snapshot(repo_id: str) -> Path | None:
     """The cached snapshot folder of ``repo_id``, or None. Never touches the network."""
+    # the cache folder is looked at first: for a base never downloaded (the usual case on a
+    # cluster node), importing snapshot_download (hf_api, httpx: ~0.25 s) would double the
+    # cost of every warm inspect that looks its base up
+    try:
+        if not (hf_cache_root() / f"models--{repo_id.replace('/', '--')}" / "snapshots").is_dir():
+            return None
+    except (OSError, ValueError):
+        return None
     try:
         from huggingface_hub import snapshot_download
 
