@@ -58,9 +58,12 @@ class ExportPanel(Panel):
                                     description="options", layout=wide,
                                     placeholder=f"optional: {OPTIONS_HELP}")
         self.options.add_class("mk-options")
-        self.verify = widgets.Checkbox(value=verify, description="verify logits against the source")
-        self.force = widgets.Checkbox(value=force, description="replace an existing out folder")
+        self.verify = widgets.Checkbox(value=verify, description="verify logits against the source",
+                                      indent=False, layout=widgets.Layout(width="auto"))
+        self.force = widgets.Checkbox(value=force, description="replace an existing out folder",
+                                     indent=False, layout=widgets.Layout(width="auto"))
         self.allow_untrained = widgets.Checkbox(value=allow_untrained, description="allow untrained adapters",
+                                                indent=False, layout=widgets.Layout(width="auto"),
                                                 tooltip="export even when every LoRA B is zero (equals the base)")
         self.summary = widgets.Output()
         self.summary.add_class("mk-summary")
