@@ -190,8 +190,9 @@ class WatchPanel(Panel):
             self.runner.status.value = ""       # "done in 0.0 s" of the start click says nothing
             self.runner.verdict.value = verdict_html(verdict_of(result))
             state = "stopped" if final else "watching"
-            self.live.value = (f"<b>{state}</b> {html.escape(Path(result.run_dir).name)} "
-                               f"<small>({time.strftime('%H:%M:%S')})</small>")
+            counts = ", ".join(f"{n} {s}" for s, n in sorted(result.counts().items())) or "no checkpoint yet"
+            self.live.value = (f"<b>{state}</b> {html.escape(Path(result.run_dir).name)}: "
+                               f"{html.escape(counts)} <small>({time.strftime('%H:%M:%S')})</small>")
             show(self.table, result.status_frame())
             show(self.scores, result.to_frame())
             show(self.plot, result.plot())
