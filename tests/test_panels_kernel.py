@@ -51,14 +51,20 @@ CASES = {
                   "p = ExportPanel(root=ROOT, ref=ROOT + '/plain-llama', out=OUT + '/plain', verify=True); p.run()"),
     "export-untrained": ("p = ExportPanel(root=ROOT, ref=ROOT + '/peft-lora-untrained', out=OUT + '/untrained');"
                          " p.run()"),
-    # a click starts the export in a thread; the kernel is free, the Cancel click lands
+    # a click starts the export in a thread; the kernel is free, the Cancel click lands.
+    # Each progress step is slowed (0.05 s) so that the Cancel lands while the export
+    # writes, on a machine of any speed (unslowed, a fast one had finished writing)
     "export-cancel": ("import os, time\n"
+                      "import modelkit.progress as mp\n"
+                      "_update = mp.Phase.update\n"
+                      "mp.Phase.update = lambda self, *a, **k: (time.sleep(0.05), _update(self, *a, **k))[1]\n"
                       "p = ExportPanel(root=ROOT, ref=ROOT + '/plain-sharded', out=OUT + '/cancelled', verify=True)\n"
                       "p.button.click()\n"
                       "deadline = time.monotonic() + 120\n"
                       "while 'tensors' not in p.runner.progress.text() and time.monotonic() < deadline:\n"
                       "    time.sleep(0.01)\n"
                       "p.runner.cancel_button.click(); p.runner.join(120)\n"
+                      "mp.Phase.update = _update\n"
                       "EXTRA = {'out': os.path.exists(OUT + '/cancelled'),"
                       " 'left': sorted(n for n in os.listdir(OUT) if 'cancelled' in n)}"),
     # an error after a success: the previous result's tabs are emptied and hidden

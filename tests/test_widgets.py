@@ -245,3 +245,25 @@ def test_mime_bundle_renders_tables_and_figures():
     fig = Figure()
     fig.subplots().plot([0, 1])
     assert mime_bundle(fig)["data"]["image/png"]
+
+
+def test_a_cancel_between_two_steps_is_shown_on_the_last_bar():
+    # a Cancel that lands after one phase completed and before the next began: no phase
+    # was stopped midway, yet the bars must not read as a finished run
+    from modelkit.errors import Cancelled
+    from modelkit.progress import phase, reporting
+    from modelkit.ui.widgets._base import PhaseBars
+
+    bars = PhaseBars()
+    with reporting(bars):
+        with phase("write", total=3, unit="tensors") as bar:
+            bar.update(3)
+    bars.stopped("cancelled")
+    assert bars.text().endswith("write: 3/3 tensors — cancelled after this step</span>"), bars.text()
+
+    bars.clear()                                     # stopped midway: said once, by the phase itself
+    with pytest.raises(Cancelled), reporting(bars):
+        with phase("verify", total=3, unit="steps"):
+            raise Cancelled("cancelled by the user")
+    bars.stopped("cancelled")
+    assert bars.text().count("cancelled") == 1 and "verify: 0/3 steps — cancelled" in bars.text()

@@ -170,11 +170,21 @@ class PhaseBars(widgets.VBox):
         self.add_class("mk-progress")
         self._rows: dict[str, tuple[widgets.FloatProgress, widgets.HTML]] = {}
         self._drawn: dict[str, float] = {}
+        self._states: dict[str, str] = {}
         self._lock = threading.Lock()
 
     def clear(self) -> None:
         with self._lock:
-            self.children, self._rows, self._drawn = (), {}, {}
+            self.children, self._rows, self._drawn, self._states = (), {}, {}, {}
+
+    def stopped(self, state: str) -> None:
+        """The operation ended ``state`` (cancelled / failed) between two phases: the last
+        bar says so, the way a phase stopped midway would (its text says where it stood)."""
+        if not self._rows or state in self._states.values():
+            return
+        bar, label = self._rows[next(reversed(self._rows))]
+        bar.bar_style = self.STYLES.get(state, "info")
+        label.value = label.value.replace("</span>", html.escape(f" — {state} after this step") + "</span>")
 
     def text(self) -> str:
         """Every phase's line, for tests and logs."""
@@ -203,6 +213,7 @@ class PhaseBars(widgets.VBox):
         if not force and now - self._drawn.get(phase.name, 0.0) < self.INTERVAL:
             return
         self._drawn[phase.name] = now
+        self._states[phase.name] = phase.state
         bar, label = self._rows[phase.name]
         bar.max = phase.total or 1
         bar.value = min(phase.done, bar.max) if phase.total else (1 if phase.state == "done" else 0)
@@ -358,6 +369,7 @@ class RunButton(widgets.VBox):
             self.exception = failure
             self.error.value = error_html(failure)
             word = "cancelled" if isinstance(failure, (KeyboardInterrupt, Cancelled)) else "failed"
+            self.progress.stopped(word)
             self.status.value = f"<span style='color:#b00020'>{word} after {seconds:.1f} s</span>"
             return None
         self.result = result
