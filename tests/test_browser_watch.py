@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from modelkit.testing.training_run import land
 from test_browser import CHROMIUM, CHROMIUM_ARGS, ROOT, _free_port, _settings, _stop, _wait_for_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser,
@@ -87,7 +88,7 @@ def test_watch_a_run_live_see_the_checkpoint_land_then_stop(lab):
             expect(panel.locator(".mk-live")).to_contain_text("watching", timeout=60_000)
             assert panel.locator(".mk-stop").is_enabled()
 
-            shutil.copytree(root / "pair" / "run" / "checkpoint-30", growing / "checkpoint-30")   # a save lands
+            land(root / "pair" / "run" / "checkpoint-30", growing / "checkpoint-30")   # a save lands, in one step
             expect(panel.locator(".mk-watch-table table")).to_contain_text("checkpoint-30", timeout=240_000)
             expect(panel.locator(".mk-watch-table table")).to_contain_text("done")
             expect(panel.locator(".mk-live")).to_contain_text("1 done")

@@ -199,23 +199,36 @@ def test_a_checkpoint_deleted_during_its_evaluation_is_skipped(run, monkeypatch)
 
 
 def test_a_checkpoint_still_being_written_is_not_evaluated(run, pair, monkeypatch, tmp_path):
-    import threading
-
+    import modelkit.ops.watch as watching
     from modelkit.testing import write_peft_lora
-    from modelkit.testing.training_run import copy_slowly
 
     new = write_peft_lora(tmp_path / "new", pair["base"], seed=70)
-    writer = threading.Thread(target=copy_slowly, args=(new, run / "checkpoint-70", 3.0))
-    writer.start()
-    try:
-        time.sleep(0.3)
-        rec = Recorder(monkeypatch)
-        result = watch(run, TASKS, limit=LIMIT, once=True, settle=0.8, evaluator=rec)
-    finally:
-        writer.join()
+    files = sorted(p for p in new.rglob("*") if p.is_file())
+    target = run / "checkpoint-70"
+    target.mkdir()
+    real_snapshot = watching.snapshot
+
+    def snapshot_while_writing(folder):
+        # the writer adds one more file each time the watcher looks: it always finds it
+        # changed, on a machine of any speed (a writer timed by sleeps raced the watcher)
+        if folder.name == target.name and writing and files:
+            f = files.pop(0)
+            (target / f.relative_to(new)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, target / f.relative_to(new))
+        return real_snapshot(folder)
+
+    monkeypatch.setattr(watching, "snapshot", snapshot_while_writing)
+    writing = True
+    rec = Recorder(monkeypatch)
+    result = watch(run, TASKS, limit=LIMIT, once=True, settle=0.2, evaluator=rec)
     assert "checkpoint-70" not in rec.calls
     assert statuses(result)["checkpoint-70"] == "pending"
-    later = watch(run, TASKS, limit=LIMIT, once=True, settle=0.3, evaluator=rec)
+    assert files, "the writer finished while the watcher looked: the test proved nothing"
+    writing = False
+    for f in files:                                      # the save completes
+        (target / f.relative_to(new)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, target / f.relative_to(new))
+    later = watch(run, TASKS, limit=LIMIT, once=True, settle=0.2, evaluator=rec)
     assert statuses(later)["checkpoint-70"] == "done" and rec.calls.count("checkpoint-70") == 1
 
 
@@ -291,6 +304,11 @@ def _watcher(run: Path, state: Path, env: dict, *extra: str) -> subprocess.Popen
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def _records(state: Path) -> int:
+    path = state / "ledger.jsonl"
+    return len(list(read_jsonl(path))) if path.exists() else 0
+
+
 def _done_names(state: Path) -> list[str]:
     return [r["name"] for r in read_jsonl(state / "ledger.jsonl") if r["event"] == "done"]
 
@@ -305,7 +323,7 @@ def test_continuous_watch_of_a_run_being_written(pair, tmp_path):
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         assert writer.wait(timeout=180) == 0
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300          # bounded wait: ends as soon as all are settled
         while len({r["name"] for r in read_jsonl(state / "ledger.jsonl") if r["name"] != "baseline"
                    and r["event"] in ("done", "rejected", "skipped", "same")}) < len(EXPECTED) \
                 and time.monotonic() < deadline:
@@ -333,13 +351,21 @@ def test_kill_minus_9_at_random_points_loses_and_duplicates_nothing(finished_run
     rng = random.Random(14)
     kills = 0
     for _ in range(4):
+        # killed after a random number (1-3) of new ledger records, then a random instant
+        # (mid-evaluation, mid-write): points in the watcher's work, not in wall-clock time,
+        # which on a slow machine all fell in its imports and on a fast one after its end
+        before = _records(state)
+        wanted = before + rng.randint(1, 3)
         watcher = _watcher(run, state, env, "--once", "--settle", "0.3")
-        time.sleep(rng.uniform(2.0, 9.0))
+        deadline = time.monotonic() + 300
+        while watcher.poll() is None and _records(state) < wanted and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.5))
         if watcher.poll() is None:
             watcher.send_signal(signal.SIGKILL)
             kills += 1
         watcher.communicate()
-    assert kills >= 1, "no watcher was killed: the test proved nothing"
+    assert kills >= 2, f"{kills} watcher(s) killed: the test proved little"
     final = _watcher(run, state, env, "--once", "--settle", "0.3")
     out, err = final.communicate(timeout=300)
     data = json.loads(out)

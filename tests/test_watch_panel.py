@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from modelkit.testing.training_run import land
 from modelkit.ui.widgets import WatchPanel, discover_runs, output_text
 
 TASKS = "mk_topic"
@@ -45,7 +46,7 @@ def test_table_and_plot_update_as_checkpoints_land_and_stop_ends_the_watch(runs,
     assert panel.runner.exception is None, panel.runner.error.value
     assert panel.running and not panel.stop_button.disabled
     for name in ("checkpoint-10", "checkpoint-30"):                     # the run saves a checkpoint
-        shutil.copytree(training_run / name, run / name)
+        land(training_run / name, run / name)                           # in one step: never seen half-copied
         wait_for(lambda: f"{name}" in output_text(panel.table) and "done" in output_text(panel.table))
         wait_for(lambda: name in output_text(panel.scores))
     scores = output_text(panel.scores)
@@ -90,7 +91,8 @@ def test_in_a_live_kernel_the_panel_updates_from_its_thread_and_the_cells_stay_c
         "from modelkit.ui.widgets import WatchPanel, output_text\n"
         f"p = WatchPanel(root={str(runs)!r}, run_dir={str(run)!r}, baseline={str(demo_pair['base'])!r},"
         " tasks='mk_topic', limit=8, interval=0.2, settle=0.4)\np.button.click()\np",
-        f"import shutil, time\nshutil.copytree({str(training_run / 'checkpoint-30')!r}, {str(run / 'checkpoint-30')!r})\n"
+        "import time\nfrom modelkit.testing.training_run import land\n"
+        f"land({str(training_run / 'checkpoint-30')!r}, {str(run / 'checkpoint-30')!r})\n"
         "deadline = time.monotonic() + 240\n"
         "while 'better' not in output_text(p.scores) and time.monotonic() < deadline:\n    time.sleep(0.2)",
         "p.stop(wait=120)\nimport json\nprint('@@' + json.dumps({'live': p.live.value, 'table': output_text(p.table),"
