@@ -52,21 +52,17 @@ CASES = {
     "export-untrained": ("p = ExportPanel(root=ROOT, ref=ROOT + '/peft-lora-untrained', out=OUT + '/untrained');"
                          " p.run()"),
     # a click starts the export in a thread; the kernel is free, the Cancel click lands.
-    # Each progress step is slowed (0.05 s) so that the Cancel lands while the export
-    # writes, on a machine of any speed (unslowed, a fast one had finished writing)
-    "export-cancel": ("import os, time\n"
-                      "import modelkit.progress as mp\n"
-                      "_update = mp.Phase.update\n"
-                      "mp.Phase.update = lambda self, *a, **k: (time.sleep(0.05), _update(self, *a, **k))[1]\n"
+    # The export waits at its first 'write' step until the Cancel (held_at), so the Cancel
+    # lands mid-write on a machine of any speed (a sleep-timed one missed it on a fast one)
+    "export-cancel": ("import os\n"
+                      "from modelkit.testing.steps import held_at\n"
                       "p = ExportPanel(root=ROOT, ref=ROOT + '/plain-sharded', out=OUT + '/cancelled', verify=True)\n"
-                      "p.button.click()\n"
-                      "deadline = time.monotonic() + 120\n"
-                      "while 'tensors' not in p.runner.progress.text() and time.monotonic() < deadline:\n"
-                      "    time.sleep(0.01)\n"
-                      "p.runner.cancel_button.click(); p.runner.join(120)\n"
-                      "mp.Phase.update = _update\n"
-                      "EXTRA = {'out': os.path.exists(OUT + '/cancelled'),"
-                      " 'left': sorted(n for n in os.listdir(OUT) if 'cancelled' in n)}"),
+                      "with held_at('write', until=p.runner.cancel_event) as writing:\n"
+                      "    p.button.click()\n"
+                      "    EXTRA = {'reached': writing.wait(120)}\n"
+                      "    p.runner.cancel_button.click(); p.runner.join(120)\n"
+                      "EXTRA.update(out=os.path.exists(OUT + '/cancelled'),"
+                      " left=sorted(n for n in os.listdir(OUT) if 'cancelled' in n))"),
     # an error after a success: the previous result's tabs are emptied and hidden
     "inspect-error-after-ok": ("p = InspectPanel(root=ROOT, ref=ROOT + '/plain-llama'); p.run()\n"
                                "EXTRA = {'shown_before': 'model.embed_tokens' in output_text(p.children[-1])}\n"
@@ -233,9 +229,10 @@ def test_cancel_in_a_kernel_stops_the_export_and_leaves_nothing(executed):
     assert shown["exception"] == "Cancelled" and "cancelled after" in shown["status"], shown["status"]
     visible = _visible(shown["error"])
     assert visible.startswith("✖ Cancelled") and "Traceback" not in visible and "Nothing was kept" in visible
-    assert "cancelled" in html.unescape(shown["progress"])           # the bar says where it stopped
+    progress = html.unescape(shown["progress"])
+    assert "write: 0/" in progress and "— cancelled" in progress     # the bar says where it stopped
     assert shown["verdict"] == "" and shown["results_hidden"]
-    assert shown["extra"] == {"out": False, "left": []}               # no OUT, no temporary folder
+    assert shown["extra"] == {"reached": True, "out": False, "left": []}   # no OUT, no temporary folder
 
 
 def test_an_error_clears_the_previous_results_in_a_kernel(executed):

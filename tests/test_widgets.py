@@ -125,22 +125,24 @@ def test_export_click_writes_the_folder_and_shows_the_summary(root, tmp_path):
 
 
 def test_cancel_stops_the_export_and_leaves_nothing(root, tmp_path):
-    import time
+    from modelkit.testing.steps import held_at
 
     out = tmp_path / "cancelled"
     panel = ExportPanel(root=root, ref=root / "plain-sharded", out=out, verify=True)
-    panel.button.click()
-    deadline = time.monotonic() + 120
-    while "tensors" not in panel.runner.progress.text() and time.monotonic() < deadline:
-        time.sleep(0.01)                      # writing has begun (verify, a second or more, comes after)
-    panel.runner.cancel_button.click()
-    panel.runner.join(120)
+    # the export waits at its first 'write' step until Cancel: the click lands mid-write
+    # on a machine of any speed (a sleep-timed click missed it on a fast one)
+    with held_at("write", until=panel.runner.cancel_event) as writing:
+        panel.button.click()
+        assert writing.wait(120), panel.runner.error.value
+        panel.runner.cancel_button.click()
+        panel.runner.join(120)
     assert not panel.runner.running
     assert type(panel.runner.exception).__name__ == "Cancelled"
     assert "cancelled after" in panel.runner.status.value
     assert "✖ Cancelled<" in _visible(panel.runner.error.value) and "Traceback" not in _visible(panel.runner.error.value)
     assert panel.summary.outputs == () and panel.runner.verdict.value == ""
-    assert "cancelled" in html.unescape(panel.runner.progress.text())      # the bar says where it stopped
+    assert "write: 0/" in html.unescape(panel.runner.progress.text())          # the bar says where it stopped
+    assert "— cancelled" in html.unescape(panel.runner.progress.text())
     assert not out.exists() and list(tmp_path.iterdir()) == []            # no OUT, no temporary folder
 
 
@@ -216,7 +218,8 @@ def test_compare_click_shows_the_table_disagreements_and_plot(root):
     pair = write_demo_pair(root / "pair")
     panel = ComparePanel(root=root, base=pair["base"], trained=pair["trained"], tasks="mk_topic", limit=8)
     assert panel.picker_base.dropdown.label == "pair/base" and panel.picker_trained.dropdown.label == "pair/lora"
-    panel.button.click()
+    panel.button.click()                                   # compare works in a thread: Cancel stays live
+    panel.runner.join()
     assert panel.runner.exception is None, panel.runner.error.value
     assert "mk_topic" in output_text(panel.table) and "<table" in output_text(panel.disagreements)
     dis = panel.result.disagreements()
@@ -231,10 +234,41 @@ def test_compare_click_shows_the_table_disagreements_and_plot(root):
     assert "image/png" in panel.plot.outputs[0]["data"]
     panel.tasks.value = " "
     panel.button.click()
+    panel.runner.join()
     assert "name at least one task" in panel.runner.error.value and panel.table.outputs == ()
     panel.tasks.value = "no_such_task"
     panel.button.click()
+    panel.runner.join()
     assert isinstance(panel.runner.exception, modelkit.ModelkitError), panel.runner.error.value
+
+
+@pytest.mark.parametrize("where,after,cached", [
+    ("lm-eval", 0, 0),        # at the base model's first lm-eval batch: nothing evaluated
+    ("evaluate", 2, 1),       # between the two models: the base was evaluated to its end
+])
+def test_cancel_stops_the_comparison_and_records_nothing_partial(root, tmp_path, monkeypatch, where, after, cached):
+    from modelkit.testing.steps import held_at
+    from modelkit.ui.demo_pair import write_demo_pair
+
+    monkeypatch.setenv("MODELKIT_CACHE", str(tmp_path / "cache"))       # nothing cached yet
+    pair = write_demo_pair(root / "pair")
+    panel = ComparePanel(root=root, base=pair["base"], trained=pair["trained"], tasks="mk_topic", limit=8)
+    assert "interrupt the kernel" not in panel.runner.status.value
+    with held_at(where, until=panel.runner.cancel_event, after=after) as there:
+        panel.button.click()
+        assert there.wait(120), panel.runner.error.value
+        assert panel.runner.cancel_button.layout.display != "none"         # the user sees a Cancel
+        panel.runner.cancel_button.click()
+        panel.runner.join(120)
+    assert not panel.runner.running and type(panel.runner.exception).__name__ == "Cancelled"
+    assert "cancelled after" in panel.runner.status.value
+    visible = _visible(panel.runner.error.value)
+    assert "✖ Cancelled" in visible and "Traceback" not in visible and "No result was recorded" in visible
+    assert panel.result is None and panel.runner.verdict.value == "" and panel.table.outputs == ()
+    assert f"{where}: " in html.unescape(panel.runner.progress.text())
+    assert "cancelled" in html.unescape(panel.runner.progress.text())    # the bar says where it stopped
+    entries = list((tmp_path / "cache").glob("compare/*.json"))
+    assert len(entries) == cached, entries                               # no evaluation cut short was cached
 
 
 def test_mime_bundle_renders_tables_and_figures():

@@ -229,11 +229,13 @@ def evaluate(model: Any, tokenizer: Any, catalog: TaskCatalog, names: list[str],
     """Evaluate a loaded model on ``names`` in process: ``{task name: run}``, where a run
     is JSON-able (per-sample scores included, see :func:`_leaf_run`)."""
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
+
+    from modelkit.progress import phase
 
     built = catalog.build(names)
-    with quiet_logs():
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    with quiet_logs(), phase("lm-eval", unit="batches", show=False) as bar:
+        lm = stepwise_hflm()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        lm.on_batch = lambda: bar.update(1)      # a panel's Cancel stops lm-eval between two batches
         objects: list[Any] = []
         for name, loaded in built.items():
             objects += _top_level(name, loaded)
@@ -243,6 +245,29 @@ def evaluate(model: Any, tokenizer: Any, catalog: TaskCatalog, names: list[str],
     if results is None:
         raise CompareError("lm-eval returned no results (not rank 0 of a distributed run)")
     return runs_from(built, results)
+
+
+@functools.lru_cache(maxsize=None)
+def stepwise_hflm() -> type:
+    """lm-eval's HFLM with a hook, ``on_batch()``, called before every batch it sends
+    through the model (loglikelihood and generation alike). :func:`evaluate` makes each
+    batch a progress step, so a Cancel (:func:`modelkit.progress.check_cancelled`) stops
+    an evaluation between two batches; lm-eval itself has no such hook."""
+    from lm_eval.models.huggingface import HFLM
+
+    class StepwiseHFLM(HFLM):
+        def on_batch(self) -> None:
+            pass
+
+        def _model_call(self, *args: Any, **kwargs: Any) -> Any:
+            self.on_batch()
+            return super()._model_call(*args, **kwargs)
+
+        def _model_generate(self, *args: Any, **kwargs: Any) -> Any:
+            self.on_batch()
+            return super()._model_generate(*args, **kwargs)
+
+    return StepwiseHFLM
 
 
 def runs_from(built: dict[str, dict], results: dict) -> dict[str, dict]:

@@ -139,11 +139,12 @@ def error_line(exc: BaseException) -> str:
     return f"{name}: {first}" if isinstance(exc, ModelkitError) else f"Unexpected {name}: {first}"
 
 
-def error_html(exc: BaseException) -> str:
+def error_html(exc: BaseException, hint: str | None = None) -> str:
     """An exception as HTML: one line (class and message), the file it is about, what to
-    do about it, and the whole message and the traceback behind a closed "details"."""
+    do about it (``hint``, else :func:`hint_for`), and the whole message and the traceback
+    behind a closed "details"."""
     head = html.escape(error_line(exc))
-    hint = hint_for(exc)
+    hint = hint if hint is not None else hint_for(exc)
     where = getattr(exc, "path", None) if isinstance(exc, ModelkitError) else None
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     more = f"{html.escape(str(exc).strip())}\n\n{html.escape(tb)}"
@@ -244,15 +245,17 @@ class RunButton(widgets.VBox):
 
     A click on a ``cancellable`` button runs the action in a worker thread (:meth:`start`),
     so the kernel stays free to take the Cancel click; the action stops at its next
-    progress step with :class:`~modelkit.errors.Cancelled` and unwinds like after an error.
+    progress step with :class:`~modelkit.errors.Cancelled` and unwinds like after an error;
+    ``cancelled_hint`` says what a Cancel leaves behind (default: the hint for Cancelled).
     :meth:`run` always runs in the calling thread (tests, scripts).
     """
 
     def __init__(self, description: str, action: Callable[[], Any],
                  on_result: Callable[[Any], None], icon: str = "play", tooltip: str = "",
                  verdict: Callable[[Any], Any] | None = None, results: widgets.Widget | None = None,
-                 cancellable: bool = False):
+                 cancellable: bool = False, cancelled_hint: str | None = None):
         self.action = action
+        self.cancelled_hint = cancelled_hint
         self.on_result = on_result
         self.verdict_of = verdict
         self.results = results
@@ -288,6 +291,11 @@ class RunButton(widgets.VBox):
     @property
     def running(self) -> bool:
         return self.thread is not None and self.thread.is_alive()
+
+    @property
+    def cancel_event(self) -> threading.Event:
+        """Set by Cancel; the running action's progress steps raise Cancelled once it is."""
+        return self._cancel
 
     def start(self) -> None:
         """What a click does: :meth:`run` in a worker thread when ``cancellable``, else now."""
@@ -367,8 +375,9 @@ class RunButton(widgets.VBox):
             self._clear_results()
             self.verdict.value = ""
             self.exception = failure
-            self.error.value = error_html(failure)
-            word = "cancelled" if isinstance(failure, (KeyboardInterrupt, Cancelled)) else "failed"
+            cancelled = isinstance(failure, (KeyboardInterrupt, Cancelled))
+            self.error.value = error_html(failure, self.cancelled_hint if cancelled else None)
+            word = "cancelled" if cancelled else "failed"
             self.progress.stopped(word)
             self.status.value = f"<span style='color:#b00020'>{word} after {seconds:.1f} s</span>"
             return None

@@ -1,4 +1,8 @@
-"""Compare panel: base vs trained on lm-evaluation-harness tasks, with paired statistics."""
+"""Compare panel: base vs trained on lm-evaluation-harness tasks, with paired statistics.
+
+Compare works in a worker thread with a Cancel button (as export): a Cancel stops it at the
+next lm-eval batch or between two models; no result is shown and no partial evaluation is
+cached (a model evaluated to its end before the Cancel stays cached, and is reused)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,6 +25,10 @@ from modelkit.ui.widgets._base import (
 )
 from modelkit.ui.widgets.picker import ArtifactPicker
 from modelkit.verdicts import verdict_of
+
+
+CANCELLED_HINT = ("No result was recorded and no evaluation cut short was cached; a model evaluated "
+                  "to its end before the Cancel stays cached and is not evaluated again.")
 
 
 class ComparePanel(Panel):
@@ -74,7 +82,7 @@ class ComparePanel(Panel):
                        markdown=self.markdown, summary=self.summary)
         self.runner = RunButton("Compare", self._evaluate, self._show, icon="balance-scale",
                                 tooltip="evaluate base and trained on the tasks", verdict=verdict_of,
-                                results=results)
+                                results=results, cancellable=True, cancelled_hint=CANCELLED_HINT)
         super().__init__([self.picker_base, self.options_base, self.picker_trained, self.options_trained, self.tasks,
                           self.limit, self.include_path, self.runner, results])
         self.add_class("mk-compare")
@@ -91,14 +99,10 @@ class ComparePanel(Panel):
                                 trained_options=parse_options(self.options_trained.value))
 
     def _show(self, result: "modelkit.CompareResult") -> None:
-        import matplotlib.pyplot as plt
-
         show(self.summary, result.summary())
         show(self.table, table.compare_table(result))
         show(self.markdown, table.markdown_table(result))
-        fig = result.plot()
-        show(self.plot, fig)
-        plt.close(fig)
+        show(self.plot, result.plot())              # a pyplot-free Figure: nothing to close
         self._result = result
         tasks = sorted(set(result.to_frame().task)) if len(result.to_frame()) else []
         self.task_filter.options = [("every task", "")] + [(t, t) for t in tasks]
