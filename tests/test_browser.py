@@ -97,21 +97,24 @@ def _group_alive(pgid: int) -> bool:
         return False
 
 
-PANELS = """from modelkit.ui.widgets import ComparePanel, DiffPanel, ExportPanel
-ExportPanel(root="../demo", ref="../demo/peft-lora-untrained", out="../exports/untrained")
-DiffPanel(root="../demo", a="../demo/original-qwen3-moe", b="../demo/compressed-checkpoint-N")
-ComparePanel(root="../demo", base="../demo/pair/base", trained="../demo/pair/lora", tasks="mk_topc", limit=4)
-"""
+PANELS = [  # one cell per panel (what a user builds in a cell)
+    "from modelkit.testing.steps import held_at\n"
+    "from modelkit.ui.widgets import ComparePanel, DiffPanel, ExportPanel",
+    'export = ExportPanel(root="../demo", ref="../demo/peft-lora-untrained", out="../exports/untrained", verify=False)\n'
+    "held_at('verify', until=export.runner.cancel_event).__enter__()   # the test's Cancel lands mid-verify\n"
+    "export",
+    'DiffPanel(root="../demo", a="../demo/original-qwen3-moe", b="../demo/compressed-checkpoint-N")',
+    'ComparePanel(root="../demo", base="../demo/pair/base", trained="../demo/pair/lora", tasks="mk_topc", limit=4)',
+]
 
 
 def _panels_notebook(path: Path) -> None:
-    """A notebook with one cell per remaining panel (what a user builds in a cell)."""
+    """A notebook with one cell per remaining panel."""
     import nbformat
 
-    lines = PANELS.strip().splitlines()
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
-    nb.cells = [nbformat.v4.new_code_cell(lines[0])] + [nbformat.v4.new_code_cell(line) for line in lines[1:]]
+    nb.cells = [nbformat.v4.new_code_cell(cell) for cell in PANELS]
     nbformat.write(nb, path)
 
 
@@ -305,6 +308,31 @@ def test_export_diff_compare_panels_show_their_verdict_or_one_line_error(lab, br
         _assert_one_line_error(page, ".mk-export", "untrained-adapter")
         assert "allow untrained" in page.locator(".mk-export .mk-error").inner_text()
         _shoot(page, ".mk-export", shots / "export-error.png")
+        # ...ticked, it exports: verdict first, one finished bar per phase
+        page.locator(".mk-export .widget-checkbox", has_text="allow untrained").locator("input").check()
+        page.locator(".mk-export button.mk-run").click()
+        expect(page.locator(".mk-export .mk-verdict-area")).to_contain_text("EXPORTED", timeout=180_000)
+        expect(page.locator(".mk-export .mk-status")).to_contain_text("done")
+        expect(page.locator(".mk-export .mk-progress")).to_contain_text("write: ")
+        assert page.locator(".mk-export .mk-error").inner_text().strip() == ""
+        _shoot(page, ".mk-export", shots / "export.png")
+        # again, verified, over the first: Cancel while it verifies (the cell holds the
+        # export at its first verify step until the Cancel); the first export stays
+        page.locator(".mk-export .widget-checkbox", has_text="verify logits").locator("input").check()
+        page.locator(".mk-export .widget-checkbox", has_text="replace").locator("input").check()
+        page.locator(".mk-export button.mk-run").click()
+        cancel = page.locator(".mk-export button.mk-cancel")
+        expect(cancel).to_be_visible(timeout=60_000)
+        expect(page.locator(".mk-export .mk-progress")).to_contain_text("verify", timeout=180_000)
+        cancel.click()
+        expect(page.locator(".mk-export .mk-status")).to_contain_text("cancelled after", timeout=120_000)
+        error = page.locator(".mk-export .mk-error")
+        expect(error.locator(".mk-error-line")).to_contain_text("Cancelled")
+        assert "Traceback" not in error.inner_text() and "Nothing was kept" in error.inner_text()
+        expect(page.locator(".mk-export .mk-progress")).to_contain_text("cancelled")
+        assert page.locator(".mk-export .mk-verdict-area").inner_text().strip() == ""
+        assert (lab[2] / "exports" / "untrained" / "config.json").is_file()    # the first export is intact
+        _shoot(page, ".mk-export", shots / "export-cancelled.png")
         # diff: success (verdict first), then a malformed view option
         page.locator(".mk-diff button.mk-run").click()
         expect(page.locator(".mk-diff .mk-verdict-area")).to_contain_text("DIFFERENT", timeout=180_000)

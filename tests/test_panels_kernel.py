@@ -84,6 +84,31 @@ CASES = {
     "compare-ok": ("from modelkit.ui.widgets import ComparePanel\n"
                    "p = ComparePanel(root=ROOT, base=PAIR + '/base', trained=PAIR + '/lora', tasks='mk_topic',"
                    " limit=8); p.run()"),
+    # Cancel mid-evaluation: held at the base model's first lm-eval batch (own cache: the
+    # compare-ok results of the same pair must not make the evaluation unnecessary)
+    "compare-cancel": ("import os\n"
+                       "from modelkit.testing.steps import held_at\n"
+                       "saved, os.environ['MODELKIT_CACHE'] = os.environ['MODELKIT_CACHE'], OUT + '/compare-cache'\n"
+                       "p = ComparePanel(root=ROOT, base=PAIR + '/base', trained=PAIR + '/lora', tasks='mk_topic',"
+                       " limit=8)\n"
+                       "with held_at('lm-eval', until=p.runner.cancel_event) as there:\n"
+                       "    p.button.click()\n"
+                       "    EXTRA = {'reached': there.wait(120)}\n"
+                       "    p.runner.cancel_button.click(); p.runner.join(120)\n"
+                       "os.environ['MODELKIT_CACHE'] = saved\n"
+                       "EXTRA['cached'] = sorted(os.listdir(OUT + '/compare-cache/compare'))"
+                       " if os.path.isdir(OUT + '/compare-cache/compare') else []"),
+    # an export works in its thread (held at its first write step) while the next cell runs
+    "export-held": ("import logging, threading\n"
+                    "release = threading.Event()\n"
+                    "hold = held_at('write', until=release)\n"
+                    "writing = hold.__enter__()\n"
+                    "p = ExportPanel(root=ROOT, ref=ROOT + '/plain-llama', out=OUT + '/during-a-cell', verify=False)\n"
+                    "p.button.click()\n"
+                    "EXTRA = {'reached': writing.wait(120)}"),
+    "cell-during-export": ("print('printed by a cell during the export')\n"
+                           "logging.getLogger('some.library').warning('logged by a library in that cell')\n"
+                           "release.set(); p.runner.join(120); hold.__exit__(None, None, None)"),
     "compare-unknown-task": ("p = ComparePanel(root=ROOT, base=PAIR + '/base', trained=PAIR + '/lora',"
                              " tasks='mk_topc', limit=8); p.run()"),
 }
@@ -242,3 +267,28 @@ def test_an_error_clears_the_previous_results_in_a_kernel(executed):
     assert shown["extra"] == {"shown_before": True}
     assert shown["exception"] == "RefNotFoundError" and shown["results_hidden"]
     assert "model.embed_tokens" not in shown["text"] and "<table" not in shown["text"] and shown["verdict"] == ""
+
+
+def test_cancel_in_a_kernel_stops_the_comparison_and_records_nothing(executed):
+    results, _ = executed
+    cell, shown = results["compare-cancel"]
+    _assert_clean_cell(cell, "compare-cancel")
+    assert shown["exception"] == "Cancelled" and "cancelled after" in shown["status"], shown["status"]
+    visible = _visible(shown["error"])
+    assert visible.startswith("✖ Cancelled") and "Traceback" not in visible and "No result was recorded" in visible
+    progress = html.unescape(shown["progress"])
+    assert "lm-eval: " in progress and "— cancelled" in progress      # stopped between two lm-eval batches
+    assert shown["verdict"] == "" and shown["results_hidden"] and "<table" not in shown["text"]
+    assert shown["extra"] == {"reached": True, "cached": []}          # nothing cut short was cached
+
+
+def test_a_cell_run_during_an_export_prints_to_its_own_cell(executed):
+    results, _ = executed
+    assert results["export-held"][1]["extra"] == {"reached": True}    # the export was running meanwhile
+    cell, shown = results["cell-during-export"]
+    streams = {name: "".join(o.get("text", "") for o in cell.outputs if o.get("name") == name)
+               for name in ("stdout", "stderr")}
+    assert "printed by a cell during the export" in streams["stdout"]
+    assert "logged by a library in that cell" in streams["stderr"]
+    assert shown["exception"] is None and shown["status"].startswith("done"), shown   # the export went on
+    assert "by a cell" not in shown["log"] and "in that cell" not in shown["log"]      # not in its log
