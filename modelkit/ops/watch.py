@@ -181,7 +181,8 @@ def evaluate_in_process(job: CheckpointJob) -> dict[str, Any]:
 def evaluate_quietly(job: CheckpointJob) -> dict[str, Any]:
     """:func:`evaluate_in_process` with what the libraries print (lm-eval's progress bars,
     ``git`` complaints) captured (:func:`modelkit.quiet.captured`): the watcher's own
-    lines stay readable. Main thread only (it redirects the process's stderr)."""
+    lines stay readable. The capture is this context's; it also takes what any
+    subprocess writes to the process's stderr meanwhile (file descriptor 2)."""
     from modelkit.quiet import captured
 
     with captured():

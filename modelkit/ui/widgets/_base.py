@@ -100,7 +100,8 @@ HINTS = {  # what to do about each kind of error (the message says what is wrong
                         "(e.g. lora_alpha=16), or --lora-alpha on the CLI.",
     "UnknownOptionError": "Remove it, or use one of the options the message lists.",
     "LoadError": "Inspect the artifact (deep) to see what it lacks.",
-    "Cancelled": "Nothing was kept from this run: no output folder, no temporary files.",
+    "Cancelled": "Nothing was kept from this run: the out folder is as it was before (absent, or the "
+                 "previous export when replacing), and no temporary files are left.",
 }
 UNTRAINED_HINT = "Tick 'allow untrained' to use it anyway (its scores would be the base model's)."
 
