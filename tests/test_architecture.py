@@ -181,11 +181,6 @@ KNOWN_UPWARD = {
     "modelkit.ops.watch -> modelkit.bench.evaluation",
     "modelkit.ops.watch -> modelkit.bench.executors",
     "modelkit.schemas -> modelkit.io.sources",                   # cache_root for its memo
-    "modelkit.verdicts -> modelkit.ops.compare",                 # verdict_of reads result
-    "modelkit.verdicts -> modelkit.ops.diff",                    # classes: results should say
-    "modelkit.verdicts -> modelkit.ops.export",                  # their own verdict
-    "modelkit.verdicts -> modelkit.ops.inspect",
-    "modelkit.verdicts -> modelkit.ops.watch",
 }
 
 

@@ -28,6 +28,7 @@ from modelkit.bench.evaluation import TaskCatalog, find_tasks, lm_eval_version
 from modelkit.errors import CompareError, ModelkitError, about_model
 from modelkit.io.sources import cache_dir, cache_root
 from modelkit.present.compare import metric_label
+from modelkit.verdicts import Verdict, of_compare
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -491,6 +492,10 @@ class CompareResult:
         if self.wandb_run:
             lines.append(f"W&B run: {self.wandb_run}")
         return "\n".join(lines)
+
+    def outcome(self) -> Verdict:
+        """The verdict every view opens with (the rule: :func:`modelkit.verdicts.of_compare`)."""
+        return of_compare(self)
 
     def to_dict(self, include_runs: bool = False) -> dict[str, Any]:
         out = {"models": [asdict(m) for m in self.models], "tasks": self.tasks, "settings": self.settings,
