@@ -154,7 +154,8 @@ def test_core_modules_import_no_ui(module):
 # ops/) above ops/; testing/ writes artifacts with io/ only; ui/ may use everything.
 LAYERS = (
     ("core", ("modelkit.errors", "modelkit.findings", "modelkit.schemas", "modelkit.schema_models",
-              "modelkit.quiet", "modelkit.verdicts", "modelkit.units", "modelkit.progress")),
+              "modelkit.quiet", "modelkit.verdicts", "modelkit.units", "modelkit.progress",
+              "modelkit.cache")),
     ("io", ("modelkit.io",)),
     ("architecture", ("modelkit.architecture",)),
     ("models", ("modelkit.models",)),
@@ -180,7 +181,6 @@ KNOWN_UPWARD = {
     "modelkit.ops.watch -> modelkit.bench.engines",
     "modelkit.ops.watch -> modelkit.bench.evaluation",
     "modelkit.ops.watch -> modelkit.bench.executors",
-    "modelkit.schemas -> modelkit.io.sources",                   # cache_root for its memo
 }
 
 

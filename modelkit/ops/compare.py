@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from modelkit.bench import paired_stats as stats
 from modelkit.bench.evaluation import TaskCatalog, find_tasks, lm_eval_version
 from modelkit.errors import CompareError, ModelkitError, about_model
-from modelkit.io.sources import cache_dir, cache_root
+from modelkit.cache import cache_dir, cache_root
 from modelkit.present.compare import metric_label
 from modelkit.verdicts import Verdict, of_compare
 
