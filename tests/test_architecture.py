@@ -170,8 +170,6 @@ LAYERS = (
 # Edges that still go up a layer, each to be removed by moving code (docs/DESIGN.md, "Layers"):
 # the test fails on any other upward edge, and on an entry here that is gone (strike it).
 KNOWN_UPWARD = {
-    "modelkit.formats.compressed_moe -> modelkit.ops.open",      # open_base for an unpassed base
-    "modelkit.formats.compressed_moe -> modelkit.ops.verify",    # prompt_ids for its logit check
     "modelkit.ops.compare -> modelkit.bench.codeeval.lm_task",   # compare/watch evaluate: they
     "modelkit.ops.compare -> modelkit.bench.engines",            # belong in bench/ (a move)
     "modelkit.ops.compare -> modelkit.bench.evaluation",

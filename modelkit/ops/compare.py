@@ -173,7 +173,7 @@ def _check_settings(trained: tuple, limit: Any, num_fewshot: Any, batch_size: An
 def _identify(role: str, ref: str | Path, options: dict | None) -> ModelInfo:
     """Open the artifact (and its base) and fingerprint it; no weights are read."""
     from modelkit.ops.load import open_for_load
-    from modelkit.ops.open import split_facts
+    from modelkit.formats.open import split_facts
 
     opts = dict(options or {})
     try:

@@ -40,7 +40,7 @@ from modelkit.ops.diff_stats import (
     open_source,
     single_norm,
 )
-from modelkit.ops.open import open_artifact, open_base, split_facts
+from modelkit.formats.open import open_artifact, open_base, split_facts
 from modelkit.verdicts import Verdict, of_diff
 
 if TYPE_CHECKING:  # pragma: no cover

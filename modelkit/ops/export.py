@@ -42,7 +42,7 @@ from modelkit.ops.load import DenseView, check_artifact, dense_view, open_for_lo
 from modelkit.progress import phase
 from modelkit.units import human_bytes
 from modelkit.verdicts import Verdict, of_export
-from modelkit.ops.open import split_facts
+from modelkit.formats.open import split_facts
 
 
 # --------------------------------------------------------------------------- result

@@ -23,7 +23,7 @@ from modelkit.errors import (
 from modelkit.findings import Finding, Severity, error, info, warning
 from modelkit.formats import Artifact
 from modelkit.io.files import read_json
-from modelkit.ops.open import open_artifact, open_base
+from modelkit.formats.open import open_artifact, open_base
 from modelkit.units import human_bytes
 from modelkit.verdicts import Verdict, of_inspection
 

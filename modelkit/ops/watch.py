@@ -462,7 +462,7 @@ class Watcher:
 
     def _adapter_base(self) -> str:
         """The base model the run's first checkpoint names (adapters: their base)."""
-        from modelkit.ops.open import open_artifact
+        from modelkit.formats.open import open_artifact
 
         for c in find_checkpoints(self.run_dir):
             try:
