@@ -41,7 +41,8 @@ from modelkit.ops.export_files import (
 from modelkit.ops.load import DenseView, check_artifact, dense_view, open_for_load, split_consumed
 from modelkit.progress import phase
 from modelkit.units import human_bytes
-from modelkit.ops.open import split_facts
+from modelkit.verdicts import Verdict, of_export
+from modelkit.formats.open import split_facts
 
 
 # --------------------------------------------------------------------------- result
@@ -72,6 +73,10 @@ class ExportResult:
     left_out: list[str] = field(default_factory=list)      # stored tensors not read (see notes)
     experts: list["ExportResult"] = field(default_factory=list)
     layout_label: str = ""        # the layout as summaries show it (``layout``: the stable code)
+
+    def outcome(self) -> Verdict:
+        """The verdict every view opens with (the rule: :func:`modelkit.verdicts.of_export`)."""
+        return of_export(self)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -26,7 +26,7 @@ from modelkit.formats.base import BuiltModel
 from modelkit.formats.view import LazyTensor, TensorView
 from modelkit.io.files import check_files
 from modelkit.io.tensors import dtype_name, recording_reads, torch_dtype
-from modelkit.ops.open import open_artifact, open_base, split_facts
+from modelkit.formats.open import open_artifact, open_base, split_facts
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
                    "spiece.model", "vocab.txt")
