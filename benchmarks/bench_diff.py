@@ -68,7 +68,7 @@ import json, os, sys, time
 import torch
 import modelkit.formats
 from modelkit.ops import diff_sums
-from modelkit.ops.open import open_artifact
+from modelkit.formats.open import open_artifact
 from modelkit.ops.diff_stats import CHUNK, Workers, _stream, open_source
 modelkit.formats.formats()
 if not diff_sums.available():

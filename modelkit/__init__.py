@@ -38,7 +38,7 @@ def _load_artifact(*args: Any, **kwargs: Any) -> Any:
 set_artifact_loader(_load_artifact)
 
 _LAZY = {
-    "open_artifact": ("modelkit.ops.open", "open_artifact"),
+    "open_artifact": ("modelkit.formats.open", "open_artifact"),
     "inspect": ("modelkit.ops.inspect", "inspect"),
     "InspectionReport": ("modelkit.ops.inspect", "InspectionReport"),
     "load": ("modelkit.ops.load", "load"),

@@ -25,6 +25,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from modelkit.cache import cache_root
 from modelkit.errors import ConfigError
 
 MODELS = ("AdapterConfig", "AnyMapping", "CompressedMetadata", "CompressionSettings", "ModelConfig",
@@ -92,8 +93,6 @@ def validate(data: Any, path: str | Path, schema: type | None = None) -> dict[st
 def _marker(schema: str, data: dict) -> Path | None:
     """Where "``data`` passed ``schema``" is remembered, or None (no cache, or data that
     canonical JSON cannot spell exactly)."""
-    from modelkit.io.sources import cache_root
-
     root = cache_root()
     if root is None or not _exact_json(data):
         return None

@@ -43,31 +43,19 @@ class Verdict:
 
 
 def verdict_of(result: Any) -> Verdict:
-    """The verdict of an inspect, export, diff, compare or watch result."""
-    from modelkit.ops.compare import CompareResult
-    from modelkit.ops.diff import DiffResult
-    from modelkit.ops.export import ExportResult
-    from modelkit.ops.inspect import InspectionReport
-    from modelkit.ops.watch import WatchResult
-
-    if isinstance(result, InspectionReport):
-        return _inspection(result)
-    if isinstance(result, ExportResult):
-        return _export(result)
-    if isinstance(result, DiffResult):
-        return _diff(result)
-    if isinstance(result, CompareResult):
-        return _compare(result)
-    if isinstance(result, WatchResult):
-        return _watch(result)
-    raise TypeError(f"no verdict for a {type(result).__name__}")
+    """The verdict of an inspect, export, diff, compare or watch result: each result class
+    says its own through ``outcome()``, which applies one of the ``of_*`` rules below."""
+    if not callable(getattr(result, "outcome", None)):
+        raise TypeError(f"no verdict for a {type(result).__name__}")
+    return result.outcome()
 
 
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
-def _inspection(r: Any) -> Verdict:
+def of_inspection(r: Any) -> Verdict:
+    """An InspectionReport's verdict: its worst finding."""
     what = f"{r.format} ({r.layout_label or r.layout}), {_plural(len(r.tensors), 'tensor')}"
     if r.errors:
         codes = ", ".join(sorted({f.code for f in r.errors}))
@@ -78,7 +66,8 @@ def _inspection(r: Any) -> Verdict:
     return Verdict("OK", "ok", f"no findings — {what}", 0)
 
 
-def _export(r: Any) -> Verdict:
+def of_export(r: Any) -> Verdict:
+    """An ExportResult's verdict: written, and whether the logits were checked."""
     parts = r.experts or [r]
     n = sum(p.tensors for p in parts)
     where = f"{_plural(len(parts), 'folder')}, {_plural(n, 'tensor')}"
@@ -94,7 +83,8 @@ def _export(r: Any) -> Verdict:
     return Verdict("EXPORTED", "warning", f"{where}; logits not checked (verify was off)", 0)
 
 
-def _diff(r: Any) -> Verdict:
+def of_diff(r: Any) -> Verdict:
+    """A DiffResult's verdict, exiting like ``diff(1)``."""
     n = len(r.rows)
     if r.verdict == "identical" and r.parts:
         return Verdict("IDENTICAL", "warning", f"none of the {_plural(len(r.parts), 'expert')} changes "
@@ -114,7 +104,8 @@ def _diff(r: Any) -> Verdict:
                                            f"overall ||B-A||/||A|| {r.overall_rel_change:.3g}", 1)
 
 
-def _compare(r: Any) -> Verdict:
+def of_compare(r: Any) -> Verdict:
+    """A CompareResult's verdict: any significantly worse row fails the gate."""
     frame = r.to_frame()
     verdicts = list(frame["verdict"]) if len(frame) else []
     better = sum(v == "better" for v in verdicts)
@@ -129,7 +120,8 @@ def _compare(r: Any) -> Verdict:
     return Verdict("NO CHANGE", "neutral", f"{rows} (task × metric rows)", 0)
 
 
-def _watch(r: Any) -> Verdict:
+def of_watch(r: Any) -> Verdict:
+    """A WatchResult's verdict: a rejected or failed checkpoint fails it."""
     counts = r.counts()
     tally = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no checkpoint found"
     bad = [e.name for e in r.entries if e.status in ("failed", "rejected")]

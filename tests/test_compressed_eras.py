@@ -19,7 +19,8 @@ from modelkit.formats.compressed_moe import read_settings_yaml
 from modelkit.formats.compressed_moe.reference import reference_model
 from modelkit.testing import write_compressed_moe, write_plain_hf
 from modelkit.testing.compressed import expert_key, naive_expert, trained_expert_weights
-from modelkit.ops.verify import prompt_ids, tolerance_for
+from modelkit.architecture.prompts import prompt_ids
+from modelkit.ops.verify import tolerance_for
 
 BF16 = torch.bfloat16
 # (name, layout, writer options): every era of the real code, clean

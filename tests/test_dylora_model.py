@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import modelkit  # noqa: F401  (registers dylora-moe with transformers' Auto classes)
-from modelkit.ops.open import open_artifact, open_base
+from modelkit.formats.open import open_artifact, open_base
 from modelkit.errors import BaseModelUnavailableError, LoadError
 from modelkit.formats.dylora_build import build_dylora_model
 from modelkit.models.dylora import DyLoRAMoEConfig, DyLoRAMoEForCausalLM

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from modelkit.architecture.bridge import expected_tensors, load_config
-from modelkit.ops.open import open_artifact, open_base
+from modelkit.formats.open import open_artifact, open_base
 from modelkit.ui.cli import main
 from modelkit.errors import BaseModelUnavailableError
 from modelkit.formats import detect

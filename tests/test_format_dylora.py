@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from modelkit.ops.open import open_artifact, open_base
+from modelkit.formats.open import open_artifact, open_base
 from modelkit.ui.cli import main
 from modelkit.errors import LoadError
 from modelkit.formats import detect

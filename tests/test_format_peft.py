@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from modelkit.ops.open import open_artifact, open_base
+from modelkit.formats.open import open_artifact, open_base
 from modelkit.ui.cli import main
 from modelkit.errors import BaseModelUnavailableError, LoadError
 from modelkit.formats import detect

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 import modelkit
-from modelkit.ops.open import open_artifact
+from modelkit.formats.open import open_artifact
 from modelkit.formats.compressed_moe import materialize
 from modelkit.formats.compressed_moe.lowrank import ExpertBatches, batched_experts, materialize_experts
 from modelkit.testing import naive_expert

@@ -184,7 +184,7 @@ def test_unknown_refs_say_how_to_provide_them():
 @pytest.mark.parametrize("value", ["off", "0", "false", "none", ""])
 def test_modelkit_cache_off_is_read_the_same_everywhere(monkeypatch, value):
     from modelkit.architecture import bridge as architectures
-    from modelkit.io.sources import cache_dir, cache_root
+    from modelkit.cache import cache_dir, cache_root
 
     monkeypatch.setenv("MODELKIT_CACHE", value)
     assert cache_root() is None and architectures._cache_dir() is None  # nothing cached across runs

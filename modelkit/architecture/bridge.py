@@ -445,7 +445,7 @@ def _transformers_version() -> str:
 
 
 def _cache_dir() -> Path | None:
-    from modelkit.io.sources import cache_root
+    from modelkit.cache import cache_root
 
     root = cache_root()
     return root / "expected" if root is not None else None

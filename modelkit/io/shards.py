@@ -104,6 +104,12 @@ def produce(name: str, lt: Producer, out_dtype):
     return t.detach().to("cpu").contiguous()
 
 
+def _close_after(barrier, out: StreamedSafetensors) -> None:
+    """Close (fsync) ``out`` once the writer has done every write before ``barrier``."""
+    barrier.result()
+    out.close()
+
+
 def write_weights(folder: Path, tensors: dict[str, Producer], out_dtype, max_shard_size: int | str,
                   progress: bool = True, desc: str = "write") -> dict[str, Any]:
     """Stream ``tensors`` into shards in ``folder``; returns the files, total size and a cast tally.
@@ -112,8 +118,9 @@ def write_weights(folder: Path, tensors: dict[str, Producer], out_dtype, max_sha
     tensor exists), then every tensor is produced and handed to a writer thread that
     appends its bytes straight from its memory (file writes and ``os.fsync`` release the
     GIL), so computing and writing overlap and memory is about ``QUEUE`` tensors, whatever
-    the shard size. A shard is fsynced by the writer once its last tensor is written; the
-    source files' memory maps are dropped (``release_all``) after each shard. Every write
+    the shard size. A shard is fsynced by a second thread once its last tensor is written
+    (the writer goes on with the next); the source files' memory maps are dropped
+    (``release_all``) after each shard. Every write
     and fsync has finished, its errors raised, before this returns. Progress is one phase
     ``desc`` counting tensors (its note: the shard and the bytes produced); a cancel stops
     it at the next tensor."""
@@ -126,14 +133,20 @@ def write_weights(folder: Path, tensors: dict[str, Producer], out_dtype, max_sha
                                            for n in names], metadata={"format": "pt"})
             for filename, names in files.items()}
     weight_map, cast, params = {}, Counter(), 0
-    pending: deque = deque()
+    pending: deque = deque()   # writes in flight (each holds its tensor)
+    closing: list = []         # shards being fsynced (they hold no tensor)
 
     def settle(limit: int) -> None:  # wait for the oldest writes (raising their errors)
         while len(pending) > limit:
             pending.popleft().result()
+        if any(f.done() and f.exception() is not None for f in closing):  # stop at an fsync error,
+            for f in [*pending, *closing]:  # raising a failed write first (it failed its shard's close)
+                if f.done():
+                    f.result()
 
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="modelkit-write") as writer, \
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="modelkit-sync") as syncer, \
                 phase(desc, total=len(tensors), unit="tensors", show=progress) as bar:
             done_bytes = 0
             for i, (filename, names) in enumerate(files.items(), 1):
@@ -155,9 +168,15 @@ def write_weights(folder: Path, tensors: dict[str, Producer], out_dtype, max_sha
                     pending.append(writer.submit(out.write, name, t))
                     del t
                     settle(QUEUE)
-                pending.append(writer.submit(out.close))
+                # the shard is fsynced by a second thread once its writes are done, while the
+                # writer goes on with the next shard: the disk flushes one shard as the next
+                # one is copied into the page cache (fsync in line would leave it idle)
+                barrier = writer.submit(lambda: None)  # done when every write before it is
+                closing.append(syncer.submit(_close_after, barrier, out))
                 release_all()  # unmap the source pages this shard consumed
-            settle(0)  # raises the last write or fsync error (EIO, ENOSPC)
+            settle(0)
+            for f in closing:  # raises the last fsync error (EIO)
+                f.result()
     except BaseException:
         for out in outs.values():  # the writer has stopped: close what it left open
             out.abandon()

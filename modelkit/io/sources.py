@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from modelkit.cache import cache_dir
 from modelkit.errors import RefNotFoundError
 from modelkit.io.checkpoints import checkpoint_folders
 
@@ -46,26 +47,6 @@ def wandb_api_key() -> str | None:
     except (OSError, netrc.NetrcParseError):
         return None
     return auth[2] if auth and auth[2] else None
-
-
-CACHE_OFF = ("", "0", "off", "false", "none")
-
-
-def cache_root() -> Path | None:
-    """The one reader of ``$MODELKIT_CACHE``: modelkit's cache folder (default
-    ~/.cache/modelkit), or None when it is ``off`` (also ``0``/``false``/``none``/empty):
-    nothing is then cached across runs."""
-    root = os.environ.get("MODELKIT_CACHE")
-    if root is not None and root.strip().lower() in CACHE_OFF:
-        return None
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "modelkit"
-
-
-def cache_dir() -> Path:
-    """Where modelkit keeps downloads, results and ledgers: :func:`cache_root`, or with
-    ``MODELKIT_CACHE=off`` a per-user scratch folder in the temp dir (a folder is still
-    needed; never a folder literally named ``off``)."""
-    return cache_root() or Path(tempfile.gettempdir()) / f"modelkit-nocache-{os.getuid()}"
 
 
 @dataclass

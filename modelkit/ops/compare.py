@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING, Any, Sequence
 from modelkit.bench import paired_stats as stats
 from modelkit.bench.evaluation import TaskCatalog, find_tasks, lm_eval_version
 from modelkit.errors import CompareError, ModelkitError, about_model
-from modelkit.io.sources import cache_dir, cache_root
+from modelkit.cache import cache_dir, cache_root
 from modelkit.present.compare import metric_label
+from modelkit.verdicts import Verdict, of_compare
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -172,7 +173,7 @@ def _check_settings(trained: tuple, limit: Any, num_fewshot: Any, batch_size: An
 def _identify(role: str, ref: str | Path, options: dict | None) -> ModelInfo:
     """Open the artifact (and its base) and fingerprint it; no weights are read."""
     from modelkit.ops.load import open_for_load
-    from modelkit.ops.open import split_facts
+    from modelkit.formats.open import split_facts
 
     opts = dict(options or {})
     try:
@@ -491,6 +492,10 @@ class CompareResult:
         if self.wandb_run:
             lines.append(f"W&B run: {self.wandb_run}")
         return "\n".join(lines)
+
+    def outcome(self) -> Verdict:
+        """The verdict every view opens with (the rule: :func:`modelkit.verdicts.of_compare`)."""
+        return of_compare(self)
 
     def to_dict(self, include_runs: bool = False) -> dict[str, Any]:
         out = {"models": [asdict(m) for m in self.models], "tasks": self.tasks, "settings": self.settings,

@@ -40,7 +40,8 @@ from modelkit.ops.diff_stats import (
     open_source,
     single_norm,
 )
-from modelkit.ops.open import open_artifact, open_base, split_facts
+from modelkit.formats.open import open_artifact, open_base, split_facts
+from modelkit.verdicts import Verdict, of_diff
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -363,6 +364,10 @@ class DiffResult:
         if all(r["identical"] or r["status"] == "unreadable" for r in self.rows):
             return "incomplete"
         return "different"
+
+    def outcome(self) -> Verdict:
+        """The verdict every view opens with (the rule: :func:`modelkit.verdicts.of_diff`)."""
+        return of_diff(self)
 
     def by_expert(self) -> "pd.DataFrame":
         """A mixture: one row per expert (its dense view against the other side) plus the

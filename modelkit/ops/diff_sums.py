@@ -65,7 +65,7 @@ _tried = False
 
 
 def _cache_dir() -> Path | None:
-    from modelkit.io.sources import cache_dir
+    from modelkit.cache import cache_dir
 
     return cache_dir() / "kernels"  # a temp folder with MODELKIT_CACHE=off: the kernel is still built
 

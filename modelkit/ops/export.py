@@ -41,7 +41,8 @@ from modelkit.ops.export_files import (
 from modelkit.ops.load import DenseView, check_artifact, dense_view, open_for_load, split_consumed
 from modelkit.progress import phase
 from modelkit.units import human_bytes
-from modelkit.ops.open import split_facts
+from modelkit.verdicts import Verdict, of_export
+from modelkit.formats.open import split_facts
 
 
 # --------------------------------------------------------------------------- result
@@ -72,6 +73,10 @@ class ExportResult:
     left_out: list[str] = field(default_factory=list)      # stored tensors not read (see notes)
     experts: list["ExportResult"] = field(default_factory=list)
     layout_label: str = ""        # the layout as summaries show it (``layout``: the stable code)
+
+    def outcome(self) -> Verdict:
+        """The verdict every view opens with (the rule: :func:`modelkit.verdicts.of_export`)."""
+        return of_export(self)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -222,12 +227,19 @@ def _adopt(result: ExportResult, part: ExportResult) -> None:
 def _write_folder(folder: Path, artifact: Artifact, base_art: Artifact | None, dv: DenseView, out_dtype,
                   max_shard_size, part: ExportResult, progress: bool, desc: str = "write") -> None:
     """One standard folder from a checked dense view: weights, config, generation config, tokenizer."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from modelkit.architecture.standard_config import write_standard_config
 
     tensors = dict(dv.tensors)
     dtype = out_dtype or shards.default_dtype(tensors)
-    with recording_reads() as seen, artifact.bulk_production():
-        written = shards.write_weights(folder, tensors, dtype, max_shard_size, progress, desc=desc)
+    # config.json is written beside the weights: building the config object imports seconds of
+    # transformers (Python, holding the GIL) while the weights' merges and writes mostly release it
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="modelkit-config") as side:
+        config_written = side.submit(lambda: write_standard_config(folder, dv.config, dtype_name(dtype)))
+        with recording_reads() as seen, artifact.bulk_production():
+            written = shards.write_weights(folder, tensors, dtype, max_shard_size, progress, desc=desc)
+        config_written.result()  # its error (a config transformers rejects) is raised here
     part.consumed, part.left_out = split_consumed(artifact, seen)
     part.dtype = dtype_name(dtype)
     part.tensors = len(tensors)
@@ -238,7 +250,6 @@ def _write_folder(folder: Path, artifact: Artifact, base_art: Artifact | None, d
     part.notes += dv.notes
     if dv.tied:
         part.notes.append(f"tied duplicate(s) not written (transformers re-ties them): {', '.join(dv.tied)}")
-    write_standard_config(folder, dv.config, part.dtype)
     part.notes += copy_generation_config(folder, artifact, base_art)
     part.notes += copy_tokenizer(folder, artifact, base_art)
 

@@ -23,8 +23,9 @@ from modelkit.errors import (
 from modelkit.findings import Finding, Severity, error, info, warning
 from modelkit.formats import Artifact
 from modelkit.io.files import read_json
-from modelkit.ops.open import open_artifact, open_base
+from modelkit.formats.open import open_artifact, open_base
 from modelkit.units import human_bytes
+from modelkit.verdicts import Verdict, of_inspection
 
 ROLES = ("embedding", "attention", "mlp", "expert", "router", "norm", "lm_head", "lora", "other")
 
@@ -70,6 +71,10 @@ class InspectionReport:
     @property
     def exit_code(self) -> int:
         return 1 if self.errors else 0
+
+    def outcome(self) -> Verdict:
+        """The verdict every view opens with (the rule: :func:`modelkit.verdicts.of_inspection`)."""
+        return of_inspection(self)
 
     def to_dict(self) -> dict[str, Any]:
         return {

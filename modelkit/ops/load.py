@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -24,7 +26,7 @@ from modelkit.formats.base import BuiltModel
 from modelkit.formats.view import LazyTensor, TensorView
 from modelkit.io.files import check_files
 from modelkit.io.tensors import dtype_name, recording_reads, torch_dtype
-from modelkit.ops.open import open_artifact, open_base, split_facts
+from modelkit.formats.open import open_artifact, open_base, split_facts
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
                    "spiece.model", "vocab.txt")
@@ -155,12 +157,20 @@ def check_artifact(artifact: Artifact, base_art: Artifact | None, *,
 
 @dataclass
 class DenseView:
-    """A checked dense view: tensors in the model's on-disk order, nothing left over."""
+    """A checked dense view: tensors in the model's on-disk order, nothing left over.
 
-    config: Any
+    ``config`` (the transformers config object) is built on first use: the check itself
+    needs only the cached architecture, and building the config imports seconds of
+    transformers that an export can overlap with writing the weights."""
+
+    build_config: Callable[[], Any] = field(repr=False)
     tensors: dict[str, LazyTensor]
     tied: list[str]                     # tied duplicates present in the view, left out
     notes: list[str]
+
+    @cached_property
+    def config(self) -> Any:
+        return self.build_config()
 
 
 def dense_view(artifact: Artifact, base_art: Artifact | None, **options) -> DenseView:
@@ -169,12 +179,14 @@ def dense_view(artifact: Artifact, base_art: Artifact | None, **options) -> Dens
     from modelkit.architecture.bridge import fit_tensors
 
     view: TensorView = artifact.view(base_art, **options)
-    config = artifact.config()
+    # the raw architecture (a config.json, a dict) is checked from the on-disk cache of
+    # expected tensors without importing transformers (a cache miss builds and validates it)
+    architecture = artifact.architecture()
     if view.unplaced:
         names = [f"{t.file}:{t.key}" for t in view.unplaced]
         raise LoadError(f"{len(names)} stored tensor(s) have no place in the model and would be "
                         f"dropped: {_few(names)}", artifact.folder)
-    fit = fit_tensors(config, {n: tuple(t.shape) for n, t in view.tensors.items()})
+    fit = fit_tensors(architecture, {n: tuple(t.shape) for n, t in view.tensors.items()})
     problems = []
     if fit.missing:
         problems.append(f"{len(fit.missing)} tensor(s) the model needs are not provided: {_few(fit.missing)}")
@@ -185,7 +197,9 @@ def dense_view(artifact: Artifact, base_art: Artifact | None, **options) -> Dens
     if problems:
         raise LoadError("; ".join(problems), artifact.folder)
     ordered = {n: view.tensors[n] for n in fit.expected}
-    return DenseView(config, ordered, fit.tied_given, list(view.notes))
+    raw = isinstance(architecture, (str, Path, Mapping))
+    return DenseView(artifact.config if raw else (lambda: architecture), ordered, fit.tied_given,
+                     list(view.notes))
 
 
 def _few(items: list[str], n: int = 4) -> str:

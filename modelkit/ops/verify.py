@@ -47,15 +47,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from modelkit.architecture.prompts import prompt_ids
+
 if TYPE_CHECKING:  # pragma: no cover
     from modelkit.formats.base import Artifact, ExportTarget
 
-PROMPTS = (
-    "def add(a, b):\n    return a + b",
-    "the router picks one expert per token and the model loads tensor from disk",
-    "import torch\nclass layer(self):\n    weight = torch.zeros(3)",
-    "for i in range(9): print(sum(map(len, zip(a, b))))",
-)
 UNIT_ROUNDOFF = {"float32": 0.0, "bfloat16": 2.0 ** -8, "float16": 2.0 ** -11}
 FP32_TOLERANCE = 1e-5
 FP32_UNIT_ROUNDOFF = 2.0 ** -24
@@ -109,16 +105,6 @@ def tolerance_for(dtype: str, max_abs_logit: float, wide_reference: bool = False
         return FP32_TOLERANCE, "float32: 1e-5 absolute"
     return (max(GROWTH * u * max_abs_logit, FP32_TOLERANCE),
             f"{dtype}: 2^5 x unit roundoff {u:.3g} x max|logit|")
-
-
-def prompt_ids(tokenizer, vocab_size: int) -> list:
-    """Token ids of the fixed prompts (fixed ids when there is no tokenizer)."""
-    import torch
-
-    if tokenizer is None:
-        g = torch.Generator().manual_seed(0)
-        return [torch.randint(0, vocab_size, (1, 12 + 3 * i), generator=g) for i in range(len(PROMPTS))]
-    return [tokenizer(p, return_tensors="pt")["input_ids"].clamp(max=vocab_size - 1) for p in PROMPTS]
 
 
 def load_stock(folder: Path):

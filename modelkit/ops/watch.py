@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from modelkit.errors import CompareError, ModelkitError
 from modelkit.io.checkpoints import checkpoint_folders, checkpoint_step
 from modelkit.ops.watch_ledger import Ledger, default_state_dir
+from modelkit.verdicts import Verdict, of_watch
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -462,7 +463,7 @@ class Watcher:
 
     def _adapter_base(self) -> str:
         """The base model the run's first checkpoint names (adapters: their base)."""
-        from modelkit.ops.open import open_artifact
+        from modelkit.formats.open import open_artifact
 
         for c in find_checkpoints(self.run_dir):
             try:
@@ -629,6 +630,10 @@ class WatchResult:
     def exit_code(self) -> int:
         """1 when a checkpoint failed or was rejected, else 0."""
         return 1 if any(e.status in ("failed", "rejected") for e in self.entries) else 0
+
+    def outcome(self) -> Verdict:
+        """The verdict every view opens with (the rule: :func:`modelkit.verdicts.of_watch`)."""
+        return of_watch(self)
 
     def summary(self) -> str:
         counts = self.counts()   # the verdict (OK / PROBLEMS / NOTHING YET) is modelkit.verdicts'

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from modelkit.errors import ModelkitError
-from modelkit.io.sources import cache_dir
+from modelkit.cache import cache_dir
 
 FINAL = ("done", "failed", "rejected", "skipped")   # a checkpoint key with one of these is settled
 

@@ -136,7 +136,7 @@ def relative_paths(text: str) -> str:
     import re
     import tempfile
 
-    from modelkit.io.sources import cache_dir
+    from modelkit.cache import cache_dir
 
     text = re.sub(re.escape(tempfile.gettempdir().rstrip("/") + "/" + SCRATCH_PREFIX) + r"[\w-]+",
                   "(temporary folder)", text)

@@ -278,7 +278,7 @@ def _check_key(problems: ProblemSet, limits: Limits, python: str) -> str:
 
 
 def _check_path(key: str) -> Path:
-    from modelkit.io.sources import cache_dir
+    from modelkit.cache import cache_dir
 
     return cache_dir() / "codeeval" / f"self-check-{key}.json"
 

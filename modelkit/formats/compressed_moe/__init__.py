@@ -767,7 +767,7 @@ class CompressedMoEArtifact(Artifact):
 
     def _base_view(self, base: Artifact | None, needed: list[str]) -> TensorView:
         if base is None:
-            from modelkit.ops.open import open_base
+            from modelkit.formats.open import open_base
 
             base = open_base(self)
         if base is None:
@@ -945,7 +945,7 @@ class CompressedMoEArtifact(Artifact):
 
         from modelkit.architecture.bridge import expected_tensors
         from modelkit.formats.compressed_moe.reference import reference_model
-        from modelkit.ops.verify import prompt_ids
+        from modelkit.architecture.prompts import prompt_ids
 
         params = sum(t.numel for t in expected_tensors(self.config_facts()).values())
         if params > LOGIT_CHECK_MAX_PARAMS:

@@ -428,7 +428,7 @@ def parse_facts(text: str) -> dict[str, Any]:
     """The facts field: ``"lora_alpha=16, lora_r=8"`` -> ``{"lora_alpha": 16, "lora_r": 8}``;
     InvalidInput for any other key or a value that is not a number (the artifact's format
     then checks the numbers: positive, r an integer, agreeing with what it records)."""
-    from modelkit.ops.open import FACTS
+    from modelkit.formats.open import FACTS
 
     facts = parse_options(text)
     for key, value in facts.items():

@@ -1,4 +1,6 @@
-"""``open_artifact``: from a reference to an opened, format-aware artifact."""
+"""``open_artifact``: from a reference to an opened, format-aware artifact (resolve the
+source, detect its format, open it, find its base). In ``formats/`` because a format opens
+its own base too (compressed MoE: the original model its non-experts come from)."""
 from __future__ import annotations
 
 from pathlib import Path
