@@ -283,6 +283,8 @@ class RunButton(widgets.VBox):
         self.exception: BaseException | None = None
         self.thread: threading.Thread | None = None
         self._cancel = threading.Event()
+        self._status_lock = threading.Lock()   # a Cancel's "cancelling…" never overwrites the end status
+        self._active = False
         self.button.on_click(lambda _: self.start())
         if results is not None:
             results.layout.display = "none"   # nothing to show before the first run
@@ -311,9 +313,17 @@ class RunButton(widgets.VBox):
 
     def cancel(self) -> None:
         """What Cancel does: the running action stops at its next step."""
-        self._cancel.set()
-        self.cancel_button.disabled = True
-        self.status.value = "<i>cancelling at the next step…</i>"
+        with self._status_lock:
+            if not self._active:
+                return
+            self.status.value = "<i>cancelling at the next step…</i>"
+            self.cancel_button.disabled = True
+            self._cancel.set()
+
+    def _finish(self, status: str) -> None:
+        with self._status_lock:
+            self.status.value = status
+            self._active = False
 
     def join(self, timeout: float | None = None) -> Any:
         """Wait for a run begun by :meth:`start`; its result (None on failure or while running)."""
@@ -334,7 +344,9 @@ class RunButton(widgets.VBox):
         from modelkit.quiet import captured
 
         self.button.disabled = True
-        self._cancel.clear()
+        with self._status_lock:
+            self._cancel.clear()
+            self._active = True
         self.cancel_button.disabled = False
         self.cancel_button.layout.display = "" if self.cancellable else "none"
         self.progress.clear()
@@ -380,10 +392,10 @@ class RunButton(widgets.VBox):
             self.error.value = error_html(failure, self.cancelled_hint if cancelled else None)
             word = "cancelled" if cancelled else "failed"
             self.progress.stopped(word)
-            self.status.value = f"<span style='color:#b00020'>{word} after {seconds:.1f} s</span>"
+            self._finish(f"<span style='color:#b00020'>{word} after {seconds:.1f} s</span>")
             return None
         self.result = result
-        self.status.value = f"done in {seconds:.1f} s"
+        self._finish(f"done in {seconds:.1f} s")
         return result
 
 
