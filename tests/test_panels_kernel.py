@@ -12,8 +12,6 @@ from __future__ import annotations
 import html
 import json
 import re
-import sys
-from pathlib import Path
 
 import nbformat
 import pytest
@@ -37,7 +35,7 @@ def shown(panel):
 
 def _visible(html_text: str) -> str:
     """What a reader sees before opening any "details" disclosure, tags stripped."""
-    text = re.sub(r"<details.*?</details>", "", html_text, flags=re.S)
+    text = re.sub(r"<details.*?</details>", "", html_text, flags=re.DOTALL)
     return html.unescape(re.sub(r"<[^>]+>", "", text)).strip()
 
 
@@ -247,14 +245,20 @@ def test_compare_panel_in_a_kernel(executed):
     _failed(executed, "compare-unknown-task", "mk_topc")
 
 
-def test_cancel_in_a_kernel_stops_the_export_and_leaves_nothing(executed):
+def _cancelled(executed, case: str, hint: str) -> tuple[dict, str]:
+    """A cancelled run's panel: a clean cell, status "cancelled after", the one-line
+    Cancelled error with its hint and no traceback; returns what was shown and the bars' text."""
     results, _ = executed
-    cell, shown = results["export-cancel"]
-    _assert_clean_cell(cell, "export-cancel")
+    cell, shown = results[case]
+    _assert_clean_cell(cell, case)
     assert shown["exception"] == "Cancelled" and "cancelled after" in shown["status"], shown["status"]
     visible = _visible(shown["error"])
-    assert visible.startswith("✖ Cancelled") and "Traceback" not in visible and "Nothing was kept" in visible
-    progress = html.unescape(shown["progress"])
+    assert visible.startswith("✖ Cancelled") and "Traceback" not in visible and hint in visible
+    return shown, html.unescape(shown["progress"])
+
+
+def test_cancel_in_a_kernel_stops_the_export_and_leaves_nothing(executed):
+    shown, progress = _cancelled(executed, "export-cancel", "Nothing was kept")
     assert "write: 0/" in progress and "— cancelled" in progress     # the bar says where it stopped
     assert shown["verdict"] == "" and shown["results_hidden"]
     assert shown["extra"] == {"reached": True, "out": False, "left": []}   # no OUT, no temporary folder
@@ -270,13 +274,7 @@ def test_an_error_clears_the_previous_results_in_a_kernel(executed):
 
 
 def test_cancel_in_a_kernel_stops_the_comparison_and_records_nothing(executed):
-    results, _ = executed
-    cell, shown = results["compare-cancel"]
-    _assert_clean_cell(cell, "compare-cancel")
-    assert shown["exception"] == "Cancelled" and "cancelled after" in shown["status"], shown["status"]
-    visible = _visible(shown["error"])
-    assert visible.startswith("✖ Cancelled") and "Traceback" not in visible and "No result was recorded" in visible
-    progress = html.unescape(shown["progress"])
+    shown, progress = _cancelled(executed, "compare-cancel", "No result was recorded")
     assert "lm-eval: " in progress and "— cancelled" in progress      # stopped between two lm-eval batches
     assert shown["verdict"] == "" and shown["results_hidden"] and "<table" not in shown["text"]
     assert shown["extra"] == {"reached": True, "cached": []}          # nothing cut short was cached
