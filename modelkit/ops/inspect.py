@@ -23,6 +23,7 @@ from modelkit.errors import (
 from modelkit.findings import Finding, Severity, error, info, warning
 from modelkit.formats import Artifact
 from modelkit.io.files import read_json
+from modelkit.io.tensors import DTYPE_BYTES
 from modelkit.formats.open import open_artifact, open_base
 from modelkit.units import human_bytes
 from modelkit.verdicts import Verdict, of_inspection
@@ -253,9 +254,10 @@ def inspect_artifact(artifact: Artifact, deep: bool = False, ref: str | None = N
     rows = []
     for t in stored:
         role = classify(t.name)
-        rows.append({"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "numel": t.numel,
-                     "bytes": t.nbytes, "file": t.file, "role": role.role, "layer": role.layer,
-                     "expert": role.expert})
+        numel = t.numel  # t.nbytes, without computing the product twice
+        rows.append({"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "numel": numel,
+                     "bytes": numel * DTYPE_BYTES.get(t.dtype, 4), "file": t.file, "role": role.role,
+                     "layer": role.layer, "expert": role.expert})
     src = artifact.source
     order = {Severity.ERROR: 0, Severity.WARNING: 1, Severity.INFO: 2}
     findings.sort(key=lambda f: order[f.severity])
