@@ -84,7 +84,7 @@ def dtype_name(dtype: Any) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class StoredTensor:
     """One tensor as it lies on disk: metadata only."""
 
@@ -93,6 +93,17 @@ class StoredTensor:
     dtype: str         # torch dtype name, e.g. "bfloat16"
     file: str          # path relative to the artifact folder
     key: str           # key inside the file (dotted for nested pickles)
+
+    # Own __init__: a frozen dataclass's generated one sets each field through
+    # object.__setattr__ (0.9 us a record; a real compressed MoE builds 1.5 * 10^5 of them).
+    # Writing the instance dict directly is what that amounts to, at a quarter of the cost.
+    def __init__(self, name: str, shape: tuple[int, ...], dtype: str, file: str, key: str):
+        d = self.__dict__
+        d["name"] = name
+        d["shape"] = shape
+        d["dtype"] = dtype
+        d["file"] = file
+        d["key"] = key
 
     @property
     def numel(self) -> int:
@@ -574,12 +585,17 @@ _STORAGE_DTYPES = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class TensorHeader:
     """A tensor known by its shape and dtype only (from a pickle's structure)."""
 
     shape: tuple[int, ...]
     dtype: str
+
+    def __init__(self, shape: tuple[int, ...], dtype: str):  # as StoredTensor's: one per tensor listed
+        d = self.__dict__
+        d["shape"] = shape
+        d["dtype"] = dtype
 
 
 class _BadTensor(Exception):

@@ -202,15 +202,27 @@ def parse_compressed_name(name: str) -> tuple[int, str | None, int | None, str] 
 
 def _layer_name(layer: int, proj: str, key: str) -> str:
     """The stored (in-memory style) name of key ``key`` of ``layer_{layer}/{proj}.pt``."""
-    pre = f"model.layers.{layer}.mlp.shared_core_layers.{proj}"
+    return f"{_layer_prefix(layer, proj)}{_key_suffix(key)}"
+
+
+def _layer_prefix(layer: int, proj: str) -> str:
+    return f"model.layers.{layer}.mlp.shared_core_layers.{proj}."
+
+
+# Every layer file of a checkpoint holds the same few hundred keys (``wrappers.{e}.{part}``):
+# what a key becomes is worked out once per distinct key, not once per tensor (10^5 in a
+# real checkpoint). Bounded, so a hostile file of many distinct keys costs no memory.
+@functools.lru_cache(maxsize=1 << 14)
+def _key_suffix(key: str) -> str:
+    """The part of :func:`_layer_name` after the layer file's prefix."""
     parts = key.split(".")
     if len(parts) == 3 and parts[0] == "wrappers" and parts[1].isdigit():
         leaf = {"core": "core", "bias": "bias"}.get(parts[2]) or _ON_FILE.get(parts[2])
         if leaf:
-            return f"{pre}.experts.{parts[1]}.{leaf}"
+            return f"experts.{parts[1]}.{leaf}"
     if len(parts) == 2 and parts[0] == "biases" and parts[1].isdigit():
-        return f"{pre}.experts.{parts[1]}.bias"
-    return f"{pre}.{key}"
+        return f"experts.{parts[1]}.bias"
+    return key
 
 
 _FILE_PARTS = frozenset(("core", "bias") + WRAPPER_PARTS)
@@ -221,15 +233,24 @@ def _layer_file_part(layer: int, proj: str, key: str) -> tuple[int, str | None, 
     matching the name for the keys torch.save writes (``core``, ``biases``,
     ``wrappers.{e}.{part}``, ``biases.{e}``): a real checkpoint has 10^5 of them."""
     if "." not in proj:
-        parts = key.split(".")
-        if len(parts) == 1 and parts[0] in ("core", "biases"):
-            return layer, proj, None, parts[0]
-        if len(parts) >= 2 and parts[1].isascii() and parts[1].isdigit():
-            if len(parts) == 3 and parts[0] == "wrappers" and parts[2] in _FILE_PARTS:
-                return layer, proj, int(parts[1]), parts[2]
-            if len(parts) == 2 and parts[0] == "biases":
-                return layer, proj, int(parts[1]), "bias"
+        known = _file_key_part(key)
+        if known is not None:
+            return layer, proj, known[0], known[1]
     return parse_compressed_name(_layer_name(layer, proj, key))
+
+
+@functools.lru_cache(maxsize=1 << 14)  # once per distinct key, as _key_suffix
+def _file_key_part(key: str) -> tuple[int | None, str] | None:
+    """``(expert, part)`` of a key torch.save writes in a layer file, else None."""
+    parts = key.split(".")
+    if len(parts) == 1 and parts[0] in ("core", "biases"):
+        return None, parts[0]
+    if len(parts) >= 2 and parts[1].isascii() and parts[1].isdigit():
+        if len(parts) == 3 and parts[0] == "wrappers" and parts[2] in _FILE_PARTS:
+            return int(parts[1]), parts[2]
+        if len(parts) == 2 and parts[0] == "biases":
+            return int(parts[1]), "bias"
+    return None
 
 
 # --------------------------------------------------------------------------- one compressed projection
@@ -250,6 +271,9 @@ class CompressedLayer:
     duplicates: list[StoredTensor] = field(default_factory=list)  # parts stored twice
     other: list[StoredTensor] = field(default_factory=list)       # tensors the format does not know
     meta: dict[str, Any] = field(default_factory=dict)            # scalars of the layer file
+    # rank and per-expert problems, asked for several times per inspect (10^4 experts in a
+    # real checkpoint); emptied by add(), the one way parts are filed
+    _memo: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_experts(self) -> int:
@@ -262,8 +286,10 @@ class CompressedLayer:
 
     @property
     def rank(self) -> int | None:
-        ranks = {t.shape[1] for w in self.wrappers.values() for t in w.values() if len(t.shape) == 2}
-        return ranks.pop() if len(ranks) == 1 else None
+        if "rank" not in self._memo:
+            ranks = {t.shape[1] for w in self.wrappers.values() for t in w.values() if len(t.shape) == 2}
+            self._memo["rank"] = ranks.pop() if len(ranks) == 1 else None
+        return self._memo["rank"]
 
     @property
     def dtypes(self) -> set[str]:
@@ -282,6 +308,12 @@ class CompressedLayer:
 
     def expert_problem(self, e: int) -> str | None:
         """Why expert ``e`` cannot be built from its parts, or None."""
+        key = ("problem", e)
+        if key not in self._memo:
+            self._memo[key] = self._expert_problem(e)
+        return self._memo[key]
+
+    def _expert_problem(self, e: int) -> str | None:
         if self.core is None:
             return "no shared core"
         if len(self.core.shape) != 2:
@@ -303,7 +335,14 @@ class CompressedLayer:
 
     def add(self, t: StoredTensor, e: int | None, part: str) -> None:
         """File one stored part (a second copy of a part goes to ``duplicates``)."""
-        if part == "core" and e is not None:
+        if self._memo:
+            self._memo.clear()
+        if part in WRAPPER_PARTS:  # the common case first (four per expert, one core per file)
+            w = self.wrappers.get(e)
+            if w is None:
+                w = self.wrappers[e] = {}
+            self._put(w, part, t)
+        elif part == "core" and e is not None:
             self.copies.append(t)
         elif part == "core":
             self._set(t, "core")
@@ -311,8 +350,6 @@ class CompressedLayer:
             self._set(t, "bias_matrix")
         elif part == "bias":
             self._put(self.biases, e, t)
-        elif part in WRAPPER_PARTS:
-            self._put(self.wrappers.setdefault(e, {}), part, t)
         else:
             self.other.append(t)
 
@@ -525,7 +562,8 @@ class CompressedMoEArtifact(Artifact):
             out += self.entries_of(TRAINER_WEIGHTS)
         for (layer, proj), rel in self.layer_files.items():
             # the constructor, not dataclasses.replace: 10^5 wrapper tensors in a real checkpoint
-            out += [StoredTensor(_layer_name(layer, proj, t.key), t.shape, t.dtype, t.file, t.key)
+            pre, suffix = _layer_prefix(layer, proj), _key_suffix
+            out += [StoredTensor(pre + suffix(t.key), t.shape, t.dtype, t.file, t.key)
                     for t in self.entries_of(rel)]
         for (layer, proj), rel in self.extracted_files.items():
             for t in self.entries_of(rel):
@@ -546,18 +584,23 @@ class CompressedMoEArtifact(Artifact):
         ``non_moe_weights.pt``), grouped by (layer, projection)."""
         out: dict[tuple[int, str | None], CompressedLayer] = {}
         by_file = {rel: key for key, rel in self.layer_files.items()}
+        extracted = EXTRACTED + "."
         for t in self._stored:
-            if t.name.startswith(EXTRACTED + ".") or t.file == TRAINER_WEIGHTS:
+            file = t.file
+            if file == TRAINER_WEIGHTS or t.name.startswith(extracted):
                 continue  # the Trainer's second copy: see trainer_parts
-            from_file = t.file != NON_MOE
-            parsed = _layer_file_part(*by_file[t.file], t.key) if from_file else parse_compressed_name(t.name)
+            from_file = file != NON_MOE
+            if from_file:
+                layer, proj = by_file[file]
+                parsed = _layer_file_part(layer, proj, t.key)
+            else:
+                parsed = parse_compressed_name(t.name)
             if parsed is None:
                 if from_file:  # an unknown key of a layer file
-                    layer, proj = by_file[t.file]
-                    self._group(out, layer, proj, t.file).other.append(t)
+                    self._group(out, layer, proj, file).other.append(t)
                 continue
             layer, proj, e, part = parsed
-            self._group(out, layer, proj, t.file if from_file else None).add(t, e, part)
+            self._group(out, layer, proj, file if from_file else None).add(t, e, part)
         for key, g in out.items():
             if g.file is not None:
                 g.meta = self._scalars(g.file)
@@ -743,9 +786,10 @@ class CompressedMoEArtifact(Artifact):
                 unplaced += list(g.biases.values()) + ([g.bias_matrix] if g.bias_matrix is not None else [])
             unplaced += g.other
         redundant = 0
+        compressed = self.compressed_layers()
         for key, g in self.groups.items():
             redundant += len(g.copies) + len(g.duplicates)
-            if key not in self.compressed_layers():
+            if key not in compressed:
                 unplaced += g.tensors() + g.other
         chosen = "default: " + ("the trained forward used the copies" if core == default == "copies"
                                 else "no per-expert copies stored" if default == "shared" else "copies available")
