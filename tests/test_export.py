@@ -342,6 +342,50 @@ def test_streams_tensor_by_tensor(catalog, tmp_path, monkeypatch, entry):
     assert result.verification["ok"]  # the streamed bytes are the model: logits agree with the reference
 
 
+@pytest.mark.parametrize("entry", ["compressed-checkpoint-N", "compressed-checkpoint-0"])
+def test_parallel_production_writes_the_same_bytes(catalog, tmp_path, monkeypatch, entry):
+    """With two torch threads a compressed export computes two experts at once (worker
+    threads of one torch thread each; per-expert core copies, and shared-core batches):
+    the shards hold the same bytes as the one-worker export, at most ``QUEUE + workers``
+    tensors are produced ahead of the writer, and torch's thread count is as it was."""
+    import threading
+
+    import torch
+
+    ex = importlib.import_module("modelkit.io.shards")
+    stream = importlib.import_module("modelkit.io.safetensors_stream")
+    real_produce, real_write = ex.produce, stream.StreamedSafetensors.write
+    produced, ahead, threads = [], [], set()
+
+    def produce(name, lt, dtype):
+        threads.add(threading.current_thread().name.split("_")[0])
+        produced.append(name)
+        return real_produce(name, lt, dtype)
+
+    def write(self, name, tensor):
+        ahead.append(len(produced) - produced.index(name))
+        real_write(self, name, tensor)
+
+    one = tmp_path / "one"
+    modelkit.export(catalog[entry], one, max_shard_size="40KB", progress=False)
+    monkeypatch.setattr(ex, "produce", produce)
+    monkeypatch.setattr(stream.StreamedSafetensors, "write", write)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        two = tmp_path / "two"
+        modelkit.export(catalog[entry], two, max_shard_size="40KB", progress=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(saved)
+    assert "modelkit-compute" in threads
+    assert 1 <= max(ahead) <= ex.QUEUE + 2
+    shards = sorted(p.name for p in one.glob("*.safetensors"))
+    assert shards == sorted(p.name for p in two.glob("*.safetensors")) and len(shards) > 2
+    for shard in shards:
+        assert (one / shard).read_bytes() == (two / shard).read_bytes(), shard
+
+
 # --------------------------------------------------------------------------- no modelkit import
 
 _STOCK_SCRIPT = textwrap.dedent("""
