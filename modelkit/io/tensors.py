@@ -635,6 +635,9 @@ def _rebuild_parameter(data: TensorHeader, *rest: Any) -> TensorHeader:
     return data
 
 
+_STORAGE_DTYPE_NAMES = frozenset(_STORAGE_DTYPES.values())
+
+
 class _SkeletonUnpickler(pickle.Unpickler):
     _ALLOWED = {
         ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
@@ -653,7 +656,9 @@ class _SkeletonUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid: Any) -> str:
         # ("storage", storage type (here: its dtype name), key, location, numel)
-        if not (isinstance(pid, tuple) and pid and pid[0] == "storage" and pid[1] in _STORAGE_DTYPES.values()):
+        # a set, not the dict's values (a scan of ten per tensor); an unhashable pid[1]
+        # raises TypeError, which read_pickle_skeleton treats as this refusal (torch.load decides)
+        if not (isinstance(pid, tuple) and pid and pid[0] == "storage" and pid[1] in _STORAGE_DTYPE_NAMES):
             raise pickle.UnpicklingError("unexpected persistent id")
         return pid[1]
 
