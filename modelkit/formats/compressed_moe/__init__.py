@@ -341,7 +341,10 @@ class CompressedLayer:
             w = self.wrappers.get(e)
             if w is None:
                 w = self.wrappers[e] = {}
-            self._put(w, part, t)
+            if part in w:
+                self.duplicates.append(t)
+            else:
+                w[part] = t
         elif part == "core" and e is not None:
             self.copies.append(t)
         elif part == "core":
@@ -585,13 +588,25 @@ class CompressedMoEArtifact(Artifact):
         out: dict[tuple[int, str | None], CompressedLayer] = {}
         by_file = {rel: key for key, rel in self.layer_files.items()}
         extracted = EXTRACTED + "."
+        last, known_keys, file_group = None, False, None   # the layer file of the tensors just seen
         for t in self._stored:
             file = t.file
             if file == TRAINER_WEIGHTS or t.name.startswith(extracted):
                 continue  # the Trainer's second copy: see trainer_parts
             from_file = file != NON_MOE
             if from_file:
-                layer, proj = by_file[file]
+                if file != last:
+                    last, file_group = file, None
+                    layer0, proj0 = by_file[file]
+                    known_keys = "." not in proj0
+                # the keys torch.save writes, straight to the file's group (_layer_file_part's fast case)
+                known = _file_key_part(t.key) if known_keys else None
+                if known is not None:
+                    if file_group is None:
+                        file_group = self._group(out, layer0, proj0, file)
+                    file_group.add(t, known[0], known[1])
+                    continue
+                layer, proj = layer0, proj0
                 parsed = _layer_file_part(layer, proj, t.key)
             else:
                 parsed = parse_compressed_name(t.name)
@@ -690,12 +705,18 @@ class CompressedMoEArtifact(Artifact):
         """(layer, projection, expert, weight|bias) -> on-disk name in the original model."""
         from modelkit.architecture.bridge import expected_tensors
 
+        names = tuple(expected_tensors(config if config is not None else self.config_facts()))
+        # inspect asks three times (view, check, uncompressed slots) for the same 10^4 names
+        memo = self.__dict__.get("_slots_memo")
+        if memo is not None and memo[0] == names:
+            return dict(memo[1])
         out = {}
-        for name in expected_tensors(config if config is not None else self.config_facts()):
+        for name in names:
             m = _EXPERT_SLOT.match(name)
             if m:
                 out[(int(m["layer"]), m["proj"], int(m["e"]), m["kind"])] = name
-        return out
+        self.__dict__["_slots_memo"] = (names, out)
+        return dict(out)
 
     def _uncompressed_slots(self, slots=None) -> list[str]:
         """On-disk expert names of (layer, projection)s that were never compressed."""
