@@ -303,9 +303,9 @@ def test_failed_verification_writes_nothing(catalog, tmp_path):
 
 @pytest.mark.parametrize("entry", ["compressed-checkpoint-N", "plain-sharded"])
 def test_streams_tensor_by_tensor(catalog, tmp_path, monkeypatch, entry):
-    """Each tensor is written as soon as it is produced: at most ``QUEUE`` tensors are
-    produced ahead of the writer, whatever the shard size, and no shard is bigger than the
-    shard size. Every shard reads back with safetensors itself, equal to the source's view."""
+    """Each tensor is written as soon as it is produced: at most ``QUEUE`` tensors (plus
+    one per compute worker) are produced ahead of the writer, whatever the shard size, and
+    no shard is bigger than the shard size. Every shard reads back with safetensors itself, equal to the source's view."""
     from safetensors import safe_open
 
     ex = importlib.import_module("modelkit.io.shards")  # the shard writer export streams through
@@ -327,7 +327,11 @@ def test_streams_tensor_by_tensor(catalog, tmp_path, monkeypatch, entry):
     out = tmp_path / "sharded"
     result = modelkit.export(catalog[entry], out, max_shard_size="40KB", verify=True, progress=False)
     assert len(ahead) == len(produced) == result.tensors
-    assert 1 <= max(ahead) <= ex.QUEUE + 1
+    # a compressed export computes as many experts at once as torch has threads (parallel_production)
+    import torch
+
+    workers = min(torch.get_num_threads(), ex.MAX_WORKERS) if entry.startswith("compressed") else 1
+    assert 1 <= max(ahead) <= ex.QUEUE + max(workers, 1)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     n = len(result.shards)
     assert n > 2 and sorted(set(index["weight_map"].values())) == [f"model-{i:05d}-of-{n:05d}.safetensors"
