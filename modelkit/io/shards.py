@@ -104,6 +104,20 @@ def produce(name: str, lt: Producer, out_dtype):
     return t.detach().to("cpu").contiguous()
 
 
+def stored_span(lt: Producer, planned: str) -> tuple[Path, int, int] | None:
+    """``(file, offset, length)`` when ``lt`` is a tensor stored unchanged in a safetensors
+    file in the planned dtype (its bytes are the export's bytes: copied file to file, never
+    produced); None for anything computed, cast, or stored otherwise (a pickle)."""
+    stored = getattr(lt, "stored", None)
+    if stored is None or lt.dtype != planned:
+        return None
+    file, entry = stored
+    raw_span = getattr(file, "raw_span", None)
+    if raw_span is None or entry.dtype != planned or tuple(entry.shape) != tuple(lt.shape):
+        return None
+    return raw_span(entry.key)
+
+
 def _close_after(barrier, out: StreamedSafetensors) -> None:
     """Close (fsync) ``out`` once the writer has done every write before ``barrier``."""
     barrier.result()
@@ -155,18 +169,25 @@ def write_weights(folder: Path, tensors: dict[str, Producer], out_dtype, max_sha
                 out = outs[filename]
                 for name in names:
                     lt = tensors[name]
-                    t = produce(name, lt, out_dtype)
-                    got, planned = dtype_name(t.dtype), _target_dtype(lt, out_dtype)
-                    if got != planned:
-                        raise ExportError(f"{name} from {lt.origin} is {got}, the view promised {planned}")
-                    if lt.dtype != got:
-                        cast[f"{lt.dtype}->{got}"] += 1
-                    params += t.numel()
+                    planned = _target_dtype(lt, out_dtype)
+                    span = stored_span(lt, planned)
+                    if span is not None:  # stored as written: the writer copies its bytes
+                        pending.append(writer.submit(out.copy, name, planned, tuple(lt.shape), *span))
+                        params += lt.numel
+                        done_bytes += span[2]
+                    else:
+                        t = produce(name, lt, out_dtype)
+                        got = dtype_name(t.dtype)
+                        if got != planned:
+                            raise ExportError(f"{name} from {lt.origin} is {got}, the view promised {planned}")
+                        if lt.dtype != got:
+                            cast[f"{lt.dtype}->{got}"] += 1
+                        params += t.numel()
+                        done_bytes += t.numel() * t.element_size()
+                        pending.append(writer.submit(out.write, name, t))
+                        del t
                     weight_map[name] = filename
-                    done_bytes += t.numel() * t.element_size()
                     bar.update(1, note=f"{where}, {human_bytes(done_bytes)} of {human_bytes(total)}")
-                    pending.append(writer.submit(out.write, name, t))
-                    del t
                     settle(QUEUE)
                 # the shard is fsynced by a second thread once its writes are done, while the
                 # writer goes on with the next shard: the disk flushes one shard as the next
