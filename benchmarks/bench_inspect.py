@@ -319,17 +319,25 @@ def _growth(kind: str, rows: list) -> Figure:
                        for f, L, n, w, c, _ in rows))
 
 
-def real_size(work: Path) -> list:
-    import modelkit
-
+def real_size(work: Path, only: set[str] = frozenset({"plain", "compressed"})) -> list:
     figs = []
     full = 4 if quick() else 48
     scales = [(1, full // 16 or 1), (4, full // 4), (16, full)]
     if quick():
         scales = [(1, 1), (2, 2), (4, 4)]
     reps = 1 if quick() else 3
-    # plain, Qwen3-30B-A3B layout
-    rows = []
+    if "plain" in only:
+        figs += _real_plain(work, scales, reps)
+    if "compressed" in only:
+        figs += _real_compressed(work, scales, reps)
+    return figs
+
+
+def _real_plain(work: Path, scales: list, reps: int) -> list:
+    """The Qwen3-30B-A3B layout at each scale."""
+    import modelkit
+
+    figs, rows = [], []
     for factor, layers in scales:
         folder = work / f"qwen3-30b-a3b-layout-{layers}L"
         n = write_real_layout(folder, layers)
@@ -348,8 +356,14 @@ def real_size(work: Path) -> list:
                                all(x[5] for x in rows)))
         shutil.rmtree(folder)
     figs.append(_growth("plain", rows))
-    # compressed MoE of the same model
-    rows = []
+    return figs
+
+
+def _real_compressed(work: Path, scales: list, reps: int) -> list:
+    """The compressed MoE of the same model at each scale."""
+    import modelkit
+
+    figs, rows = [], []
     for factor, layers in scales:
         base = work / f"compressed-{layers}L"
         ckpt, n = write_real_compressed(base, layers)
@@ -406,16 +420,23 @@ def _gb(folder: Path) -> float:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e9
 
 
+SCENARIOS = ("cli", "plain", "compressed")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, help="work folder (default: a temporary one, removed after)")
+    p.add_argument("--only", action="append", choices=SCENARIOS,
+                   help="run only this scenario (repeatable): cli (whole commands over the catalog), "
+                   "plain (Qwen3-30B-A3B layout), compressed (real-size compressed MoE); default: all")
     args = p.parse_args(argv)
+    only = set(args.only or SCENARIOS)
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-inspect-", dir=ROOT / "benchmarks" / "_work"
                                               if (ROOT / "benchmarks" / "_work").is_dir() else None))
     os.environ.setdefault("MODELKIT_CACHE", str(work / "cache"))
     try:
-        figs = lean_commands(work)
-        figs += real_size(work)
+        figs = lean_commands(work) if "cli" in only else []
+        figs += real_size(work, only)
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)

@@ -5,6 +5,7 @@ summary table (figure, value, baseline, ratio, target, met?), write it as JSON u
     python benchmarks/run_all.py                 # every benchmarks/bench_*.py, full size
     python benchmarks/run_all.py --quick         # small sizes: a smoke test of the machinery
     python benchmarks/run_all.py bench_diff.py   # some of them
+    python benchmarks/run_all.py --markdown benchmarks/results/bench-X.json   # a record as README Markdown
 
 Each benchmark runs in its own process (a crash or a miss stops only that one) and reports
 through ``summary.finish``; one that exits without a report counts as failed.
@@ -60,13 +61,42 @@ def run_one(script: Path, quick: bool, timeout: float) -> tuple[list[Figure], di
     return figures, ran
 
 
+def markdown(record: dict) -> str:
+    """A results record (the JSON :func:`main` writes) as the README's Markdown table, under a
+    header line saying when, at which commit, how loaded the machine was and whether quick."""
+    m = record.get("machine", {})
+    try:
+        when = datetime.fromisoformat(record["started"]).astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    except (KeyError, TypeError, ValueError):
+        when = "unknown date"
+    head = (f"Run of {when}, commit {record.get('commit', 'unknown')}, "
+            f"{m.get('cpus', '?')} cores, load average {m.get('load_before', 'unknown')} before / "
+            f"{m.get('load_after', 'unknown')} after, "
+            + ("**quick mode** (small sizes: the timings mean nothing)" if record.get("quick") else "full size")
+            + f"; {record.get('missed', '?')} target(s) missed.")
+    figures = [Figure(**f) for f in record.get("figures", [])]
+    return head + "\n\n" + table(figures, with_bench=True)  # summary.table: one formatting for all
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("benchmarks", nargs="*", help="scripts to run (default: every benchmarks/bench_*.py)")
+    p.add_argument("--markdown", type=Path, metavar="FILE.json",
+                   help="run nothing: print this results record as the README's Markdown table")
     p.add_argument("--quick", action="store_true", help=f"small sizes (sets {QUICK_ENV}=1)")
     p.add_argument("--results", type=Path, default=HERE / "results", help="where the JSON goes")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per benchmark")
     args = p.parse_args(argv)
+    if args.markdown:
+        if args.benchmarks:
+            p.error("--markdown renders a record; it runs no benchmarks")
+        try:
+            text = markdown(json.loads(args.markdown.read_text()))
+        except (OSError, ValueError, TypeError, AttributeError) as e:  # not a record run_all wrote
+            print(f"cannot render results record {args.markdown}: {e}", file=sys.stderr)
+            return 2
+        print(text)
+        return 0
     scripts = ([Path(s) if Path(s).exists() else HERE / s for s in args.benchmarks]
                or sorted(HERE.glob("bench_*.py")))
     load_before = load_average()

@@ -96,3 +96,32 @@ def test_real_benchmarks_in_quick_mode_run_and_agree_with_their_baselines(tmp_pa
         wrong = [f["name"] for f in figures if f["target"] == "outputs agree" and not f["met"]]
         assert not wrong, (bench, wrong)
     assert out.returncode == (1 if record["missed"] else 0)
+
+
+def test_markdown_renders_a_results_record_as_the_readme_table(tmp_path):
+    record = {"started": "2026-12-02T14:50:07.5+00:00", "commit": "abc1234", "quick": False,
+              "machine": {"cpus": 2, "load_before": "3.10 2.00 1.50", "load_after": "2.20 2.10 1.60"},
+              "runs": [{"bench": "bench_diff", "exit": 1, "seconds": 60.0}], "missed": 1,
+              "figures": [
+                  {"name": "diff throughput", "value": 6.0, "unit": "GB/s", "baseline": "floor",
+                   "baseline_value": 8.0, "ratio": 0.75, "target": "ratio >= 0.8", "met": False,
+                   "note": "best of 3", "bench": "bench_diff"},
+                  {"name": "diff agrees", "value": None, "unit": "", "baseline": "", "baseline_value": None,
+                   "ratio": None, "target": "outputs agree", "met": True, "note": "", "bench": "bench_diff"}]}
+    path = tmp_path / "bench-x.json"
+    path.write_text(json.dumps(record))
+    out = run_all("--markdown", path)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("Run of 2026-12-02 14:50 UTC, commit abc1234, 2 cores, load average "
+                               "3.10 2.00 1.50 before / 2.20 2.10 1.60 after, full size")
+    assert "| benchmark | figure | value | baseline (same run) | ratio | target | met? |" in lines
+    assert "| bench_diff | diff throughput | 6 GB/s | floor 8 GB/s | 0.75 | ratio >= 0.8 | MISSED |" in lines
+    assert "| bench_diff | diff agrees |  |  |  | outputs agree | met |" in lines
+    assert "- diff throughput: best of 3" in lines
+    record["quick"] = True
+    path.write_text(json.dumps(record))
+    assert "quick mode" in run_all("--markdown", path).stdout.splitlines()[0]
+    path.write_text("not json")
+    bad = run_all("--markdown", path)
+    assert bad.returncode == 2 and "cannot render" in bad.stderr and "Traceback" not in bad.stderr

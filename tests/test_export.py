@@ -311,35 +311,25 @@ def test_streams_tensor_by_tensor(catalog, tmp_path, monkeypatch, entry):
     ex = importlib.import_module("modelkit.io.shards")  # the shard writer export streams through
     stream = importlib.import_module("modelkit.io.safetensors_stream")
 
-    produced, ahead, copied = [], [], []  # produced: tensors computed or read, or spans handed out
-    real_produce, real_span = ex.produce, ex.stored_span
+    produced, ahead, copied = [], [], []  # produced: tensors computed or read (in memory)
+    real_produce = ex.produce
     real_write, real_copy = stream.StreamedSafetensors.write, stream.StreamedSafetensors.copy
 
     def produce(name, lt, dtype):
         produced.append(name)
         return real_produce(name, lt, dtype)
 
-    def stored_span(lt, planned):
-        span = real_span(lt, planned)
-        if span is not None:
-            produced.append(next(n for n, t in view.items() if t is lt))
-        return span
-
     def write(self, name, tensor):
         ahead.append(len(produced) - produced.index(name))
         real_write(self, name, tensor)
 
-    def copy(self, name, *a):  # a stored tensor copied file to file
-        ahead.append(len(produced) - produced.index(name))
+    def copy(self, name, *a):  # a stored tensor copied file to file: never in memory
+        produced.append(name)
+        ahead.append(1)
         copied.append(name)
         real_copy(self, name, *a)
 
-    view = {}
-    real_write_weights = ex.write_weights
-    monkeypatch.setattr(ex, "write_weights", lambda folder, tensors, *a, **k: (
-        view.update(tensors), real_write_weights(folder, tensors, *a, **k))[1])
     monkeypatch.setattr(ex, "produce", produce)
-    monkeypatch.setattr(ex, "stored_span", stored_span)
     monkeypatch.setattr(stream.StreamedSafetensors, "write", write)
     monkeypatch.setattr(stream.StreamedSafetensors, "copy", copy)
     out = tmp_path / "sharded"
@@ -428,6 +418,50 @@ def test_warm_export_writes_the_same_config_without_transformers(catalog, tmp_pa
     first, second = ((tmp_path / f"out{i}" / "config.json").read_text() for i in range(2))
     assert first == second and json.loads(first)["dtype"] == "bfloat16"
     assert json.loads(first)["architectures"] == ["LlamaForCausalLM"]
+
+
+@pytest.mark.parametrize("entry", ["compressed-checkpoint-N", "compressed-checkpoint-0"])
+def test_parallel_production_writes_the_same_bytes(catalog, tmp_path, monkeypatch, entry):
+    """With two torch threads a compressed export computes two experts at once (worker
+    threads of one torch thread each; per-expert core copies, and shared-core batches):
+    the shards hold the same bytes as the one-worker export, at most ``QUEUE + workers``
+    tensors are produced ahead of the writer, and torch's thread count is as it was."""
+    import threading
+
+    import torch
+
+    ex = importlib.import_module("modelkit.io.shards")
+    stream = importlib.import_module("modelkit.io.safetensors_stream")
+    real_produce, real_write = ex.produce, stream.StreamedSafetensors.write
+    produced, ahead, threads = [], [], set()
+
+    def produce(name, lt, dtype):
+        threads.add(threading.current_thread().name.split("_")[0])
+        produced.append(name)
+        return real_produce(name, lt, dtype)
+
+    def write(self, name, tensor):
+        ahead.append(len(produced) - produced.index(name))
+        real_write(self, name, tensor)
+
+    one = tmp_path / "one"
+    modelkit.export(catalog[entry], one, max_shard_size="40KB", progress=False)
+    monkeypatch.setattr(ex, "produce", produce)
+    monkeypatch.setattr(stream.StreamedSafetensors, "write", write)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        two = tmp_path / "two"
+        modelkit.export(catalog[entry], two, max_shard_size="40KB", progress=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(saved)
+    assert "modelkit-compute" in threads
+    assert 1 <= max(ahead) <= ex.QUEUE + 2
+    shards = sorted(p.name for p in one.glob("*.safetensors"))
+    assert shards == sorted(p.name for p in two.glob("*.safetensors")) and len(shards) > 2
+    for shard in shards:
+        assert (one / shard).read_bytes() == (two / shard).read_bytes(), shard
 
 
 # --------------------------------------------------------------------------- no modelkit import

@@ -25,17 +25,32 @@ def reference(a: torch.Tensor, b: torch.Tensor) -> tuple:
 
 
 @needs_kernel
+@pytest.mark.parametrize("variant", fusedsums.LEVELS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("n", [1, 1000, 1025, 1 << 19])
-def test_fused_sums_match_float64(dtype, n):
+def test_fused_sums_match_float64(dtype, n, variant):
+    # every compiled variant this CPU runs (plain C, AVX2, AVX-512) gives the same answer
+    if variant not in fusedsums.levels():
+        pytest.skip(f"this CPU does not run the {variant} variant")
     g = torch.Generator().manual_seed(n)
     a = (torch.randn(n, generator=g) * 0.02).to(dtype)
     b = a.clone()
     b[::3] += (1e-3 * torch.randn(b[::3].shape, generator=g)).to(dtype)
-    got, want = fusedsums.pair_sums(a, b), reference(a, b)
+    got, want = fusedsums.pair_sums(a, b, variant), reference(a, b)
     for x, y in zip(got[:4], want[:4]):
         assert math.isclose(x, y, rel_tol=1e-5, abs_tol=1e-12), (got, want)
     assert got[4] == want[4] and got[5] == want[5]
+
+
+@needs_kernel
+def test_the_best_variant_the_cpu_runs_is_used_unless_one_is_named(monkeypatch):
+    runs = fusedsums.levels()
+    assert runs[0] == "base" and set(runs) <= set(fusedsums.LEVELS)
+    assert fusedsums.level() == runs[-1]
+    monkeypatch.setenv("MODELKIT_FUSED_SUMS", "base")
+    assert fusedsums.level() == "base"
+    monkeypatch.setenv("MODELKIT_FUSED_SUMS", "no-such-cpu")
+    assert fusedsums.level() == runs[-1]
 
 
 @needs_kernel
