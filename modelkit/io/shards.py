@@ -5,12 +5,16 @@ Boundaries are planned from the tensors' shapes with huggingface_hub's splitter 
 tensor is produced; each shard's header is written from that plan, then its tensors are
 produced one at a time and appended by a writer thread as they come
 (:mod:`modelkit.io.safetensors_stream`). Peak memory is a few tensors (``QUEUE``) plus the
-inputs of the ones being computed, whatever ``max_shard_size``. Knows no format and no
+inputs of the ones being computed, whatever ``max_shard_size``. Inside
+:func:`parallel_production` (a format whose tensors are computed asks for it) up to
+``workers`` tensors are computed at once, each worker with one torch thread. Knows no format and no
 model: a tensor is anything with the :class:`Producer` shape (a
 :class:`~modelkit.formats.view.LazyTensor`).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 from collections import Counter
 from pathlib import Path
@@ -25,6 +29,33 @@ from modelkit.units import human_bytes
 INDEX = "model.safetensors.index.json"
 PATTERN = "model{suffix}.safetensors"
 QUEUE = 4  # tensors produced ahead of the writer thread: the memory it may hold beyond the sources'
+MAX_WORKERS = 4  # tensors computed at once inside parallel_production (each holds its inputs and output)
+
+_workers: contextvars.ContextVar[int] = contextvars.ContextVar("modelkit_production_workers", default=1)
+
+
+@contextlib.contextmanager
+def parallel_production(workers: int | None = None):
+    """Within this block :func:`write_weights` computes up to ``workers`` tensors at once
+    (default: torch's intra-op thread count, at most :data:`MAX_WORKERS`), each in a worker
+    thread with one torch thread. Why: the products of one computed tensor (a compressed
+    expert, ``[768 x 2048] x [2048 x 64]``) are too small to split across threads, and on a
+    shared machine a split product waits for its slowest thread (measured on 2 cores: 4x the
+    wall time of two single-threaded workers); independent tensors keep every core busy."""
+    if workers is None:
+        import torch
+
+        workers = torch.get_num_threads()
+    token = _workers.set(max(1, min(int(workers), MAX_WORKERS)))
+    try:
+        yield
+    finally:
+        _workers.reset(token)
+
+
+def production_workers() -> int:
+    """Tensors :func:`write_weights` computes at once here (1 outside :func:`parallel_production`)."""
+    return _workers.get()
 
 
 class Producer(Protocol):
@@ -104,6 +135,70 @@ def produce(name: str, lt: Producer, out_dtype):
     return t.detach().to("cpu").contiguous()
 
 
+def stored_span(lt: Producer, planned: str) -> tuple[Path, int, int] | None:
+    """``(file, offset, length)`` when ``lt`` is a tensor stored unchanged in a safetensors
+    file in the planned dtype (its bytes are the export's bytes: copied file to file, never
+    produced); None for anything computed, cast, or stored otherwise (a pickle)."""
+    stored = getattr(lt, "stored", None)
+    if stored is None or lt.dtype != planned:
+        return None
+    file, entry = stored
+    raw_span = getattr(file, "raw_span", None)
+    if raw_span is None or entry.dtype != planned or tuple(entry.shape) != tuple(lt.shape):
+        return None
+    return raw_span(entry.key)
+
+
+def _one_torch_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+class _Ahead:
+    """Tensors produced in order by ``workers`` threads, at most ``workers`` ahead of the
+    consumer (1 worker: produced in the caller's thread when asked, as before)."""
+
+    def __init__(self, names: list[str], tensors: dict[str, Producer], out_dtype, workers: int):
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.names, self.tensors, self.out_dtype, self.workers = names, tensors, out_dtype, workers
+        self.next = 0
+        self.queue: deque = deque()
+        self.pool = None
+        if workers > 1:
+            import torch
+
+            self.saved_threads = torch.get_num_threads()
+            self.pool = ThreadPoolExecutor(workers, thread_name_prefix="modelkit-compute",
+                                           initializer=_one_torch_thread)
+
+    def take(self, name: str):
+        if self.pool is None:
+            return produce(name, self.tensors[name], self.out_dtype)
+        while self.next < len(self.names) and len(self.queue) < self.workers:
+            n = self.names[self.next]
+            self.next += 1
+            # each task in a copy of this context: a format's producers read context variables
+            ctx = contextvars.copy_context()
+            self.queue.append((n, self.pool.submit(ctx.run, produce, n, self.tensors[n], self.out_dtype)))
+        n, fut = self.queue.popleft()
+        assert n == name, (n, name)  # taken in the planned order
+        return fut.result()
+
+    def close(self) -> None:
+        if self.pool is None:
+            return
+        for _, fut in self.queue:
+            fut.cancel()
+        self.queue.clear()
+        self.pool.shutdown(wait=True)
+        import torch
+
+        torch.set_num_threads(self.saved_threads)  # the workers' setting is also torch's default for new threads
+
+
 def _close_after(barrier, out: StreamedSafetensors) -> None:
     """Close (fsync) ``out`` once the writer has done every write before ``barrier``."""
     barrier.result()
@@ -118,7 +213,9 @@ def write_weights(folder: Path, tensors: dict[str, Producer], out_dtype, max_sha
     tensor exists), then every tensor is produced and handed to a writer thread that
     appends its bytes straight from its memory (file writes and ``os.fsync`` release the
     GIL), so computing and writing overlap and memory is about ``QUEUE`` tensors, whatever
-    the shard size. A shard is fsynced by a second thread once its last tensor is written
+    the shard size. Inside :func:`parallel_production` several tensors are computed at once,
+    in order, at most as many ahead as there are workers. A shard is fsynced by a second
+    thread once its last tensor is written
     (the writer goes on with the next); the source files' memory maps are dropped
     (``release_all``) after each shard. Every write
     and fsync has finished, its errors raised, before this returns. Progress is one phase
@@ -144,6 +241,14 @@ def write_weights(folder: Path, tensors: dict[str, Producer], out_dtype, max_sha
                 if f.done():
                     f.result()
 
+    order = [n for names in files.values() for n in names]
+    # tensors stored unchanged are copied file to file; only the others are produced (ahead)
+    spans = {}
+    for n in order:
+        span = stored_span(tensors[n], _target_dtype(tensors[n], out_dtype))
+        if span is not None:
+            spans[n] = span
+    ahead = _Ahead([n for n in order if n not in spans], tensors, out_dtype, production_workers())
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="modelkit-write") as writer, \
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="modelkit-sync") as syncer, \
@@ -155,18 +260,25 @@ def write_weights(folder: Path, tensors: dict[str, Producer], out_dtype, max_sha
                 out = outs[filename]
                 for name in names:
                     lt = tensors[name]
-                    t = produce(name, lt, out_dtype)
-                    got, planned = dtype_name(t.dtype), _target_dtype(lt, out_dtype)
-                    if got != planned:
-                        raise ExportError(f"{name} from {lt.origin} is {got}, the view promised {planned}")
-                    if lt.dtype != got:
-                        cast[f"{lt.dtype}->{got}"] += 1
-                    params += t.numel()
+                    planned = _target_dtype(lt, out_dtype)
+                    span = spans.get(name)
+                    if span is not None:  # stored as written: the writer copies its bytes
+                        pending.append(writer.submit(out.copy, name, planned, tuple(lt.shape), *span))
+                        params += lt.numel
+                        done_bytes += span[2]
+                    else:
+                        t = ahead.take(name)
+                        got = dtype_name(t.dtype)
+                        if got != planned:
+                            raise ExportError(f"{name} from {lt.origin} is {got}, the view promised {planned}")
+                        if lt.dtype != got:
+                            cast[f"{lt.dtype}->{got}"] += 1
+                        params += t.numel()
+                        done_bytes += t.numel() * t.element_size()
+                        pending.append(writer.submit(out.write, name, t))
+                        del t
                     weight_map[name] = filename
-                    done_bytes += t.numel() * t.element_size()
                     bar.update(1, note=f"{where}, {human_bytes(done_bytes)} of {human_bytes(total)}")
-                    pending.append(writer.submit(out.write, name, t))
-                    del t
                     settle(QUEUE)
                 # the shard is fsynced by a second thread once its writes are done, while the
                 # writer goes on with the next shard: the disk flushes one shard as the next
@@ -178,13 +290,15 @@ def write_weights(folder: Path, tensors: dict[str, Producer], out_dtype, max_sha
             for f in closing:  # raises the last fsync error (EIO)
                 f.result()
     except BaseException:
+        ahead.close()
         for out in outs.values():  # the writer has stopped: close what it left open
             out.abandon()
         raise
+    ahead.close()
     index = {"metadata": {"total_parameters": params, "total_size": total}, "weight_map": weight_map}
     (folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return {"files": list(files), "total_size": total, "cast": dict(cast)}
 
 
-__all__ = ["INDEX", "PATTERN", "QUEUE", "Producer", "check_size", "default_dtype", "plan_shards", "produce",
-           "write_weights"]
+__all__ = ["INDEX", "MAX_WORKERS", "PATTERN", "QUEUE", "Producer", "check_size", "default_dtype",
+           "parallel_production", "plan_shards", "produce", "production_workers", "write_weights"]

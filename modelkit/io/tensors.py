@@ -345,6 +345,15 @@ class SafetensorsFile(TensorFile):
     def read_unmapped(self, key: str):
         return self._get(key, mapped=False)
 
+    def raw_span(self, key: str) -> tuple[Path, int, int]:
+        """``(path, absolute byte offset, byte length)`` of tensor ``key``'s data, noted as a
+        read (:func:`recording_reads`): for a writer that copies the stored bytes unchanged
+        from file to file (an export's copy of an unmerged tensor), never mapping them."""
+        _note_read(self.path, key)
+        if key not in self.entries:
+            raise KeyError(f"{self.path}: no tensor {key!r}")
+        return (self.path, *self.span(key))
+
     def _get(self, key: str, mapped: bool):
         _note_read(self.path, key)
         if key not in self.entries:
@@ -510,29 +519,46 @@ def walk(obj: Any, prefix: str = "", path: Path | str | None = None) -> Iterator
     many paths (300 bytes of shared references 30 levels deep are 2^30 paths), so a
     container met a second time is a CorruptFileError instead of a walk without end. A
     state dict is a tree; tensors shared between keys (tied weights) are leaves and fine."""
+    # a stack of the open containers' child iterators, not of every child: this runs once
+    # per tensor of every pickle listed (10^5 in a real checkpoint), in the same preorder
     seen: dict[int, str] = {}
-    stack: list[tuple[str, Any, int]] = [(prefix, obj, 0)]
-    nodes = 0
     containers = (dict, list, tuple)
+    if not isinstance(obj, containers):  # a tensor (or TensorHeader) or a scalar
+        yield prefix, obj
+        return
+    if not obj:
+        return
+    stack: list[tuple[str, Iterator[tuple[Any, Any]], int]] = []
+    seen[id(obj)] = prefix
+    stack.append((f"{prefix}." if prefix else "", _children(obj), 1))
+    nodes = 1
     while stack:
-        key, node, depth = stack.pop()
-        nodes += 1
-        if nodes > MAX_NODES:
-            raise CorruptFileError(f"the pickle's structure has over {MAX_NODES:,} entries; refused", path)
-        if not isinstance(node, containers):  # a tensor (or TensorHeader) or a scalar
-            yield key, node
-            continue
-        if not node:
-            continue
-        if depth >= MAX_DEPTH:
-            raise CorruptFileError(f"the pickle nests containers over {MAX_DEPTH} levels deep (at {key!r})", path)
-        if id(node) in seen:
-            raise CorruptFileError(f"the pickle reaches one container both as {seen[id(node)]!r} and as "
-                                   f"{key!r}; a state dict is a tree, refused", path)
-        seen[id(node)] = key
-        head = f"{key}." if key else ""
-        items = node.items() if isinstance(node, dict) else enumerate(node)
-        stack.extend([(f"{head}{k}", v, depth + 1) for k, v in items][::-1])
+        head, children, depth = stack[-1]
+        for k, node in children:
+            nodes += 1
+            if nodes > MAX_NODES:
+                raise CorruptFileError(f"the pickle's structure has over {MAX_NODES:,} entries; refused", path)
+            if not isinstance(node, containers):
+                yield f"{head}{k}", node
+                continue
+            if not node:
+                continue
+            key = f"{head}{k}"
+            if depth >= MAX_DEPTH:
+                raise CorruptFileError(f"the pickle nests containers over {MAX_DEPTH} levels deep (at {key!r})", path)
+            if id(node) in seen:
+                raise CorruptFileError(f"the pickle reaches one container both as {seen[id(node)]!r} and as "
+                                       f"{key!r}; a state dict is a tree, refused", path)
+            seen[id(node)] = key
+            stack.append((f"{key}." if key else "", _children(node), depth + 1))
+            break
+        else:
+            stack.pop()
+
+
+def _children(node: dict | list | tuple) -> Iterator[tuple[Any, Any]]:
+    """(key or index, child) of a container, taken when it is entered (as the walk did)."""
+    return iter(list(node.items()) if isinstance(node, dict) else list(enumerate(node)))
 
 
 def flatten_tensors(obj: Any, prefix: str = "", path: Path | str | None = None) -> Iterator[tuple[str, Any]]:
@@ -618,6 +644,9 @@ def _rebuild_parameter(data: TensorHeader, *rest: Any) -> TensorHeader:
     return data
 
 
+_STORAGE_DTYPE_NAMES = frozenset(_STORAGE_DTYPES.values())
+
+
 class _SkeletonUnpickler(pickle.Unpickler):
     _ALLOWED = {
         ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
@@ -636,7 +665,9 @@ class _SkeletonUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid: Any) -> str:
         # ("storage", storage type (here: its dtype name), key, location, numel)
-        if not (isinstance(pid, tuple) and pid and pid[0] == "storage" and pid[1] in _STORAGE_DTYPES.values()):
+        # a set, not the dict's values (a scan of ten per tensor); an unhashable pid[1]
+        # raises TypeError, which read_pickle_skeleton treats as this refusal (torch.load decides)
+        if not (isinstance(pid, tuple) and pid and pid[0] == "storage" and pid[1] in _STORAGE_DTYPE_NAMES):
             raise pickle.UnpicklingError("unexpected persistent id")
         return pid[1]
 
@@ -648,7 +679,7 @@ def read_pickle_skeleton(path: Path) -> Any | None:
     path = Path(path)
     _require_regular(path)  # a FIFO would hang the first read
     try:  # fast path: only an uncompressed member of a plain zip (see modelkit.io.zipmembers)
-        data = read_zip_member(path, lambda n: n.endswith("/data.pkl") and n.count("/") == 1)
+        data = read_zip_member(path, lambda n: n.endswith("/data.pkl") and n.count("/") == 1, b"/data.pkl")
     except Exception:
         data = None
     if data is not None and len(data) > MAX_PICKLE_BYTES:

@@ -22,6 +22,8 @@ _EOCD64_LOCATOR = struct.Struct("<4sIQI")
 _EOCD64 = struct.Struct("<4sQHHIIQQQQ")
 _CENTRAL = struct.Struct("<4sHHHHHHIIIHHHHHII")  # central directory file header
 _LOCAL = struct.Struct("<4sHHHHHIIIHH")         # local file header
+_NAME_LENGTHS = struct.Struct("<HHH")            # name, extra, comment lengths: at 28 in a central header
+_CENTRAL_SIG = b"PK\x01\x02"
 _MAX_TAIL = 22 + 0xFFFF                          # EOCD plus the longest comment
 
 
@@ -53,9 +55,11 @@ def _directory(f, size: int) -> tuple[int, int, int] | None:
     return cd_offset, cd_size, entries
 
 
-def read_zip_member(path: Path | str, want: Callable[[str], bool]) -> bytes | None:
+def read_zip_member(path: Path | str, want: Callable[[str], bool], contains: bytes = b"") -> bytes | None:
     """The bytes of the one stored (uncompressed) member whose name satisfies ``want``, or
-    None when there is not exactly one, or the zip is anything but plain."""
+    None when there is not exactly one, or the zip is anything but plain. ``contains``: bytes
+    every wanted name holds as encoded (e.g. ``b"/data.pkl"``); names without them are
+    passed over undecoded (a torch layer file has ~500 members, one of them wanted)."""
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -65,20 +69,21 @@ def read_zip_member(path: Path | str, want: Callable[[str], bool]) -> bytes | No
             cd_offset, cd_size, entries = found
             f.seek(cd_offset)
             cd = f.read(cd_size)
-            pos, match = 0, None
+            pos, match, head, end = 0, None, _CENTRAL.size, len(cd)
             for _ in range(entries):
-                if pos + _CENTRAL.size > len(cd):
+                if pos + head > end or not cd.startswith(_CENTRAL_SIG, pos):
                     return None
-                (sig, _, _, flags, method, _, _, crc, csize, usize, n, m, k, _, _, _,
-                 offset) = _CENTRAL.unpack_from(cd, pos)
-                if sig != b"PK\x01\x02":
-                    return None
-                name = cd[pos + _CENTRAL.size:pos + _CENTRAL.size + n].decode("utf-8", "replace")
-                if want(name):
-                    if match is not None:
-                        return None
-                    match = (name, flags, method, crc, csize, usize, offset)
-                pos += _CENTRAL.size + n + m + k
+                n, m, k = _NAME_LENGTHS.unpack_from(cd, pos + 28)
+                at = pos + head
+                if cd.find(contains, at, at + n) >= 0:  # clamped at the end, as the slice is
+                    name = cd[at:at + n].decode("utf-8", "replace")
+                    if want(name):
+                        if match is not None:
+                            return None
+                        (_, _, _, flags, method, _, _, crc, csize, usize, _, _, _, _, _, _,
+                         offset) = _CENTRAL.unpack_from(cd, pos)
+                        match = (name, flags, method, crc, csize, usize, offset)
+                pos = at + n + m + k
             if match is None:
                 return None
             name, flags, method, crc, csize, usize, offset = match

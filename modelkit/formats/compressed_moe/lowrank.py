@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import threading
+from concurrent.futures import Future
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -74,13 +75,15 @@ class ExpertBatches:
 
     ``load(experts) -> (core, u_in, v_in, u_out, v_out)`` reads the stored tensors of the
     listed experts (stacked); ``order`` is every expert index of the group, in the order a
-    full walk asks for them. Thread-safe; a computed expert is handed out once."""
+    full walk asks for them. Thread-safe, and a batch is computed outside the lock (two
+    export workers compute two batches at once; one asking for an expert of a batch being
+    computed waits for it); a computed expert is handed out once."""
 
     def __init__(self, order: Sequence[int], load: Callable[[list[int]], tuple], batch: int = BATCH):
         self.order = list(order)
         self.load = load
         self.batch = batch
-        self._ready: dict[tuple[int, Any], Any] = {}
+        self._ready: dict[tuple[int, Any], tuple[Future, int]] = {}  # (expert, dtype) -> (its batch, index)
         self._given: set[tuple[int, Any]] = set()
         self._lock = threading.Lock()
 
@@ -88,12 +91,21 @@ class ExpertBatches:
         with self._lock:
             self._given.add((expert, dtype))
             hit = self._ready.pop((expert, dtype), None)
-            if hit is not None:
-                return hit
-            at = self.order.index(expert)
-            later = [e for e in self.order[at + 1:] if (e, dtype) not in self._ready and (e, dtype) not in self._given]
-            chosen = [expert] + later[:self.batch - 1]
+            if hit is None:
+                at = self.order.index(expert)
+                later = [e for e in self.order[at + 1:]
+                         if (e, dtype) not in self._ready and (e, dtype) not in self._given]
+                chosen = [expert] + later[:self.batch - 1]
+                mine: Future = Future()
+                for i, e in enumerate(chosen[1:], start=1):
+                    self._ready[(e, dtype)] = (mine, i)
+        if hit is not None:
+            batch, i = hit
+            return batch.result()[i]
+        try:
             weights = materialize_experts(*self.load(chosen), dtype=dtype)
-            for i, e in enumerate(chosen[1:], start=1):
-                self._ready[(e, dtype)] = weights[i]
-            return weights[0]
+        except BaseException as e:
+            mine.set_exception(e)
+            raise
+        mine.set_result(weights)
+        return weights[0]
