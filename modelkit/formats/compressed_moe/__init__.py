@@ -293,7 +293,12 @@ class CompressedLayer:
 
     @property
     def dtypes(self) -> set[str]:
-        return {t.dtype for t in self.tensors() if t.dtype in FLOAT_DTYPES}
+        if "dtypes" not in self._memo:  # those of tensors(), without building its list
+            found = {t.dtype for w in self.wrappers.values() for t in w.values()}
+            found.update(t.dtype for t in self.biases.values())
+            found.update(t.dtype for t in (self.core, self.bias_matrix) if t is not None)
+            self._memo["dtypes"] = frozenset(d for d in found if d in FLOAT_DTYPES)
+        return set(self._memo["dtypes"])
 
     def tensors(self) -> list[StoredTensor]:
         """Every part the view uses (core, wrappers, biases)."""
@@ -320,6 +325,14 @@ class CompressedLayer:
             return f"core has shape {list(self.core.shape)}, not [d_out, d_in]"
         d_out, d_in = self.core.shape
         w = self.wrappers.get(e, {})
+        # the usual case first, every part there with the right shape, without building lists
+        u_in, v_in, u_out, v_out = w.get("U_in"), w.get("V_in"), w.get("U_out"), w.get("V_out")
+        if u_in is not None and v_in is not None and u_out is not None and v_out is not None \
+                and len(u_in.shape) == 2:
+            want_in, want_out = (d_in, u_in.shape[1]), (d_out, u_in.shape[1])
+            if (u_in.shape == want_in and v_in.shape == want_in and u_out.shape == want_out
+                    and v_out.shape == want_out and (e not in self.biases or self.biases[e].shape == (d_out,))):
+                return None
         absent = [p for p in WRAPPER_PARTS if p not in w]
         if absent:
             return f"expert {e} lacks {', '.join(absent)}"
@@ -1163,7 +1176,7 @@ class CompressedMoEArtifact(Artifact):
         from modelkit.formats.plain_hf import mixed_dtype_findings
 
         out = []
-        compressed = [t for g in self.compressed_layers().values() for t in g.tensors()]
+        groups = list(self.compressed_layers().values())
         if self.has_non_moe:
             # the rotary buffers are float32 beside a bf16 model by design (and recomputed)
             rest = [t for t in self.entries_of(NON_MOE)
@@ -1177,10 +1190,12 @@ class CompressedMoEArtifact(Artifact):
         else:
             rest, where = [], ""
         counts = Counter(t.dtype for t in rest if t.dtype in FLOAT_DTYPES)
-        if not counts or not compressed:
+        if not counts or not any(g.tensors() for g in groups):
             return out
         main = counts.most_common(1)[0][0]
-        odd = [t for t in compressed if t.dtype in FLOAT_DTYPES and t.dtype != main]
+        # only the groups holding another float dtype are scanned (their dtypes are known)
+        odd = [t for g in groups if not g.dtypes <= {main}
+               for t in g.tensors() if t.dtype in FLOAT_DTYPES and t.dtype != main]
         if odd:
             kinds = sorted({t.dtype for t in odd})
             out.append(warning(
