@@ -45,9 +45,13 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 CHILD = r"""
 import json, resource, sys, time
 import torch, tqdm.auto
-import modelkit.formats
+import modelkit.formats, modelkit.architecture.bridge, modelkit.progress
+from modelkit.ops import diff_sums
 from modelkit.ops.diff import diff
-modelkit.formats.formats()  # one-time imports of the format plugins: startup, not throughput
+# one-time work, startup not throughput, done before the clock starts as in the floor: the
+# format plugins' and diff's lazy imports, loading (on a new machine, building) the kernel
+modelkit.formats.formats()
+diff_sums.available()
 rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t, c = time.perf_counter(), time.process_time()
 r = diff(sys.argv[1], sys.argv[2], progress=False)
@@ -69,7 +73,7 @@ import torch
 import modelkit.formats
 from modelkit.ops import diff_sums
 from modelkit.formats.open import open_artifact
-from modelkit.ops.diff_stats import CHUNK, Workers, _stream, open_source
+from modelkit.ops.diff_stats import Workers, _stream, open_source
 modelkit.formats.formats()
 if not diff_sums.available():
     raise SystemExit("no fused kernel (no C compiler?): the floor needs it")
@@ -84,12 +88,13 @@ def mapped(sources, starts, bufs):
     return n
 def pread(sources, starts, bufs):
     fds = [os.open(s.path, os.O_RDONLY) for s in sources]
-    raw = [torch.empty(CHUNK * s.dtype.itemsize, dtype=torch.uint8) for s in sources]
+    chunk = starts.step  # the chunk size diff uses for this pair
+    raw = [torch.empty(chunk * s.dtype.itemsize, dtype=torch.uint8) for s in sources]
     views = [memoryview(r.numpy()) for r in raw]
     n = 0
     try:
         for i in starts:
-            count = min(CHUNK, sources[0].numel - i)
+            count = min(chunk, sources[0].numel - i)
             for fd, v, s in zip(fds, views, sources):
                 want = count * s.dtype.itemsize
                 if os.preadv(fd, [v[:want]], s.offset + i * s.dtype.itemsize) != want:
@@ -250,12 +255,14 @@ def main(argv: list[str] | None = None) -> int:
         total = sum(os.path.getsize(f) for f in files)
         print(f"2 x {total / 2 / GB:.2f} GB ({len(files)} shards, largest tensor "
               f"{largest / MB:.0f} MB) ready in {time.perf_counter() - t:.1f} s; {load()}", file=sys.stderr)
-        subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)  # page cache warm
         reference = run_child(REFERENCE, a, b)
         best: dict[str, dict] = {}
         cpu: dict[str, float] = {}  # the least CPU of each kind's runs (on a shared machine not the fastest's)
         before = load()
         for _ in range(args.reps):  # alternate, so all see the same machine load
+            # page cache warm before each round: the reference's float64 copies (or another
+            # process) may have evicted pages, which would slow the first run after it alone
+            subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
             for kind, code, extra in (("floor", FLOOR, ("mapped",)), ("diff", CHILD, ()), ("pread", FLOOR, ("pread",))):
                 r = run_child(code, a, b, *extra)
                 if kind not in best or r["seconds"] < best[kind]["seconds"]:

@@ -155,7 +155,7 @@ def test_core_modules_import_no_ui(module):
 LAYERS = (
     ("core", ("modelkit.errors", "modelkit.findings", "modelkit.schemas", "modelkit.schema_models",
               "modelkit.quiet", "modelkit.verdicts", "modelkit.units", "modelkit.progress",
-              "modelkit.cache")),
+              "modelkit.cache", "modelkit.collector")),
     ("io", ("modelkit.io",)),
     ("architecture", ("modelkit.architecture",)),
     ("models", ("modelkit.models",)),

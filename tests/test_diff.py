@@ -161,6 +161,7 @@ def test_chunked_and_threaded_reduction_match_one_pass(llama, tmp_path, monkeypa
         {k: v + 1e-3 * torch.randn_like(v) for k, v in t.items() if "mlp" in k}))
     whole = modelkit.diff(llama, b, progress=False, threads=1).to_frame()
     monkeypatch.setattr(pairstats, "CHUNK", 40)   # odd chunks, every tensor split, two workers
+    monkeypatch.setattr(pairstats, "FUSED_CHUNK", 40)
     monkeypatch.setattr(pairstats, "WINDOW", 100)  # a mapped window per chunk, chunks across page edges
     split = modelkit.diff(llama, b, progress=False, threads=2).to_frame()
 
@@ -180,8 +181,12 @@ def shifted_copy(src: Path, dest: Path) -> Path:
     return dest
 
 
-def test_tensors_at_odd_offsets_read_the_same(llama, tmp_path):
+@pytest.mark.parametrize("fused_chunk", [None, 1000])
+def test_tensors_at_odd_offsets_read_the_same(llama, tmp_path, monkeypatch, fused_chunk):
     shifted = shifted_copy(llama, tmp_path / "shifted")
+    if fused_chunk:  # fused chunks larger than the scratch buffers' first size: they grow
+        monkeypatch.setattr(pairstats, "CHUNK", 40)
+        monkeypatch.setattr(pairstats, "FUSED_CHUNK", fused_chunk)
     assert modelkit.diff(llama, shifted, progress=False).identical
     b = edited_copy(llama, tmp_path / "b", lambda t: t.__setitem__(Q1, t[Q1] * 2))
     assert row(modelkit.diff(shifted, b, progress=False), Q1)["rel_change"] == pytest.approx(1.0, rel=1e-6)

@@ -303,16 +303,17 @@ def test_failed_verification_writes_nothing(catalog, tmp_path):
 
 @pytest.mark.parametrize("entry", ["compressed-checkpoint-N", "plain-sharded"])
 def test_streams_tensor_by_tensor(catalog, tmp_path, monkeypatch, entry):
-    """Each tensor is written as soon as it is produced: at most ``QUEUE`` tensors are
-    produced ahead of the writer, whatever the shard size, and no shard is bigger than the
-    shard size. Every shard reads back with safetensors itself, equal to the source's view."""
+    """Each tensor is written as soon as it is produced: at most ``QUEUE`` tensors (plus
+    one per compute worker) are produced ahead of the writer, whatever the shard size, and
+    no shard is bigger than the shard size. Every shard reads back with safetensors itself, equal to the source's view."""
     from safetensors import safe_open
 
     ex = importlib.import_module("modelkit.io.shards")  # the shard writer export streams through
     stream = importlib.import_module("modelkit.io.safetensors_stream")
 
-    produced, ahead = [], []
-    real_produce, real_write = ex.produce, stream.StreamedSafetensors.write
+    produced, ahead, copied = [], [], []  # produced: tensors computed or read (in memory)
+    real_produce = ex.produce
+    real_write, real_copy = stream.StreamedSafetensors.write, stream.StreamedSafetensors.copy
 
     def produce(name, lt, dtype):
         produced.append(name)
@@ -322,12 +323,25 @@ def test_streams_tensor_by_tensor(catalog, tmp_path, monkeypatch, entry):
         ahead.append(len(produced) - produced.index(name))
         real_write(self, name, tensor)
 
+    def copy(self, name, *a):  # a stored tensor copied file to file: never in memory
+        produced.append(name)
+        ahead.append(1)
+        copied.append(name)
+        real_copy(self, name, *a)
+
     monkeypatch.setattr(ex, "produce", produce)
     monkeypatch.setattr(stream.StreamedSafetensors, "write", write)
+    monkeypatch.setattr(stream.StreamedSafetensors, "copy", copy)
     out = tmp_path / "sharded"
     result = modelkit.export(catalog[entry], out, max_shard_size="40KB", verify=True, progress=False)
     assert len(ahead) == len(produced) == result.tensors
-    assert 1 <= max(ahead) <= ex.QUEUE + 1
+    # a compressed export computes as many experts at once as torch has threads (parallel_production)
+    import torch
+
+    workers = min(torch.get_num_threads(), ex.MAX_WORKERS) if entry.startswith("compressed") else 1
+    assert 1 <= max(ahead) <= ex.QUEUE + max(workers, 1)
+    # a plain folder's tensors are its stored bytes: copied file to file, none produced
+    assert (len(copied) == result.tensors) if entry == "plain-sharded" else not copied
     index = json.loads((out / "model.safetensors.index.json").read_text())
     n = len(result.shards)
     assert n > 2 and sorted(set(index["weight_map"].values())) == [f"model-{i:05d}-of-{n:05d}.safetensors"
@@ -340,6 +354,74 @@ def test_streams_tensor_by_tensor(catalog, tmp_path, monkeypatch, entry):
         assert sorted(tensors) == sorted(k for k, v in index["weight_map"].items() if v == shard)
         assert sum(t.numel() * t.element_size() for t in tensors.values()) <= 40_000 or len(tensors) == 1
     assert result.verification["ok"]  # the streamed bytes are the model: logits agree with the reference
+
+
+def test_stored_tensors_are_copied_byte_for_byte_by_either_path(catalog, tmp_path, monkeypatch):
+    """A plain folder's tensors are copied file to file (in the kernel, or through a buffer
+    where ``copy_file_range`` is refused): the shards hold the source's bytes exactly."""
+    from safetensors import safe_open
+
+    stream = importlib.import_module("modelkit.io.safetensors_stream")
+    src = catalog["plain-sharded"]
+
+    def stored(folder):
+        out = {}
+        for f in sorted(Path(folder).glob("*.safetensors")):
+            with safe_open(str(f), "pt") as h:
+                out.update({k: h.get_tensor(k) for k in h.keys()})
+        return out
+
+    want = stored(src)
+    fast = modelkit.export(src, tmp_path / "fast", max_shard_size="60KB", progress=False)
+    refused = []
+
+    def no_copy_file_range(*a):
+        refused.append(1)
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+    monkeypatch.setattr(stream.os, "copy_file_range", no_copy_file_range, raising=False)
+    slow = modelkit.export(src, tmp_path / "slow", max_shard_size="60KB", progress=False)
+    assert refused and fast.bytes == slow.bytes
+    for out in ("fast", "slow"):
+        got = stored(tmp_path / out)
+        assert sorted(got) == sorted(want)
+        assert all(torch.equal(got[k], want[k]) and got[k].dtype == want[k].dtype for k in want)
+    assert len(fast.consumed) == len(want) and not fast.left_out  # copies count as reads
+
+
+def test_a_source_that_shrinks_during_the_copy_is_a_corrupt_file(catalog, tmp_path, monkeypatch):
+    """The span was validated against the header read at open; a file cut since then ends the
+    copy early: CorruptFileError naming it, nothing written."""
+    stream = importlib.import_module("modelkit.io.safetensors_stream")
+    src = tmp_path / "src"
+    shutil.copytree(catalog["plain-llama"], src)
+    real = stream.copy_range
+
+    def cut(src_fd, dst, offset, length):
+        os.truncate(src / "model.safetensors", offset + length // 2)
+        return real(src_fd, dst, offset, length)
+
+    monkeypatch.setattr(stream, "copy_range", cut)
+    out = tmp_path / "out"
+    with pytest.raises(CorruptFileError, match="ended .* bytes early"):
+        modelkit.export(src, out, progress=False)
+    assert not out.exists() and not leftovers(out)
+
+
+def test_warm_export_writes_the_same_config_without_transformers(catalog, tmp_path):
+    """config.json is cached per architecture and dtype: a second export of the same base imports
+    no transformers at all and writes the same bytes."""
+    env = {**os.environ, "MODELKIT_CACHE": str(tmp_path / "cache")}
+    code = ("import sys, modelkit\n"
+            "modelkit.export(sys.argv[1], sys.argv[2], base=sys.argv[3], dtype='bfloat16', progress=False)\n"
+            "print('transformers' in sys.modules)")
+    runs = [subprocess.run([sys.executable, "-c", code, str(catalog["peft-lora"]), str(tmp_path / f"out{i}"),
+                            str(catalog["plain-llama"])], env=env, check=True, capture_output=True, text=True)
+            for i in range(2)]
+    assert [r.stdout.split()[-1] for r in runs] == ["True", "False"]
+    first, second = ((tmp_path / f"out{i}" / "config.json").read_text() for i in range(2))
+    assert first == second and json.loads(first)["dtype"] == "bfloat16"
+    assert json.loads(first)["architectures"] == ["LlamaForCausalLM"]
 
 
 @pytest.mark.parametrize("entry", ["compressed-checkpoint-N", "compressed-checkpoint-0"])
@@ -540,8 +622,15 @@ def test_full_disk_leaves_nothing(catalog, tmp_path, monkeypatch):
         written.append(len(data))
         return real(fd, data)
 
-    real = stream.write_all
+    def full_copy(src, dst, offset, length):  # the same disk for stored tensors copied file to file
+        if sum(written) + length > 100_000:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        written.append(length)
+        return real_copy(src, dst, offset, length)
+
+    real, real_copy = stream.write_all, stream.copy_range
     monkeypatch.setattr(stream, "write_all", full)
+    monkeypatch.setattr(stream, "copy_range", full_copy)
     out = tmp_path / "out"
     with pytest.raises(ExportError, match="no space left"):
         modelkit.export(catalog["plain-sharded"], out, max_shard_size="60KB", progress=False)

@@ -90,3 +90,26 @@ def test_diff_is_the_same_with_and_without_the_kernel(tmp_path):
         assert f[1] == e[1] and f[2] == pytest.approx(e[2], rel=1e-6), name
         assert f[0] == pytest.approx(e[0], rel=1e-4) and f[3] == pytest.approx(e[3], abs=1e-6), name
     assert diff(a, a, progress=False).identical
+
+
+@needs_kernel
+def test_fused_size_chunks_with_non_finite_values_take_the_careful_path(monkeypatch):
+    # a fused chunk larger than the eager path's working buffers: the careful float64 path
+    # still gets all of it
+    from modelkit.io.spans import produced_source
+    from modelkit.ops import diff_stats
+
+    monkeypatch.setattr(diff_stats, "CHUNK", 64)
+    monkeypatch.setattr(diff_stats, "FUSED_CHUNK", 1024)
+    a = torch.randn(4096, generator=torch.Generator().manual_seed(3)).bfloat16()
+    b = a.clone()
+    b[5], b[100] = float("nan"), b[100] + 1
+    sources = [produced_source(a), produced_source(b)]
+    assert diff_stats._chunk(sources, 2) == 1024
+    acc = diff_stats.compare_pair(*sources, diff_stats.Workers(2))
+    finite = torch.ones(4096, dtype=torch.bool)
+    finite[5] = False
+    want = reference(a[finite], b[finite])
+    assert (acc.nonfinite_a, acc.nonfinite_b, acc.changed) == (0, 1, 2)
+    assert acc.sq_a == pytest.approx(want[0], rel=1e-6) and acc.sq_d == pytest.approx(want[3], rel=1e-6)
+    assert acc.max_abs == want[4]

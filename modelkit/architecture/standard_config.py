@@ -4,15 +4,45 @@ every custom field and ``auto_map`` (remote code) removed, naming the class stoc
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from modelkit.errors import ExportError
 
 DROPPED_KEYS = ("auto_map", "_name_or_path")
 
 
-def write_standard_config(folder: Path, config, dtype: str) -> None:
-    """Save ``config`` into ``folder`` as stock transformers expects it, in ``dtype``."""
+RECIPE = 1  # bump when what write_standard_config writes for a given config changes
+
+
+def write_standard_config(folder: Path, config: Callable[[], Any], dtype: str,
+                          architecture: Any = None) -> None:
+    """Save the config ``config()`` builds into ``folder`` as stock transformers expects it,
+    in ``dtype``.
+
+    ``architecture``: the raw input the config is built from (the artifact's
+    ``architecture()``, a config.json path or a dict), when it is raw. The text written is
+    then cached on disk beside the expected tensors, keyed by that input, ``dtype`` and
+    transformers' version (:func:`modelkit.architecture.bridge._cached`), and a later export
+    of the same architecture writes it without building the config: building it imports
+    seconds and ~80 MB of transformers that an export has no other use for."""
+    if not isinstance(architecture, (str, Path, Mapping)):
+        text = _standard_text(folder, config(), dtype)
+    else:
+        from modelkit.architecture import bridge
+
+        text = bridge._cached(f"standard-config-{RECIPE}-{dtype}", architecture, None, True,
+                              lambda _: _standard_text(folder, config(), dtype),
+                              lambda t: {"config_json": t}, lambda d: str(d["config_json"]))
+    (folder / "config.json").write_text(text)
+    if "auto_map" in json.loads(text):  # pragma: no cover - config_from_dict strips it
+        raise ExportError("exported config still asks for remote code (auto_map)", folder)
+
+
+def _standard_text(folder: Path, config, dtype: str) -> str:
+    """The text of ``config.json`` stock ``save_pretrained`` writes for the standard form of
+    ``config`` in ``dtype`` (saved into ``folder``)."""
     from modelkit.architecture.bridge import config_from_dict
 
     d = {k: v for k, v in config.to_dict().items() if k not in DROPPED_KEYS}
@@ -21,9 +51,7 @@ def write_standard_config(folder: Path, config, dtype: str) -> None:
     clean = config_from_dict(d, "<export config>", strip_unknown=True)  # custom fields dropped
     clean.architectures = [causal_lm_class_name(clean)]
     clean.save_pretrained(str(folder))
-    written = json.loads((folder / "config.json").read_text())
-    if "auto_map" in written:  # pragma: no cover - config_from_dict strips it
-        raise ExportError("exported config still asks for remote code (auto_map)", folder)
+    return (folder / "config.json").read_text()
 
 
 def causal_lm_class_name(config) -> str:

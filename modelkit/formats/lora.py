@@ -351,7 +351,7 @@ def _merged_weight(w: LazyTensor, m: LoraModule, scaling: float, adapter: LoraAd
     def compute(dtype):
         import torch
 
-        base = w.produce()  # may be a view of the source file's memory map: never written to
+        base = w.produce_once()  # read once, never written to (it may be the file's memory map)
         # PEFT's arithmetic, step for step (``W + transpose(B @ A) * scaling`` in float32), so
         # the merge equals PEFT's merge_and_unload bit for bit; in place where the operands are
         # ours: one tensor of W's size is held besides W itself

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping
 
-from modelkit.io.tensors import StoredTensor, TensorFile
+from modelkit.io.tensors import SafetensorsFile, StoredTensor, TensorFile
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,15 @@ class LazyTensor:
         (the consumer casts, exactly)."""
         if dtype is not None and self.compute is not None:
             return self.compute(dtype)
+        return self.produce()
+
+    def produce_once(self) -> "object":
+        """The tensor for a consumer that reads it once and lets it go (a merge's base): a
+        tensor stored in a safetensors file is read into memory of its own (``pread``), so the
+        file's pages do not stay mapped, counting in the resident memory, after it is freed."""
+        if self.stored is not None and isinstance(self.stored[0], SafetensorsFile):
+            file, entry = self.stored
+            return file.read_unmapped(entry.key)
         return self.produce()
 
 

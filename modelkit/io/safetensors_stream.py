@@ -7,10 +7,12 @@ each tensor's dtype, shape and byte range, then the raw bytes. An export knows e
 names, shapes and dtypes before it produces anything, so the header goes first and each
 tensor's bytes follow as soon as the tensor exists, written straight from its memory (no
 copy, no one-storage-per-tensor rule). What is written is read back by safetensors itself
-(tests and the export benchmark).
+(tests and the export benchmark). A tensor stored unchanged in a safetensors source is
+copied file to file instead (:meth:`StreamedSafetensors.copy`): its bytes are the export's.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -18,6 +20,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from modelkit.errors import CorruptFileError
 from modelkit.io.tensors import DTYPE_BYTES, SAFETENSORS_DTYPES, dtype_name
 
 _CODES = {name: code for code, name in SAFETENSORS_DTYPES.items()}
@@ -28,6 +31,33 @@ def write_all(fd: int, data: memoryview) -> None:
     """``os.write`` until every byte is written (a module attribute so tests can fail it)."""
     while data:
         data = data[os.write(fd, data[:CHUNK]):]
+
+
+def copy_range(src: int, dst: int, offset: int, length: int) -> int:
+    """Copy ``length`` bytes at ``offset`` of file ``src`` to the end of ``dst``; the bytes
+    copied (fewer only when ``src`` ends first). In the kernel (``os.copy_file_range``)
+    where the filesystems allow it, so the bytes never enter this process's memory; else
+    through a bounded buffer (``os.pread``). A module attribute so tests can fail it."""
+    done = 0
+    fast = hasattr(os, "copy_file_range")
+    while done < length:
+        n = min(CHUNK, length - done)
+        if fast:
+            try:
+                got = os.copy_file_range(src, dst, n, offset + done)
+            except OSError as e:  # another filesystem, or a kernel without it: copy by hand
+                if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+                    raise
+                fast = False
+                continue
+        else:
+            data = os.pread(src, n, offset + done)
+            write_all(dst, memoryview(data))
+            got = len(data)
+        if got == 0:
+            break
+        done += got
+    return done
 
 
 def sync(fd: int) -> None:
@@ -61,30 +91,57 @@ class StreamedSafetensors:
 
     def write(self, name: str, tensor) -> None:
         """Append ``tensor`` (contiguous, on the CPU) as the next tensor of the layout."""
-        if self._next >= len(self.layout):
-            raise ValueError(f"{self.path.name}: {name} is one tensor more than planned")
-        want, dtype, shape = self.layout[self._next]
-        got = (name, dtype_name(tensor.dtype), tuple(tensor.shape))
-        if got != (want, dtype, tuple(shape)):
-            raise ValueError(f"{self.path.name}: got {got}, the plan says {(want, dtype, tuple(shape))}")
+        self._check_next(name, dtype_name(tensor.dtype), tuple(tensor.shape))
         if not tensor.is_contiguous():
             raise ValueError(f"{self.path.name}: {name} is not contiguous")
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-            write_all(self._fd, memoryview(self._head))
+        self._open()
         if tensor.numel():
             # the tensor's own bytes, whatever its dtype (numpy has no bfloat16)
             write_all(self._fd, memoryview(tensor.reshape(-1).view(_U8()).numpy()).cast("B"))
         self._next += 1
+
+    def copy(self, name: str, dtype: str, shape: tuple[int, ...], source: Path, offset: int, length: int) -> None:
+        """Append a tensor stored unchanged in ``source`` (``length`` bytes at ``offset``: a
+        validated safetensors span) as the next tensor of the layout, copied file to file.
+        ValueError on a layout mismatch; CorruptFileError when ``source`` cannot be reopened
+        or holds fewer bytes than the span (it shrank since its header was read)."""
+        self._check_next(name, dtype, tuple(shape))
+        if length != math.prod(shape) * DTYPE_BYTES[dtype]:
+            raise ValueError(f"{self.path.name}: {name} spans {length} bytes, its shape needs "
+                             f"{math.prod(shape) * DTYPE_BYTES[dtype]}")
+        try:
+            src = os.open(source, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as e:
+            raise CorruptFileError(f"cannot reopen the file to copy {name} ({e.strerror or e})", source) from None
+        try:
+            self._open()
+            got = copy_range(src, self._fd, offset, length)
+        finally:
+            os.close(src)
+        if got != length:
+            raise CorruptFileError(f"the file ended {length - got} bytes early while {name} was copied "
+                                   "(it changed after its header was read)", source)
+        self._next += 1
+
+    def _check_next(self, name: str, dtype: str, shape: tuple[int, ...]) -> None:
+        if self._next >= len(self.layout):
+            raise ValueError(f"{self.path.name}: {name} is one tensor more than planned")
+        want, want_dtype, want_shape = self.layout[self._next]
+        if (name, dtype, shape) != (want, want_dtype, tuple(want_shape)):
+            raise ValueError(f"{self.path.name}: got {(name, dtype, shape)}, the plan says "
+                             f"{(want, want_dtype, tuple(want_shape))}")
+
+    def _open(self) -> None:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+            write_all(self._fd, memoryview(self._head))
 
     def close(self) -> None:
         """fsync and close; ValueError when tensors of the layout were not written."""
         if self._next != len(self.layout):
             self.abandon()
             raise ValueError(f"{self.path.name}: {self._next} of {len(self.layout)} tensors written")
-        if self._fd is None:  # a file of no tensors
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-            write_all(self._fd, memoryview(self._head))
+        self._open()  # (a file of no tensors has only its header)
         fd, self._fd = self._fd, None
         try:
             sync(fd)

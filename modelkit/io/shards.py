@@ -135,6 +135,20 @@ def produce(name: str, lt: Producer, out_dtype):
     return t.detach().to("cpu").contiguous()
 
 
+def stored_span(lt: Producer, planned: str) -> tuple[Path, int, int] | None:
+    """``(file, offset, length)`` when ``lt`` is a tensor stored unchanged in a safetensors
+    file in the planned dtype (its bytes are the export's bytes: copied file to file, never
+    produced); None for anything computed, cast, or stored otherwise (a pickle)."""
+    stored = getattr(lt, "stored", None)
+    if stored is None or lt.dtype != planned:
+        return None
+    file, entry = stored
+    raw_span = getattr(file, "raw_span", None)
+    if raw_span is None or entry.dtype != planned or tuple(entry.shape) != tuple(lt.shape):
+        return None
+    return raw_span(entry.key)
+
+
 def _one_torch_thread() -> None:
     import torch
 
@@ -227,7 +241,14 @@ def write_weights(folder: Path, tensors: dict[str, Producer], out_dtype, max_sha
                 if f.done():
                     f.result()
 
-    ahead = _Ahead([n for names in files.values() for n in names], tensors, out_dtype, production_workers())
+    order = [n for names in files.values() for n in names]
+    # tensors stored unchanged are copied file to file; only the others are produced (ahead)
+    spans = {}
+    for n in order:
+        span = stored_span(tensors[n], _target_dtype(tensors[n], out_dtype))
+        if span is not None:
+            spans[n] = span
+    ahead = _Ahead([n for n in order if n not in spans], tensors, out_dtype, production_workers())
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="modelkit-write") as writer, \
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="modelkit-sync") as syncer, \
@@ -239,18 +260,25 @@ def write_weights(folder: Path, tensors: dict[str, Producer], out_dtype, max_sha
                 out = outs[filename]
                 for name in names:
                     lt = tensors[name]
-                    t = ahead.take(name)
-                    got, planned = dtype_name(t.dtype), _target_dtype(lt, out_dtype)
-                    if got != planned:
-                        raise ExportError(f"{name} from {lt.origin} is {got}, the view promised {planned}")
-                    if lt.dtype != got:
-                        cast[f"{lt.dtype}->{got}"] += 1
-                    params += t.numel()
+                    planned = _target_dtype(lt, out_dtype)
+                    span = spans.get(name)
+                    if span is not None:  # stored as written: the writer copies its bytes
+                        pending.append(writer.submit(out.copy, name, planned, tuple(lt.shape), *span))
+                        params += lt.numel
+                        done_bytes += span[2]
+                    else:
+                        t = ahead.take(name)
+                        got = dtype_name(t.dtype)
+                        if got != planned:
+                            raise ExportError(f"{name} from {lt.origin} is {got}, the view promised {planned}")
+                        if lt.dtype != got:
+                            cast[f"{lt.dtype}->{got}"] += 1
+                        params += t.numel()
+                        done_bytes += t.numel() * t.element_size()
+                        pending.append(writer.submit(out.write, name, t))
+                        del t
                     weight_map[name] = filename
-                    done_bytes += t.numel() * t.element_size()
                     bar.update(1, note=f"{where}, {human_bytes(done_bytes)} of {human_bytes(total)}")
-                    pending.append(writer.submit(out.write, name, t))
-                    del t
                     settle(QUEUE)
                 # the shard is fsynced by a second thread once its writes are done, while the
                 # writer goes on with the next shard: the disk flushes one shard as the next

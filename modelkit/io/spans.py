@@ -51,12 +51,12 @@ def produced_source(tensor: "torch.Tensor") -> Source:
 
 
 def stream(sources: list[Source], starts: Sequence[int], chunk: int, window: int,
-           scratch: Callable[[int], "torch.Tensor"]) -> Iterator[list["torch.Tensor"]]:
+           scratch: Callable[[int, int], "torch.Tensor"]) -> Iterator[list["torch.Tensor"]]:
     """The sources' chunks beginning at ``starts``, in lockstep, as 1-D tensors of at most
     ``chunk`` elements. Produced tensors are sliced; stored ones are views of a mapped
     window of ``window`` bytes of their file (see :class:`MappedSpan`), valid until the next
-    chunk is taken. ``scratch(side)``: a byte buffer of at least ``chunk`` elements of the
-    widest dtype, used only for a tensor placed off its dtype's alignment."""
+    chunk is taken. ``scratch(side, nbytes)``: a byte buffer of at least ``nbytes``, used only
+    for a tensor placed off its dtype's alignment."""
     n = sources[0].numel
     flats = [src.tensor.reshape(-1) if src.tensor is not None else None for src in sources]
     maps: list[MappedSpan | None] = []
@@ -93,8 +93,8 @@ class MappedSpan:
         self.lo = self.hi = 0
         self.window: "torch.Tensor | None" = None
 
-    def chunk(self, i: int, count: int, scratch: Callable[[int], "torch.Tensor"], side: int) -> "torch.Tensor":
-        """Elements ``i .. i + count`` (copied into ``scratch(side)`` only when the file
+    def chunk(self, i: int, count: int, scratch: Callable[[int, int], "torch.Tensor"], side: int) -> "torch.Tensor":
+        """Elements ``i .. i + count`` (copied into ``scratch(side, nbytes)`` only when the file
         places them off their dtype's alignment)."""
         import torch
 
@@ -108,7 +108,7 @@ class MappedSpan:
             self.window = torch.frombuffer(mapped, dtype=torch.uint8)  # holds the mapping until the last view goes
         raw = self.window[start - self.lo:stop - self.lo]
         if (start - self.lo) % self.itemsize:  # misaligned in the file: a copy, aligned
-            raw = scratch(side)[:stop - start].copy_(raw)
+            raw = scratch(side, stop - start)[:stop - start].copy_(raw)
         return raw.view(self.src.dtype)
 
     def close(self) -> None:

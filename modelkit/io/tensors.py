@@ -345,6 +345,15 @@ class SafetensorsFile(TensorFile):
     def read_unmapped(self, key: str):
         return self._get(key, mapped=False)
 
+    def raw_span(self, key: str) -> tuple[Path, int, int]:
+        """``(path, absolute byte offset, byte length)`` of tensor ``key``'s data, noted as a
+        read (:func:`recording_reads`): for a writer that copies the stored bytes unchanged
+        from file to file (an export's copy of an unmerged tensor), never mapping them."""
+        _note_read(self.path, key)
+        if key not in self.entries:
+            raise KeyError(f"{self.path}: no tensor {key!r}")
+        return (self.path, *self.span(key))
+
     def _get(self, key: str, mapped: bool):
         _note_read(self.path, key)
         if key not in self.entries:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
+from modelkit import collector
 from modelkit.errors import guarded
 from modelkit.formats import Artifact
 from modelkit.formats.view import TensorView
@@ -612,6 +613,11 @@ def diff(a: "str | Path | Artifact | TensorView", b: "str | Path | Artifact | Te
     Streams one tensor pair at a time; a tensor that cannot be read becomes an
     ``unreadable`` row, non-finite values are counted, never raised.
     """
+    with collector.paused():  # a full collection (torch's 170k objects) costs 0.1 s of CPU
+        return _diff(a, b, base_a, base_b, options_a, options_b, rank, progress, threads)
+
+
+def _diff(a, b, base_a, base_b, options_a, options_b, rank: bool, progress: bool, threads: int | None) -> DiffResult:
     from modelkit.progress import phase
     from modelkit.units import human_bytes
 

@@ -1,6 +1,7 @@
 """Streamed statistics of tensor pairs: chunked reads, a few threads, exact bookkeeping.
 
-A tensor is reduced ``CHUNK`` elements at a time, read by :mod:`modelkit.io.spans`: one
+A tensor is reduced ``CHUNK`` elements at a time (``FUSED_CHUNK`` where the fused kernel
+takes the pair), read by :mod:`modelkit.io.spans`: one
 stored as is in a safetensors file is memory-mapped ``WINDOW`` bytes at a time (no copy
 out of the page cache: a read() into a buffer cost as much CPU as the statistics
 themselves); a computed one (a LoRA merge, a compressed expert) is sliced. Each of a few threads takes a
@@ -13,7 +14,7 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator
 
 from modelkit.io.spans import Source, produced_source, stored_source, stream
 
@@ -21,7 +22,8 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 CHUNK = 1 << 19                 # elements reduced at a time (2 MiB per float32 buffer: cache-sized)
-WINDOW = 8 << 20                # bytes of a stored tensor mapped at a time, per side and thread
+FUSED_CHUNK = 1 << 22           # elements per chunk of a pair the fused kernel takes (see _chunk)
+WINDOW = 16 << 20               # bytes of a stored tensor mapped at a time, per side and thread
 MAX_THREADS = 8                 # reduction threads; beyond this memory bandwidth is the limit
 RANK_MAX_ELEMENTS = 1 << 24     # larger 2-D deltas get no rank estimate (svd cost and memory)
 RANK_RTOL = 1e-3                # numerical rank: singular values above RANK_RTOL * largest
@@ -47,9 +49,32 @@ def open_source(lazy: Any) -> Source:
     return produced_source(lazy.produce())
 
 
-def _stream(sources: list[Source], starts: Sequence[int], bufs: "_Buffers") -> Iterator[list["torch.Tensor"]]:
-    """:func:`modelkit.io.spans.stream` in CHUNK elements and WINDOW-byte mappings."""
-    return stream(sources, starts, CHUNK, WINDOW, bufs.raw)
+def _fused(sources: list[Source]) -> bool:
+    """Whether the fused kernel takes every chunk pair of ``sources``."""
+    import torch
+
+    from modelkit.ops import diff_sums
+
+    return (len(sources) == 2 and sources[0].dtype == sources[1].dtype
+            and sources[0].dtype in (torch.bfloat16, torch.float32) and diff_sums.available())
+
+
+def _chunk(sources: list[Source], threads: int) -> int:
+    """Elements per chunk. CHUNK keeps the eager path's working buffers cache-sized. A pair
+    the fused kernel takes needs no buffers, and each chunk costs some 20-30 us of Python
+    holding the GIL between kernel calls (about half the kernel's time on a 1 MB chunk), so
+    its chunks are up to FUSED_CHUNK, but no larger than an even share of the tensor, so
+    that every thread still gets work."""
+    if not _fused(sources):
+        return CHUNK
+    share = -(-sources[0].numel // max(1, threads))
+    return max(CHUNK, min(FUSED_CHUNK, share))
+
+
+def _stream(sources: list[Source], starts: range, bufs: "_Buffers") -> Iterator[list["torch.Tensor"]]:
+    """:func:`modelkit.io.spans.stream` in chunks of ``starts.step`` elements and WINDOW-byte
+    mappings (``starts``: a run of the chunk starts :meth:`Workers.map` hands out)."""
+    return stream(sources, starts, starts.step, WINDOW, bufs.raw)
 
 
 # --------------------------------------------------------------------------- statistics
@@ -62,12 +87,13 @@ class _Buffers:
         self._raw: dict[int, Any] = {}
         self._work: dict[Any, tuple] = {}
 
-    def raw(self, side: int) -> "torch.Tensor":
-        """A byte buffer for one side's chunk (allocated on first use: misaligned files only)."""
+    def raw(self, side: int, nbytes: int) -> "torch.Tensor":
+        """A byte buffer of ``nbytes`` or more for one side's chunk (allocated on first use:
+        misaligned files only)."""
         import torch
 
-        if side not in self._raw:
-            self._raw[side] = torch.empty(CHUNK * 8, dtype=torch.uint8)
+        if side not in self._raw or self._raw[side].numel() < nbytes:
+            self._raw[side] = torch.empty(max(nbytes, CHUNK * 8), dtype=torch.uint8)
         return self._raw[side]
 
     def work(self, dtype) -> tuple:
@@ -96,7 +122,7 @@ class Workers:
         """``fn(sources, starts, buffers)`` for every worker's share of the chunks."""
         import torch
 
-        starts = range(0, sources[0].numel, CHUNK)
+        starts = range(0, sources[0].numel, _chunk(sources, self.n))
         n = min(self.n, len(starts)) or 1
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
@@ -174,15 +200,18 @@ def _work_dtype(*dtypes):
 
 
 def _as_work(chunk, buf, work):
-    """``chunk`` in the working dtype: itself when it already is, else copied into ``buf``."""
+    """``chunk`` in the working dtype: itself when it already is, else copied into ``buf``
+    (a new tensor when ``buf`` is too small: a fused-size chunk taking the careful path)."""
     if chunk.dtype == work:
         return chunk
+    if chunk.numel() > buf.numel():
+        return chunk.to(work)
     out = buf[: chunk.numel()]
     out.copy_(chunk)
     return out
 
 
-def _compare_chunks(sources: list[Source], starts: Sequence[int], bufs: _Buffers) -> PairSums:
+def _compare_chunks(sources: list[Source], starts: range, bufs: _Buffers) -> PairSums:
     """Running sums of a same-shape pair over the chunks at ``starts``.
 
     bfloat16 and float32 pairs take one fused pass (:mod:`modelkit.ops.diff_sums`). Otherwise a chunk equal bit for bit needs only ``A.A``. Otherwise: A in the working dtype,
@@ -253,7 +282,7 @@ def _careful_chunk(a: "torch.Tensor", b: "torch.Tensor") -> tuple:
             int((~fa).sum()), int((~fb).sum()))
 
 
-def _norm_chunks(sources: list[Source], starts: Sequence[int], bufs: _Buffers) -> tuple[float, int]:
+def _norm_chunks(sources: list[Source], starts: range, bufs: _Buffers) -> tuple[float, int]:
     """(sum of squares over finite values, non-finite count) of one tensor's chunks."""
     import torch
 

@@ -233,10 +233,12 @@ def _write_folder(folder: Path, artifact: Artifact, base_art: Artifact | None, d
 
     tensors = dict(dv.tensors)
     dtype = out_dtype or shards.default_dtype(tensors)
-    # config.json is written beside the weights: building the config object imports seconds of
-    # transformers (Python, holding the GIL) while the weights' merges and writes mostly release it
+    # config.json is written beside the weights: building the config object (on a cache miss,
+    # see write_standard_config) imports seconds of transformers (Python, holding the GIL)
+    # while the weights' merges and writes mostly release it
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="modelkit-config") as side:
-        config_written = side.submit(lambda: write_standard_config(folder, dv.config, dtype_name(dtype)))
+        config_written = side.submit(lambda: write_standard_config(folder, lambda: dv.config, dtype_name(dtype),
+                                                                   dv.architecture))
         with recording_reads() as seen, artifact.bulk_production():
             written = shards.write_weights(folder, tensors, dtype, max_shard_size, progress, desc=desc)
         config_written.result()  # its error (a config transformers rejects) is raised here

@@ -5,14 +5,13 @@ such as all-zero LoRA B matrices). Never writes anything.
 """
 from __future__ import annotations
 
-import contextlib
-import gc
 import json
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from modelkit import collector
 from modelkit.errors import (
     BaseModelUnavailableError,
     LoadError,
@@ -193,7 +192,7 @@ def inspect(ref: str | Path, base: str | Path | None = None, deep: bool = False,
     format, unreadable config); unreadable weight files become ``corrupt-file`` /
     ``unsafe-pickle`` findings so the rest is still reported.
     """
-    with _collector_paused():
+    with collector.paused():  # 10^5 tensor records: collections would walk them all again
         artifact = open_artifact(ref, base=base, facts=facts)
         report = inspect_artifact(artifact, deep=deep, ref=str(ref))
         # freed by reference counting while the collector is still paused: the first
@@ -201,23 +200,6 @@ def inspect(ref: str | Path, base: str | Path | None = None, deep: bool = False,
         # tensor records too (a quarter of a real compressed checkpoint's inspect)
         del artifact
     return report
-
-
-@contextlib.contextmanager
-def _collector_paused():
-    """Pause CPython's cyclic garbage collector while the listing is built. A real MoE
-    checkpoint lists 10^4-10^5 tensors, each a few small live objects; every collection
-    walks all of them again, which made inspect's time grow faster than its tensor count
-    (a third of the time of a 144-file compressed checkpoint). Reference counting still
-    frees what the call drops; only reference cycles made during the call wait for the
-    collector, which runs again when the block ends (a caller that had paused it keeps it paused)."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
 
 
 def inspect_artifact(artifact: Artifact, deep: bool = False, ref: str | None = None) -> InspectionReport:

@@ -167,6 +167,7 @@ class DenseView:
     tensors: dict[str, LazyTensor]
     tied: list[str]                     # tied duplicates present in the view, left out
     notes: list[str]
+    architecture: Any = None            # the raw input ``config`` is built from (None: not raw)
 
     @cached_property
     def config(self) -> Any:
@@ -199,7 +200,7 @@ def dense_view(artifact: Artifact, base_art: Artifact | None, **options) -> Dens
     ordered = {n: view.tensors[n] for n in fit.expected}
     raw = isinstance(architecture, (str, Path, Mapping))
     return DenseView(artifact.config if raw else (lambda: architecture), ordered, fit.tied_given,
-                     list(view.notes))
+                     list(view.notes), architecture if raw else None)
 
 
 def _few(items: list[str], n: int = 4) -> str:
