@@ -221,13 +221,16 @@ def split_consumed(artifact: Artifact, seen: set[tuple[str, str]]) -> tuple[list
 @guarded()
 def load(ref: Any, base: Any = None, dtype: Any = None, device: str | None = None, *,
          merge: bool = True, routing: str | None = None, allow_untrained: bool = False,
-         **format_options: Any) -> LoadResult:
+         tokenizer: bool = True, **format_options: Any) -> LoadResult:
     """Load ``ref`` as a transformers model with its tokenizer and a :class:`LoadReport`.
 
     * plain HF, compressed MoE, PEFT (merged): the dense view loaded by transformers;
     * PEFT with ``merge=False``: a ``PeftModel`` applied to its base;
     * DyLoRA-MoE: the routed module, ``routing="router"`` (default), ``"expert:K"`` or
       ``"mean"``; with ``expert=K`` instead, the dense merge of expert K.
+
+    ``tokenizer=False`` skips the tokenizer (``LoadResult.tokenizer`` is None; for callers
+    that only run the model, e.g. export verification's reference).
 
     ``format_options`` go to the format's view (e.g. ``expert=0``). Never runs remote
     code. ``lora_alpha=`` / ``lora_r=`` supply what an early DyLoRA-MoE checkpoint does
@@ -268,11 +271,12 @@ def load(ref: Any, base: Any = None, dtype: Any = None, device: str | None = Non
     if device is not None:
         model = model.to(device)
     model.eval()
-    tokenizer, tok_from, tok_note = load_tokenizer(artifact, base_art)
+    tok, tok_from, tok_note = (load_tokenizer(artifact, base_art) if tokenizer
+                               else (None, None, "tokenizer not loaded (tokenizer=False)"))
     report.tokenizer_from = tok_from
     if tok_note:
         report.notes.append(tok_note)
-    return LoadResult(model, tokenizer, report)
+    return LoadResult(model, tok, report)
 
 
 def _supplied(artifact: Artifact, base: Any) -> dict[str, Any]:

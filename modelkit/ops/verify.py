@@ -233,7 +233,8 @@ def source_reference(ref: Any, artifact: "Artifact", target: "ExportTarget", *, 
     from modelkit.ops.load import load
 
     fmt = {k: v for k, v in options.items() if k != "base" and k not in target.options}
-    common = {"allow_untrained": allow_untrained, **{k: v for k, v in options.items() if k not in target.options}}
+    # tokenizer=False: verify takes its prompt from the export folder, never this tokenizer
+    common = {"allow_untrained": allow_untrained, "tokenizer": False, **{k: v for k, v in options.items() if k not in target.options}}
     if target.reference is not None:
         return load(ref, dtype=torch.float32, **common, **target.reference).model, target.reference_how
     independent = artifact.reference_model(**fmt)
