@@ -51,6 +51,17 @@ class LazyTensor:
             return file.read_unmapped(entry.key)
         return self.produce()
 
+    def stored_span(self, dtype: str) -> "tuple[object, int, int] | None":
+        """``(file path, byte offset, byte length)`` when this tensor is stored unchanged in a
+        safetensors file in ``dtype`` (its bytes are an export's bytes: copied file to file,
+        never produced); None for anything computed, to be cast, or stored otherwise (a pickle)."""
+        if self.stored is None or self.dtype != dtype or not isinstance(self.stored[0], SafetensorsFile):
+            return None
+        file, entry = self.stored
+        if entry.dtype != dtype or tuple(entry.shape) != tuple(self.shape):
+            return None
+        return file.raw_span(entry.key)
+
 
 def stored_tensor(file: TensorFile, entry: StoredTensor, origin: str | None = None) -> LazyTensor:
     """A LazyTensor that reads ``entry`` from ``file``."""

@@ -71,6 +71,10 @@ class Producer(Protocol):
 
     def produce_as(self, dtype: Any) -> Any: ...
 
+    def stored_span(self, dtype: str) -> tuple[Path, int, int] | None:
+        """(file, offset, length) of bytes stored exactly as the export writes them in
+        ``dtype`` (copied file to file), or None: produce it."""
+
 
 def check_size(size: int | str) -> None:
     """ExportError for a shard size huggingface_hub's splitter would not accept."""
@@ -133,20 +137,6 @@ def produce(name: str, lt: Producer, out_dtype):
     if out_dtype is not None and t.is_floating_point() and t.dtype != out_dtype:
         t = t.to(out_dtype)
     return t.detach().to("cpu").contiguous()
-
-
-def stored_span(lt: Producer, planned: str) -> tuple[Path, int, int] | None:
-    """``(file, offset, length)`` when ``lt`` is a tensor stored unchanged in a safetensors
-    file in the planned dtype (its bytes are the export's bytes: copied file to file, never
-    produced); None for anything computed, cast, or stored otherwise (a pickle)."""
-    stored = getattr(lt, "stored", None)
-    if stored is None or lt.dtype != planned:
-        return None
-    file, entry = stored
-    raw_span = getattr(file, "raw_span", None)
-    if raw_span is None or entry.dtype != planned or tuple(entry.shape) != tuple(lt.shape):
-        return None
-    return raw_span(entry.key)
 
 
 def _one_torch_thread() -> None:
@@ -245,7 +235,7 @@ def write_weights(folder: Path, tensors: dict[str, Producer], out_dtype, max_sha
     # tensors stored unchanged are copied file to file; only the others are produced (ahead)
     spans = {}
     for n in order:
-        span = stored_span(tensors[n], _target_dtype(tensors[n], out_dtype))
+        span = tensors[n].stored_span(_target_dtype(tensors[n], out_dtype))
         if span is not None:
             spans[n] = span
     ahead = _Ahead([n for n in order if n not in spans], tensors, out_dtype, production_workers())
@@ -290,11 +280,11 @@ def write_weights(folder: Path, tensors: dict[str, Producer], out_dtype, max_sha
             for f in closing:  # raises the last fsync error (EIO)
                 f.result()
     except BaseException:
-        ahead.close()
         for out in outs.values():  # the writer has stopped: close what it left open
             out.abandon()
         raise
-    ahead.close()
+    finally:
+        ahead.close()  # the compute workers stopped, torch's thread count restored
     index = {"metadata": {"total_parameters": params, "total_size": total}, "weight_map": weight_map}
     (folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return {"files": list(files), "total_size": total, "cast": dict(cast)}

@@ -111,7 +111,12 @@ class StoredTensor:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * DTYPE_BYTES.get(self.dtype, 4)
+        return tensor_bytes(self.numel, self.dtype)
+
+
+def tensor_bytes(numel: int, dtype: str) -> int:
+    """Bytes of ``numel`` elements of ``dtype`` (a dtype this kit does not know counts 4 a element)."""
+    return numel * DTYPE_BYTES.get(dtype, 4)
 
 
 def check_inside(root: Path, path: Path) -> Path:

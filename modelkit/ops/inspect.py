@@ -22,7 +22,7 @@ from modelkit.errors import (
 from modelkit.findings import Finding, Severity, error, info, warning
 from modelkit.formats import Artifact
 from modelkit.io.files import read_json
-from modelkit.io.tensors import DTYPE_BYTES
+from modelkit.io.tensors import tensor_bytes
 from modelkit.formats.open import open_artifact, open_base
 from modelkit.units import human_bytes
 from modelkit.verdicts import Verdict, of_inspection
@@ -238,7 +238,7 @@ def inspect_artifact(artifact: Artifact, deep: bool = False, ref: str | None = N
         role = classify(t.name)
         numel = t.numel  # t.nbytes, without computing the product twice
         rows.append({"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "numel": numel,
-                     "bytes": numel * DTYPE_BYTES.get(t.dtype, 4), "file": t.file, "role": role.role,
+                     "bytes": tensor_bytes(numel, t.dtype), "file": t.file, "role": role.role,
                      "layer": role.layer, "expert": role.expert})
     src = artifact.source
     order = {Severity.ERROR: 0, Severity.WARNING: 1, Severity.INFO: 2}
