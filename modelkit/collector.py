@@ -24,3 +24,17 @@ def paused() -> Iterator[None]:
     finally:
         if was:
             gc.enable()
+
+
+def release_free_heap() -> None:
+    """Hand the C heap's free memory back to the system (glibc ``malloc_trim``; elsewhere
+    nothing). Tensors under glibc's mmap threshold (up to 32 MB) come from the heap, and
+    what they free stays in the process's RSS until the heap is trimmed: verify trims after
+    dropping the source's reference so that loading the export does not count it twice."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass

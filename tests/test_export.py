@@ -239,7 +239,8 @@ def test_dtype_cast_with_looser_tolerance(catalog, tmp_path, dtype):
     assert result.ok, result.summary()
     v = result.verification
     assert v["dtype"] == dtype and v["tolerance"] > 1e-5 and v["max_abs_diff"] <= v["tolerance"]
-    assert v["rounded_max_abs_diff"] <= 1e-5  # the same rounding of the same numbers
+    # every stored tensor is the source's merged weight rounded to the dtype, bit for bit
+    assert v["weights_compared"] == 21 and v["weights_misrounded"] == 0 and v["weights_max_abs_diff"] == 0.0
     assert json.loads((out / "config.json").read_text())["dtype"] == dtype
     with safe_open(str(next(out.glob("model-*.safetensors"))), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {getattr(torch, dtype)}
@@ -264,7 +265,43 @@ def test_low_precision_verify_catches_a_dropped_merge(catalog, tmp_path, monkeyp
     result = modelkit.export(catalog["peft-lora"], out, dtype="bfloat16", verify=True, progress=False)
     v = result.verification
     assert not result.ok and not out.exists()
-    assert v["rounded_max_abs_diff"] > 1e-5
+    assert v["max_abs_diff"] <= v["tolerance"]  # the loose bound alone would have passed it
+    assert v["weights_misrounded"] > 0 and "misrounded" in result.summary()
+
+
+def test_low_precision_verify_catches_truncated_rounding(catalog, tmp_path, monkeypatch):
+    """bf16 weights truncated instead of rounded to nearest are within the loose logit bound;
+    the weight-by-weight check against the source names them."""
+    ex = importlib.import_module("modelkit.io.shards")
+    real = ex.produce
+
+    def truncated(n, lt, dtype):
+        x = real(n, lt, torch.float32)
+        return (x.view(torch.int32) & -65536).view(torch.float32).to(dtype)  # drop the low 16 bits
+
+    monkeypatch.setattr(ex, "produce", truncated)
+    result = modelkit.export(catalog["peft-lora"], tmp_path / "bad", dtype="bfloat16", verify=True,
+                             progress=False)
+    v = result.verification
+    assert not result.ok and v["max_abs_diff"] <= v["tolerance"]
+    assert v["weights_misrounded"] > 0
+
+
+@pytest.mark.parametrize("name,options,check", [
+    ("dylora-b", {"expert": 1}, "weights"),          # PEFT's merge of one expert of the routed module
+    ("plain-gemma-tied", {}, "weights"),             # the tied head is stored once, compared once
+    ("plain-qwen3-moe-sharded", {}, "logits"),       # experts fused in memory: names are not the stored ones
+    ("compressed-checkpoint-N", {}, "logits"),       # a float64 independent reference
+])
+def test_low_precision_verify_checks_each_kind_of_source(catalog, tmp_path, name, options, check):
+    result = modelkit.export(catalog[name], tmp_path / "out", dtype="bfloat16", verify=True, progress=False,
+                             **options)
+    v = result.verification
+    assert result.ok, result.summary()
+    if check == "weights":
+        assert v["weights_compared"] > 0 and v["weights_misrounded"] == 0 and v["rounded_max_abs_diff"] is None
+    else:
+        assert v["weights_compared"] is None and v["rounded_max_abs_diff"] <= 1e-5
 
 
 def test_verify_reads_the_source_once_more_than_the_export(catalog, tmp_path, monkeypatch):
@@ -284,7 +321,7 @@ def test_verify_reads_the_source_once_more_than_the_export(catalog, tmp_path, mo
     base = str(modelkit.open_artifact(catalog["peft-lora"]).base.path)
     result = modelkit.export(catalog["peft-lora"], tmp_path / "out", dtype="bfloat16", verify=True,
                              progress=False)
-    assert result.ok and result.verification["rounded_max_abs_diff"] == 0.0
+    assert result.ok and result.verification["weights_misrounded"] == 0
     per_tensor = Counter(n for (path, _), n in reads.items() if path.startswith(base))
     assert per_tensor and set(per_tensor) == {2}, per_tensor
 

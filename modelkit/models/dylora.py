@@ -184,6 +184,15 @@ class DyLoRAMoEForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError(f"routing={self.routing!r} is a mixture, not one dense model: set routing='expert:K'")
         return self.foundation_model.merge_and_unload(adapter_names=[expert_name(k)])
 
+    def dense_weights(self) -> list | None:
+        """What :meth:`merge_and_unload` would make, weight by weight and without merging
+        (:func:`modelkit.models.peft_dense.peft_dense_weights` of the expert of
+        ``routing="expert:K"``); None for a mixture routing."""
+        from modelkit.models.peft_dense import peft_dense_weights
+
+        kind, k = parse_routing(self.routing)
+        return peft_dense_weights(self.foundation_model, [expert_name(k)]) if kind == "expert" else None
+
     def get_input_embeddings(self) -> nn.Module:
         return self.lm.get_input_embeddings()
 

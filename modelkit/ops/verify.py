@@ -12,9 +12,10 @@ float32; the reference in float32, or float64 when it is built in float64 (the
 difference is then measured in float64).
 
 Cost: the source (and its base) is opened once, for the reference; the reference's logits
-are computed (and, for a low-precision export, its rounded form's), the reference is freed,
-and only then is the export loaded. So a verified export costs one load of the source's
-reference and its forward plus one load of the export, and holds one of the two at a time.
+are computed (and, for a low-precision export, its weights are compared with the stored
+ones), the reference is freed, and only then is the export loaded. So a verified export
+costs one load of the source's reference and its forward plus one load of the export, and
+holds one of the two at a time.
 
 Tolerances on the max absolute logit difference:
 
@@ -34,20 +35,31 @@ Tolerances on the max absolute logit difference:
      ``0.125·max|logits|`` (bf16), ``0.0156·max|logits|`` (fp16). The tiny fixtures stay
      below ``3.2·u``; the margin is for deep models.
   2. against the same reference made dense by its own code (an adapter merged by PEFT's
-     ``merge_and_unload``, a DyLoRA expert by PEFT's merge of that expert) and every weight
-     rounded to the export's dtype, computed in float32: ``1e-5`` absolute again. The same
-     rounding of the same numbers, reached by a second path; this catches what the loose
-     bound cannot, e.g. a small LoRA delta that was not merged.
+     ``merge_and_unload``, a DyLoRA expert by PEFT's merge of that expert), weight by weight:
+     every stored tensor must be the reference's weight of the same name correctly rounded
+     to the export's dtype (round to nearest even). A stored value that is not counts as
+     misrounded unless it is within half a unit in the last place of that weight plus
+     ``2^-17·max|weight|`` of the tensor (float32 roundoff of a merge computed in another
+     order, ``2^7 x 2^-24``); any misrounded weight fails. The same rounding of the same
+     numbers, reached by a second path (PEFT's merge; the export read back with
+     ``safetensors``): this catches what the loose bound cannot, e.g. a small LoRA delta
+     that was not merged, or weights truncated instead of rounded. Where the reference's
+     parameter names are not the stored ones (an MoE whose experts transformers fuses in
+     memory) or the reference is float64, the rounded reference's logits are compared
+     instead, at ``1e-5`` absolute.
 """
 from __future__ import annotations
 
 import contextlib
 import gc
+import math
+import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from modelkit.architecture.prompts import prompt_ids
+from modelkit.collector import release_free_heap
 
 if TYPE_CHECKING:  # pragma: no cover
     from modelkit.formats.base import Artifact, ExportTarget
@@ -57,6 +69,7 @@ FP32_TOLERANCE = 1e-5
 FP32_UNIT_ROUNDOFF = 2.0 ** -24
 FP64_REFERENCE_FLOOR = 1e-7
 GROWTH = 2.0 ** 5
+MERGE_ORDER_SLACK = 2.0 ** -17   # x max|weight| of a tensor: float32 roundoff of a merge done in another order
 
 
 @dataclass
@@ -77,6 +90,9 @@ class Verification:
     rounded_tolerance: float | None = None
     rounded_reference: str | None = None        # how the rounded reference was made
     problems: dict[str, Any] | None = None      # what stock loading reported (missing keys, ...)
+    weights_compared: int | None = None         # low-precision exports checked weight by weight: tensors
+    weights_misrounded: int | None = None       # stored values that are not the reference's weight rounded
+    weights_max_abs_diff: float | None = None   # max |stored - reference rounded| over the weights
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,6 +104,11 @@ class Verification:
         if self.rounded_max_abs_diff is not None:
             text += (f"; vs the source in {self.dtype}: {self.rounded_max_abs_diff:.3g} "
                      f"(tolerance {self.rounded_tolerance:.3g})")
+        if self.weights_compared is not None:
+            text += (f"; stored weights vs the source's rounded to {self.dtype}: "
+                     + (f"all {self.weights_compared} tensors correctly rounded" if not self.weights_misrounded
+                        else f"{self.weights_misrounded} values misrounded (max |diff| "
+                             f"{self.weights_max_abs_diff:.3g})"))
         return text + (f"; top-1 agreement {self.argmax_agreement:.1%} over {self.tokens} tokens; "
                        f"reference: {self.reference}")
 
@@ -166,11 +187,95 @@ def dense_rounded(model, dtype: str):
     return model.float().eval()
 
 
+@dataclass
+class WeightCheck:
+    """Stored tensors of an export against a dense reference's weights rounded to its dtype."""
+
+    tensors: int
+    misrounded: int      # values beyond half an ulp (+ merge-order slack) of the reference's weight
+    max_abs_diff: float  # max |stored - reference rounded| (0.0: bit for bit the correct rounding)
+
+
+def _stored_names(folder: Path) -> dict[str, Path]:
+    """tensor name -> safetensors file of an exported folder (its index, else every file)."""
+    import json
+
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return {k: folder / v for k, v in json.loads(index.read_text())["weight_map"].items()}
+    names: dict[str, Path] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as handle:
+            names |= dict.fromkeys(handle.keys(), f)
+    return names
+
+
+def _as_words(t):
+    """``t``'s bytes as the widest integers that tile it (an integer compare of 8-byte words
+    is ~2.5x faster than one of bfloat16 values)."""
+    import torch
+
+    flat = t.reshape(-1).view(torch.uint8)
+    for word in (torch.int64, torch.int32, torch.int16):
+        if flat.numel() % word.itemsize == 0:
+            return flat.view(word)
+    return flat
+
+
+def check_stored_weights(weights: list, folder: Path, dtype: str) -> WeightCheck | None:
+    """Each dense reference weight ``(name, shape, produce)`` (see
+    :func:`modelkit.models.peft_dense.dense_weights`) against the tensor of that name stored
+    in ``folder``, read with ``safetensors``: the stored value must be the weight rounded to
+    ``dtype`` (the module's check 2). One weight and one shard in memory at a time. None
+    when a weight has no stored tensor of its name and shape (the caller compares rounded
+    logits instead)."""
+    import torch
+    from safetensors import safe_open
+
+    from modelkit.io.tensors import torch_dtype
+
+    low = torch_dtype(dtype, floating=True)
+    where = _stored_names(folder)
+    if not weights or any(name not in where for name, _, _ in weights):
+        return None
+    by_file: dict[Path, list] = {}
+    for w in weights:
+        by_file.setdefault(where[w[0]], []).append(w)
+    eps, smallest = torch.finfo(low).eps, torch.finfo(low).smallest_normal
+    buffer = torch.empty(max(math.prod(shape) for _, shape, _ in weights), dtype=low)  # reused: no page faults
+    misrounded, worst = 0, 0.0
+    for f, group in by_file.items():
+        with safe_open(str(f), "pt") as handle:
+            if any(tuple(handle.get_slice(name).get_shape()) != shape for name, shape, _ in group):
+                return None
+            for name, _, produce in group:
+                stored = handle.get_tensor(name)
+                if stored.dtype != low:  # not the export's dtype at all
+                    misrounded += stored.numel()
+                    continue
+                reference = produce()
+                rounded = buffer[:stored.numel()].view(stored.shape)
+                rounded.copy_(reference)  # round to nearest even, as .to(dtype)
+                if torch.equal(_as_words(rounded), _as_words(stored)):  # bit for bit
+                    continue
+                off = rounded != stored  # NaN != NaN: a NaN lands here and fails below
+                r, st = reference[off].double(), stored[off].double()
+                half_ulp = torch.ldexp(torch.full_like(r, eps), torch.frexp(r).exponent - 2)
+                half_ulp = torch.where(r == 0, 0.0, half_ulp.clamp(min=eps * smallest / 2))
+                bound = half_ulp + MERGE_ORDER_SLACK * reference.abs().max().double()
+                misrounded += int((~((st - r).abs() <= bound)).sum())
+                worst = max(worst, float((st - rounded[off].double()).abs().max()))
+    return WeightCheck(len(weights), misrounded, worst)
+
+
 def verify_folder(folder: Path, make_reference: Callable[[], tuple[Any, str]], *, dtype: str,
                   tolerance: float | None = None, step: Callable[[str], None] = lambda note: None) -> Verification:
     """Compare ``folder`` (stock transformers) with the reference ``make_reference()`` returns
     (``(model, how it was made)``: the float32 source, or an independent float64 one) and, for
-    a low-precision export, with that reference made dense and rounded to ``dtype``.
+    a low-precision export, with that reference made dense and rounded to ``dtype`` (weight by
+    weight against the stored tensors, else by its logits).
 
     The reference is built, run and freed before the export is loaded (a callable, so that
     nothing else holds it): one of the two models is in memory at a time. ``step(note)``
@@ -182,15 +287,27 @@ def verify_folder(folder: Path, make_reference: Callable[[], tuple[Any, str]], *
     # a float64 reference (an independent one, see Artifact.reference_model) stays float64
     wide = next(reference_model.parameters()).dtype == torch.float64
     reference_model = reference_model.eval() if wide else reference_model.float().eval()
-    rounded, rounded_how = None, None
+    rounded, rounded_how, weights = None, None, None
     with torch.no_grad():
         expected = [reference_model(input_ids=x).logits.double() for x in ids]
         if UNIT_ROUNDOFF.get(dtype):
-            reference_model = dense_rounded(reference_model, dtype)
-            rounded = [reference_model(input_ids=x).logits.float() for x in ids]
-            rounded_how = f"the reference made dense by its own merge, weights rounded to {dtype}"
+            from modelkit.models.peft_dense import dense_weights
+
+            dense = None if wide else dense_weights(reference_model)
+            weights = check_stored_weights(dense, folder, dtype) if dense else None
+            if weights is not None:
+                rounded_how = (f"each weight of the reference made dense as its own merge makes it, rounded to "
+                               f"{dtype}, against the stored tensor of its name")
+            else:  # names not the stored ones, another merge, or a float64 reference: the rounded model's logits
+                reference_model = dense_rounded(reference_model, dtype)
+                rounded = [reference_model(input_ids=x).logits.float() for x in ids]
+                rounded_how = f"the reference made dense by its own merge, weights rounded to {dtype}"
+            del dense
+    alive = weakref.ref(reference_model)
     del reference_model
-    gc.collect()  # the reference's memory is free before the export is loaded
+    if alive() is not None:  # held by a reference cycle: collect it (a full collection costs ~0.2 s)
+        gc.collect()
+    release_free_heap()  # the reference's memory is free before the export is loaded
     step("loading the export with stock transformers")
 
     exported, info = load_stock(folder)
@@ -214,10 +331,14 @@ def verify_folder(folder: Path, make_reference: Callable[[], tuple[Any, str]], *
     ok = max_diff <= tol and not problems and max_diff == max_diff  # NaN fails
     if rounded is not None:
         ok = ok and rounded_diff <= FP32_TOLERANCE
+    if weights is not None:
+        ok = ok and weights.misrounded == 0
     return Verification(ok, max_diff, tol, rule, dtype, reference, len(ids), tokens,
                         agree / max(tokens, 1), max_logit,
                         rounded_diff if rounded is not None else None,
-                        FP32_TOLERANCE if rounded is not None else None, rounded_how, problems or None)
+                        FP32_TOLERANCE if rounded is not None else None, rounded_how, problems or None,
+                        weights.tensors if weights else None, weights.misrounded if weights else None,
+                        weights.max_abs_diff if weights else None)
 
 
 def source_reference(ref: Any, artifact: "Artifact", target: "ExportTarget", *, allow_untrained: bool,
