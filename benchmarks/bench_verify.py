@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -137,7 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="modelkit-bench-",
                                                  dir=scratch if scratch.is_dir() else None)).absolute()
     work.mkdir(parents=True, exist_ok=True)
-    run = lambda role, **kw: run_child(role, script=HERE, **kw)  # noqa: E731
+    def run(role, **kw):
+        os.sync()  # each timed child starts with nothing of the last one's writes left to flush
+        return run_child(role, script=HERE, **kw)
+
     try:
         idle = run("idle")
         setup = run("setup_lora", work=work, gb=args.gb, hidden=args.hidden, r=args.r)

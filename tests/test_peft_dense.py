@@ -12,7 +12,7 @@ from modelkit.testing.configs import tiny_config
 
 
 def _as_dict(weights) -> dict[str, torch.Tensor]:
-    return {name: produce() for name, _, produce in weights}
+    return {name: produce()[0] for name, _, produce in weights}
 
 
 def _assert_same_as_merge(model, weights):
@@ -29,8 +29,9 @@ def test_a_peft_adapter_gives_what_peft_merge_and_unload_makes(catalog):
     model = modelkit.load(catalog["peft-lora"], dtype=torch.float32, merge=False, tokenizer=False).model
     weights = dense_weights(model)
     assert weights is not None
-    adapted = [n for n, _, _ in weights if n.endswith("q_proj.weight")]
-    assert adapted and not [n for n, _, _ in weights if "lora_" in n or "base_layer" in n]
+    adapted = [n for n, _, produce in weights if produce()[1] is not None]  # merged from a base weight
+    assert adapted and all(n.endswith(("q_proj.weight", "v_proj.weight")) for n in adapted)
+    assert not [n for n, _, _ in weights if "lora_" in n or "base_layer" in n]
     _assert_same_as_merge(model, weights)
 
 

@@ -18,12 +18,14 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-DenseWeight = tuple[str, tuple[int, ...], Callable[[], torch.Tensor]]  # (name, shape, produce)
+# (name, shape, produce): produce() -> (the dense weight, the weight before the merge or None
+# when nothing was merged into it)
+DenseWeight = tuple[str, tuple[int, ...], Callable[[], tuple[torch.Tensor, torch.Tensor | None]]]
 
 
 def dense_weights(model: nn.Module) -> list[DenseWeight] | None:
     """``(name, shape, produce)`` for every floating weight of ``model`` made dense by its own
-    merge: a model's own ``dense_weights()`` (DyLoRA-MoE: one expert's), a PEFT model's
+    merge (``produce() -> (tensor, base weight it was merged from, or None)``): a model's own ``dense_weights()`` (DyLoRA-MoE: one expert's), a PEFT model's
     (:func:`peft_dense_weights`), a model without adapters' own parameters. None when only
     a merge of the model itself can say."""
     own = getattr(model, "dense_weights", None)
@@ -39,7 +41,8 @@ def dense_weights(model: nn.Module) -> list[DenseWeight] | None:
 def peft_dense_weights(peft_model: nn.Module, adapters: Sequence[str] | None = None) -> list[DenseWeight] | None:
     """``(name, shape, produce)`` for every floating weight of ``peft_model`` merged with
     ``adapters`` (default: each layer's active adapters), named as in the merged model
-    (``P.base_layer.weight`` is ``P.weight``); ``produce()`` computes the tensor. None when
+    (``P.base_layer.weight`` is ``P.weight``); ``produce()`` computes ``(tensor, base weight it
+    was merged from, or None)``. None when
     the merge is not plain LoRA addition (see the module docstring)."""
     from peft.tuners.lora.layer import Embedding, Linear
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -73,19 +76,19 @@ def peft_dense_weights(peft_model: nn.Module, adapters: Sequence[str] | None = N
     return out
 
 
-def _merge(layer: Any, weight: torch.Tensor, adapters: list[str]) -> Callable[[], torch.Tensor]:
-    def produce() -> torch.Tensor:
+def _merge(layer: Any, weight: torch.Tensor, adapters: list[str]) -> Callable[[], tuple]:
+    def produce() -> tuple[torch.Tensor, torch.Tensor | None]:
         with torch.no_grad():
             dense = None
             for a in adapters:  # LoraLayer.merge: weight += get_delta_weight(a).to(weight.dtype)
                 delta = layer.get_delta_weight(a).to(weight.dtype)  # a new tensor: added to in place
                 dense = delta.add_(weight) if dense is None else dense.add_(delta)  # W + d == d + W exactly
-            return weight.detach() if dense is None else dense
+            return (weight.detach(), None) if dense is None else (dense, weight.detach())
     return produce
 
 
-def _same(p: torch.Tensor) -> Callable[[], torch.Tensor]:
-    return lambda: p.detach()
+def _same(p: torch.Tensor) -> Callable[[], tuple]:
+    return lambda: (p.detach(), None)
 
 
 def _shared_storage(model: nn.Module) -> set[int]:
