@@ -223,6 +223,8 @@ def run_child(role: str, *, script: Path = HERE, env: dict | None = None, **kwar
     """Run one side in a fresh interpreter (``script _child ROLE ARGS``, this file by
     default; ``env``: variables set for it); its result plus wall seconds and peak RSS."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    os.sync()  # the child starts with no earlier writes left to flush (a benchmark before this one
+    #            leaves GBs dirty: flushing them under a child's fsync cost it up to 2 s)
     t = time.perf_counter()
     proc = subprocess.Popen([sys.executable, str(script), "_child", role, json.dumps(kwargs, default=str)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -243,6 +245,7 @@ def raw_write_seconds(folder: Path, nbytes: int, chunk: int = 8 << 20) -> float:
     """Seconds to ``os.write`` ``nbytes`` to a new file and fsync it."""
     buf = os.urandom(chunk)
     path = folder / "raw-write.bin"
+    os.sync()  # as run_child: nothing earlier left to flush
     t = time.perf_counter()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import sys
@@ -166,10 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="modelkit-bench-",
                                                  dir=scratch if scratch.is_dir() else None)).absolute()
     work.mkdir(parents=True, exist_ok=True)
-    def run(role, **kw):
-        os.sync()  # each timed child starts with nothing of the last one's writes left to flush
-        return run_child(role, script=HERE, **kw)
-
+    run = lambda role, **kw: run_child(role, script=HERE, **kw)  # noqa: E731  (run_child syncs first)
     try:
         idle = run("idle")
         setup = run("setup_lora", work=work, gb=args.gb, hidden=args.hidden, r=args.r)

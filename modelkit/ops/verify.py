@@ -48,8 +48,9 @@ Tolerances on the max absolute logit difference:
      ``safetensors``): this catches what the loose bound cannot, e.g. a small LoRA delta
      that was not merged, or weights truncated instead of rounded. Where the reference's
      parameter names are not the stored ones (an MoE whose experts transformers fuses in
-     memory) or the reference is float64, the rounded reference's logits are compared
-     instead, at ``1e-5`` absolute.
+     memory), its merge is more than adding deltas (DoRA, LoRA biases, ``modules_to_save``)
+     or the reference is float64, the reference is merged by its own ``merge_and_unload``,
+     rounded, and its logits are compared instead, at ``1e-5`` absolute.
 """
 from __future__ import annotations
 
