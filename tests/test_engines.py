@@ -20,6 +20,10 @@ from modelkit.errors import CompareError
 TASKS = ["mk_topic", "mk_count", "mk_text"]      # multiple_choice x2, loglikelihood_rolling
 LIMIT = 12
 TOL = 1e-5
+# The table's statistics are functions of the per-sample values (which agree to TOL): a
+# perplexity-type aggregate (exp of a mean over words) and its interval amplify that; one
+# machine measured a ci_low 1.06e-5 apart, relative, between the CLI and in-process runs.
+TABLE_TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +74,7 @@ def assert_same_table(a, b) -> None:
 
     fa = a.to_frame().sort_values(["task", "metric"]).reset_index(drop=True)
     fb = b.to_frame().sort_values(["task", "metric"]).reset_index(drop=True)
-    pd.testing.assert_frame_equal(fa, fb, check_exact=False, rtol=TOL, atol=TOL)
+    pd.testing.assert_frame_equal(fa, fb, check_exact=False, rtol=TABLE_TOL, atol=TOL)
 
 
 def test_lm_eval_cli_gives_the_in_process_per_sample_results(inproc, via_cli):
