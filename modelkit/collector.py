@@ -1,4 +1,5 @@
-"""CPython's cyclic garbage collector, paused for a block of work.
+"""Memory the process holds for nothing: CPython's cyclic collector, paused for a block of
+work, and the C heap's free memory, handed back.
 
 With torch imported a process holds some 170,000 objects the collector tracks; every full
 collection walks all of them again: about 0.1 s of CPU here, whatever the block itself

@@ -229,6 +229,22 @@ def _as_words(t):
     return flat
 
 
+def _misrounded(reference, stored, base, spread: float | None, low) -> int:
+    """How many of ``stored`` (values that are not ``reference`` rounded to nearest even) are
+    farther from ``reference`` than half an ulp, plus, for weights merged from ``base``, the
+    merge-order slack ``2^-17 (|W| + |d| + spread)`` (see the module's check 2)."""
+    import torch
+
+    eps, smallest = torch.finfo(low).eps, torch.finfo(low).smallest_normal
+    r, s = reference.double(), stored.double()
+    half_ulp = torch.ldexp(torch.full_like(r, eps), torch.frexp(r).exponent - 2)
+    bound = torch.where(r == 0, 0.0, half_ulp.clamp(min=eps * smallest / 2))
+    if base is not None:  # merged here: float32 roundoff of another merge order
+        w = base.double()
+        bound = bound + MERGE_ORDER_SLACK * (w.abs() + (r - w).abs() + spread)
+    return int((~((s - r).abs() <= bound)).sum())  # NaN compares false: misrounded
+
+
 def check_stored_weights(weights: list, folder: Path, dtype: str) -> WeightCheck | None:
     """Each dense reference weight ``(name, shape, produce)`` (see
     :func:`modelkit.models.peft_dense.dense_weights`) against the tensor of that name stored
@@ -248,7 +264,6 @@ def check_stored_weights(weights: list, folder: Path, dtype: str) -> WeightCheck
     by_file: dict[Path, list] = {}
     for w in weights:
         by_file.setdefault(where[w[0]], []).append(w)
-    eps, smallest = torch.finfo(low).eps, torch.finfo(low).smallest_normal
     buffer = torch.empty(min(CHECK_CHUNK, max(math.prod(shape) for _, shape, _ in weights)), dtype=low)
     misrounded, worst = 0, 0.0
     for f, group in by_file.items():
@@ -270,16 +285,11 @@ def check_stored_weights(weights: list, folder: Path, dtype: str) -> WeightCheck
                     if torch.equal(_as_words(rounded), _as_words(st)):  # bit for bit
                         continue
                     off = rounded != st  # NaN != NaN: a NaN lands here and fails below
-                    rv, sv = r[off].double(), st[off].double()
-                    half_ulp = torch.ldexp(torch.full_like(rv, eps), torch.frexp(rv).exponent - 2)
-                    bound = torch.where(rv == 0, 0.0, half_ulp.clamp(min=eps * smallest / 2))
-                    if base is not None:  # merged here: float32 roundoff of another merge order
-                        b = base.reshape(-1)[start:start + CHECK_CHUNK][off].double()
-                        if spread is None:
-                            spread = float((reference - base.reshape(-1)).abs().max())
-                        bound = bound + MERGE_ORDER_SLACK * (b.abs() + (rv - b).abs() + spread)
-                    misrounded += int((~((sv - rv).abs() <= bound)).sum())
-                    worst = max(worst, float((sv - rounded[off].double()).abs().max()))
+                    if base is not None and spread is None:
+                        spread = float((reference - base.reshape(-1)).abs().max())
+                    b = None if base is None else base.reshape(-1)[start:start + CHECK_CHUNK][off]
+                    misrounded += _misrounded(r[off], st[off], b, spread, low)
+                    worst = max(worst, float((st[off].double() - rounded[off].double()).abs().max()))
     return WeightCheck(len(weights), misrounded, worst)
 
 
