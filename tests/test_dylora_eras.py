@@ -307,3 +307,21 @@ def test_a_mixture_without_router_says_so_in_its_per_expert_diff(tmp_path, tied)
     assert table.loc["router", "verdict"] == "not stored" and table.loc["router", "tensors"] == 0
     assert any("without a stored router" in w for w in result.warnings)
     assert "not stored" in result.summary()
+
+
+def test_bf16_export_of_the_early_era_is_checked_weight_by_weight_through_its_tie(runs, tmp_path):
+    """The early era's routed module holds the Gemma head as its own parameter; the export
+    stores it once (tied). verify checks that head against the stored embeddings stock loading
+    ties it to, instead of falling back to the rounded-logits comparison."""
+    result = modelkit.export(runs["early"] / "best_model", tmp_path / "out", expert=1, dtype="bfloat16",
+                             verify=True, progress=False)
+    v = result.verification
+    assert result.ok and v["ok"], result.summary()
+    from safetensors import safe_open
+
+    stored = set()
+    for f in (tmp_path / "out").glob("*.safetensors"):
+        with safe_open(str(f), "pt") as handle:
+            stored |= set(handle.keys())
+    assert "model.embed_tokens.weight" in stored and "lm_head.weight" not in stored
+    assert v["weights_compared"] and v["weights_misrounded"] == 0 and v["rounded_max_abs_diff"] is None

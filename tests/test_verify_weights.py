@@ -88,3 +88,31 @@ def test_an_unmerged_delta_is_outside_the_merge_slack(tmp_path):
     reference = base + delta
     result = _check(tmp_path, {"w": reference}, {"w": base.bfloat16()}, "bfloat16", base={"w": base})
     assert result.misrounded > 100
+
+
+def _write_tied_config(folder: Path) -> None:
+    from modelkit.testing.configs import tiny_config
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tiny_config("gemma").save_pretrained(str(folder))  # ties lm_head.weight to model.embed_tokens.weight
+
+
+def test_a_head_the_export_ties_is_checked_against_the_stored_embeddings(tmp_path):
+    _write_tied_config(tmp_path)
+    embed = torch.randn(16, 8)
+    stored = {"model.embed_tokens.weight": embed.bfloat16()}
+    same = _check(tmp_path, {"model.embed_tokens.weight": embed, "lm_head.weight": embed.clone()}, stored, "bfloat16")
+    assert same.tensors == 2 and same.misrounded == 0
+    trained_head = embed + 0.5  # an untied, trained head the export would lose by tying it
+    lost = _check(tmp_path, {"model.embed_tokens.weight": embed, "lm_head.weight": trained_head}, stored, "bfloat16")
+    assert lost.misrounded == embed.numel()
+
+
+def test_a_missing_name_the_config_does_not_tie_falls_back(tmp_path):
+    from modelkit.testing.configs import tiny_config
+
+    tmp_path.mkdir(exist_ok=True)
+    tiny_config("llama").save_pretrained(str(tmp_path))  # llama: untied
+    embed = torch.randn(16, 8)
+    assert _check(tmp_path, {"model.embed_tokens.weight": embed, "lm_head.weight": embed},
+                  {"model.embed_tokens.weight": embed.bfloat16()}, "bfloat16") is None

@@ -43,7 +43,10 @@ Tolerances on the max absolute logit difference:
      weight merged from a base weight ``W`` and a delta ``d``, ``2^-17·(|W| + |d| + max|d|)``
      (float32 roundoff of a merge computed in another order: ``2^7 x 2^-24`` of the terms
      added; an unmerged delta is off by ``|d|`` itself, far outside it); any misrounded
-     weight fails. A weight nothing was merged into gets no slack. The same rounding of the same
+     weight fails. A weight nothing was merged into gets no slack. A reference weight the
+     export does not store because its config ties it (a DyLoRA module's own copy of a tied
+     Gemma head) is held against the stored tensor stock loading fills it from (transformers'
+     tie map of the exported config). The same rounding of the same
      numbers, reached by a second path (PEFT's merge; the export read back with
      ``safetensors``): this catches what the loose bound cannot, e.g. a small LoRA delta
      that was not merged, or weights truncated instead of rounded. Where the reference's
@@ -245,13 +248,27 @@ def _misrounded(reference, stored, base, spread: float | None, low) -> int:
     return int((~((s - r).abs() <= bound)).sum())  # NaN compares false: misrounded
 
 
+def _tied_in_export(folder: Path) -> dict[str, str]:
+    """tied name -> the stored name stock transformers fills it from, for ``folder``'s
+    config.json (transformers' own tie map, from the model class on the meta device); {}
+    when the config cannot say."""
+    from modelkit.architecture.bridge import tied_tensors
+
+    try:
+        return tied_tensors(folder / "config.json")
+    except Exception:  # an architecture transformers cannot build: no tie is assumed
+        return {}
+
+
 def check_stored_weights(weights: list, folder: Path, dtype: str) -> WeightCheck | None:
     """Each dense reference weight ``(name, shape, produce)`` (see
     :func:`modelkit.models.peft_dense.dense_weights`) against the tensor of that name stored
     in ``folder``, read with ``safetensors``: the stored value must be the weight rounded to
-    ``dtype`` (the module's check 2). One weight and one shard in memory at a time. None
-    when a weight has no stored tensor of its name and shape (the caller compares rounded
-    logits instead)."""
+    ``dtype`` (the module's check 2). A weight the export does not store because its
+    config ties it (a Gemma head a DyLoRA module holds as its own parameter) is checked
+    against the stored tensor stock loading ties it to. One weight and one shard in memory
+    at a time. None when a weight has no stored tensor of its name (or tie) and shape (the
+    caller compares rounded logits instead)."""
     import torch
     from safetensors import safe_open
 
@@ -259,11 +276,18 @@ def check_stored_weights(weights: list, folder: Path, dtype: str) -> WeightCheck
 
     low = torch_dtype(dtype, floating=True)
     where = _stored_names(folder)
-    if not weights or any(name not in where for name, _, _ in weights):
+    if not weights:
         return None
+    stored_as = {name: name for name, _, _ in weights if name in where}
+    if len(stored_as) < len(weights):  # some not stored under their own name: tied in the export?
+        tied = _tied_in_export(folder)
+        stored_as |= {name: tied[name] for name, _, _ in weights
+                      if name not in where and tied.get(name) in where}
+        if len(stored_as) < len(weights):
+            return None
     by_file: dict[Path, list] = {}
-    for w in weights:
-        by_file.setdefault(where[w[0]], []).append(w)
+    for name, shape, produce in weights:
+        by_file.setdefault(where[stored_as[name]], []).append((stored_as[name], shape, produce))
     buffer = torch.empty(min(CHECK_CHUNK, max(math.prod(shape) for _, shape, _ in weights)), dtype=low)
     misrounded, worst = 0, 0.0
     for f, group in by_file.items():
