@@ -1,7 +1,8 @@
 """What ``export --verify`` costs over a plain export, against the allowance of the issue.
 
-A LoRA adapter on a llama base of ``--gb`` (fp32), exported at ``--dtype`` (bfloat16: the case
-with the extra rounded check; float32 with ``--dtype float32``). Three fresh children:
+A LoRA adapter on a llama base of ``--gb`` (fp32), exported at each ``--dtype``: bfloat16 (the
+case with the weight-by-weight check) and float32 (the stored dtype; no such check); bfloat16
+alone in quick mode. Three fresh children per dtype:
 
 * ``plain``: ``modelkit.export(adapter, base=...)``;
 * ``verify``: the same with ``verify=True``; the verify step inside it is timed (its extra
@@ -29,7 +30,7 @@ the export together would be 2).
 Correctness: the verification passed, and the verified export's tensors equal the plain
 export's (the same bytes).
 
-    python benchmarks/bench_verify.py                        # --gb 0.5, bfloat16
+    python benchmarks/bench_verify.py                        # --gb 0.5, bfloat16 and float32
     MODELKIT_BENCH_QUICK=1 python benchmarks/bench_verify.py    # small: a smoke test
 """
 from __future__ import annotations
@@ -148,18 +149,23 @@ CHILDREN = {"setup_lora": child_setup_lora, "export": child_export, "allowance":
 # --------------------------------------------------------------------------- parent
 
 
+SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
 def main(argv: list[str] | None = None) -> int:
     small = quick()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--gb", type=float, default=0.02 if small else 0.5, help="size of the fp32 base model")
     p.add_argument("--hidden", type=int, default=256 if small else 2048)
     p.add_argument("--r", type=int, default=16)
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    p.add_argument("--dtype", action="append", choices=tuple(SHORT),
+                   help="export dtype, repeatable (default: bfloat16 and float32; bfloat16 alone in quick mode)")
     p.add_argument("--max-shard-size", default="100MB")
     p.add_argument("--workdir", help="where artifacts and exports go (default: a temp folder)")
     p.add_argument("--rounds", type=int, default=1 if small else 3,
                    help="alternating rounds of plain / verified / allowance (medians reported)")
     args = p.parse_args(argv)
+    dtypes = args.dtype or (["bfloat16"] if small else ["bfloat16", "float32"])
 
     scratch = HERE.parent / "_work"
     work = Path(args.workdir or tempfile.mkdtemp(prefix="modelkit-bench-",
@@ -169,19 +175,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         idle = run("idle")
         setup = run("setup_lora", work=work, gb=args.gb, hidden=args.hidden, r=args.r)
-        common = {"adapter": setup["adapter"], "base": setup["base"], "dtype": args.dtype,
-                  "shard": args.max_shard_size}
-        plains, verifieds, allowances, prompts = [], [], [], None
-        for i in range(args.rounds):  # alternating, so that drift in the machine lands on all three
-            plains.append(run("export", out=str(work / f"plain{i}"), verify=False, **common))
-            verifieds.append(run("export", out=str(work / f"verified{i}"), verify=True, **common))
-            prompts = prompts or run("prompts", out=str(work / "plain0"))["prompts"]
-            allowances.append(run("allowance", adapter=setup["adapter"], base=setup["base"],
-                                  out=str(work / "plain0"), prompts=prompts))
-        worst, n, odd = same_tensors(work / "verified0", work / "plain0")
+        figs = []
+        for dtype in dtypes:
+            figs += _measure(run, work / dtype, setup, idle, dtype, args)
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
+    return finish("bench_verify", figs)
+
+
+def _measure(run, work: Path, setup: dict, idle: dict, dtype: str, args) -> list:
+    """Plain, verified and allowance children for exports at ``dtype``, in ``--rounds``
+    alternating rounds; the figures, named by the dtype."""
+    common = {"adapter": setup["adapter"], "base": setup["base"], "dtype": dtype, "shard": args.max_shard_size}
+    plains, verifieds, allowances, prompts = [], [], [], None
+    for i in range(args.rounds):  # alternating, so that drift in the machine lands on all three
+        plains.append(run("export", out=str(work / f"plain{i}"), verify=False, **common))
+        verifieds.append(run("export", out=str(work / f"verified{i}"), verify=True, **common))
+        prompts = prompts or run("prompts", out=str(work / "plain0"))["prompts"]
+        allowances.append(run("allowance", adapter=setup["adapter"], base=setup["base"],
+                              out=str(work / "plain0"), prompts=prompts))
+    worst, n, odd = same_tensors(work / "verified0", work / "plain0")
 
     plain, verified = plains[0], verifieds[0]
     passes = lambda m: m["bytes"] / m["stored_bytes"]  # noqa: E731
@@ -201,41 +215,46 @@ def main(argv: list[str] | None = None) -> int:
     model_mb = plain["stored_bytes"] / 2**20          # the fp32 base: one float32 copy of the model
     held_mb = peak_mb - idle["peak_mb"]
     v = verified["verification"] or {}
+    low = dtype != "float32"
+    name = f"verify {SHORT[dtype]}"
     what = (f"llama {setup['layers']} layers, hidden {args.hidden}, LoRA r {args.r}, "
-            f"{plain['stored_bytes'] / 1e9:.2f} GB fp32 -> {args.dtype}")
+            f"{plain['stored_bytes'] / 1e9:.2f} GB fp32 -> {dtype}")
     figs = [
-        at_most(f"verify: extra passes over the source ({what})", extra_passes, 1.1, "passes",
+        at_most(f"{name}: extra passes over the source ({what})", extra_passes, 1.1, "passes",
                 note=f"plain export {passes(plain):.2f} passes ({plain['reads']} reads), verified "
                      f"{passes(verified):.2f} ({verified['reads']} reads) of {plain['stored_tensors']} "
                      "stored tensors; before this change a bf16 verify read the source twice more"),
-        at_most("verify: extra time", extra_s, 1.0, "s", on_ratio=True,
+        at_most(f"{name}: extra time", extra_s, 1.0, "s", on_ratio=True,
                 baseline="one stock load + forward of the source and of the export", baseline_value=allowed_s,
                 note=f"{rounds}; export call {plain['export_s']:.1f} s plain, {verified['export_s']:.1f} s "
                      f"verified; allowance: source {allowance['source_s']:.1f} s + export "
                      f"{allowance['export_load_s']:.1f} s"),
-        info("verify: of which the weight-by-weight check", check_s, "s",
-             note="each stored tensor against the source's dense weight rounded to the export's dtype: "
-                  "one more read of the export's bytes, beyond the allowance (low-precision exports only)"),
-        at_most("verify: peak RSS", peak_mb, 1.1, "MB", on_ratio=True,
+    ]
+    if low:
+        figs.append(info(f"{name}: of which the weight-by-weight check", check_s, "s",
+                         note="each stored tensor against the source's dense weight rounded to the export's "
+                              "dtype: one more read of the export's bytes, beyond the allowance"))
+    figs += [
+        at_most(f"{name}: peak RSS", peak_mb, 1.1, "MB", on_ratio=True,
                 baseline="the allowance (stock libraries)", baseline_value=allowance_mb,
                 note=f"plain export {plain['peak_mb']:.0f} MB, idle {idle['peak_mb']:.0f} MB, one float32 copy "
                      f"of the model {model_mb:.0f} MB: the verified export holds {held_mb / model_mb:.2f} of it "
                      "above the idle floor (the reference and the export one at a time; together is 2x)"),
-        info("verify: whole-process time", verified["wall_s"], "s", baseline="plain export",
+        info(f"{name}: whole-process time", verified["wall_s"], "s", baseline="plain export",
              baseline_value=plain["wall_s"]),
-        agrees("verified export passed and equals the plain export",
+        agrees(f"{name}: verified export passed and equals the plain export",
                all(x["ok"] and (x["verification"] or {}).get("ok") for x in verifieds)
                and worst == 0.0 and n > 0 and not odd
-               and (args.dtype == "float32" or v.get("weights_misrounded") == 0),
+               and (not low or v.get("weights_misrounded") == 0),
                note=f"max |logit diff| {v.get('max_abs_diff', float('nan')):.3g} (tolerance "
-                    f"{v.get('tolerance', float('nan')):.3g}); stored weights vs the source's rounded: "
-                    f"{v.get('weights_compared')} tensors, {v.get('weights_misrounded')} values misrounded; "
-                    f"vs the rounded reference's logits {v.get('rounded_max_abs_diff')}; "
-                    f"{n} tensors identical: {worst == 0.0}"),
+                    f"{v.get('tolerance', float('nan')):.3g})"
+                    + (f"; stored weights vs the source's rounded: {v.get('weights_compared')} tensors, "
+                       f"{v.get('weights_misrounded')} values misrounded" if low else "")
+                    + f"; {n} tensors identical: {worst == 0.0}"),
     ]
-    print(json.dumps({"plain": plains, "verified": verifieds, "allowance": allowances, "idle": idle},
-                     default=str, indent=1)[:3000])
-    return finish("bench_verify", figs)
+    print(json.dumps({"dtype": dtype, "plain": plains, "verified": verifieds, "allowance": allowances,
+                      "idle": idle}, default=str, indent=1)[:3000])
+    return figs
 
 
 if __name__ == "__main__":
