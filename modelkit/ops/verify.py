@@ -329,7 +329,7 @@ def verify_folder(folder: Path, make_reference: Callable[[], tuple[Any, str]], *
     once the reference has run and once the export is loaded (progress)."""
     import torch
 
-    release_free_heap()  # what writing the export freed (its merge buffers) is not held beside the reference
+    release_free_heap()  # heap the caller freed (an export's merge buffers) is not held beside the reference
     ids = folder_prompt_ids(folder)
     reference_model, reference = make_reference()
     # a float64 reference (an independent one, see Artifact.reference_model) stays float64
