@@ -20,6 +20,14 @@ def test_diff_exits_like_diff1(catalog, capsys):
     assert different == 1 and capsys.readouterr().out.startswith("DIFFERENT")
 
 
+def test_inspect_prints_its_verdict_first_and_exits_1_on_an_error_finding(catalog, capsys):
+    assert cli(["inspect", str(catalog["dylora-missing-router"])]) == 1
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("ERRORS: missing-router — dylora-moe")
+    assert cli(["inspect", str(catalog["plain-llama"])]) == 0
+    assert capsys.readouterr().out.startswith("OK: no findings — plain-hf")
+
+
 def test_every_subcommand_explains_its_arguments_and_shows_an_example(capsys):
     for command in ("inspect", "export", "diff", "compare", "report"):
         with pytest.raises(SystemExit):

@@ -27,7 +27,13 @@ def _inspect(args: argparse.Namespace) -> int:
     from modelkit.ops.inspect import inspect
 
     report = inspect(args.ref, base=args.base, deep=args.deep, facts=_facts(args))
-    print(report.to_json(indent=1) if args.json else report.summary())
+    if args.json:
+        print(report.to_json(indent=1))
+    else:  # the verdict first (as diff and watch print it): the findings come after the tables
+        from modelkit.verdicts import verdict_of
+
+        print(verdict_of(report).line())
+        print(report.summary())
     return report.exit_code
 
 
