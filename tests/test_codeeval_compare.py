@@ -81,22 +81,11 @@ def test_a_user_problem_file_whose_self_check_fails_is_refused_before_any_model_
 
 def test_mk_humaneval_runs_offline_through_compare(tmp_path):
     """The shipped HumanEval task on a tiny long-context pair (random weights: both fail)."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    from test_compare import write_tiny_pair
 
-    from modelkit.testing import tiny_config, write_tokenizer
-
-    torch.manual_seed(0)
-    folders = {}
-    for name, scale in (("base", 1.0), ("trained", 1.5)):
-        model = AutoModelForCausalLM.from_config(tiny_config("llama", max_position_embeddings=2048), dtype=torch.float32)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.mul_(scale)
-        model.save_pretrained(tmp_path / name)
-        write_tokenizer(tmp_path / name)
-        folders[name] = tmp_path / name
+    folders = write_tiny_pair(tmp_path, max_position_embeddings=2048)
     res = compare(folders["base"], folders["trained"], tasks="mk_humaneval", limit=2, progress=False)
+    assert res.truncated() == []                        # every prompt fits 2048 - 1024 tokens
     row = res.to_frame().iloc[0]
     assert row["task"] == "mk_humaneval" and row["n"] == 2
     assert row["base"] == 0.0 and row["trained"] == 0.0 and row["p_mcnemar"] == 1.0

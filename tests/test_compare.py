@@ -38,6 +38,28 @@ def no_model_load(monkeypatch):
     monkeypatch.setattr(importlib.import_module("modelkit.ops.load"), "load", boom)
 
 
+def write_tiny_pair(root: Path, max_position_embeddings: int) -> dict[str, Path]:
+    """Two tiny random llama folders (the second's weights scaled by 1.5) with a context of
+    ``max_position_embeddings`` tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from modelkit.testing import tiny_config, write_tokenizer
+
+    torch.manual_seed(0)
+    folders = {}
+    for name, scale in (("base", 1.0), ("trained", 1.5)):
+        config = tiny_config("llama", max_position_embeddings=max_position_embeddings)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(scale)
+        model.save_pretrained(root / name)
+        write_tokenizer(root / name)
+        folders[name] = root / name
+    return folders
+
+
 def row(frame, task, metric, model=None):
     sub = frame[(frame["task"] == task) & (frame["metric"] == metric)]
     if model is not None:
@@ -256,3 +278,30 @@ def test_rows_are_labelled_by_what_tells_the_models_apart():
         "base", "lr-1e-4/checkpoint-10", "lr-3e-4/checkpoint-10",       # the run's name + the step
         "a/run/checkpoints/checkpoint-20", "b/run/checkpoints/checkpoint-20",   # as far up as needed
         "lr-1e-4/best_model", "base[expert=1]"]
+
+
+def test_a_generation_task_longer_than_the_model_context_is_refused_naming_both(tmp_path):
+    pair = write_tiny_pair(tmp_path, max_position_embeddings=64)
+    with pytest.raises(CompareError, match=r"the base model .*: mk_humaneval generates up to 1024 tokens, "
+                                           r"but the model holds 64 positions"):
+        compare(pair["base"], pair["trained"], tasks="mk_humaneval", limit=1, progress=False)
+
+
+def test_prompts_cut_to_fit_a_short_context_are_counted_and_said_first(tmp_path):
+    """lm-eval cuts a request longer than the model's context from the left, without failing:
+    the comparison says how many documents of each model were cut, and its verdict says so."""
+    from modelkit.verdicts import verdict_of
+
+    pair = write_tiny_pair(tmp_path, max_position_embeddings=8)
+    res = compare(pair["base"], pair["trained"], tasks="mk_topic", limit=4, progress=False)
+    cut = {(leaf, c["truncated"], c["of"], c["limit"]) for _, leaf, c in res.truncated()}
+    assert cut == {("mk_topic", 4, 4, 9)}              # every prompt is longer than 8 + 1 tokens
+    assert len(res.truncated()) == 2                    # base and trained
+    verdict = verdict_of(res)
+    assert verdict.level == "warning" and "prompts cut to fit the context: mk_topic [base] 4/4" in verdict.detail
+    assert "WARNING mk_topic [base]: lm-eval cut 4 of 4 documents' requests" in res.summary()
+
+
+def test_a_comparison_whose_prompts_fit_has_no_truncation_warning(result):
+    assert result.truncated() == []
+    assert "cut" not in result.outcome().detail and "WARNING" not in result.summary()

@@ -230,12 +230,14 @@ def evaluate(model: Any, tokenizer: Any, catalog: TaskCatalog, names: list[str],
     is JSON-able (per-sample scores included, see :func:`_leaf_run`)."""
     from lm_eval import simple_evaluate
 
+    from modelkit.bench.context_fit import check_generation_room, truncated_requests
     from modelkit.progress import phase
 
     built = catalog.build(names)
     with quiet_logs(), phase("lm-eval", unit="batches", show=False) as bar:
         lm = stepwise_hflm()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         lm.on_batch = lambda: bar.update(1)      # a panel's Cancel stops lm-eval between two batches
+        check_generation_room(lm, {leaf: t for loaded in built.values() for leaf, t in loaded["tasks"].items()})
         objects: list[Any] = []
         for name, loaded in built.items():
             objects += _top_level(name, loaded)
@@ -244,7 +246,11 @@ def evaluate(model: Any, tokenizer: Any, catalog: TaskCatalog, names: list[str],
                                   bootstrap_iters=STDERR_BOOTSTRAP_ITERS)
     if results is None:
         raise CompareError("lm-eval returned no results (not rank 0 of a distributed run)")
-    return runs_from(built, results)
+    runs = runs_from(built, results)
+    for run in runs.values():  # what lm-eval cut from the left to fit the model's context
+        for leaf, r in run["leaves"].items():
+            r["context"] = truncated_requests(lm, results.get("samples", {}).get(leaf, []), r["output_type"])
+    return runs
 
 
 @functools.lru_cache(maxsize=None)

@@ -470,6 +470,14 @@ class CompareResult:
                          + f", dtype {m.dtype or 'as stored'}, options {m.identity_options or '{}'}"
                          + f", cached {hits}/{len(m.cached)} task(s)")
         lines.append("  tasks   " + ", ".join(f"{n} (config {h})" for n, h in self.base.task_hashes.items()))
+        for label, leaf, cut in self.truncated():
+            ids = ", ".join(map(str, cut["doc_ids"])) + (" ..." if cut["truncated"] > len(cut["doc_ids"]) else "")
+            lines.append(f"  WARNING {leaf} [{label}]: lm-eval cut {cut['truncated']} of {cut['of']} documents' "
+                         f"requests from the left to fit the model's context ({cut['limit']} tokens): their "
+                         f"scores measure truncated prompts (doc ids {ids})")
+        for label, leaves in self.context_not_checked().items():
+            lines.append(f"  note    whether {label}'s prompts fit its context is not checked for {', '.join(leaves)} "
+                         "(evaluated in another process, or cached before modelkit counted cut prompts)")
         level = int(round(s["level"] * 100))
         head = (f"{'model':<18} {'task':<16} {'metric':<16} {'base':>16} {'trained':>16} {'delta':>9} "
                 f"{f'{level}% CI':>20} {'McNemar p':>10} {'n':>5}  verdict")
@@ -492,6 +500,26 @@ class CompareResult:
         if self.wandb_run:
             lines.append(f"W&B run: {self.wandb_run}")
         return "\n".join(lines)
+
+    def truncated(self) -> list[tuple[str, str, dict]]:
+        """``(model label, leaf task, cut)`` for every run in which lm-eval cut requests
+        from the left to fit the model's context (``cut``: see
+        :func:`modelkit.bench.context_fit.truncated_requests`)."""
+        return [(label, leaf, r["context"]) for label, tasks in self.runs.items() for run in tasks.values()
+                for leaf, r in run.get("leaves", {}).items() if (r.get("context") or {}).get("truncated")]
+
+    def context_not_checked(self) -> dict[str, list[str]]:
+        """``{model label: leaf tasks}`` whose requests were not checked against the model's
+        context (a run made by another engine's process, or cached before the check)."""
+        from modelkit.bench.context_fit import CHECKED_TYPES
+
+        out: dict[str, list[str]] = {}
+        for label, tasks in self.runs.items():
+            for run in tasks.values():
+                for leaf, r in run.get("leaves", {}).items():
+                    if r.get("output_type") in CHECKED_TYPES and "context" not in r:
+                        out.setdefault(label, []).append(leaf)
+        return out
 
     def outcome(self) -> Verdict:
         """The verdict every view opens with (the rule: :func:`modelkit.verdicts.of_compare`)."""

@@ -101,8 +101,13 @@ def _show_comparison(result, args: argparse.Namespace) -> int:
         from modelkit.present.tables import markdown_table
 
         print(markdown_table(result))
-    else:
-        print(result.to_json(indent=1) if args.json else result.summary())
+    elif args.json:
+        print(result.to_json(indent=1))
+    else:  # the verdict first, as inspect, diff and watch print it
+        from modelkit.verdicts import verdict_of
+
+        print(verdict_of(result).line())
+        print(result.summary())
     return _verdict_code(result)
 
 

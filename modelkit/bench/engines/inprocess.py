@@ -22,8 +22,11 @@ class InProcessEngine(Engine):
         catalog = catalog if catalog is not None else find_tasks(job.tasks, job.include_path or None)
         model, tokenizer, report = load_model(job.role, job.ref, job.options)
         t0 = time.perf_counter()
-        runs = evaluate(model, tokenizer, catalog, job.tasks, limit=job.limit, num_fewshot=job.num_fewshot,
-                        batch_size=job.batch_size)
+        try:
+            runs = evaluate(model, tokenizer, catalog, job.tasks, limit=job.limit, num_fewshot=job.num_fewshot,
+                            batch_size=job.batch_size)
+        except CompareError as e:  # a task this model cannot run (e.g. no room to generate): say which model
+            raise CompareError(f"the {job.role} model {job.ref!r}: {e.problem}", e.path) from None
         seconds = time.perf_counter() - t0
         load = {k: getattr(report, k) for k in ("format", "layout", "mode", "dtype", "base", "options",
                                                 "tokenizer_from", "notes", "warnings")}

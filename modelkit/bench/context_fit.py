@@ -1,0 +1,70 @@
+"""Whether each request of a benchmark fits the evaluated model's context.
+
+lm-eval's HFLM leaves ``max_length - max_gen_toks`` tokens for a generation prompt and
+``max_length + 1`` for a log-likelihood request (context + continuation). A longer one is
+cut from the left without failing (one line in its log), so its score measures a truncated
+prompt; a generation task that asks for ``max_gen_toks >= max_length`` fails with an
+``AssertionError`` deep in the generation loop. :func:`check_generation_room` refuses the
+second before anything runs; :func:`truncated_requests` counts the first over the requests
+lm-eval logged. This is our own small code because lm-eval only logs the cut: it neither
+counts it nor says which documents.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from modelkit.errors import CompareError
+
+CHECKED_TYPES = ("generate_until", "loglikelihood", "multiple_choice")   # rolling windows never cut
+
+
+def generation_budget(lm: Any, task: Any) -> int | None:
+    """The ``max_gen_toks`` lm-eval gives a generation task's requests (None for other tasks)."""
+    from lm_eval.models.utils import normalize_gen_kwargs
+
+    if (getattr(task, "OUTPUT_TYPE", None) or task.config.output_type) != "generate_until":
+        return None
+    kwargs = dict(getattr(task.config, "generation_kwargs", None) or {})
+    kwargs.setdefault("do_sample", False)
+    return int(normalize_gen_kwargs(kwargs, lm.max_gen_toks)["max_gen_toks"])
+
+
+def check_generation_room(lm: Any, leaves: dict[str, Any]) -> None:
+    """CompareError naming every generation task whose ``max_gen_toks`` leaves the model
+    no room for a prompt (lm-eval would fail inside its generation loop)."""
+    short = [(name, budget) for name, task in leaves.items()
+             if (budget := generation_budget(lm, task)) is not None and budget >= lm.max_length]
+    if short:
+        listed = ", ".join(f"{name} generates up to {budget} tokens" for name, budget in short)
+        raise CompareError(f"{listed}, but the model holds {lm.max_length} positions (its config's "
+                           "max_position_embeddings or n_positions): no room is left for the prompt. Use a "
+                           "model with a longer context, or a copy of the task with a smaller "
+                           "generation_kwargs.max_gen_toks (--include-path)")
+
+
+def truncated_requests(lm: Any, samples: list[dict], output_type: str) -> dict[str, Any] | None:
+    """``{"truncated": documents with a request lm-eval cut from the left, "of": documents,
+    "doc_ids": the first 20 cut, "limit": tokens a request could hold}`` for one leaf task's
+    logged samples; None for a task whose requests are never cut (rolling log-likelihood)."""
+    from lm_eval.models.utils import normalize_gen_kwargs
+
+    if output_type not in CHECKED_TYPES:
+        return None
+    cut: list[int] = []
+    limit = lm.max_length + 1
+    for sample in samples:
+        over = False
+        for args in sample.get("arguments") or []:
+            context, second = args[0], args[1]
+            if output_type == "generate_until":
+                kwargs = dict(second or {})
+                kwargs.setdefault("do_sample", False)
+                limit = lm.max_length - int(normalize_gen_kwargs(kwargs, lm.max_gen_toks)["max_gen_toks"])
+                over = over or len(lm.tok_encode(context)) > limit
+            else:
+                ctx, cont = lm._encode_pair(context, second) if context else ([0], lm.tok_encode(second))
+                over = over or len(ctx) + len(cont) > limit
+        if over:
+            cut.append(sample["doc_id"])
+    docs = {s["doc_id"] for s in samples}
+    return {"truncated": len(set(cut)), "of": len(docs), "doc_ids": sorted(set(cut))[:20], "limit": limit}
