@@ -305,3 +305,17 @@ def test_prompts_cut_to_fit_a_short_context_are_counted_and_said_first(tmp_path)
 def test_a_comparison_whose_prompts_fit_has_no_truncation_warning(result):
     assert result.truncated() == []
     assert "cut" not in result.outcome().detail and "WARNING" not in result.summary()
+
+
+def test_runs_made_elsewhere_say_whether_prompts_fit_was_not_checked(result):
+    import copy
+
+    runs = copy.deepcopy(result.runs)          # as read back from another process's sample logs
+    for tasks in runs.values():
+        for run in tasks.values():
+            for leaf in run["leaves"].values():
+                leaf.pop("context", None)
+    elsewhere = CompareResult(result.models, result.tasks, runs, result.settings)
+    assert set(elsewhere.context_not_checked()[result.base.label]) >= {"mk_topic", "mk_topic_gen"}
+    assert f"whether {result.base.label}'s prompts fit its context is not checked for" in elsewhere.summary()
+    assert result.context_not_checked() == {}

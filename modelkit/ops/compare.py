@@ -510,14 +510,13 @@ class CompareResult:
 
     def context_not_checked(self) -> dict[str, list[str]]:
         """``{model label: leaf tasks}`` whose requests were not checked against the model's
-        context (a run made by another engine's process, or cached before the check)."""
-        from modelkit.bench.context_fit import CHECKED_TYPES
-
+        context (a run made by another engine's process, or cached before the check; an
+        in-process run records the check, None for requests lm-eval never cuts)."""
         out: dict[str, list[str]] = {}
         for label, tasks in self.runs.items():
             for run in tasks.values():
                 for leaf, r in run.get("leaves", {}).items():
-                    if r.get("output_type") in CHECKED_TYPES and "context" not in r:
+                    if "context" not in r:
                         out.setdefault(label, []).append(leaf)
         return out
 
