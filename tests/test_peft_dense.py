@@ -11,18 +11,21 @@ from modelkit.models.peft_dense import dense_weights
 from modelkit.testing.configs import tiny_config
 
 
-def _as_dict(weights) -> dict[str, torch.Tensor]:
-    return {name: produce()[0] for name, _, produce in weights}
+def _as_dict(weights, into_buffers: bool = False) -> dict[str, torch.Tensor]:
+    """Each dense weight; ``into_buffers``: merges written into a float32 tensor given as ``out``."""
+    return {name: produce(out=torch.full(shape, float("nan")))[0] if into_buffers else produce()[0]
+            for name, shape, produce in weights}
 
 
 def _assert_same_as_merge(model, weights):
-    produced = _as_dict(weights)
+    produced, into = _as_dict(weights), _as_dict(weights, into_buffers=True)
     merged = model.merge_and_unload()
     expected = {n: p for n, p in merged.named_parameters() if p.is_floating_point()}
-    assert produced.keys() == expected.keys()
+    assert produced.keys() == expected.keys() == into.keys()
     for name, tensor in produced.items():
         assert tuple(tensor.shape) == next(s for n, s, _ in weights if n == name)
         assert torch.equal(tensor, expected[name]), name  # bit for bit: the same additions
+        assert torch.equal(into[name], expected[name]), name  # and so when written into a buffer
 
 
 def test_a_peft_adapter_gives_what_peft_merge_and_unload_makes(catalog):
@@ -32,7 +35,15 @@ def test_a_peft_adapter_gives_what_peft_merge_and_unload_makes(catalog):
     adapted = [n for n, _, produce in weights if produce()[1] is not None]  # merged from a base weight
     assert adapted and all(n.endswith(("q_proj.weight", "v_proj.weight")) for n in adapted)
     assert not [n for n, _, _ in weights if "lora_" in n or "base_layer" in n]
+    _, shape, produce = next(w for w in weights if getattr(w[2], "merges", False))
+    buffer = torch.empty(shape)
+    assert produce(out=buffer)[0] is buffer           # a float32 Linear's merge fills the given buffer
     _assert_same_as_merge(model, weights)
+
+
+def test_an_rslora_adapter_merged_into_buffers_is_what_peft_makes(catalog):
+    model = modelkit.load(catalog["peft-lora-rslora"], dtype=torch.float32, merge=False, tokenizer=False).model
+    _assert_same_as_merge(model, dense_weights(model))
 
 
 def test_a_dylora_expert_gives_what_its_peft_merge_makes(catalog):

@@ -7,6 +7,10 @@ model is consumed. Here each dense weight is computed on its own, as PEFT's vani
 merge computes it (``LoraLayer.merge``: ``base.weight + get_delta_weight(adapter)`` for
 each adapter in order, with PEFT's own ``get_delta_weight``), and freed after use: export
 verification compares them with the stored tensors one by one (``modelkit.ops.verify``).
+For a float32 ``Linear`` the caller may give a buffer: ``get_delta_weight``'s arithmetic
+(``(B @ A) * scaling``, then ``+ W``) is written into it instead of two new tensors of the
+weight's size, bit for bit the same (tests hold it to PEFT's merge); every input (A, B, the
+scaling, which adapters) is still PEFT's.
 What that rule does not describe (DoRA and the other LoRA variants, LoRA biases,
 ``modules_to_save`` copies, other tuners, a LoRA weight shared with another parameter)
 gives None, and the caller merges with PEFT itself.
@@ -18,9 +22,11 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-# (name, shape, produce): produce() -> (the dense weight, the weight before the merge or None
-# when nothing was merged into it)
-DenseWeight = tuple[str, tuple[int, ...], Callable[[], tuple[torch.Tensor, torch.Tensor | None]]]
+# (name, shape, produce): produce(out=None) -> (the dense weight, the weight before the merge or
+# None when nothing was merged into it). ``out``, a float32 tensor of the weight's shape, may
+# receive a merged weight (valid until it is written again); a weight may also be returned as
+# it is, or in a new tensor. ``produce.merges`` is True where a merge is computed
+DenseWeight = tuple[str, tuple[int, ...], Callable[..., tuple[torch.Tensor, torch.Tensor | None]]]
 
 
 def dense_weights(model: nn.Module) -> list[DenseWeight] | None:
@@ -76,19 +82,39 @@ def peft_dense_weights(peft_model: nn.Module, adapters: Sequence[str] | None = N
     return out
 
 
-def _merge(layer: Any, weight: torch.Tensor, adapters: list[str]) -> Callable[[], tuple]:
-    def produce() -> tuple[torch.Tensor, torch.Tensor | None]:
+def _merge(layer: Any, weight: torch.Tensor, adapters: list[str]) -> Callable[..., tuple]:
+    def produce(out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         with torch.no_grad():
             dense = None
             for a in adapters:  # LoraLayer.merge: weight += get_delta_weight(a).to(weight.dtype)
+                if dense is None and _into(out, layer, a, weight):
+                    # get_delta_weight's arithmetic for a float32 Linear, written into ``out``:
+                    # the same product and the same rounding, no new tensor of the weight's size
+                    torch.matmul(layer.lora_B[a].weight, layer.lora_A[a].weight, out=out)
+                    dense = out.mul_(layer.scaling[a]).add_(weight)
+                    continue
                 delta = layer.get_delta_weight(a).to(weight.dtype)  # a new tensor: added to in place
                 dense = delta.add_(weight) if dense is None else dense.add_(delta)  # W + d == d + W exactly
             return (weight.detach(), None) if dense is None else (dense, weight.detach())
+    produce.merges = True  # type: ignore[attr-defined]
     return produce
 
 
-def _same(p: torch.Tensor) -> Callable[[], tuple]:
-    return lambda: (p.detach(), None)
+def _into(out: torch.Tensor | None, layer: Any, adapter: str, weight: torch.Tensor) -> bool:
+    """Whether PEFT's ``get_delta_weight(adapter)`` of ``layer`` is ``(B @ A) * scaling``
+    computed in float32 (a float32 Linear on the CPU, not fan-in-fan-out) and ``out`` a
+    float32 tensor of the weight's shape to write the dense weight into."""
+    from peft.tuners.lora.layer import Linear
+
+    if out is None or type(layer) is not Linear or layer.fan_in_fan_out or adapter not in layer.lora_A:
+        return False
+    a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    return (out.shape == weight.shape and out.is_contiguous()
+            and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (out, weight, a, b)))
+
+
+def _same(p: torch.Tensor) -> Callable[..., tuple]:
+    return lambda out=None: (p.detach(), None)
 
 
 def _shared_storage(model: nn.Module) -> set[int]:

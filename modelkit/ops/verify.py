@@ -290,16 +290,23 @@ def check_stored_weights(weights: list, folder: Path, dtype: str) -> WeightCheck
         by_file.setdefault(where[stored_as[name]], []).append((stored_as[name], shape, produce))
     buffer = torch.empty(min(CHECK_CHUNK, max(math.prod(shape) for _, shape, _ in weights)), dtype=low)
     misrounded, worst = 0, 0.0
+    merged: dict[tuple[int, ...], Any] = {}
     for f, group in by_file.items():
         with safe_open(str(f), "pt") as handle:
             if any(tuple(handle.get_slice(name).get_shape()) != shape for name, shape, _ in group):
                 return None
-            for name, _, produce in group:
+            for name, shape, produce in group:
                 stored = handle.get_tensor(name).reshape(-1)
                 if stored.dtype != low:  # not the export's dtype at all
                     misrounded += stored.numel()
                     continue
-                reference, base = produce()
+                if getattr(produce, "merges", False):  # one float32 buffer per shape for the merges
+                    out = merged.get(shape)
+                    if out is None:
+                        out = merged[shape] = torch.empty(shape, dtype=torch.float32)
+                    reference, base = produce(out=out)
+                else:
+                    reference, base = produce()
                 reference = reference.reshape(-1)
                 spread = None
                 for start in range(0, stored.numel(), CHECK_CHUNK):  # chunks that stay in cache
