@@ -86,3 +86,17 @@ def test_report_batch_one_folder_per_artifact_an_index_and_the_worst_exit_code(c
     assert "<title>Inspect an artifact — dylora-missing-router</title>" in report
     printed = capsys.readouterr().out
     assert "OK" in printed and "ERRORS" in printed and "index.html" in printed
+
+
+def test_a_reader_that_closes_the_pipe_early_ends_the_command_quietly(catalog):
+    """``modelkit inspect REF | head -1``: the reader goes away before the output is written;
+    the command exits like a pipeline's writer (141), with no error about a file."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "modelkit.ui.cli", "inspect", str(catalog["dylora-late-best"])],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()                          # before the child has printed anything
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, stderr
+    assert "Error" not in stderr

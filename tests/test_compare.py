@@ -317,5 +317,6 @@ def test_runs_made_elsewhere_say_whether_prompts_fit_was_not_checked(result):
                 leaf.pop("context", None)
     elsewhere = CompareResult(result.models, result.tasks, runs, result.settings)
     assert set(elsewhere.context_not_checked()[result.base.label]) >= {"mk_topic", "mk_topic_gen"}
-    assert f"whether {result.base.label}'s prompts fit its context is not checked for" in elsewhere.summary()
+    assert (f"whether the prompts fit the model's context is not checked for {result.base.label} (mk_topic"
+            in elsewhere.summary())
     assert result.context_not_checked() == {}

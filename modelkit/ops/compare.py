@@ -475,9 +475,11 @@ class CompareResult:
             lines.append(f"  WARNING {leaf} [{label}]: lm-eval cut {cut['truncated']} of {cut['of']} documents' "
                          f"requests from the left to fit the model's context ({cut['limit']} tokens): their "
                          f"scores measure truncated prompts (doc ids {ids})")
-        for label, leaves in self.context_not_checked().items():
-            lines.append(f"  note    whether {label}'s prompts fit its context is not checked for {', '.join(leaves)} "
-                         "(evaluated in another process, or cached before modelkit counted cut prompts)")
+        unchecked = self.context_not_checked()
+        if unchecked:
+            lines.append("  note    whether the prompts fit the model's context is not checked for "
+                         + "; ".join(f"{label} ({', '.join(leaves)})" for label, leaves in unchecked.items())
+                         + " (evaluated in another process, or cached before modelkit counted cut prompts)")
         level = int(round(s["level"] * 100))
         head = (f"{'model':<18} {'task':<16} {'metric':<16} {'base':>16} {'trained':>16} {'delta':>9} "
                 f"{f'{level}% CI':>20} {'McNemar p':>10} {'n':>5}  verdict")

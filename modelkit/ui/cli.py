@@ -441,6 +441,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # one line for anything; the traceback only on request
         if os.environ.get("MODELKIT_DEBUG"):
             raise
+        if isinstance(e, BrokenPipeError) and _reader_gone(sys.stdout):
+            return _quiet_after_broken_pipe()
         err = translate(e)
         if err is None:
             print(f"modelkit {args.command}: internal error: {type(e).__name__}: {_one_line(str(e))} "
@@ -448,6 +450,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(f"modelkit {args.command}: {type(err).__name__}: {_one_line(str(err))}", file=sys.stderr)
         return 2
+
+
+def _reader_gone(stream) -> bool:
+    """Whether ``stream`` is a pipe whose reader has closed it (``modelkit diff A B | head``)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(stream.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no file descriptor (a test's captured stream)
+        return False
+
+
+def _quiet_after_broken_pipe() -> int:
+    """Exit as a pipeline's writer does when its reader went away: nothing printed (there is
+    nowhere to print it), the status of a SIGPIPE death (128 + 13)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush would raise again
+    return 141
 
 
 def _one_line(text: str) -> str:
