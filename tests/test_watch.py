@@ -404,3 +404,16 @@ def test_modelkit_watch_stays_the_function_once_every_module_is_imported():
     import modelkit.ops.watch
 
     assert modelkit.watch is modelkit.ops.watch.watch and modelkit.WatchResult is modelkit.ops.watch.WatchResult
+
+
+def test_prompts_cut_to_fit_a_checkpoint_context_are_said_in_the_watch_summary(tmp_path):
+    import shutil
+
+    from test_compare import write_tiny_pair
+
+    pair = write_tiny_pair(tmp_path / "models", max_position_embeddings=8)
+    shutil.copytree(pair["trained"], tmp_path / "run" / "checkpoint-1")
+    result = watch(tmp_path / "run", ["mk_topic"], baseline=pair["base"], limit=4, once=True, settle=0.1,
+                   state_dir=tmp_path / "state")
+    assert [e.status for e in result.entries] == ["done"]
+    assert "WARNING mk_topic [checkpoint-1]: lm-eval cut 4 of 4 documents' requests" in result.summary()

@@ -470,16 +470,7 @@ class CompareResult:
                          + f", dtype {m.dtype or 'as stored'}, options {m.identity_options or '{}'}"
                          + f", cached {hits}/{len(m.cached)} task(s)")
         lines.append("  tasks   " + ", ".join(f"{n} (config {h})" for n, h in self.base.task_hashes.items()))
-        for label, leaf, cut in self.truncated():
-            ids = ", ".join(map(str, cut["doc_ids"])) + (" ..." if cut["truncated"] > len(cut["doc_ids"]) else "")
-            lines.append(f"  WARNING {leaf} [{label}]: lm-eval cut {cut['truncated']} of {cut['of']} documents' "
-                         f"requests from the left to fit the model's context ({cut['limit']} tokens): their "
-                         f"scores measure truncated prompts (doc ids {ids})")
-        unchecked = self.context_not_checked()
-        if unchecked:
-            lines.append("  note    whether the prompts fit the model's context is not checked for "
-                         + "; ".join(f"{label} ({', '.join(leaves)})" for label, leaves in unchecked.items())
-                         + " (evaluated in another process, or cached before modelkit counted cut prompts)")
+        lines += self.context_lines()
         level = int(round(s["level"] * 100))
         head = (f"{'model':<18} {'task':<16} {'metric':<16} {'base':>16} {'trained':>16} {'delta':>9} "
                 f"{f'{level}% CI':>20} {'McNemar p':>10} {'n':>5}  verdict")
@@ -509,6 +500,22 @@ class CompareResult:
         :func:`modelkit.bench.context_fit.truncated_requests`)."""
         return [(label, leaf, r["context"]) for label, tasks in self.runs.items() for run in tasks.values()
                 for leaf, r in run.get("leaves", {}).items() if (r.get("context") or {}).get("truncated")]
+
+    def context_lines(self) -> list[str]:
+        """The summary's lines on prompts cut to fit a model's context, and on runs where
+        that was not checked (none when every prompt fitted)."""
+        lines = []
+        for label, leaf, cut in self.truncated():
+            ids = ", ".join(map(str, cut["doc_ids"])) + (" ..." if cut["truncated"] > len(cut["doc_ids"]) else "")
+            lines.append(f"  WARNING {leaf} [{label}]: lm-eval cut {cut['truncated']} of {cut['of']} documents' "
+                         f"requests from the left to fit the model's context ({cut['limit']} tokens): their "
+                         f"scores measure truncated prompts (doc ids {ids})")
+        unchecked = self.context_not_checked()
+        if unchecked:
+            lines.append("  note    whether the prompts fit the model's context is not checked for "
+                         + "; ".join(f"{label} ({', '.join(leaves)})" for label, leaves in unchecked.items())
+                         + " (evaluated in another process, or cached before modelkit counted cut prompts)")
+        return lines
 
     def context_not_checked(self) -> dict[str, list[str]]:
         """``{model label: leaf tasks}`` whose requests were not checked against the model's

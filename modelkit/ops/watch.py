@@ -643,6 +643,8 @@ class WatchResult:
         if self.baseline is not None and self.baseline.result:
             lines.append(f"  baseline {self.baseline.result['model']['ref']} "
                          f"(fingerprint {self.baseline.result['model']['fingerprint']})")
+        cmp = self.comparison()
+        lines += cmp.context_lines() if cmp is not None else []
         frame = self.to_frame()
         for e in self.entries:
             what = e.status + (f" (same as {e.same_as})" if e.same_as else "") + (f": {e.detail}" if e.detail else "")
