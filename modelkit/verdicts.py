@@ -110,19 +110,18 @@ def of_compare(r: Any) -> Verdict:
     verdicts = list(frame["verdict"]) if len(frame) else []
     better = sum(v == "better" for v in verdicts)
     worse = sum(v == "worse" for v in verdicts)
-    rows = f"{better} better, {worse} worse, {len(verdicts) - better - worse} no significant change"
+    detail = f"{better} better, {worse} worse, {len(verdicts) - better - worse} no significant change (task × metric rows)"
     cut = r.truncated() if callable(getattr(r, "truncated", None)) else []
-    rows += " (task × metric rows)"
     if cut:  # the scores stand, but some measure prompts cut to fit a model's context
-        rows += "; prompts cut to fit the context: " + ", ".join(f"{leaf} [{label}] {c['truncated']}/{c['of']}"
-                                                                 for label, leaf, c in cut)
+        detail += "; prompts cut to fit the context: " + ", ".join(f"{leaf} [{label}] {c['truncated']}/{c['of']}"
+                                                                   for label, leaf, c in cut)
     if worse and better:
-        return Verdict("MIXED", "warning", rows, 1)
+        return Verdict("MIXED", "warning", detail, 1)
     if worse:
-        return Verdict("WORSE", "error", rows, 1)
+        return Verdict("WORSE", "error", detail, 1)
     if better:
-        return Verdict("BETTER", "warning" if cut else "ok", rows, 0)
-    return Verdict("NO CHANGE", "warning" if cut else "neutral", rows, 0)
+        return Verdict("BETTER", "warning" if cut else "ok", detail, 0)
+    return Verdict("NO CHANGE", "warning" if cut else "neutral", detail, 0)
 
 
 def of_watch(r: Any) -> Verdict:

@@ -20,13 +20,16 @@ CHECKED_TYPES = ("generate_until", "loglikelihood", "multiple_choice")   # rolli
 
 def generation_budget(lm: Any, task: Any) -> int | None:
     """The ``max_gen_toks`` lm-eval gives a generation task's requests (None for other tasks)."""
-    from lm_eval.models.utils import normalize_gen_kwargs
-
     if (getattr(task, "OUTPUT_TYPE", None) or task.config.output_type) != "generate_until":
         return None
-    kwargs = dict(getattr(task.config, "generation_kwargs", None) or {})
-    kwargs.setdefault("do_sample", False)
-    return int(normalize_gen_kwargs(kwargs, lm.max_gen_toks)["max_gen_toks"])
+    return _max_gen_toks(lm, getattr(task.config, "generation_kwargs", None))
+
+
+def _max_gen_toks(lm: Any, gen_kwargs: dict | None) -> int:
+    """``max_gen_toks`` as lm-eval's HFLM reads it from a request's generation kwargs."""
+    from lm_eval.models.utils import normalize_gen_kwargs
+
+    return int(normalize_gen_kwargs({"do_sample": False, **(gen_kwargs or {})}, lm.max_gen_toks)["max_gen_toks"])
 
 
 def check_generation_room(lm: Any, leaves: dict[str, Any]) -> None:
@@ -46,25 +49,20 @@ def truncated_requests(lm: Any, samples: list[dict], output_type: str) -> dict[s
     """``{"truncated": documents with a request lm-eval cut from the left, "of": documents,
     "doc_ids": the first 20 cut, "limit": tokens a request could hold}`` for one leaf task's
     logged samples; None for a task whose requests are never cut (rolling log-likelihood)."""
-    from lm_eval.models.utils import normalize_gen_kwargs
-
     if output_type not in CHECKED_TYPES:
         return None
-    cut: list[int] = []
+    cut: set[int] = set()
     limit = lm.max_length + 1
     for sample in samples:
-        over = False
-        for args in sample.get("arguments") or []:
-            context, second = args[0], args[1]
+        for context, second in (args[:2] for args in sample.get("arguments") or []):
             if output_type == "generate_until":
-                kwargs = dict(second or {})
-                kwargs.setdefault("do_sample", False)
-                limit = lm.max_length - int(normalize_gen_kwargs(kwargs, lm.max_gen_toks)["max_gen_toks"])
-                over = over or len(lm.tok_encode(context)) > limit
+                limit = lm.max_length - _max_gen_toks(lm, second)
+                over = len(lm.tok_encode(context)) > limit
             else:
                 ctx, cont = lm._encode_pair(context, second) if context else ([0], lm.tok_encode(second))
-                over = over or len(ctx) + len(cont) > limit
-        if over:
-            cut.append(sample["doc_id"])
+                over = len(ctx) + len(cont) > limit
+            if over:
+                cut.add(sample["doc_id"])
+                break
     docs = {s["doc_id"] for s in samples}
-    return {"truncated": len(set(cut)), "of": len(docs), "doc_ids": sorted(set(cut))[:20], "limit": limit}
+    return {"truncated": len(cut), "of": len(docs), "doc_ids": sorted(cut)[:20], "limit": limit}

@@ -27,13 +27,7 @@ def _inspect(args: argparse.Namespace) -> int:
     from modelkit.ops.inspect import inspect
 
     report = inspect(args.ref, base=args.base, deep=args.deep, facts=_facts(args))
-    if args.json:
-        print(report.to_json(indent=1))
-    else:  # the verdict first (as diff and watch print it): the findings come after the tables
-        from modelkit.verdicts import verdict_of
-
-        print(verdict_of(report).line())
-        print(report.summary())
+    print(report.to_json(indent=1) if args.json else _verdict_then_summary(report))
     return report.exit_code
 
 
@@ -58,6 +52,14 @@ def _diff(args: argparse.Namespace) -> int:
         result.plot(args.plot)
     print(result.to_json(indent=1) if args.json else result.summary())
     return _verdict_code(result)
+
+
+def _verdict_then_summary(result) -> str:
+    """What a command prints: the verdict line first, then the result's summary (whose
+    findings or warnings may come after long tables)."""
+    from modelkit.verdicts import verdict_of
+
+    return f"{verdict_of(result).line()}\n{result.summary()}"
 
 
 def _verdict_code(result) -> int:
@@ -101,13 +103,8 @@ def _show_comparison(result, args: argparse.Namespace) -> int:
         from modelkit.present.tables import markdown_table
 
         print(markdown_table(result))
-    elif args.json:
-        print(result.to_json(indent=1))
-    else:  # the verdict first, as inspect, diff and watch print it
-        from modelkit.verdicts import verdict_of
-
-        print(verdict_of(result).line())
-        print(result.summary())
+    else:
+        print(result.to_json(indent=1) if args.json else _verdict_then_summary(result))
     return _verdict_code(result)
 
 
@@ -163,10 +160,7 @@ def _watch(args: argparse.Namespace) -> int:
     if args.json:
         print(result.to_json(indent=1))
     else:
-        from modelkit.verdicts import verdict_of
-
-        print(verdict_of(result).line())
-        print(result.summary())
+        print(_verdict_then_summary(result))
     return _verdict_code(result)
 
 
