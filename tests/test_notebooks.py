@@ -222,8 +222,8 @@ def test_report_cli_takes_parameters_relative_to_the_current_folder(demo_root, k
                 "dylora-missing-router", "-p", "deep", "true", "--output-dir", str(tmp_path)])
     assert code == 1                       # the verdict: an error finding (missing-router)
     lines = capsys.readouterr().out.splitlines()
-    assert lines[:2] == [str(tmp_path / "01-inspect.ipynb"), str(tmp_path / "01-inspect.html")]
-    assert lines[2].startswith("ERRORS: missing-router")
+    assert lines[0].startswith("ERRORS: missing-router")   # the verdict first, then the files
+    assert lines[1:3] == [str(tmp_path / "01-inspect.ipynb"), str(tmp_path / "01-inspect.html")]
     rec = json.loads((tmp_path / "01-inspect.json").read_text())
     assert rec["folder"].startswith(str(demo_root / "dylora-missing-router"))
     assert "missing-router" in {f["code"] for f in rec["findings"]}
@@ -237,6 +237,35 @@ def test_a_failing_notebook_is_reported_with_its_cell_and_kept(demo_root, kernel
     err = capsys.readouterr().err
     assert "NotebookError" in err and "RefNotFoundError" in err
     assert (tmp_path / "01-inspect.ipynb").exists() and (tmp_path / "01-inspect.html").exists()
+
+
+@pytest.mark.parametrize("content", [b"not json", b"\xff\xfe", b'{"a": 1}', b"[1, 2]",
+                                     b'{"nbformat": 4, "nbformat_minor": 5, "cells": "x", "metadata": []}'],
+                         ids=["text", "binary", "no-cells", "a-list", "wrong-types"])
+def test_a_file_that_is_not_a_notebook_is_a_typed_error_naming_it(content, tmp_path, capsys):
+    bad = tmp_path / "results.ipynb"
+    bad.write_bytes(content)
+    for argv in (["report", str(bad)], ["report", str(bad), "a", "b"]):   # one run, and a batch
+        assert cli([*argv, "--output-dir", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert f"NotebookError: {bad}: not a readable notebook" in err and "internal error" not in err
+    assert not (tmp_path / "out").exists()
+
+
+@slow
+def test_a_batch_kernel_talks_over_private_unix_sockets_that_are_removed(kernel, tmp_path, capfd):
+    # a notebook with no kernel or language metadata (as some tools write them): Python assumed
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        "import json\nfrom ipykernel import get_connection_file\n"
+        "info = json.load(open(get_connection_file()))\nprint(info['transport'], info['ip'])")])
+    nbformat.write(nb, tmp_path / "where.ipynb")
+    from modelkit.ui.notebooks import run_notebook
+
+    paths = run_notebook(tmp_path / "where.ipynb", output_dir=tmp_path / "out", html=False)
+    transport, ip = _outputs_text(nbformat.read(paths[0], as_version=4).cells[-1]).split()
+    assert transport == "ipc"
+    assert not Path(ip).parent.exists()          # the socket folder went with the kernel
+    assert "without encryption" not in capfd.readouterr().err   # ipykernel's TCP warning
 
 
 # -- nbval: the committed notebooks, as committed ---------------------------------------------

@@ -178,19 +178,20 @@ def _report(args: argparse.Namespace) -> int:
         print(f"index: {args.output_dir.rstrip('/')}/index.html  (exit code {code})")
         return code
     paths = run_notebook(args.notebook, parameters=params, output_dir=args.output_dir)
-    for p in paths:
-        print(p)
     verdict = read_verdict(args.output_dir, paths[0].stem)
     if verdict is None:
-        raise NotebookError("the notebook recorded no verdict (modelkit.ui.notebooks.record)", args.notebook)
+        raise NotebookError("the notebook recorded no verdict (modelkit.ui.notebooks.record); "
+                            f"it ran into {', '.join(map(str, paths))}", args.notebook)
     print(f"{verdict['label']}: {verdict['detail']}")
+    for p in paths:
+        print(p)
     return verdict["exit_code"]
 
 
 def _demo(args: argparse.Namespace) -> int:
     from modelkit.ui.demo import main as demo_main
 
-    return demo_main(args.root, notebooks=not args.no_notebooks)
+    return demo_main(args.root, notebooks=not args.no_notebooks, output_dir=args.output_dir)
 
 
 def _expert_arg(text: str) -> int | str:
@@ -419,7 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_report)
 
     s = sub.add_parser("demo", help="generate demo artifacts and run the notebooks on them")
-    s.add_argument("--root", default="demo")
+    s.add_argument("--root", default="demo", help="where the demo artifacts go (default: demo)")
+    s.add_argument("--output-dir", default="reports", help="where the notebooks' reports go (default: reports)")
     s.add_argument("--no-notebooks", action="store_true")
     s.set_defaults(func=_demo)
     return p

@@ -75,8 +75,9 @@ def main(root: str | Path = "demo", notebooks: bool = True, output_dir: str | Pa
     if not NOTEBOOKS.is_dir():
         print(f"no notebooks at {NOTEBOOKS} (installed without the repository); skipped")
         return 0
-    from modelkit.ui.notebooks import run_notebook
+    from modelkit.ui.notebooks import read_verdict, run_notebook
 
+    print(f"running the notebooks into {Path(output_dir).absolute()} ...", flush=True)
     failed = 0
     for name, params in notebook_parameters(root, output_dir).items():
         t = time.perf_counter()
@@ -86,7 +87,7 @@ def main(root: str | Path = "demo", notebooks: bool = True, output_dir: str | Pa
             print(f"FAILED {name}: {e}", file=sys.stderr)
             failed += 1
             continue
-        for p in outputs:
-            print(p)
-        print(f"  ({name}: {time.perf_counter() - t:.0f} s)", flush=True)
+        verdict = read_verdict(output_dir, name) or {"label": "DONE", "detail": "no verdict recorded"}
+        print(f"{name:<12} {verdict['label']}: {verdict['detail']}", flush=True)
+        print(f"{'':<12} {outputs[-1]} ({time.perf_counter() - t:.0f} s)", flush=True)
     return 1 if failed else 0

@@ -12,8 +12,11 @@ existing path relative to the current directory are made absolute first, so
 """
 from __future__ import annotations
 
+import os
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from modelkit.errors import ModelkitError
 
@@ -43,29 +46,57 @@ def run_notebook(notebook: str | Path, parameters: Mapping[str, Any] | None = No
     """
     import papermill
 
+    from jupyter_client.kernelspec import NoSuchKernel
+    from nbclient.exceptions import DeadKernelError
+
     notebook = Path(notebook).expanduser().absolute()
-    if not notebook.is_file():
-        raise NotebookError("no such notebook", notebook)
+    language = None if notebook_language(notebook) else "python"  # as JupyterLab assumes
     out_dir = Path(output_dir).expanduser().absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
     params = {k: _absolute(v) for k, v in (parameters or {}).items()}
     params.setdefault("output_dir", str(out_dir))
     executed = out_dir / f"{name or notebook.stem}.ipynb"
     failure = None
-    with _quiet_papermill():
+    with _quiet_papermill(), _private_kernel_sockets() as kernel_manager_class:
         try:
             papermill.execute_notebook(str(notebook), str(executed), parameters=params,
                                        kernel_name=kernel, cwd=str(notebook.parent),
-                                       progress_bar=False, start_timeout=start_timeout)
+                                       progress_bar=False, start_timeout=start_timeout,
+                                       kernel_manager_class=kernel_manager_class, language=language)
         except papermill.PapermillExecutionError as e:
+            failure = e
+        except NoSuchKernel:
+            raise NotebookError(f"no Jupyter kernel named {kernel!r} here (`jupyter kernelspec list` "
+                                "shows those installed)", notebook) from None
+        except DeadKernelError as e:  # killed: out of memory, a crash in native code
             failure = e
     paths = [executed]
     if html and executed.exists():
         paths.append(to_html(executed, title=title or default_title(notebook, parameters or {})))
+    if isinstance(failure, DeadKernelError):
+        raise NotebookError(f"the kernel died while running it ({failure}; out of memory?); "
+                            f"what it ran is in {_display_path(paths[-1])}", notebook)
     if failure is not None:
         raise NotebookError(f"cell {failure.exec_count} failed with {failure.ename}: {failure.evalue} "
                             f"(see {_display_path(paths[-1])})", notebook)
     return paths
+
+
+def notebook_language(notebook: Path) -> str | None:
+    """The language ``notebook`` declares (kernelspec or language_info), None when it
+    declares none; NotebookError when it is not a file or not a notebook nbformat reads."""
+    import nbformat
+
+    if not notebook.is_file():
+        raise NotebookError("no such notebook", notebook)
+    try:
+        with warnings.catch_warnings():  # cells without ids: nbformat's warning, not ours
+            warnings.simplefilter("ignore")
+            nb = nbformat.read(notebook, as_version=4)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, nbformat.ValidationError) as e:
+        raise NotebookError(f"not a readable notebook ({type(e).__name__}: {str(e)[:200]})", notebook) from None
+    meta = nb.get("metadata", {})
+    return meta.get("kernelspec", {}).get("language") or meta.get("language_info", {}).get("name")
 
 
 def default_title(notebook: str | Path, parameters: Mapping[str, Any]) -> str:
@@ -156,6 +187,47 @@ def _display_path(p: Path) -> str:
         return str(p)
 
 
+# AF_UNIX socket paths are limited to 107 bytes (Linux; 103 on macOS): keep a margin
+SOCKET_PATH_LIMIT = 100
+
+
+@contextmanager
+def _private_kernel_sockets() -> Iterator[type]:
+    """A kernel manager class whose kernel talks over Unix sockets in a private temporary
+    folder (mode 0700, removed afterwards) instead of localhost TCP ports: no other user of
+    a shared node can listen in, and ipykernel (>= 7.4) has nothing to warn about on every
+    run. Where the folder's path would be too long for a socket, the stock TCP manager.
+
+    Our own class because jupyter_client has no switch for this: its IPC default puts the
+    sockets beside the connection file, whose path (the Jupyter runtime folder, often deep
+    under a home or a test's temporary folder) can exceed the socket limit."""
+    import shutil
+    import tempfile
+
+    from jupyter_client import AsyncKernelManager
+    from traitlets import default
+
+    folder = tempfile.mkdtemp(prefix="modelkit-kernel-")
+    ip = str(Path(folder) / "k")
+    try:
+        if len(os.fsencode(ip)) + len("-65535") > SOCKET_PATH_LIMIT:
+            yield AsyncKernelManager
+            return
+
+        class PrivateSocketKernelManager(AsyncKernelManager):
+            @default("transport")
+            def _transport_default(self) -> str:
+                return "ipc"
+
+            @default("ip")
+            def _ip_default(self) -> str:
+                return ip
+
+        yield PrivateSocketKernelManager
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 class _quiet_papermill:
     """papermill logs every cell at INFO and warns about kernels: keep the CLI to results."""
 
@@ -240,6 +312,7 @@ def run_batch(notebook: str | Path, refs: list[str], parameters: Mapping[str, An
     import json
 
     notebook = Path(notebook).expanduser().absolute()
+    notebook_language(notebook)  # an unreadable notebook fails once, not once per ref
     over = over or subject_parameter(notebook)
     out_dir = Path(output_dir).expanduser().absolute()
     entries = []
