@@ -364,6 +364,27 @@ def test_deflate_bomb_pickle_is_refused_without_inflating(catalog, tmp_path):
     assert peak_rss_mb() - before < 150
 
 
+def test_a_zip_of_a_version_python_cannot_read_is_a_corrupt_file(catalog, tmp_path):
+    # found by `make fuzz`: a deflated member, then a byte of the central directory changed
+    # so that the zip claims it needs version 6.4 to extract (zipfile: NotImplementedError)
+    art = copy(catalog, "plain-bin", tmp_path)
+    weights = art / "pytorch_model.bin"
+    with zipfile.ZipFile(weights) as z:
+        members = [(i.filename, z.read(i)) for i in z.infolist()]
+    with zipfile.ZipFile(weights, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in members:
+            z.writestr(name, data)
+    raw = bytearray(weights.read_bytes())
+    at = raw.index(b"PK\x01\x02")            # the first central directory entry
+    raw[at + 6:at + 8] = struct.pack("<H", 64)  # "version needed to extract": 6.4
+    weights.write_bytes(raw)
+    with pytest.raises(NotImplementedError):
+        zipfile.ZipFile(weights)               # the case: the standard library refuses it
+    findings = [f for f in modelkit.inspect(art).findings if f.code == "corrupt-file"]
+    assert findings and Path(findings[0].file) == weights
+    assert "zip file version 6.4" in findings[0].message
+
+
 # ------------------------------------------------------------------ escapes before
 
 

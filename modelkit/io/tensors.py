@@ -495,7 +495,7 @@ def _check_pickle_file(path: Path) -> bool:
         try:
             with zipfile.ZipFile(f) as z:
                 infos = z.infolist()
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:  # a zip version
             raise CorruptFileError(f"cannot read torch pickle: broken zip ({_first_line(e)})", path) from None
     for info in infos:
         if info.compress_type != zipfile.ZIP_STORED:
