@@ -78,6 +78,17 @@ def test_cli_grade_reports_per_sample_status_and_pass_at_1(tmp_path, capsys):
     assert text.startswith("pass@1 1.0000") and "1 pass, 0 fail" in text
 
 
+def test_a_fail_says_what_went_wrong_however_much_the_program_printed_before(tmp_path):
+    # a program printing 100 KB of warnings to stderr before its exception: the kept stderr
+    # is its first and last parts, so the detail is the exception, not a warning line
+    noisy = "    import sys\n    for i in range(2000):\n        print('warning: line', i, 'x' * 40, file=sys.stderr)\n" \
+            "    raise ValueError('the real reason')\n"
+    samples = write_jsonl(tmp_path / "s.jsonl", [{"task_id": "HumanEval/0", "completion": noisy}])
+    (result,) = grade(None, samples, check_problems=False).results
+    assert result.status == "fail"
+    assert result.detail.splitlines()[-1] == "ValueError: the real reason"
+
+
 # --------------------------------------------------------------------------- cheating and attacks
 
 TRUNCATE = "HumanEval/2"          # truncate_number; its test uses abs()

@@ -96,6 +96,21 @@ def _head(path, n=KEEP):
         return b""
 
 
+def _ends(path, n=KEEP):
+    """The whole output when it fits in ``n`` bytes, else its first and last halves: a
+    traceback ends with what went wrong, however much was printed before it."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size <= n:
+                return f.read(n)
+            head = f.read(n // 2)
+            f.seek(size - n // 2)
+            return head + b"\n[... %d bytes left out ...]\n" % (size - n) + f.read(n // 2)
+    except OSError:
+        return b""
+
+
 def _wait(pid, deadline):
     """The child's wait status, or None when the deadline passed first."""
     try:
@@ -246,8 +261,8 @@ def _one(req, cfg, n):
     reply = {"rc": rc, "timed_out": timed_out, "seconds": seconds,
              "started": _head(paths["start"], 16) == b"started",
              "passed": rc == code and _head(paths["result"], 64) == token,
-             "stdout": _head(paths["out"]).decode("utf-8", "replace"),
-             "stderr": _head(paths["err"]).decode("utf-8", "replace")}
+             "stdout": _ends(paths["out"]).decode("utf-8", "replace"),
+             "stderr": _ends(paths["err"]).decode("utf-8", "replace")}
     _remove(work)
     for shared in cfg["clean"]:          # the namespace's own /tmp, /dev/shm: nothing carries over
         _empty(shared)
