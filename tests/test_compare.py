@@ -217,9 +217,13 @@ def test_a_model_that_cannot_be_opened_is_named(pair, tmp_path, no_model_load):
         compare(pair["base"], junk, tasks=["mk_topic"], progress=False)
 
 
-def test_wandb_offline_run_holds_the_table(result):
+def test_wandb_offline_run_holds_the_table(result, capfd, monkeypatch):
+    monkeypatch.delenv("WANDB_SILENT")      # what users have: modelkit itself keeps wandb quiet
     folder = Path(result.log_to_wandb(project="modelkit-tests"))
     assert "offline-run" in folder.name
+    printed = capfd.readouterr()
+    assert "wandb" not in printed.out + printed.err       # no banner, no run summary
+    assert f"W&B run: {folder} (offline: `wandb sync {folder}` uploads it)" in result.summary()
     tables = list(folder.glob("files/media/table/compare/table_*.table.json"))
     assert tables, sorted(p.relative_to(folder) for p in folder.rglob("*"))
     data = json.loads(tables[0].read_text())

@@ -27,7 +27,7 @@ from modelkit.bench import paired_stats as stats
 from modelkit.bench.evaluation import TaskCatalog, find_tasks, lm_eval_version
 from modelkit.errors import CompareError, ModelkitError, about_model
 from modelkit.cache import cache_dir, cache_root
-from modelkit.present.compare import metric_label
+from modelkit.present.compare import metric_label, wandb_run_line
 from modelkit.verdicts import Verdict, of_compare
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -484,14 +484,15 @@ class CompareResult:
         if len(dis):
             counts = dis.groupby(["model", "task", "metric", "winner"]).size()
             lines.append("")
-            lines.append("disagreements (0/1 metrics): " + "; ".join(
-                f"{t} {met}: {w} right {c}" for (_, t, met, w), c in counts.items()))
+            several = dis["model"].nunique() > 1
+            lines.append("samples one model got right and the other wrong (0/1 metrics): " + "; ".join(
+                f"{m + ' ' if several else ''}{t} {met}: {w} right {c}" for (m, t, met, w), c in counts.items()))
             from modelkit.bench.codeeval.lm_task import (
                 summary_lines,  # code tasks: which problems changed
             )
             lines += summary_lines(dis)
         if self.wandb_run:
-            lines.append(f"W&B run: {self.wandb_run}")
+            lines.append(f"W&B run: {wandb_run_line(self.wandb_run)}")
         return "\n".join(lines)
 
     def truncated(self) -> list[tuple[str, str, dict]]:

@@ -639,7 +639,11 @@ class WatchResult:
         counts = self.counts()   # the verdict (OK / PROBLEMS / NOTHING YET) is modelkit.verdicts'
         head = ((", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no checkpoint found")
                 + f" — watch of {self.run_dir}; tasks {', '.join(self.tasks)}, limit {self.settings.get('limit')}")
-        lines = [head, f"  state   {self.state_dir}"] + ([f"  W&B run {self.wandb_run}"] if self.wandb_run else [])
+        lines = [head, f"  state   {self.state_dir}"]
+        if self.wandb_run:
+            from modelkit.present.compare import wandb_run_line
+
+            lines.append(f"  W&B run {wandb_run_line(self.wandb_run)}")
         if self.baseline is not None and self.baseline.result:
             lines.append(f"  baseline {self.baseline.result['model']['ref']} "
                          f"(fingerprint {self.baseline.result['model']['fingerprint']})")

@@ -103,6 +103,23 @@ def wandb_mode() -> str:
         return "offline"
 
 
+def start_wandb_run(project: str, job_type: str, config: dict[str, Any], name: str) -> Any:
+    """A W&B run (offline unless an API key is configured; see :func:`wandb_mode`) that prints
+    nothing: wandb's banner and run summary would bury the verdict line; modelkit says where
+    the run is itself (:func:`wandb_run_line`)."""
+    import wandb
+
+    return wandb.init(project=project, job_type=job_type, config=config, mode=wandb_mode(), name=name[:100],
+                      settings=wandb.Settings(silent=True))
+
+
+def wandb_run_line(folder: str) -> str:
+    """Where a logged run is: its local folder, and for an offline run how to upload it."""
+    if os.path.basename(folder.rstrip("/")).startswith("offline-run-"):
+        return f"{folder} (offline: `wandb sync {folder}` uploads it)"
+    return folder
+
+
 def log_to_wandb(frame: "pd.DataFrame", dis: "pd.DataFrame", fig: "Figure", config: dict[str, Any],
                  project: str = "modelkit-compare", run: Any = None) -> str:
     """Log the table ``frame``, the disagreements ``dis`` and the figure into ``run`` (or a
@@ -112,8 +129,7 @@ def log_to_wandb(frame: "pd.DataFrame", dis: "pd.DataFrame", fig: "Figure", conf
 
     own = run is None
     if own:
-        run = wandb.init(project=project, job_type="compare", config=config, mode=wandb_mode(),
-                         name="compare " + " vs ".join(m["label"] for m in config["models"])[:100])
+        run = start_wandb_run(project, "compare", config, "compare " + " vs ".join(m["label"] for m in config["models"]))
     run.log({"compare/table": wandb.Table(dataframe=_plain(frame)),
              "compare/disagreements": wandb.Table(dataframe=_plain(dis)),
              "compare/plot": wandb.Image(_png(fig))})

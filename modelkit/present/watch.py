@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from modelkit.present.compare import _plain, _png, metric_label, wandb_mode
+from modelkit.present.compare import _plain, _png, metric_label, start_wandb_run
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -77,11 +77,9 @@ class WandbLog:
     ``trainer/global_step``; the baseline in the summary; the table and figure at the end."""
 
     def __init__(self, project: str = "modelkit-watch", config: dict | None = None, run: Any = None):
-        import wandb
-
         self.own = run is None
-        self.run = run or wandb.init(project=project, job_type="watch", config=config or {}, mode=wandb_mode(),
-                                     name=f"watch {config.get('run_dir', '') if config else ''}"[-100:])
+        self.run = run or start_wandb_run(project, "watch", config or {},
+                                          f"watch {config.get('run_dir', '') if config else ''}"[-100:])
         self.run.define_metric(STEP_METRIC)
         self.run.define_metric("watch/*", step_metric=STEP_METRIC)
         self.logged: set[str] = set()
