@@ -80,14 +80,25 @@ class TqdmDisplay:
     """The default display: one tqdm bar per phase, counts in the kit's units, left at
     its final state (100 % when the phase completed)."""
 
+    # seconds between two redraws: in a terminal or a notebook widget every update is drawn
+    # (a step's new note shows at once, however long the step then takes); into a log file
+    # (stderr not a terminal: a batch job, CI) at most one per 10 s, so that a loop over
+    # thousands of tensors writes a few lines, not thousands (the final state always)
+    INTERVAL, LOG_INTERVAL = 0.0, 10.0
+
     def __init__(self) -> None:
         self._bars: dict[int, Any] = {}
+        self._drawn: dict[int, float] = {}
 
     def start(self, phase: Phase) -> None:
         from tqdm.auto import tqdm
 
-        self._bars[id(phase)] = tqdm(total=phase.total, desc=phase.name, leave=True, dynamic_ncols=True,
-                                     bar_format=self._format(phase))
+        bar = tqdm(total=phase.total, desc=phase.name, leave=True, dynamic_ncols=True,
+                   bar_format=self._format(phase))
+        self._bars[id(phase)], self._drawn[id(phase)] = bar, time.monotonic()
+        fp = getattr(bar, "fp", None)   # tqdm's stream (a notebook widget has none that matters)
+        isatty = getattr(fp, "isatty", None)
+        self._interval = self.INTERVAL if not callable(isatty) or _isatty(fp) else self.LOG_INTERVAL
 
     @staticmethod
     def _format(phase: Phase) -> str:
@@ -97,16 +108,27 @@ class TqdmDisplay:
 
     def update(self, phase: Phase) -> None:
         bar = self._bars.get(id(phase))
-        if bar is not None:
+        now = time.monotonic()
+        if bar is not None and now - self._drawn.get(id(phase), 0.0) >= self._interval:
             bar.bar_format = self._format(phase)
             bar.n = phase.done
             bar.refresh()
+            self._drawn[id(phase)] = now
 
     def close(self, phase: Phase) -> None:
         bar = self._bars.pop(id(phase), None)
-        if bar is not None:
-            self.update(phase)
+        self._drawn.pop(id(phase), None)
+        if bar is not None:   # tqdm's close draws the final state, however recent the last redraw
+            bar.bar_format = self._format(phase)
+            bar.n = phase.done
             bar.close()
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (OSError, ValueError):   # closed or detached
+        return False
 
 
 _REPORTING: contextvars.ContextVar[tuple[Display | None, threading.Event | None]] = \

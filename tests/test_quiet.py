@@ -82,3 +82,16 @@ def test_captures_in_two_threads_end_in_any_order_and_restore_the_streams(capfd)
     os.write(2, b"fd 2 after\n")                              # fd 2 is the process's again
     out, err = capfd.readouterr()
     assert out == "after\n" and err == "fd 2 after\n"
+
+
+def test_progress_into_a_log_file_is_a_few_lines_ending_at_the_total(capsys):
+    # stderr here is not a terminal (as in a batch job or CI): a phase of a thousand quick
+    # steps draws its start and its end, not a thousand redraws
+    from modelkit.progress import phase
+
+    with phase("diff", total=1000, unit="tensors") as bar:
+        for _ in range(1000):
+            bar.update(1)
+    err = capsys.readouterr().err
+    assert err.count("diff:") <= 3, err[:500]
+    assert "1,000/1,000 tensors" in err.rsplit("diff:", 1)[-1]
