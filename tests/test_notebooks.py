@@ -206,6 +206,9 @@ def _check_shareable_html(page: Path, name: str) -> None:
     assert "mk-verdict" in text                                   # the coloured verdict line
     assert "/tmp/" not in text and str(Path.home()) + "/" not in text     # no absolute paths
     assert "Traceback" not in text and "fatal: not a git repository" not in _visible_html(text)
+    if name != "02-export":   # its summary is its only detail; elsewhere the tables say it first
+        folded = re.search(r"<details class=.mk-text-summary.>.*?<pre[^>]*>(.*?)</pre>", text, re.S)
+        assert folded and len(folded.group(1).splitlines()) > 3 and folded.group(1) not in _visible_html(text)
 
 
 def _visible_html(text: str) -> str:

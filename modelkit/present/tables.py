@@ -203,6 +203,13 @@ class Html(str):
         return str(self)
 
 
+def text_summary(result: Any, title: str = "the same as text (for a terminal, a log or an issue)") -> Html:
+    """``result.summary()`` folded under one line: in a notebook or report that has shown the
+    tables, the plain-text form is there to copy, not to read twice."""
+    return Html(f"<details class='mk-text-summary'><summary style='color:#666;font-size:12px'>{html.escape(title)}"
+                f"</summary><pre style='font-size:12px'>{html.escape(result.summary())}</pre></details>")
+
+
 TREE_MAX_TENSORS = 5000   # a larger tree is cut (the table and the search still have every tensor)
 
 
