@@ -196,11 +196,12 @@ def _private_kernel_sockets() -> Iterator[type]:
     """A kernel manager class whose kernel talks over Unix sockets in a private temporary
     folder (mode 0700, removed afterwards) instead of localhost TCP ports: no other user of
     a shared node can listen in, and ipykernel (>= 7.4) has nothing to warn about on every
-    run. Where the folder's path would be too long for a socket, the stock TCP manager.
+    run. On Windows, or where the folder's path would be too long for a socket, the stock
+    TCP manager.
 
-    Our own class because jupyter_client has no switch for this: its IPC default puts the
-    sockets beside the connection file, whose path (the Jupyter runtime folder, often deep
-    under a home or a test's temporary folder) can exceed the socket limit."""
+    A subclass rather than jupyter_client's own switch (``KernelManager.transport = "ipc"``)
+    alone: that puts the sockets beside the connection file, whose path (the Jupyter runtime
+    folder, often deep under a home or a test's temporary folder) can exceed the limit."""
     import shutil
     import tempfile
 
@@ -210,7 +211,7 @@ def _private_kernel_sockets() -> Iterator[type]:
     folder = tempfile.mkdtemp(prefix="modelkit-kernel-")
     ip = str(Path(folder) / "k")
     try:
-        if len(os.fsencode(ip)) + len("-65535") > SOCKET_PATH_LIMIT:
+        if os.name == "nt" or len(os.fsencode(ip)) + len("-65535") > SOCKET_PATH_LIMIT:
             yield AsyncKernelManager
             return
 
