@@ -255,6 +255,21 @@ def test_a_file_that_is_not_a_notebook_is_a_typed_error_naming_it(content, tmp_p
     assert not (tmp_path / "out").exists()
 
 
+def test_a_misspelt_parameter_is_refused_before_anything_runs(tmp_path, capsys):
+    # papermill alone warns and runs on the defaults: a report on the demo artifact, named
+    # after the one you meant
+    inspect_nb = str(ROOT / "notebooks" / "01-inspect.ipynb")
+    out = tmp_path / "out"
+    for argv in (["-p", "artifcat", "runs/x"], ["runs/x", "runs/y", "--over", "artifcat"]):
+        assert cli(["report", inspect_nb, *argv, "--output-dir", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "no parameter 'artifcat' (did you mean 'artifact'?)" in err and "it has: artifact, base" in err
+    assert not out.exists()
+    (tmp_path / "taken").write_text("a file where the reports would go")
+    assert cli(["report", inspect_nb, "--output-dir", str(tmp_path / "taken")]) == 2
+    assert "cannot create the output folder" in capsys.readouterr().err
+
+
 @slow
 def test_a_batch_kernel_talks_over_private_unix_sockets_that_are_removed(kernel, tmp_path, capfd):
     # a notebook with no kernel or language metadata (as some tools write them): Python assumed

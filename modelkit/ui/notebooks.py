@@ -51,10 +51,16 @@ def run_notebook(notebook: str | Path, parameters: Mapping[str, Any] | None = No
 
     notebook = Path(notebook).expanduser().absolute()
     language = None if notebook_language(notebook) else "python"  # as JupyterLab assumes
+    declared = check_parameters(notebook, parameters or {})
     out_dir = Path(output_dir).expanduser().absolute()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        why = "a file is there" if out_dir.is_file() else e.strerror or str(e)
+        raise NotebookError(f"cannot create the output folder {out_dir} ({why})", notebook) from None
     params = {k: _absolute(v) for k, v in (parameters or {}).items()}
-    params.setdefault("output_dir", str(out_dir))
+    if "output_dir" in declared:
+        params.setdefault("output_dir", str(out_dir))
     executed = out_dir / f"{name or notebook.stem}.ipynb"
     failure = None
     with _quiet_papermill(), _private_kernel_sockets() as kernel_manager_class:
@@ -80,6 +86,27 @@ def run_notebook(notebook: str | Path, parameters: Mapping[str, Any] | None = No
         raise NotebookError(f"cell {failure.exec_count} failed with {failure.ename}: {failure.evalue} "
                             f"(see {_display_path(paths[-1])})", notebook)
     return paths
+
+
+def check_parameters(notebook: Path, parameters: Mapping[str, Any]) -> set[str]:
+    """The names ``notebook``'s parameters cell declares; NotebookError when ``parameters``
+    names one it does not. papermill only warns and runs the notebook on its defaults, so
+    ``-p artifcat runs/x`` would report on the default artifact, under the name you gave."""
+    import difflib
+
+    import papermill
+
+    try:
+        declared = set(papermill.inspect_notebook(str(notebook)))
+    except Exception as e:  # papermill's own parse of the parameters cell
+        raise NotebookError(f"cannot read its parameters cell ({type(e).__name__}: {str(e)[:200]})", notebook) from None
+    unknown = sorted(set(parameters) - declared)
+    if unknown:
+        hints = [f"{u!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(u, declared, n=1)) else repr(u)
+                 for u in unknown]
+        has = ", ".join(sorted(declared)) or "none: it has no cell tagged 'parameters'"
+        raise NotebookError(f"no parameter {', '.join(hints)} in its parameters cell (it has: {has})", notebook)
+    return declared
 
 
 def notebook_language(notebook: Path) -> str | None:
@@ -313,8 +340,9 @@ def run_batch(notebook: str | Path, refs: list[str], parameters: Mapping[str, An
     import json
 
     notebook = Path(notebook).expanduser().absolute()
-    notebook_language(notebook)  # an unreadable notebook fails once, not once per ref
+    notebook_language(notebook)  # an unreadable notebook, or a wrong parameter name, fails once
     over = over or subject_parameter(notebook)
+    check_parameters(notebook, {**(parameters or {}), over: None})
     out_dir = Path(output_dir).expanduser().absolute()
     entries = []
     for ref, folder in zip(refs, folder_names(refs)):
