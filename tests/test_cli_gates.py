@@ -100,3 +100,14 @@ def test_a_reader_that_closes_the_pipe_early_ends_the_command_quietly(catalog):
     stderr = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141, stderr
     assert "Error" not in stderr
+
+
+@pytest.mark.parametrize("command", ["compare base trained", "watch runs/x"])
+def test_limit_is_a_sample_count_or_a_fraction_as_lm_eval_takes_it(command):
+    from modelkit.ui.cli import build_parser
+
+    parse = lambda limit: build_parser().parse_args([*command.split(), "--tasks", "t", "--limit", limit]).limit  # noqa: E731
+    assert parse("20") == 20 and isinstance(parse("20"), int)
+    assert parse("0.1") == 0.1 and parse("1.0") == 1.0 and isinstance(parse("1.0"), float)
+    with pytest.raises(SystemExit):
+        parse("ten")

@@ -194,6 +194,17 @@ def _demo(args: argparse.Namespace) -> int:
     return demo_main(args.root, notebooks=not args.no_notebooks, output_dir=args.output_dir)
 
 
+def _limit_arg(text: str) -> int | float:
+    """``--limit``: a number of samples (``20``) or, as lm-eval takes it, a fraction (``0.1``)."""
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number of samples or a fraction: {text!r}") from None
+
+
 def _expert_arg(text: str) -> int | str:
     """``--expert``: a non-negative integer or ``all``."""
     if text == "all":
@@ -324,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("trained", nargs="+", help="one or more trained models (any format modelkit loads)")
     s.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
     s.add_argument("--include-path", help="folder of your own lm-eval task YAMLs")
-    s.add_argument("--limit", type=int)
+    s.add_argument("--limit", type=_limit_arg, help="samples per task: N, or a fraction of each task like 0.1")
     s.add_argument("--num-fewshot", type=int)
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--option-a", action="append", metavar="KEY=VALUE", help="load option for the base")
@@ -391,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--state", help="ledger folder (default: under $MODELKIT_CACHE/watch; never the run folder)")
     s.add_argument("--attempts", type=int, default=3, help="evaluations of one checkpoint before it is failed")
     s.add_argument("--include-path", help="folder of your own lm-eval task YAMLs")
-    s.add_argument("--limit", type=int)
+    s.add_argument("--limit", type=_limit_arg, help="samples per task: N, or a fraction of each task like 0.1")
     s.add_argument("--num-fewshot", type=int)
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--option", action="append", metavar="KEY=VALUE", help="load option for every model")
