@@ -172,6 +172,28 @@ def test_a_cache_snapshot_folder_is_accepted_its_links_stay_inside_the_cache_rep
         modelkit.inspect(snap)
 
 
+def _interrupted_download(tmp_path: Path, shards: int) -> tuple[Path, Path]:
+    """What an interrupted `hf download` leaves: the snapshot links a blob not there yet."""
+    snap = _cache_snapshot(tmp_path / "hub", "tiny-org/tiny-llama", write_plain_hf(tmp_path / "src", shards=shards))
+    weights = sorted(snap.glob("model*.safetensors"))[-1]
+    Path(os.path.realpath(weights)).unlink()
+    return snap, weights
+
+
+def test_an_interrupted_download_of_a_single_file_model_is_named_as_such(tmp_path):
+    snap, _ = _interrupted_download(tmp_path, shards=1)
+    with pytest.raises(modelkit.errors.UnknownFormatError,
+                       match="model.safetensors is a link to a file that does not exist .an interrupted download"):
+        modelkit.inspect(snap)
+
+
+def test_an_interrupted_download_of_a_sharded_model_names_the_missing_shard(tmp_path):
+    snap, weights = _interrupted_download(tmp_path, shards=3)
+    first = modelkit.inspect(snap).errors[0]
+    assert first.code == "missing-tensors"
+    assert f"{weights.name}: a link to a file that does not exist; an interrupted download?" in first.message
+
+
 def test_unknown_refs_say_how_to_provide_them():
     with pytest.raises(RefNotFoundError, match="hf:nobody/nothing.*local cache"):
         resolve("hf:nobody/nothing")

@@ -40,9 +40,16 @@ def detect(folder: Path) -> tuple[Format, str]:
         if layout is not None:
             return fmt, layout
     looked = "\n".join(f"  - {f.name}: {f.looks_for}" for f in formats())
-    present = ", ".join(sorted(p.name for p in folder.iterdir())[:20]) if folder.is_dir() else "nothing"
+    entries = sorted(folder.iterdir()) if folder.is_dir() else []
+    broken = [p for p in entries if p.is_symlink() and not p.exists()]
+    present = ", ".join(p.name + (" (a link to nothing)" if p in broken else "") for p in entries[:20]) or "nothing"
+    why = ""
+    if broken:  # what an interrupted download leaves in a Hugging Face cache snapshot
+        why = (f": {', '.join(p.name for p in broken)} "
+               f"{'is a link' if len(broken) == 1 else 'are links'} to a file that does not exist "
+               "(an interrupted download? download it again)")
     raise UnknownFormatError(
-        f"no known artifact format here. Looked for:\n{looked}\nFound: {present}", folder)
+        f"no known artifact format here{why}. Looked for:\n{looked}\nFound: {present}", folder)
 
 
 __all__ = ["Artifact", "BaseRef", "Format", "detect", "formats", "register"]

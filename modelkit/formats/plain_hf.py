@@ -76,8 +76,11 @@ class PlainHFArtifact(Artifact):
         absent = sorted({rel for rel in self.files() if not (self.folder / rel).exists()})
         if absent:
             names = [n for n, rel in self.weight_map.items() if rel in absent]
+            dangling = [rel for rel in absent if (self.folder / rel).is_symlink()]
+            why = (f" ({', '.join(dangling)}: a link to a file that does not exist; an interrupted "
+                   "download? download it again)") if dangling else ""
             findings.append(Finding("error", "missing-tensors",
-                                    f"the index names shard(s) that are not in the folder: {', '.join(absent)}",
+                                    f"the index names shard(s) that are not in the folder: {', '.join(absent)}{why}",
                                     names))
         findings += self._index_findings(set(absent))
         findings += mixed_dtype_findings(self.stored())
