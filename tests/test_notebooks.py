@@ -185,6 +185,8 @@ def test_papermill_runs_the_notebook_and_records_its_results(name, demo_root, ke
     assert _widget_models(nb), "widget state saved in the executed notebook"
     assert not [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
     _check_shareable_html(paths[1], name)
+    first_checked = next(line for line in _checked_text(nb).splitlines() if line.strip())
+    assert first_checked not in paths[1].read_text(), "nbval's lines stay in the executed notebook, out of the report"
     CHECKS[name](tmp_path, nb)
 
 

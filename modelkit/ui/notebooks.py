@@ -156,7 +156,8 @@ def _label(value: Any) -> str:
 def to_html(executed: str | Path, title: str | None = None) -> Path:
     """Render an executed notebook to a shareable HTML report beside it: titled, code
     hidden, widgets rendered statically (no CDN, opens offline), cells tagged
-    ``interactive`` left out, and paths under the current folder or home shown relative."""
+    ``interactive`` and the lines nbval checks (:data:`CHECK_OUTPUT`) left out, and paths
+    under the current folder or home shown relative."""
     import jinja2
     import nbformat
     from nbconvert import HTMLExporter
@@ -165,7 +166,8 @@ def to_html(executed: str | Path, title: str | None = None) -> Path:
 
     executed = Path(executed)
     nb = nbformat.read(executed, as_version=4)
-    nb.cells = [c for c in nb.cells if INTERACTIVE not in c.metadata.get("tags", [])]
+    nb.cells = [c for c in nb.cells if INTERACTIVE not in c.metadata.get("tags", [])
+                and not c.source.startswith(CHECK_OUTPUT)]  # nbval's lines: the verdict says it
     inline_widgets(nb)
     exporter = HTMLExporter(template_name="lab", exclude_input=True, exclude_input_prompt=True,
                             exclude_output_prompt=True,
