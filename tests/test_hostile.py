@@ -138,7 +138,7 @@ def test_symlink_loop_as_config(catalog, tmp_path):
         modelkit.inspect(art)
 
 
-@pytest.mark.parametrize("ref", ["~nouser_modelkit/x", "/tmp/" + "x" * 5000, "/tmp/a\0b"])
+@pytest.mark.parametrize("ref", ["~nouser_modelkit/x", "/tmp/" + "x" * 5000, "/tmp/a\0b", "", "   "])
 def test_refs_that_are_not_usable_paths(ref):
     with pytest.raises(RefNotFoundError):
         modelkit.inspect(ref)

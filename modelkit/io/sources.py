@@ -69,6 +69,9 @@ class Source:
 def resolve(ref: str | Path, *, download: bool = True) -> Source:
     """Resolve ``ref`` to local files (see module docstring). RefNotFoundError if impossible."""
     text = str(ref).strip()
+    if not text:  # Path("") is the current folder: never what an empty field meant
+        raise RefNotFoundError("no artifact given: pass a folder, `wandb:entity/project/name:version` or "
+                               "`hf:org/name`", repr(str(ref)))
     if text.startswith("hf:"):
         repo = text[3:]
         path = hf_cached_snapshot(repo)
