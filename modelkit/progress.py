@@ -96,9 +96,8 @@ class TqdmDisplay:
         bar = tqdm(total=phase.total, desc=phase.name, leave=True, dynamic_ncols=True,
                    bar_format=self._format(phase))
         self._bars[id(phase)], self._drawn[id(phase)] = bar, time.monotonic()
-        fp = getattr(bar, "fp", None)   # tqdm's stream (a notebook widget has none that matters)
-        isatty = getattr(fp, "isatty", None)
-        self._interval = self.INTERVAL if not callable(isatty) or _isatty(fp) else self.LOG_INTERVAL
+        widget = getattr(bar, "container", None) is not None   # tqdm.notebook: its fp is the kernel's stdout
+        self._interval = self.INTERVAL if widget or _isatty(getattr(bar, "fp", None)) else self.LOG_INTERVAL
 
     @staticmethod
     def _format(phase: Phase) -> str:
@@ -127,7 +126,7 @@ class TqdmDisplay:
 def _isatty(stream: Any) -> bool:
     try:
         return bool(stream.isatty())
-    except (OSError, ValueError):   # closed or detached
+    except (AttributeError, OSError, ValueError):   # no stream, or closed or detached
         return False
 
 

@@ -95,3 +95,22 @@ def test_progress_into_a_log_file_is_a_few_lines_ending_at_the_total(capsys):
     err = capsys.readouterr().err
     assert err.count("diff:") <= 3, err[:500]
     assert "1,000/1,000 tensors" in err.rsplit("diff:", 1)[-1]
+
+
+def test_progress_in_a_notebook_widget_is_drawn_at_every_step(monkeypatch):
+    # tqdm.notebook writes to the kernel's stdout, which is no terminal: the widget must
+    # still redraw at once, not every 10 s like a log file
+    import tqdm.auto
+    import tqdm.notebook
+
+    from modelkit.progress import TqdmDisplay, phase
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", tqdm.notebook.tqdm)
+    display = TqdmDisplay()
+    with phase("export", total=3, unit="tensors", show=False) as p:
+        display.start(p)
+        assert display._interval == TqdmDisplay.INTERVAL
+        p.done = 2
+        display.update(p)
+        assert display._bars[id(p)].n == 2
+        display.close(p)
