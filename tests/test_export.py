@@ -326,6 +326,57 @@ def test_verify_reads_the_source_once_more_than_the_export(catalog, tmp_path, mo
     assert per_tensor and set(per_tensor) == {2}, per_tensor
 
 
+def test_verify_frees_a_pinned_reference_before_loading_the_export_without_a_full_collection(
+        catalog, tmp_path, monkeypatch):
+    """The source's reference is gone before the export is loaded (one model at a time) even
+    when a reference cycle holds it, as an import's frames hold the frames that imported them
+    with their locals; and no full collection walks every object the caller holds (0.3 s of
+    a 2.5 s verify step at 0.6 GB)."""
+    import gc
+    import weakref
+
+    from modelkit.ops import verify
+
+    references, generations, in_verify = [], [], []
+    real_reference, real_load = verify.source_reference, verify.load_stock
+
+    def pinned_reference(*args, **kwargs):
+        model, how = real_reference(*args, **kwargs)
+        cycle = {"model": model}
+        cycle["itself"] = cycle
+        references.append(weakref.ref(model))
+        return model, how
+
+    def load_stock(folder):
+        assert references and references[0]() is None, "the reference is still in memory"
+        return real_load(folder)
+
+    def collections(phase, info):
+        if phase == "start" and in_verify:
+            generations.append(info["generation"])
+
+    real_verify = verify.verify_folder
+
+    def watched_verify(*args, **kwargs):
+        in_verify.append(True)
+        try:
+            return real_verify(*args, **kwargs)
+        finally:
+            in_verify.clear()
+
+    monkeypatch.setattr(verify, "source_reference", pinned_reference)
+    monkeypatch.setattr(verify, "load_stock", load_stock)
+    monkeypatch.setattr(verify, "verify_folder", watched_verify)
+    gc.callbacks.append(collections)
+    try:
+        result = modelkit.export(catalog["peft-lora"], tmp_path / "out", dtype="bfloat16", verify=True,
+                                 progress=False)
+    finally:
+        gc.callbacks.remove(collections)
+    assert result.ok and result.verification["weights_misrounded"] == 0
+    assert references and generations and 2 not in generations, generations
+
+
 def test_failed_verification_writes_nothing(catalog, tmp_path):
     out = tmp_path / "strict"
     result = modelkit.export(catalog["peft-lora"], out, dtype="bfloat16", verify=True,
