@@ -306,6 +306,26 @@ def test_prompts_cut_to_fit_a_short_context_are_counted_and_said_first(tmp_path)
     assert "WARNING mk_topic [base]: lm-eval cut 4 of 4 documents' requests" in res.summary()
 
 
+def test_the_cut_count_reads_lm_evals_own_encoding_of_each_request(tmp_path, monkeypatch):
+    """The truncation check counts the tokens lm-eval itself encoded for each request (it
+    scored those): no request is encoded a second time for the check."""
+    from collections import Counter
+
+    from lm_eval.models.huggingface import HFLM
+
+    encoded, real = Counter(), HFLM._encode_pair
+
+    def counting(self, context, continuation):
+        encoded[(context, continuation)] += 1
+        return real(self, context, continuation)
+
+    monkeypatch.setattr(HFLM, "_encode_pair", counting)
+    pair = write_tiny_pair(tmp_path, max_position_embeddings=8)
+    res = compare(pair["base"], pair["trained"], tasks="mk_topic", limit=4, use_cache=False, progress=False)
+    assert {(leaf, c["truncated"], c["of"]) for _, leaf, c in res.truncated()} == {("mk_topic", 4, 4)}
+    assert encoded and set(encoded.values()) == {2}, encoded   # once per model: base and trained
+
+
 def test_a_comparison_whose_prompts_fit_has_no_truncation_warning(result):
     assert result.truncated() == []
     assert "cut" not in result.outcome().detail and "WARNING" not in result.summary()

@@ -53,14 +53,18 @@ def truncated_requests(lm: Any, samples: list[dict], output_type: str) -> dict[s
         return None
     cut: set[int] = set()
     limit = lm.max_length + 1
+    encoded = getattr(lm, "pair_tokens", {})  # lm-eval's own encodings, kept as it made them
     for sample in samples:
         for context, second in (args[:2] for args in sample.get("arguments") or []):
             if output_type == "generate_until":
                 limit = lm.max_length - _max_gen_toks(lm, second)
                 over = len(lm.tok_encode(context)) > limit
             else:
-                ctx, cont = lm._encode_pair(context, second) if context else ([0], lm.tok_encode(second))
-                over = len(ctx) + len(cont) > limit
+                tokens = encoded.get((context, second)) if context else None
+                if tokens is None:
+                    ctx, cont = lm._encode_pair(context, second) if context else ([0], lm.tok_encode(second))
+                    tokens = len(ctx) + len(cont)
+                over = tokens > limit
             if over:
                 cut.add(sample["doc_id"])
                 break

@@ -258,12 +258,28 @@ def stepwise_hflm() -> type:
     """lm-eval's HFLM with a hook, ``on_batch()``, called before every batch it sends
     through the model (loglikelihood and generation alike). :func:`evaluate` makes each
     batch a progress step, so a Cancel (:func:`modelkit.progress.check_cancelled`) stops
-    an evaluation between two batches; lm-eval itself has no such hook."""
+    an evaluation between two batches; lm-eval itself has no such hook.
+
+    It also keeps, for each (context, continuation) pair lm-eval encodes for a
+    log-likelihood request, how many tokens the pair came to (``pair_tokens``): the
+    truncation check (:func:`~modelkit.bench.context_fit.truncated_requests`) reads lm-eval's
+    own encoding instead of encoding every request a second time."""
     from lm_eval.models.huggingface import HFLM
 
     class StepwiseHFLM(HFLM):
         def on_batch(self) -> None:
             pass
+
+        @property
+        def pair_tokens(self) -> dict[tuple[str, str], int]:
+            if "_pair_tokens" not in self.__dict__:
+                self._pair_tokens = {}
+            return self._pair_tokens
+
+        def _encode_pair(self, context: str, continuation: str) -> Any:
+            encoded = super()._encode_pair(context, continuation)
+            self.pair_tokens[(context, continuation)] = len(encoded[0]) + len(encoded[1])
+            return encoded
 
         def _model_call(self, *args: Any, **kwargs: Any) -> Any:
             self.on_batch()
