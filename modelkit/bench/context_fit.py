@@ -60,8 +60,8 @@ def truncated_requests(lm: Any, samples: list[dict], output_type: str) -> dict[s
                 limit = lm.max_length - _max_gen_toks(lm, second)
                 over = len(lm.tok_encode(context)) > limit
             else:
-                tokens = encoded.get((context, second)) if context else None
-                if tokens is None:
+                tokens = encoded.get((context, second))
+                if tokens is None:  # lm-eval did not encode it as a pair (an empty context)
                     ctx, cont = lm._encode_pair(context, second) if context else ([0], lm.tok_encode(second))
                     tokens = len(ctx) + len(cont)
                 over = tokens > limit

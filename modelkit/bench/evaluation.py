@@ -270,15 +270,9 @@ def stepwise_hflm() -> type:
         def on_batch(self) -> None:
             pass
 
-        @property
-        def pair_tokens(self) -> dict[tuple[str, str], int]:
-            if "_pair_tokens" not in self.__dict__:
-                self._pair_tokens = {}
-            return self._pair_tokens
-
         def _encode_pair(self, context: str, continuation: str) -> Any:
             encoded = super()._encode_pair(context, continuation)
-            self.pair_tokens[(context, continuation)] = len(encoded[0]) + len(encoded[1])
+            self.__dict__.setdefault("pair_tokens", {})[(context, continuation)] = len(encoded[0]) + len(encoded[1])
             return encoded
 
         def _model_call(self, *args: Any, **kwargs: Any) -> Any:
